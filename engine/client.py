@@ -1,0 +1,108 @@
+"""The application-facing client: start sagas and read their state.
+
+``sagactl`` is built on this class; it never issues SQL of its own.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterable
+from types import TracebackType
+from typing import Any
+
+from sqlalchemy.exc import IntegrityError
+
+from engine.clock import Clock, utc_now
+from engine.database import check_schema, create_engine
+from engine.definition import Saga
+from engine.errors import SagaError, SagaNotFoundError
+from engine.registry import SagaRegistry
+from engine.statemachine import Transition, new_saga
+from engine.states import SagaStatus
+from engine.store.base import SagaStore, write_transition
+from engine.store.sql import SqlSagaStore
+from engine.topology import Topology
+from engine.views import SagaDetail, SagaSummary
+
+
+class SagaClient:
+    def __init__(
+        self,
+        store: SagaStore,
+        registry: SagaRegistry | None = None,
+        *,
+        topology: Topology | None = None,
+        clock: Clock = utc_now,
+        on_commit: Callable[[], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.registry = registry or SagaRegistry()
+        self.topology = topology or Topology()
+        self.clock = clock
+        #: Called after a start committed (the embedded engine wakes its relay).
+        self.on_commit = on_commit
+
+    @classmethod
+    async def connect(cls, database_url: str, sagas: Iterable[str] = ()) -> SagaClient:
+        """A client over an existing, migrated database; clear errors otherwise."""
+        registry = SagaRegistry.from_modules(sagas)
+        engine = create_engine(database_url, must_exist=True)
+        try:
+            await check_schema(engine)
+        except BaseException:
+            await engine.dispose()
+            raise
+        return cls(SqlSagaStore(engine), registry)
+
+    async def __aenter__(self) -> SagaClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.store.close()
+
+    async def start(self, saga: str | Saga, input: Any, *, saga_id: str | None = None) -> str:
+        """Validate the input, then persist the saga and its first command in one
+        transaction. Returns the saga id."""
+        definition = saga if isinstance(saga, Saga) else self.registry.get(saga)
+        parsed = definition.parse_input(input)
+        saga_id = saga_id or str(uuid.uuid4())
+        now = self.clock()
+        state = new_saga(definition, saga_id, parsed.model_dump(mode="json"), now)
+        transition = Transition(definition, state, now=now, topology=self.topology)
+        transition.start()
+        try:
+            async with self.store.transaction() as tx:
+                await write_transition(
+                    tx, state, transition.messages, transition.history, new=True
+                )
+        except IntegrityError:
+            raise SagaError(f"a saga with id {saga_id!r} already exists") from None
+        if self.on_commit is not None:
+            self.on_commit()
+        return saga_id
+
+    async def get(self, saga_id: str) -> SagaDetail:
+        detail = await self.store.get_saga(saga_id)
+        if detail is None:
+            raise SagaNotFoundError(f"no saga with id {saga_id!r}")
+        return detail
+
+    async def list(
+        self,
+        *,
+        status: SagaStatus | None = None,
+        name: str | None = None,
+        limit: int = 50,
+    ) -> list[SagaSummary]:
+        return await self.store.list_sagas(status=status, name=name, limit=limit)
+
+    async def counts(self) -> dict[SagaStatus, int]:
+        return await self.store.count_by_status()

@@ -1,0 +1,149 @@
+"""Database URLs, engines and schema migrations.
+
+SQLite needs care to be a correct embedded store: WAL for readers beside the writer,
+a busy timeout instead of instant "database is locked", and ``BEGIN IMMEDIATE`` so a
+transaction takes the write lock up front rather than failing when it upgrades.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event, inspect
+from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from engine.errors import ConfigError, DatabaseError
+
+_DRIVERS = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+asyncpg"}
+
+
+def parse_url(url: str) -> URL:
+    """Accept plain ``sqlite:///`` and ``postgresql://`` URLs and pick the async driver."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ConfigError(f"not a database URL: {url!r}") from None
+    if parsed.drivername in _DRIVERS:
+        parsed = parsed.set(drivername=_DRIVERS[parsed.drivername])
+    if parsed.get_backend_name() not in _DRIVERS:
+        raise ConfigError(
+            f"unsupported database {parsed.get_backend_name()!r} in {url!r}: "
+            "use sqlite:///file.db or postgresql://user:pass@host/db"
+        )
+    return parsed
+
+
+def sqlite_path(url: URL) -> Path | None:
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return None
+    return Path(url.database)
+
+
+def create_engine(url: str, *, must_exist: bool = False, **kwargs: Any) -> AsyncEngine:
+    """An async engine for ``url``; with ``must_exist`` a missing SQLite file is an error."""
+    parsed = parse_url(url)
+    path = sqlite_path(parsed)
+    if must_exist and path is not None and not path.exists():
+        raise DatabaseError(
+            f"database file {str(path)!r} does not exist; create it with 'sagactl db upgrade'"
+        )
+    if parsed.get_backend_name() == "sqlite":
+        kwargs.setdefault("connect_args", {"timeout": 30})
+    else:
+        kwargs.setdefault("pool_size", 10)
+        kwargs.setdefault("pool_pre_ping", True)
+    try:
+        engine = create_async_engine(parsed, **kwargs)
+    except (NoSuchModuleError, ModuleNotFoundError) as exc:
+        raise ConfigError(
+            f"no driver for {parsed.drivername}: install saga-engine[postgres] ({exc})"
+        ) from None
+    if parsed.get_backend_name() == "sqlite":
+        _tune_sqlite(engine)
+    return engine
+
+
+def _tune_sqlite(engine: AsyncEngine) -> None:
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Take transaction control away from the sqlite3 module so BEGIN is ours.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def migrations_dir() -> Path:
+    import migrations
+
+    return Path(migrations.__file__).parent
+
+
+def _alembic_config(connection: Connection | None = None) -> Any:
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(migrations_dir()))
+    if connection is not None:
+        cfg.attributes["connection"] = connection
+    return cfg
+
+
+def head_revisions() -> set[str]:
+    from alembic.script import ScriptDirectory
+
+    return set(ScriptDirectory.from_config(_alembic_config()).get_heads())
+
+
+async def upgrade(engine: AsyncEngine, revision: str = "heads") -> None:
+    """Apply the Alembic migrations up to ``revision`` on ``engine``'s database."""
+    from alembic import command
+
+    def run(connection: Connection) -> None:
+        command.upgrade(_alembic_config(connection), revision)
+
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(run)
+    except (DBAPIError, OSError) as exc:
+        raise DatabaseError(f"cannot migrate {engine.url!r}: {_reason(exc)}") from None
+
+
+async def current_revisions(engine: AsyncEngine) -> set[str]:
+    from alembic.runtime.migration import MigrationContext
+
+    def read(connection: Connection) -> set[str]:
+        if not inspect(connection).has_table("alembic_version"):
+            return set()
+        return set(MigrationContext.configure(connection).get_current_heads())
+
+    try:
+        async with engine.connect() as conn:
+            return await conn.run_sync(read)
+    except (DBAPIError, OSError) as exc:
+        raise DatabaseError(f"cannot reach database {engine.url!r}: {_reason(exc)}") from None
+
+
+async def check_schema(engine: AsyncEngine) -> None:
+    """Fail clearly if the database is not migrated to this code's schema."""
+    current = await current_revisions(engine)
+    if current != head_revisions():
+        state = "has no saga tables" if not current else f"is at revision {sorted(current)}"
+        raise DatabaseError(
+            f"database {engine.url!r} {state}; run 'sagactl db upgrade' to migrate it"
+        )
+
+
+def _reason(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None) or exc
+    return str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__

@@ -1,0 +1,194 @@
+"""Declarative saga definitions.
+
+A definition is data plus small builder functions; it is validated when constructed so
+that a mistake surfaces at import time with a precise message, never mid-saga.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from engine.errors import DefinitionError, InvalidInputError
+
+_NAME = re.compile(r"^[a-z][a-z0-9_.-]*$")
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What a command builder sees: the saga input and the replies of earlier steps."""
+
+    saga_id: str
+    input: BaseModel
+    replies: Mapping[str, Mapping[str, Any]]
+
+
+Payload = BaseModel | Mapping[str, Any]
+Builder = Callable[[StepContext], Payload]
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Capped exponential backoff with jitter.
+
+    ``jitter`` is the fraction of each delay that is randomised downwards, so replicas
+    retrying the same failure spread out instead of hammering together.
+    """
+
+    max_attempts: int = 3
+    initial_backoff: float = 0.2
+    max_backoff: float = 30.0
+    multiplier: float = 2.0
+    jitter: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise DefinitionError("RetryPolicy.max_attempts must be at least 1")
+        if self.initial_backoff < 0 or self.max_backoff < self.initial_backoff:
+            raise DefinitionError("RetryPolicy needs 0 <= initial_backoff <= max_backoff")
+        if self.multiplier < 1:
+            raise DefinitionError("RetryPolicy.multiplier must be at least 1")
+        if not 0 <= self.jitter <= 1:
+            raise DefinitionError("RetryPolicy.jitter must be between 0 and 1")
+
+    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
+        base = min(self.max_backoff, self.initial_backoff * self.multiplier ** (attempt - 1))
+        spread = (rng or random).random() * self.jitter
+        return base * (1.0 - spread)
+
+
+#: Compensations must eventually succeed, so they get more, slower attempts by default.
+DEFAULT_COMPENSATION_RETRY = RetryPolicy(max_attempts=8, initial_backoff=0.5, max_backoff=30.0)
+
+
+@dataclass(frozen=True)
+class Compensation:
+    """The command that undoes a step; ``name`` is what the participant dispatches on."""
+
+    name: str
+    build: Builder
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step: a command sent to a participant, and optionally its compensation.
+
+    A step without a compensation is a pivot: once it succeeded the saga can no longer
+    be undone, so the steps after it may not have compensations either.
+    """
+
+    name: str
+    participant: str
+    command: Builder
+    compensation: Compensation | None = None
+    #: The name the participant dispatches on; defaults to the step name.
+    command_name: str | None = None
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    compensation_retry: RetryPolicy = DEFAULT_COMPENSATION_RETRY
+    timeout: timedelta = timedelta(seconds=30)
+
+    @property
+    def action_name(self) -> str:
+        return self.command_name or self.name
+
+    @property
+    def is_pivot(self) -> bool:
+        return self.compensation is None
+
+
+@dataclass(frozen=True)
+class Saga:
+    name: str
+    version: int
+    input: type[BaseModel]
+    steps: Sequence[Step]
+    _index: Mapping[str, int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not _NAME.match(self.name):
+            raise DefinitionError(
+                f"saga name {self.name!r} must be lowercase letters, digits, '_', '.', '-'"
+            )
+        if self.version < 1:
+            raise DefinitionError(f"saga {self.name!r}: version must be at least 1")
+        if not (isinstance(self.input, type) and issubclass(self.input, BaseModel)):
+            raise DefinitionError(f"saga {self.name!r}: input must be a pydantic model class")
+        if not self.steps:
+            raise DefinitionError(f"saga {self.name!r}: needs at least one step")
+        object.__setattr__(self, "steps", tuple(self.steps))
+        index: dict[str, int] = {}
+        pivot: str | None = None
+        for position, step in enumerate(self.steps):
+            where = f"saga {self.name!r} step {step.name!r}"
+            if not isinstance(step, Step):
+                raise DefinitionError(f"saga {self.name!r}: steps must be Step objects")
+            if not _NAME.match(step.name):
+                raise DefinitionError(
+                    f"{where}: name must be lowercase letters, digits, '_', '.', '-'"
+                )
+            if step.name in index:
+                raise DefinitionError(f"saga {self.name!r}: duplicate step name {step.name!r}")
+            if not _NAME.match(step.participant):
+                raise DefinitionError(f"{where}: participant {step.participant!r} is not a name")
+            if not callable(step.command):
+                raise DefinitionError(f"{where}: command must be a callable building the payload")
+            if step.timeout <= timedelta(0):
+                raise DefinitionError(f"{where}: timeout must be positive")
+            if step.compensation is not None:
+                if pivot is not None:
+                    raise DefinitionError(
+                        f"{where}: cannot have a compensation, it comes after the pivot "
+                        f"step {pivot!r} (a step without compensation) and so can never "
+                        "be undone"
+                    )
+                if not _NAME.match(step.compensation.name):
+                    raise DefinitionError(f"{where}: compensation name is not a name")
+                if not callable(step.compensation.build):
+                    raise DefinitionError(f"{where}: compensation.build must be callable")
+            elif pivot is None:
+                pivot = step.name
+            index[step.name] = position
+        object.__setattr__(self, "_index", index)
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.name, self.version)
+
+    def step(self, name: str) -> Step:
+        try:
+            return self.steps[self._index[name]]
+        except KeyError:
+            raise DefinitionError(
+                f"saga {self.name!r} v{self.version} has no step {name!r}"
+            ) from None
+
+    def position(self, name: str) -> int:
+        return self._index[name]
+
+    def parse_input(self, data: Any) -> BaseModel:
+        """Validate raw input; the error names the first bad field."""
+        if isinstance(data, self.input):
+            return data
+        try:
+            return self.input.model_validate(data)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or 'input'}: {err['msg']}"
+                for err in exc.errors()
+            )
+            raise InvalidInputError(f"invalid input for saga {self.name!r}: {problems}") from None
+
+
+def build_payload(builder: Builder, context: StepContext) -> dict[str, Any]:
+    """Run a builder and turn its result into JSON-ready data."""
+    value = builder(context)
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    return dict(value)

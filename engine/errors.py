@@ -1,0 +1,63 @@
+"""Exceptions that cross module boundaries.
+
+Every error a user can provoke with bad input derives from :class:`SagaError`, so the
+CLI can turn it into one line on stderr instead of a traceback.
+"""
+
+from __future__ import annotations
+
+
+class SagaError(Exception):
+    """Base class of every error saga-engine raises on purpose."""
+
+
+class DefinitionError(SagaError):
+    """A saga definition is malformed; raised when it is built, not when it runs."""
+
+
+class UnknownSagaError(SagaError):
+    """No saga of that name (and version) is registered."""
+
+
+class InvalidInputError(SagaError):
+    """Saga input did not validate against the saga's input model."""
+
+
+class SagaNotFoundError(SagaError):
+    """No saga instance with that id exists in the store."""
+
+
+class ConfigError(SagaError):
+    """A setting (URL, module path, ...) is unusable."""
+
+
+class DatabaseError(SagaError):
+    """The database is missing, unreachable or not migrated."""
+
+
+class ConcurrencyConflict(SagaError):
+    """Another writer advanced the saga first (optimistic version check failed)."""
+
+
+class PublishError(SagaError):
+    """The broker did not confirm a message within the bound; it stays in the outbox."""
+
+
+class TransportError(SagaError):
+    """The broker is unreachable or refused an operation."""
+
+
+class DecodeError(SagaError):
+    """A message on the wire is not a valid envelope; it goes to the dead-letter queue."""
+
+
+class BusinessFailure(Exception):  # noqa: N818 - reads as a verdict, not a bug
+    """Raised by a handler to say "this step failed for a business reason".
+
+    Not retried: the participant's writes for this attempt are rolled back and the saga
+    compensates the steps that completed before it.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason

@@ -1,0 +1,201 @@
+"""The orchestrator: consumes replies, fires timers, and relays the outbox.
+
+Every change to a saga happens in one store transaction that also records the
+reply's message id (inbox) and the messages the change emits (outbox); the broker
+delivery is acknowledged only after that transaction committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+import uuid
+from dataclasses import dataclass
+
+from engine._aio import wait_either
+from engine.clock import Clock, utc_now
+from engine.errors import ConcurrencyConflict, DecodeError, SagaError, UnknownSagaError
+from engine.messages import Envelope, MessageKind, decode
+from engine.registry import SagaRegistry
+from engine.relay import OutboxRelay
+from engine.statemachine import Transition
+from engine.store.base import SagaStore, write_transition
+from engine.topology import Topology
+from engine.transport.base import Delivery, Transport
+
+log = logging.getLogger("saga.engine")
+
+
+class _NotVisible(Exception):
+    """The reply's saga row is not (yet) visible to this transaction."""
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    group: str = "saga-engine"
+    timer_interval: float = 0.1
+    timer_batch: int = 100
+    #: How long a reply for an unknown saga is retried before it is dead-lettered.
+    unknown_saga_patience: float = 10.0
+    conflict_retries: int = 20
+
+
+class Engine:
+    def __init__(
+        self,
+        store: SagaStore,
+        transport: Transport,
+        registry: SagaRegistry,
+        *,
+        topology: Topology | None = None,
+        clock: Clock = utc_now,
+        settings: EngineSettings | None = None,
+        relay: OutboxRelay | None = None,
+        rng: random.Random | None = None,
+        instance_id: str | None = None,
+    ) -> None:
+        self.store = store
+        self.transport = transport
+        self.registry = registry
+        self.topology = topology or Topology()
+        self.clock = clock
+        self.settings = settings or EngineSettings()
+        self.relay = relay or OutboxRelay(store, transport, clock=clock)
+        self.rng = rng or random.Random()
+        self.instance_id = instance_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+        self._stop = asyncio.Event()
+        self.replies_handled = 0
+        self.timers_fired = 0
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Consume replies, fire timers and relay the outbox until :meth:`stop`."""
+        self._stop.clear()
+        subscription = await self.transport.subscribe(
+            self.topology.replies, group=self.settings.group
+        )
+        log.info("engine %s consuming %s", self.instance_id, self.topology.replies)
+
+        async def consume() -> None:
+            async for delivery in subscription:
+                await self.handle_delivery(delivery)
+
+        consumer = asyncio.create_task(consume(), name="saga-engine-replies")
+        loops = [
+            consumer,
+            asyncio.create_task(self.relay.run(self._stop), name="saga-engine-relay"),
+            asyncio.create_task(self._timer_loop(), name="saga-engine-timers"),
+        ]
+        stopper = asyncio.create_task(self._stop.wait())
+        try:
+            done, _ = await asyncio.wait([*loops, stopper], return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task is not stopper and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+        finally:
+            self._stop.set()
+            # Closing the subscription ends the consumer after its current message.
+            await subscription.close()
+            await asyncio.wait(loops, timeout=10)
+            for task in loops:
+                task.cancel()
+            stopper.cancel()
+
+    # -- replies -----------------------------------------------------------------
+
+    async def handle_delivery(self, delivery: Delivery) -> None:
+        try:
+            envelope = decode(delivery.message.body)
+            if envelope.kind is not MessageKind.REPLY:
+                raise DecodeError(f"the engine takes replies, not a {envelope.kind}")
+        except DecodeError as exc:
+            log.error("dead-lettering undecodable message: %s", exc)
+            await delivery.dead_letter(str(exc))
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.unknown_saga_patience
+        conflicts = 0
+        delay = 0.01
+        while True:
+            try:
+                await self.handle_reply(envelope)
+                break
+            except ConcurrencyConflict:
+                conflicts += 1
+                if conflicts > self.settings.conflict_retries:
+                    await delivery.nack()
+                    return
+            except _NotVisible:
+                if loop.time() >= deadline:
+                    reason = f"no saga {envelope.saga_id} after {self.settings.unknown_saga_patience:g}s"
+                    log.error("dead-lettering reply: %s", reason)
+                    await delivery.dead_letter(reason)
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+            except UnknownSagaError as exc:
+                log.error("dead-lettering reply for saga %s: %s", envelope.saga_id, exc)
+                await delivery.dead_letter(str(exc))
+                return
+        self.replies_handled += 1
+        await delivery.ack()
+
+    async def handle_reply(self, reply: Envelope) -> bool:
+        """Apply one reply in one transaction; False if it was a duplicate."""
+        async with self.store.transaction() as tx:
+            if not await tx.claim_inbox(reply.message_id, self.settings.group):
+                return False
+            state = await tx.load_saga(reply.saga_id)
+            if state is None:
+                raise _NotVisible(reply.saga_id)
+            definition = self.registry.get(state.name, state.version)
+            transition = Transition(
+                definition, state, now=self.clock(), topology=self.topology, rng=self.rng
+            )
+            transition.on_reply(reply)
+            await write_transition(tx, state, transition.messages, transition.history)
+        if transition.messages:
+            self.relay.wake()
+        return True
+
+    # -- timers ------------------------------------------------------------------
+
+    async def fire_due_timers(self) -> int:
+        """Fire the timers due now, in one transaction; returns how many fired."""
+        fired = 0
+        emitted = False
+        async with self.store.transaction() as tx:
+            for due in await tx.due_timers(self.clock(), self.settings.timer_batch):
+                state = await tx.load_saga(due.saga_id)
+                if state is None:
+                    continue
+                definition = self.registry.get(state.name, state.version)
+                transition = Transition(
+                    definition, state, now=self.clock(), topology=self.topology, rng=self.rng
+                )
+                if transition.on_timer(due.timer):
+                    fired += 1
+                await write_transition(tx, state, transition.messages, transition.history)
+                emitted = emitted or bool(transition.messages)
+        if emitted:
+            self.relay.wake()
+        self.timers_fired += fired
+        return fired
+
+    async def _timer_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                fired = await self.fire_due_timers()
+            except ConcurrencyConflict:
+                continue  # a reply won the race; the timer is re-read next round
+            except SagaError as exc:
+                log.error("timer scan failed: %s", exc)
+                fired = 0
+            if fired < self.settings.timer_batch:
+                await wait_either(self._stop, None, self.settings.timer_interval)

@@ -1,0 +1,84 @@
+"""The outbox relay: moves committed outbox rows to the broker.
+
+Rows are claimed (locked, skipped by other replicas), published, and marked sent in
+the same transaction only after the broker confirmed them. A crash between publish
+and mark means the rows are published again: duplicates are expected downstream and
+absorbed by the inbox and the participant barrier.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from engine._aio import wait_either
+from engine.clock import Clock, utc_now
+from engine.errors import PublishError, TransportError
+from engine.store.base import SagaStore
+from engine.transport.base import Message, Transport
+
+log = logging.getLogger("saga.relay")
+
+
+class OutboxRelay:
+    def __init__(
+        self,
+        store: SagaStore,
+        transport: Transport,
+        *,
+        clock: Clock = utc_now,
+        batch_size: int = 200,
+        poll_interval: float = 0.05,
+        publish_timeout: float = 10.0,
+        max_backoff: float = 5.0,
+    ) -> None:
+        self.store = store
+        self.transport = transport
+        self.clock = clock
+        self.batch_size = batch_size
+        self.poll_interval = poll_interval
+        self.publish_timeout = publish_timeout
+        self.max_backoff = max_backoff
+        self._wake = asyncio.Event()
+        self.published = 0
+
+    def wake(self) -> None:
+        """New rows were committed in this process: publish without waiting to poll."""
+        self._wake.set()
+
+    async def relay_once(self) -> int:
+        """Publish one batch; returns how many rows were sent."""
+        async with self.store.transaction() as tx:
+            rows = await tx.claim_outbox(self.batch_size)
+            if not rows:
+                return 0
+            messages = [Message(r.destination, r.key, r.body, r.headers) for r in rows]
+            try:
+                await asyncio.wait_for(
+                    self.transport.publish(messages), timeout=self.publish_timeout
+                )
+            except TimeoutError:
+                raise PublishError(
+                    f"broker did not confirm {len(messages)} messages "
+                    f"within {self.publish_timeout:g}s"
+                ) from None
+            await tx.mark_sent([r.id for r in rows], self.clock())
+        self.published += len(rows)
+        return len(rows)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        backoff = self.poll_interval
+        while not stop.is_set():
+            self._wake.clear()
+            try:
+                sent = await self.relay_once()
+            except (PublishError, TransportError) as exc:
+                log.warning("outbox publish failed, rows stay pending: %s", exc)
+                backoff = min(self.max_backoff, max(backoff * 2, 0.1))
+                await wait_either(stop, None, backoff)
+                continue
+            backoff = self.poll_interval
+            if sent == self.batch_size:
+                continue  # more are waiting
+            await wait_either(stop, self._wake, self.poll_interval)
+

@@ -1,0 +1,31 @@
+"""Saga and step states, persisted as their string values."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class SagaStatus(StrEnum):
+    RUNNING = "running"
+    COMPENSATING = "compensating"
+    COMPLETED = "completed"
+    COMPENSATED = "compensated"
+    #: Compensation kept failing past its retry cap, or a step failed after the pivot:
+    #: nothing more happens by itself; an operator must look.
+    PARKED = "parked"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (SagaStatus.COMPLETED, SagaStatus.COMPENSATED)
+
+
+class StepStatus(StrEnum):
+    PENDING = "pending"
+    DISPATCHED = "dispatched"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    #: No reply within the step's timeout: the outcome is unknown, so the step is
+    #: compensated as if it had succeeded (the participant's barrier makes that safe).
+    TIMED_OUT = "timed_out"
+    COMPENSATING = "compensating"
+    COMPENSATED = "compensated"

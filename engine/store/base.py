@@ -1,0 +1,96 @@
+"""The storage protocol the engine core is written against.
+
+The engine never sees SQL: it asks a :class:`StoreTransaction` for saga images and
+hands back changed images plus the messages to emit, all inside one transaction. That
+one transaction is what makes "advance and emit" atomic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+from engine.model import HistoryEntry, OutboxMessage, SagaState, Timer
+from engine.states import SagaStatus
+from engine.views import SagaDetail, SagaSummary
+
+
+@dataclass(frozen=True)
+class DueTimer:
+    saga_id: str
+    timer: Timer
+
+
+@dataclass(frozen=True)
+class OutboxRecord:
+    id: int
+    destination: str
+    key: str
+    body: bytes
+    headers: dict[str, str]
+
+
+class StoreTransaction(Protocol):
+    async def insert_saga(self, state: SagaState) -> None: ...
+
+    async def load_saga(self, saga_id: str) -> SagaState | None: ...
+
+    async def save_saga(self, state: SagaState) -> None:
+        """Write a changed image; raises ConcurrencyConflict if another writer won."""
+        ...
+
+    async def add_outbox(self, messages: Sequence[OutboxMessage]) -> None: ...
+
+    async def add_history(self, saga_id: str, entries: Sequence[HistoryEntry]) -> None: ...
+
+    async def claim_inbox(self, message_id: str, consumer: str) -> bool:
+        """Record a processed message id; False if it was processed before."""
+        ...
+
+    async def due_timers(self, now: datetime, limit: int) -> list[DueTimer]:
+        """Due timers, locked for this transaction; other replicas skip them."""
+        ...
+
+    async def claim_outbox(self, limit: int) -> list[OutboxRecord]:
+        """Unsent outbox rows in order, locked for this transaction."""
+        ...
+
+    async def mark_sent(self, ids: Sequence[int], at: datetime) -> None: ...
+
+
+class SagaStore(Protocol):
+    def transaction(self) -> AbstractAsyncContextManager[StoreTransaction]: ...
+
+    async def get_saga(self, saga_id: str) -> SagaDetail | None: ...
+
+    async def list_sagas(
+        self,
+        *,
+        status: SagaStatus | None = None,
+        name: str | None = None,
+        limit: int = 50,
+    ) -> list[SagaSummary]: ...
+
+    async def count_by_status(self) -> dict[SagaStatus, int]: ...
+
+    async def close(self) -> None: ...
+
+
+async def write_transition(
+    tx: StoreTransaction,
+    state: SagaState,
+    messages: Sequence[OutboxMessage],
+    entries: Sequence[HistoryEntry],
+    *,
+    new: bool = False,
+) -> None:
+    """Persist a changed saga with what the change emits: the outbox half of atomicity."""
+    if new:
+        await tx.insert_saga(state)
+    else:
+        await tx.save_saga(state)
+    await tx.add_outbox(messages)
+    await tx.add_history(state.id, entries)

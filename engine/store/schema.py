@@ -1,0 +1,162 @@
+"""SQLAlchemy table definitions of the engine and of the participant barrier.
+
+The schema is created only by the Alembic migrations in ``migrations/``; these objects
+mirror them for queries, and a test compares the two so they cannot drift.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+)
+from sqlalchemy.engine import Dialect
+
+metadata = MetaData()
+
+#: SQLite has no 64-bit autoincrement type of its own; INTEGER PRIMARY KEY is it.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every dialect (SQLite drops the zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, datetime)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+sagas = Table(
+    "saga_instances",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("status", String(20), nullable=False),
+    Column("input", JSON, nullable=False),
+    Column("error", Text),
+    Column("trace_id", String(32)),
+    Column("awaiting_step", String(200)),
+    Column("awaiting_kind", String(20)),
+    Column("awaiting_attempt", Integer),
+    Column("row_version", Integer, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Index("ix_saga_instances_status_created", "status", "created_at"),
+    Index("ix_saga_instances_name_created", "name", "created_at"),
+    Index("ix_saga_instances_created", "created_at"),
+)
+
+steps = Table(
+    "saga_steps",
+    metadata,
+    Column(
+        "saga_id", String(36), ForeignKey("saga_instances.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("name", String(200), primary_key=True),
+    Column("position", Integer, nullable=False),
+    Column("status", String(20), nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("compensation_attempt", Integer, nullable=False),
+    Column("started_at", UTCDateTime),
+    Column("finished_at", UTCDateTime),
+    Column("reply", JSON),
+    Column("error", Text),
+)
+
+timers = Table(
+    "saga_timers",
+    metadata,
+    Column(
+        "saga_id", String(36), ForeignKey("saga_instances.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("kind", String(30), nullable=False),
+    Column("step", String(200), nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("due_at", UTCDateTime, nullable=False),
+    Index("ix_saga_timers_due_at", "due_at"),
+)
+
+history = Table(
+    "saga_history",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column(
+        "saga_id", String(36), ForeignKey("saga_instances.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("at", UTCDateTime, nullable=False),
+    Column("event", String(50), nullable=False),
+    Column("step", String(200)),
+    Column("detail", Text),
+    Column("actor", String(200), nullable=False),
+    Index("ix_saga_history_saga_id", "saga_id", "id"),
+)
+
+outbox = Table(
+    "saga_outbox",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("message_id", String(36), nullable=False, unique=True),
+    Column("destination", String(255), nullable=False),
+    Column("key", String(255), nullable=False),
+    Column("body", Text, nullable=False),
+    Column("headers", JSON, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("sent_at", UTCDateTime),
+    Index("ix_saga_outbox_unsent", "sent_at", "id"),
+)
+
+inbox = Table(
+    "saga_inbox",
+    metadata,
+    Column("message_id", String(36), primary_key=True),
+    Column("consumer", String(100), nullable=False),
+    Column("processed_at", UTCDateTime, nullable=False),
+    Index("ix_saga_inbox_processed_at", "processed_at"),
+)
+
+barrier = Table(
+    "participant_barrier",
+    metadata,
+    Column("participant", String(100), primary_key=True),
+    Column("saga_id", String(36), primary_key=True),
+    Column("step", String(200), primary_key=True),
+    #: "action" or "compensation": which half of the step this row guards.
+    Column("op", String(20), primary_key=True),
+    #: Who wrote the row: an action row written by a compensation marks a null
+    #: compensation and blocks the hanging action that may still arrive.
+    Column("origin", String(20), nullable=False),
+    Column("outcome", String(20), nullable=False),
+    Column("reply", JSON),
+    Column("error", Text),
+    Column("created_at", UTCDateTime, nullable=False),
+)

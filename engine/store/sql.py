@@ -1,0 +1,330 @@
+"""The SQL adapter of the storage protocol (SQLAlchemy Core, any async dialect).
+
+Dialect differences are confined here: ``FOR UPDATE SKIP LOCKED`` renders only where
+the database has it (PostgreSQL); SQLite serialises writers instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import astuple
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from engine.clock import utc_now
+from engine.errors import ConcurrencyConflict
+from engine.messages import MessageKind, encode
+from engine.model import (
+    Awaiting,
+    HistoryEntry,
+    OutboxMessage,
+    SagaState,
+    StepState,
+    Timer,
+    TimerKind,
+)
+from engine.states import SagaStatus, StepStatus
+from engine.store.base import DueTimer, OutboxRecord
+from engine.store.schema import history, inbox, outbox, sagas, steps, timers
+from engine.views import HistoryView, SagaDetail, SagaSummary, StepView
+
+
+def _step_row(saga_id: str, st: StepState) -> dict[str, Any]:
+    return {
+        "saga_id": saga_id,
+        "name": st.name,
+        "position": st.position,
+        "status": st.status.value,
+        "attempt": st.attempt,
+        "compensation_attempt": st.compensation_attempt,
+        "started_at": st.started_at,
+        "finished_at": st.finished_at,
+        "reply": st.reply,
+        "error": st.error,
+    }
+
+
+def _saga_values(state: SagaState) -> dict[str, Any]:
+    awaiting = state.awaiting
+    return {
+        "status": state.status.value,
+        "error": state.error,
+        "trace_id": state.trace_id,
+        "awaiting_step": awaiting.step if awaiting else None,
+        "awaiting_kind": awaiting.kind.value if awaiting else None,
+        "awaiting_attempt": awaiting.attempt if awaiting else None,
+        "updated_at": state.updated_at,
+    }
+
+
+def _timer_row(saga_id: str, timer: Timer) -> dict[str, Any]:
+    return {
+        "saga_id": saga_id,
+        "kind": timer.kind.value,
+        "step": timer.step,
+        "attempt": timer.attempt,
+        "due_at": timer.due_at,
+    }
+
+
+def _timer_of(row: Any) -> Timer:
+    return Timer(TimerKind(row.kind), row.step, row.attempt, row.due_at)
+
+
+class SqlStoreTransaction:
+    """One database transaction; remembers what it loaded to write only changes."""
+
+    def __init__(self, conn: AsyncConnection) -> None:
+        self.conn = conn
+        self._loaded: dict[str, tuple[dict[str, tuple[Any, ...]], Timer | None]] = {}
+
+    async def insert_saga(self, state: SagaState) -> None:
+        await self.conn.execute(
+            insert(sagas).values(
+                id=state.id,
+                name=state.name,
+                version=state.version,
+                input=state.input,
+                row_version=state.row_version,
+                created_at=state.created_at,
+                **_saga_values(state),
+            )
+        )
+        await self.conn.execute(
+            insert(steps), [_step_row(state.id, st) for st in state.ordered_steps()]
+        )
+        if state.timer is not None:
+            await self.conn.execute(insert(timers).values(_timer_row(state.id, state.timer)))
+
+    async def load_saga(self, saga_id: str) -> SagaState | None:
+        row = (await self.conn.execute(select(sagas).where(sagas.c.id == saga_id))).first()
+        if row is None:
+            return None
+        state = SagaState(
+            id=row.id,
+            name=row.name,
+            version=row.version,
+            input=row.input,
+            created_at=row.created_at,
+            updated_at=row.updated_at,
+            status=SagaStatus(row.status),
+            error=row.error,
+            trace_id=row.trace_id,
+            row_version=row.row_version,
+            awaiting=(
+                Awaiting(row.awaiting_step, MessageKind(row.awaiting_kind), row.awaiting_attempt)
+                if row.awaiting_step is not None
+                else None
+            ),
+        )
+        for s in await self.conn.execute(select(steps).where(steps.c.saga_id == saga_id)):
+            state.steps[s.name] = StepState(
+                name=s.name,
+                position=s.position,
+                status=StepStatus(s.status),
+                attempt=s.attempt,
+                compensation_attempt=s.compensation_attempt,
+                started_at=s.started_at,
+                finished_at=s.finished_at,
+                reply=s.reply,
+                error=s.error,
+            )
+        t = (await self.conn.execute(select(timers).where(timers.c.saga_id == saga_id))).first()
+        state.timer = _timer_of(t) if t is not None else None
+        self._loaded[saga_id] = ({n: astuple(s) for n, s in state.steps.items()}, state.timer)
+        return state
+
+    async def save_saga(self, state: SagaState) -> None:
+        result = await self.conn.execute(
+            update(sagas)
+            .where(sagas.c.id == state.id, sagas.c.row_version == state.row_version)
+            .values(row_version=state.row_version + 1, **_saga_values(state))
+        )
+        if result.rowcount != 1:
+            raise ConcurrencyConflict(f"saga {state.id} was advanced by another writer")
+        state.row_version += 1
+        old_steps, old_timer = self._loaded.get(state.id, ({}, None))
+        for name, st in state.steps.items():
+            if old_steps.get(name) != astuple(st):
+                await self.conn.execute(
+                    update(steps)
+                    .where(steps.c.saga_id == state.id, steps.c.name == name)
+                    .values(_step_row(state.id, st))
+                )
+        if state.timer != old_timer:
+            if old_timer is not None:
+                await self.conn.execute(delete(timers).where(timers.c.saga_id == state.id))
+            if state.timer is not None:
+                await self.conn.execute(insert(timers).values(_timer_row(state.id, state.timer)))
+        self._loaded[state.id] = ({n: astuple(s) for n, s in state.steps.items()}, state.timer)
+
+    async def add_outbox(self, messages: Sequence[OutboxMessage]) -> None:
+        if not messages:
+            return
+        await self.conn.execute(
+            insert(outbox),
+            [
+                {
+                    "message_id": m.envelope.message_id,
+                    "destination": m.destination,
+                    "key": m.key,
+                    "body": encode(m.envelope).decode(),
+                    "headers": dict(m.envelope.headers),
+                    "created_at": m.envelope.created_at,
+                    "sent_at": None,
+                }
+                for m in messages
+            ],
+        )
+
+    async def add_history(self, saga_id: str, entries: Sequence[HistoryEntry]) -> None:
+        if not entries:
+            return
+        await self.conn.execute(
+            insert(history),
+            [
+                {
+                    "saga_id": saga_id,
+                    "at": e.at,
+                    "event": e.event,
+                    "step": e.step,
+                    "detail": e.detail,
+                    "actor": e.actor,
+                }
+                for e in entries
+            ],
+        )
+
+    async def claim_inbox(self, message_id: str, consumer: str) -> bool:
+        seen = await self.conn.execute(
+            select(inbox.c.message_id).where(inbox.c.message_id == message_id)
+        )
+        if seen.first() is not None:
+            return False
+        try:
+            async with self.conn.begin_nested():
+                await self.conn.execute(
+                    insert(inbox).values(
+                        message_id=message_id, consumer=consumer, processed_at=utc_now()
+                    )
+                )
+        except IntegrityError:
+            return False  # a concurrent transaction claimed it between our read and write
+        return True
+
+    async def due_timers(self, now: datetime, limit: int) -> list[DueTimer]:
+        rows = await self.conn.execute(
+            select(timers)
+            .where(timers.c.due_at <= now)
+            .order_by(timers.c.due_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        return [DueTimer(r.saga_id, _timer_of(r)) for r in rows]
+
+    async def claim_outbox(self, limit: int) -> list[OutboxRecord]:
+        rows = await self.conn.execute(
+            select(outbox.c.id, outbox.c.destination, outbox.c.key, outbox.c.body, outbox.c.headers)
+            .where(outbox.c.sent_at.is_(None))
+            .order_by(outbox.c.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        return [
+            OutboxRecord(r.id, r.destination, r.key, r.body.encode(), dict(r.headers or {}))
+            for r in rows
+        ]
+
+    async def mark_sent(self, ids: Sequence[int], at: datetime) -> None:
+        if ids:
+            await self.conn.execute(update(outbox).where(outbox.c.id.in_(ids)).values(sent_at=at))
+
+
+class SqlSagaStore:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[SqlStoreTransaction]:
+        async with self.engine.begin() as conn:
+            yield SqlStoreTransaction(conn)
+
+    async def get_saga(self, saga_id: str) -> SagaDetail | None:
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(select(sagas).where(sagas.c.id == saga_id))).first()
+            if row is None:
+                return None
+            step_rows = await conn.execute(
+                select(steps).where(steps.c.saga_id == saga_id).order_by(steps.c.position)
+            )
+            hist_rows = await conn.execute(
+                select(history).where(history.c.saga_id == saga_id).order_by(history.c.id)
+            )
+            return SagaDetail(
+                **_summary_fields(row),
+                input=row.input,
+                trace_id=row.trace_id,
+                steps=[
+                    StepView(
+                        name=s.name,
+                        position=s.position,
+                        status=StepStatus(s.status),
+                        attempts=s.attempt,
+                        compensation_attempts=s.compensation_attempt,
+                        started_at=s.started_at,
+                        finished_at=s.finished_at,
+                        error=s.error,
+                        reply=s.reply,
+                    )
+                    for s in step_rows
+                ],
+                history=[
+                    HistoryView(at=h.at, event=h.event, step=h.step, detail=h.detail, actor=h.actor)
+                    for h in hist_rows
+                ],
+            )
+
+    async def list_sagas(
+        self,
+        *,
+        status: SagaStatus | None = None,
+        name: str | None = None,
+        limit: int = 50,
+    ) -> list[SagaSummary]:
+        query = select(sagas).order_by(sagas.c.created_at.desc(), sagas.c.id).limit(limit)
+        if status is not None:
+            query = query.where(sagas.c.status == status.value)
+        if name is not None:
+            query = query.where(sagas.c.name == name)
+        async with self.engine.connect() as conn:
+            return [SagaSummary(**_summary_fields(r)) for r in await conn.execute(query)]
+
+    async def count_by_status(self) -> dict[SagaStatus, int]:
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                select(sagas.c.status, func.count()).group_by(sagas.c.status)
+            )
+            return {SagaStatus(status): count for status, count in rows}
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+
+def _summary_fields(row: Any) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "name": row.name,
+        "version": row.version,
+        "status": SagaStatus(row.status),
+        "created_at": row.created_at,
+        "updated_at": row.updated_at,
+        "error": row.error,
+    }
+
+
+__all__ = ["SqlSagaStore", "SqlStoreTransaction"]

@@ -1,0 +1,23 @@
+"""Destination names on the broker, derived from one configurable prefix."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Topology:
+    prefix: str = "saga"
+
+    def commands(self, participant: str) -> str:
+        """Commands and compensations for one participant."""
+        return f"{self.prefix}.commands.{participant}"
+
+    @property
+    def replies(self) -> str:
+        """Replies from every participant back to the engine."""
+        return f"{self.prefix}.replies"
+
+    @property
+    def dead_letters(self) -> str:
+        return f"{self.prefix}.dead-letters"

@@ -1,0 +1,69 @@
+"""The transport seam: everything the engine and the workers need from a broker.
+
+Small on purpose (publish, subscribe, and per-delivery ack / nack / dead-letter) so
+that Kafka, RabbitMQ and the in-process broker can all honour the same contract,
+which one shared test suite checks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+#: Header names the transports set on dead-lettered messages.
+DEAD_LETTER_REASON = "x-dead-letter-reason"
+DEAD_LETTER_SOURCE = "x-dead-letter-source"
+
+
+@dataclass(frozen=True)
+class Message:
+    destination: str
+    #: Ordering key (the saga id): one key's messages stay in order.
+    key: str
+    body: bytes
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+class Delivery(Protocol):
+    """One received message; exactly one of ack, nack or dead_letter settles it."""
+
+    @property
+    def message(self) -> Message: ...
+
+    @property
+    def redelivered(self) -> bool: ...
+
+    async def ack(self) -> None:
+        """Processed and committed: never deliver again."""
+        ...
+
+    async def nack(self) -> None:
+        """Not processed: deliver again (to this or another consumer)."""
+        ...
+
+    async def dead_letter(self, reason: str) -> None:
+        """Cannot ever be processed: park it on the dead-letter destination."""
+        ...
+
+
+class Subscription(Protocol):
+    def __aiter__(self) -> AsyncIterator[Delivery]: ...
+
+    async def close(self) -> None:
+        """Stop receiving; unsettled deliveries go back to the broker for redelivery."""
+        ...
+
+
+class Transport(Protocol):
+    async def connect(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def publish(self, messages: Sequence[Message]) -> None:
+        """Return only once the broker has confirmed every message (or raise)."""
+        ...
+
+    async def subscribe(self, destination: str, *, group: str) -> Subscription:
+        """Consume ``destination`` as one member of consumer group ``group``."""
+        ...

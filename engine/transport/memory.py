@@ -1,0 +1,165 @@
+"""An in-process broker that behaves like a real one where it matters for correctness.
+
+Delivery is asynchronous, a message stays owned by the broker until acknowledged, a
+nack or a closed subscription puts it back for redelivery, and dead letters land on a
+destination of their own. Competing consumers of one destination share its queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+from engine.errors import TransportError
+from engine.transport.base import DEAD_LETTER_REASON, DEAD_LETTER_SOURCE, Message
+
+
+@dataclass
+class _Entry:
+    message: Message
+    deliveries: int = 0
+
+
+@dataclass
+class _Queue:
+    ready: deque[_Entry] = field(default_factory=deque)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def put(self, entry: _Entry, *, front: bool = False) -> None:
+        if front:
+            self.ready.appendleft(entry)
+        else:
+            self.ready.append(entry)
+        self.changed.set()
+
+
+class MemoryBroker:
+    """Shared by every :class:`MemoryTransport` of one process and event loop."""
+
+    def __init__(self, dead_letters: str = "saga.dead-letters") -> None:
+        self.dead_letters = dead_letters
+        self._queues: dict[str, _Queue] = {}
+
+    def queue(self, destination: str) -> _Queue:
+        q = self._queues.get(destination)
+        if q is None:
+            q = self._queues[destination] = _Queue()
+        return q
+
+    def depth(self, destination: str) -> int:
+        """Messages waiting (not in flight) on ``destination``; for tests and the demo."""
+        return len(self.queue(destination).ready)
+
+    def drain(self, destination: str) -> list[Message]:
+        """Take every waiting message off ``destination`` (tests read dead letters so)."""
+        q = self.queue(destination)
+        out = [e.message for e in q.ready]
+        q.ready.clear()
+        return out
+
+
+class MemoryDelivery:
+    def __init__(self, subscription: MemorySubscription, entry: _Entry) -> None:
+        self._subscription = subscription
+        self._entry = entry
+        self._settled = False
+
+    @property
+    def message(self) -> Message:
+        return self._entry.message
+
+    @property
+    def redelivered(self) -> bool:
+        return self._entry.deliveries > 1
+
+    def _settle(self) -> bool:
+        if self._settled:
+            return False
+        self._settled = True
+        self._subscription.in_flight.discard(self)
+        return True
+
+    async def ack(self) -> None:
+        self._settle()
+
+    async def nack(self) -> None:
+        if self._settle():
+            self._subscription.queue.put(self._entry, front=True)
+
+    async def dead_letter(self, reason: str) -> None:
+        if self._settle():
+            original = self._entry.message
+            broker = self._subscription.broker
+            headers = {
+                **original.headers,
+                DEAD_LETTER_REASON: reason,
+                DEAD_LETTER_SOURCE: original.destination,
+            }
+            broker.queue(broker.dead_letters).put(
+                _Entry(Message(broker.dead_letters, original.key, original.body, headers))
+            )
+
+
+class MemorySubscription:
+    def __init__(self, broker: MemoryBroker, destination: str) -> None:
+        self.broker = broker
+        self.queue = broker.queue(destination)
+        self.in_flight: set[MemoryDelivery] = set()
+        self._closed = False
+
+    async def __aiter__(self) -> AsyncIterator[MemoryDelivery]:
+        while not self._closed:
+            if not self.queue.ready:
+                self.queue.changed.clear()
+                await self.queue.changed.wait()
+                continue
+            entry = self.queue.ready.popleft()
+            entry.deliveries += 1
+            delivery = MemoryDelivery(self, entry)
+            self.in_flight.add(delivery)
+            yield delivery
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        # Like a broker seeing a consumer's connection drop: unacked work returns.
+        for delivery in sorted(self.in_flight, key=id):
+            await delivery.nack()
+        self.queue.changed.set()
+
+
+class MemoryTransport:
+    """The :class:`~engine.transport.base.Transport` over a :class:`MemoryBroker`."""
+
+    def __init__(self, broker: MemoryBroker | None = None) -> None:
+        self.broker = broker or MemoryBroker()
+        self._open = False
+        self._subscriptions: list[MemorySubscription] = []
+        self._ids = itertools.count()
+
+    async def connect(self) -> None:
+        self._open = True
+
+    async def close(self) -> None:
+        self._open = False
+        for sub in self._subscriptions:
+            await sub.close()
+        self._subscriptions.clear()
+
+    async def publish(self, messages: Sequence[Message]) -> None:
+        if not self._open:
+            raise TransportError("memory transport is not connected")
+        for message in messages:
+            self.broker.queue(message.destination).put(_Entry(message))
+        await asyncio.sleep(0)  # delivery is asynchronous, as on a real broker
+
+    async def subscribe(self, destination: str, *, group: str) -> MemorySubscription:
+        if not self._open:
+            raise TransportError("memory transport is not connected")
+        sub = MemorySubscription(self.broker, destination)
+        self._subscriptions.append(sub)
+        return sub

@@ -1,0 +1,47 @@
+"""Read models returned by the client and printed by ``sagactl``."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel
+
+from engine.states import SagaStatus, StepStatus
+
+
+class SagaSummary(BaseModel):
+    id: str
+    name: str
+    version: int
+    status: SagaStatus
+    created_at: datetime
+    updated_at: datetime
+    error: str | None = None
+
+
+class StepView(BaseModel):
+    name: str
+    position: int
+    status: StepStatus
+    attempts: int
+    compensation_attempts: int
+    started_at: datetime | None
+    finished_at: datetime | None
+    error: str | None
+    reply: dict[str, Any] | None
+
+
+class HistoryView(BaseModel):
+    at: datetime
+    event: str
+    step: str | None
+    detail: str | None
+    actor: str
+
+
+class SagaDetail(SagaSummary):
+    input: dict[str, Any]
+    trace_id: str | None = None
+    steps: list[StepView]
+    history: list[HistoryView]

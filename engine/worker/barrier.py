@@ -1,0 +1,132 @@
+"""The participant barrier (after DTM's sub-transaction barrier).
+
+Runs a handler inside the worker's own transaction next to a row per (saga, step,
+op) that makes the three delivery anomalies harmless:
+
+* duplicate delivery: the row exists, the stored outcome is replied, no effect runs;
+* null compensation (compensation before its action): the compensation writes the
+  action's row itself, replies success and runs nothing;
+* hanging action (action after its compensation): that row is found, the action is
+  refused.
+
+A concurrent duplicate loses on the primary key and its transaction rolls back.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+from sqlalchemy import insert, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from engine.clock import utc_now
+from engine.errors import BusinessFailure
+from engine.messages import Envelope, MessageKind, Outcome
+from engine.store.schema import barrier
+from engine.worker.worker import HandlerContext, HandlerResult, Registration
+
+ACTION = "action"
+COMPENSATION = "compensation"
+
+REFUSED = "refused: the step was already compensated (hanging action)"
+
+
+def _payload(result: HandlerResult) -> dict[str, Any]:
+    if result is None:
+        return {}
+    if isinstance(result, BaseModel):
+        return result.model_dump(mode="json")
+    return dict(result)
+
+
+async def _record(
+    session: AsyncSession,
+    participant: str,
+    envelope: Envelope,
+    op: str,
+    outcome: Outcome | str,
+    reply: dict[str, Any] | None = None,
+    error: str | None = None,
+) -> None:
+    await session.execute(
+        insert(barrier).values(
+            participant=participant,
+            saga_id=envelope.saga_id,
+            step=envelope.step,
+            op=op,
+            origin=envelope.kind.value,
+            outcome=str(outcome),
+            reply=reply,
+            error=error,
+            created_at=utc_now(),
+        )
+    )
+
+
+async def _run(
+    session: AsyncSession, registration: Registration, envelope: Envelope
+) -> tuple[Outcome, dict[str, Any], str | None]:
+    """Run the handler in a savepoint; a business failure undoes its writes."""
+    try:
+        command = registration.parse(envelope.payload)
+    except ValidationError as exc:
+        return Outcome.FAILURE, {}, f"invalid {envelope.name} payload: {exc.errors()[0]['msg']}"
+    context = HandlerContext(
+        session=session,
+        saga_id=envelope.saga_id,
+        step=envelope.step,
+        attempt=envelope.attempt,
+        message_id=envelope.message_id,
+        headers=envelope.headers,
+    )
+    try:
+        async with session.begin_nested():
+            result = await registration.handler(command, context)
+            # Flush inside the savepoint so a constraint violation is the handler's.
+            await session.flush()
+    except BusinessFailure as failure:
+        return Outcome.FAILURE, {}, failure.reason
+    return Outcome.SUCCESS, _payload(result), None
+
+
+async def guarded(
+    session: AsyncSession, participant: str, registration: Registration, envelope: Envelope
+) -> Envelope:
+    """Handle ``envelope`` once, in ``session``'s transaction; return the reply to send."""
+    rows = {
+        r.op: r
+        for r in await session.execute(
+            select(barrier).where(
+                barrier.c.participant == participant,
+                barrier.c.saga_id == envelope.saga_id,
+                barrier.c.step == envelope.step,
+            )
+        )
+    }
+    action = rows.get(ACTION)
+    if envelope.kind is MessageKind.COMMAND:
+        if action is not None:
+            if action.origin == COMPENSATION:
+                return envelope.reply(Outcome.FAILURE, error=REFUSED)
+            return envelope.reply(Outcome(action.outcome), action.reply, action.error)
+        outcome, payload, error = await _run(session, registration, envelope)
+        await _record(session, participant, envelope, ACTION, outcome, payload, error)
+        return envelope.reply(outcome, payload, error)
+
+    done = rows.get(COMPENSATION)
+    if done is not None:
+        return envelope.reply(Outcome(done.outcome), done.reply, done.error)
+    if action is None:
+        # Null compensation: nothing to undo, and the action must never run now.
+        await _record(session, participant, envelope, ACTION, "skipped")
+        await _record(session, participant, envelope, COMPENSATION, Outcome.SUCCESS)
+        return envelope.reply(Outcome.SUCCESS)
+    if action.outcome != Outcome.SUCCESS:
+        # The action failed and rolled its writes back: nothing to undo either.
+        await _record(session, participant, envelope, COMPENSATION, Outcome.SUCCESS)
+        return envelope.reply(Outcome.SUCCESS)
+    outcome, payload, error = await _run(session, registration, envelope)
+    if outcome is Outcome.SUCCESS:
+        await _record(session, participant, envelope, COMPENSATION, outcome, payload)
+    return envelope.reply(outcome, payload, error)

@@ -1,0 +1,131 @@
+"""Runs a :class:`Worker` against a transport and its database.
+
+Per delivery: handle it behind the barrier in one database transaction, commit,
+publish the reply and wait for the broker's confirmation, and only then acknowledge
+the command. A crash anywhere before the ack means redelivery, which the barrier turns
+into a re-sent reply without a second effect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+
+from engine.errors import DecodeError, SagaError
+from engine.messages import Envelope, MessageKind, Outcome, decode, encode
+from engine.topology import Topology
+from engine.transport.base import Delivery, Message, Transport
+from engine.worker.barrier import guarded
+from engine.worker.worker import Worker
+
+log = logging.getLogger("saga.worker")
+
+
+class WorkerRunner:
+    def __init__(
+        self,
+        worker: Worker,
+        transport: Transport,
+        database: AsyncEngine,
+        *,
+        topology: Topology | None = None,
+        concurrency: int = 1,
+    ) -> None:
+        self.worker = worker
+        self.transport = transport
+        self.topology = topology or Topology()
+        self.sessions = async_sessionmaker(database, expire_on_commit=False)
+        self.concurrency = concurrency
+        self.handled = 0
+        self._stop = asyncio.Event()
+
+    @property
+    def destination(self) -> str:
+        return self.topology.commands(self.worker.name)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Consume this participant's commands until :meth:`stop`, then drain."""
+        self._stop.clear()
+        subscription = await self.transport.subscribe(
+            self.destination, group=f"worker-{self.worker.name}"
+        )
+        slots = asyncio.Semaphore(self.concurrency)
+        in_flight: set[asyncio.Task[None]] = set()
+
+        async def one(delivery: Delivery) -> None:
+            try:
+                await self.handle_delivery(delivery)
+            finally:
+                slots.release()
+
+        async def consume() -> None:
+            async for delivery in subscription:
+                await slots.acquire()
+                task = asyncio.create_task(one(delivery))
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+
+        consumer = asyncio.create_task(consume(), name=f"worker-{self.worker.name}")
+        stopper = asyncio.create_task(self._stop.wait())
+        try:
+            await asyncio.wait([consumer, stopper], return_when=asyncio.FIRST_COMPLETED)
+            if consumer.done() and consumer.exception() is not None:
+                raise consumer.exception()  # type: ignore[misc]
+        finally:
+            consumer.cancel()
+            stopper.cancel()
+            if in_flight:  # drain: finish what was started, then let go of the rest
+                await asyncio.wait(in_flight, timeout=30)
+            await subscription.close()
+
+    async def handle_delivery(self, delivery: Delivery) -> None:
+        try:
+            envelope = decode(delivery.message.body)
+        except DecodeError as exc:
+            log.error("worker %s dead-letters a message: %s", self.worker.name, exc)
+            await delivery.dead_letter(str(exc))
+            return
+        if envelope.kind is MessageKind.REPLY:
+            await delivery.dead_letter(f"worker {self.worker.name!r} takes commands, not replies")
+            return
+        registration = self.worker.registration(envelope.kind, envelope.name)
+        if registration is None:
+            reason = f"worker {self.worker.name!r} has no {envelope.kind} handler {envelope.name!r}"
+            log.error("%s (saga %s)", reason, envelope.saga_id)
+            # The saga learns of it (and compensates); the message is kept for a look.
+            await self._reply(envelope.reply(Outcome.FAILURE, error=reason))
+            await delivery.dead_letter(reason)
+            return
+        try:
+            async with self.sessions() as session, session.begin():
+                reply = await guarded(session, self.worker.name, registration, envelope)
+        except IntegrityError:
+            # A concurrent delivery of the same message won the barrier row: try later,
+            # when this one will find the row and just re-send the reply.
+            await delivery.nack()
+            return
+        except Exception as exc:
+            log.warning(
+                "worker %s: %s %s of saga %s raised %r",
+                self.worker.name, envelope.kind, envelope.name, envelope.saga_id, exc,
+            )
+            reply = envelope.reply(Outcome.ERROR, error=f"{type(exc).__name__}: {exc}")
+        try:
+            await self._reply(reply)
+        except SagaError as exc:
+            log.warning("worker %s could not send a reply, will redo: %s", self.worker.name, exc)
+            await delivery.nack()
+            return
+        self.handled += 1
+        await delivery.ack()
+
+    async def _reply(self, reply: Envelope) -> None:
+        await self.transport.publish(
+            [Message(self.topology.replies, reply.saga_id, encode(reply), reply.headers)]
+        )

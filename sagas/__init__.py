@@ -1,0 +1,1 @@
+"""Saga definitions. Load one with ``--sagas sagas.order``."""

@@ -1,0 +1,1 @@
+"""The example participants; run one with ``sagactl worker inventory``."""
