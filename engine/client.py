@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -106,3 +106,7 @@ class SagaClient:
 
     async def counts(self) -> dict[SagaStatus, int]:
         return await self.store.count_by_status()
+
+    async def statuses(self, saga_ids: Sequence[str]) -> dict[str, SagaStatus]:
+        """Status of each given saga (absent ids are left out)."""
+        return await self.store.statuses(saga_ids)

@@ -51,7 +51,7 @@ class DecodeError(SagaError):
     """A message on the wire is not a valid envelope; it goes to the dead-letter queue."""
 
 
-class BusinessFailure(Exception):  # noqa: N818 - reads as a verdict, not a bug
+class BusinessFailure(Exception):
     """Raised by a handler to say "this step failed for a business reason".
 
     Not retried: the participant's writes for this attempt are rolled back and the saga

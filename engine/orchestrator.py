@@ -133,7 +133,8 @@ class Engine:
                     return
             except _NotVisible:
                 if loop.time() >= deadline:
-                    reason = f"no saga {envelope.saga_id} after {self.settings.unknown_saga_patience:g}s"
+                    patience = self.settings.unknown_saga_patience
+                    reason = f"no saga {envelope.saga_id} after {patience:g}s"
                     log.error("dead-lettering reply: %s", reason)
                     await delivery.dead_letter(reason)
                     return

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from pydantic import BaseModel
-from sqlalchemy import delete, func, insert, select
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from workers.inventory import reservations, stock
@@ -34,9 +34,7 @@ class LedgerTotals(BaseModel):
 
     @property
     def money_conserved(self) -> bool:
-        return (
-            self.balance_cents + self.charged_cents - self.refunded_cents == self.deposited_cents
-        )
+        return self.balance_cents + self.charged_cents - self.refunded_cents == self.deposited_cents
 
 
 class OrderEffect(BaseModel):
@@ -81,9 +79,7 @@ async def totals(engine: AsyncEngine) -> LedgerTotals:
             stock_received=await one(select(func.sum(stock.c.received))),
             stock_available=await one(select(func.sum(stock.c.available))),
             stock_reserved=await one(
-                select(func.sum(reservations.c.quantity)).where(
-                    reservations.c.status == "reserved"
-                )
+                select(func.sum(reservations.c.quantity)).where(reservations.c.status == "reserved")
             ),
             deposited_cents=await one(select(func.sum(accounts.c.deposited_cents))),
             balance_cents=await one(select(func.sum(accounts.c.balance_cents))),
@@ -97,9 +93,7 @@ async def totals(engine: AsyncEngine) -> LedgerTotals:
                 select(func.count()).select_from(shipments).where(shipments.c.status == "created")
             ),
             shipments_cancelled=await one(
-                select(func.count())
-                .select_from(shipments)
-                .where(shipments.c.status == "cancelled")
+                select(func.count()).select_from(shipments).where(shipments.c.status == "cancelled")
             ),
         )
 
@@ -123,3 +117,45 @@ async def effects(engine: AsyncEngine) -> dict[str, OrderEffect]:
             if r.status == "created":
                 out.setdefault(r.order_id, OrderEffect()).shipped = True
     return out
+
+
+async def restock(
+    engine: AsyncEngine, *, stock_by_sku: Mapping[str, int], balances: Mapping[str, int]
+) -> None:
+    """Bring shelves and accounts up to at least these levels, as receipts and deposits.
+
+    Unlike :func:`seed` this keeps earlier history, and with it the conservation
+    invariants: what is added is counted as received or deposited.
+    """
+    async with engine.begin() as conn:
+        for sku, target in stock_by_sku.items():
+            row = (await conn.execute(select(stock).where(stock.c.sku == sku))).first()
+            if row is None:
+                await conn.execute(insert(stock).values(sku=sku, available=target, received=target))
+            elif row.available < target:
+                delta = target - row.available
+                await conn.execute(
+                    update(stock)
+                    .where(stock.c.sku == sku)
+                    .values(available=stock.c.available + delta, received=stock.c.received + delta)
+                )
+        for customer, target in balances.items():
+            row = (
+                await conn.execute(select(accounts).where(accounts.c.customer_id == customer))
+            ).first()
+            if row is None:
+                await conn.execute(
+                    insert(accounts).values(
+                        customer_id=customer, balance_cents=target, deposited_cents=target
+                    )
+                )
+            elif row.balance_cents < target:
+                delta = target - row.balance_cents
+                await conn.execute(
+                    update(accounts)
+                    .where(accounts.c.customer_id == customer)
+                    .values(
+                        balance_cents=accounts.c.balance_cents + delta,
+                        deposited_cents=accounts.c.deposited_cents + delta,
+                    )
+                )

@@ -311,6 +311,17 @@ class SqlSagaStore:
             )
             return {SagaStatus(status): count for status, count in rows}
 
+    async def statuses(self, saga_ids: Sequence[str]) -> dict[str, SagaStatus]:
+        out: dict[str, SagaStatus] = {}
+        async with self.engine.connect() as conn:
+            for start in range(0, len(saga_ids), 500):  # stay under bind-parameter limits
+                chunk = list(saga_ids[start : start + 500])
+                rows = await conn.execute(
+                    select(sagas.c.id, sagas.c.status).where(sagas.c.id.in_(chunk))
+                )
+                out.update({r.id: SagaStatus(r.status) for r in rows})
+        return out
+
     async def close(self) -> None:
         await self.engine.dispose()
 

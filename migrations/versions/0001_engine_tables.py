@@ -34,17 +34,17 @@ def upgrade() -> None:
         sa.Column("created_at", UTCDateTime, nullable=False),
         sa.Column("updated_at", UTCDateTime, nullable=False),
     )
-    op.create_index(
-        "ix_saga_instances_status_created", "saga_instances", ["status", "created_at"]
-    )
+    op.create_index("ix_saga_instances_status_created", "saga_instances", ["status", "created_at"])
     op.create_index("ix_saga_instances_name_created", "saga_instances", ["name", "created_at"])
     op.create_index("ix_saga_instances_created", "saga_instances", ["created_at"])
 
     op.create_table(
         "saga_steps",
         sa.Column(
-            "saga_id", sa.String(36),
-            sa.ForeignKey("saga_instances.id", ondelete="CASCADE"), primary_key=True,
+            "saga_id",
+            sa.String(36),
+            sa.ForeignKey("saga_instances.id", ondelete="CASCADE"),
+            primary_key=True,
         ),
         sa.Column("name", sa.String(200), primary_key=True),
         sa.Column("position", sa.Integer, nullable=False),
@@ -60,8 +60,10 @@ def upgrade() -> None:
     op.create_table(
         "saga_timers",
         sa.Column(
-            "saga_id", sa.String(36),
-            sa.ForeignKey("saga_instances.id", ondelete="CASCADE"), primary_key=True,
+            "saga_id",
+            sa.String(36),
+            sa.ForeignKey("saga_instances.id", ondelete="CASCADE"),
+            primary_key=True,
         ),
         sa.Column("kind", sa.String(30), nullable=False),
         sa.Column("step", sa.String(200), nullable=False),
@@ -74,8 +76,10 @@ def upgrade() -> None:
         "saga_history",
         sa.Column("id", BigId, primary_key=True, autoincrement=True),
         sa.Column(
-            "saga_id", sa.String(36),
-            sa.ForeignKey("saga_instances.id", ondelete="CASCADE"), nullable=False,
+            "saga_id",
+            sa.String(36),
+            sa.ForeignKey("saga_instances.id", ondelete="CASCADE"),
+            nullable=False,
         ),
         sa.Column("at", UTCDateTime, nullable=False),
         sa.Column("event", sa.String(50), nullable=False),
@@ -109,7 +113,11 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     for table in (
-        "saga_inbox", "saga_outbox", "saga_history", "saga_timers", "saga_steps",
+        "saga_inbox",
+        "saga_outbox",
+        "saga_history",
+        "saga_timers",
+        "saga_steps",
         "saga_instances",
     ):
         op.drop_table(table)

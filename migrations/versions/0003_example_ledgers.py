@@ -56,7 +56,10 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     for table in (
-        "shipments", "payment_ledger", "payment_accounts", "inventory_reservations",
+        "shipments",
+        "payment_ledger",
+        "payment_accounts",
+        "inventory_reservations",
         "inventory_stock",
     ):
         op.drop_table(table)

@@ -1,0 +1,5 @@
+"""``sagactl``: the admin command line."""
+
+from engine.cli.app import main
+
+__all__ = ["main"]

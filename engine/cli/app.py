@@ -1,0 +1,259 @@
+"""Commands of ``sagactl``.
+
+Every error a user can cause ends as one line on stderr and a non-zero exit: 1 for a
+failed operation, 2 for bad usage (click's convention).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from sqlalchemy.exc import DBAPIError
+
+from engine.client import SagaClient
+from engine.database import create_engine, upgrade
+from engine.errors import SagaError
+from engine.settings import Settings
+from engine.states import SagaStatus
+
+from . import render
+
+T = TypeVar("T")
+
+stdout = Console(soft_wrap=False)
+stderr = Console(stderr=True)
+
+
+def fail(message: str) -> None:
+    click.echo(f"sagactl: error: {message}", err=True)
+    sys.exit(1)
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    try:
+        return asyncio.run(coro)
+    except SagaError as exc:
+        fail(str(exc))
+    except DBAPIError as exc:
+        orig = getattr(exc, "orig", None) or exc
+        fail(f"database error: {str(orig).strip().splitlines()[0]}")
+    except KeyboardInterrupt:
+        click.echo("sagactl: interrupted", err=True)
+        sys.exit(130)
+    raise AssertionError("unreachable")
+
+
+class Options:
+    def __init__(self, settings: Settings, as_json: bool) -> None:
+        self.settings = settings
+        self.as_json = as_json
+
+
+pass_options = click.make_pass_decorator(Options)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--database-url",
+    metavar="URL",
+    help="sqlite:///file.db or postgresql://user:pass@host/db [env SAGA_DATABASE_URL; "
+    "default sqlite:///saga.db]",
+)
+@click.option(
+    "--sagas",
+    metavar="MODULES",
+    help="comma-separated modules with saga definitions [env SAGA_SAGAS; default sagas.order]",
+)
+@click.option("--json", "as_json", is_flag=True, help="machine-readable JSON on stdout")
+@click.version_option(package_name="saga-engine")
+@click.pass_context
+def cli(ctx: click.Context, database_url: str | None, sagas: str | None, as_json: bool) -> None:
+    """Inspect and drive saga-engine sagas."""
+    overrides: dict[str, Any] = {}
+    if database_url:
+        overrides["database_url"] = database_url
+    if sagas:
+        overrides["sagas"] = sagas
+    try:
+        settings = Settings(**overrides)
+    except ValueError as exc:
+        fail(f"bad setting: {exc}")
+    ctx.obj = Options(settings, as_json)
+
+
+def _json_option(func: Any) -> Any:
+    """Accept ``--json`` after the subcommand too (``sagactl list --json``)."""
+
+    def set_json(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+        if value:
+            ctx.find_object(Options).as_json = True  # type: ignore[union-attr]
+
+    return click.option(
+        "--json",
+        "as_json_local",
+        is_flag=True,
+        expose_value=False,
+        callback=set_json,
+        help="machine-readable JSON on stdout",
+    )(func)
+
+
+@cli.command()
+@click.argument("saga")
+@click.option(
+    "--input",
+    "input_text",
+    required=True,
+    metavar="JSON",
+    help="saga input as JSON, or @path to a JSON file",
+)
+@click.option("--id", "saga_id", metavar="ID", help="use this saga id instead of a new UUID")
+@_json_option
+@pass_options
+def start(options: Options, saga: str, input_text: str, saga_id: str | None) -> None:
+    """Start saga SAGA with the given input (an engine daemon advances it)."""
+    if input_text.startswith("@"):
+        path = Path(input_text[1:])
+        try:
+            input_text = path.read_text()
+        except OSError as exc:
+            fail(f"cannot read input file {str(path)!r}: {exc.strerror}")
+    try:
+        data = json.loads(input_text)
+    except json.JSONDecodeError as exc:
+        fail(f"invalid JSON for --input: {exc.msg} at line {exc.lineno} column {exc.colno}")
+
+    async def go() -> str:
+        client = await SagaClient.connect(
+            options.settings.database_url, options.settings.saga_modules
+        )
+        async with client:
+            return await client.start(saga, data, saga_id=saga_id)
+
+    new_id = run(go())
+    if options.as_json:
+        render.dump_json(stdout, {"id": new_id, "saga": saga})
+    else:
+        stdout.print(new_id)
+
+
+@cli.command(name="list")
+@click.option(
+    "--status",
+    type=click.Choice([s.value for s in SagaStatus]),
+    help="only sagas in this state",
+)
+@click.option("--saga", "name", metavar="NAME", help="only sagas of this definition")
+@click.option("--limit", type=click.IntRange(1, 100_000), default=20, show_default=True)
+@_json_option
+@pass_options
+def list_(options: Options, status: str | None, name: str | None, limit: int) -> None:
+    """List sagas, newest first."""
+
+    async def go() -> list[Any]:
+        async with await SagaClient.connect(options.settings.database_url) as client:
+            return await client.list(
+                status=SagaStatus(status) if status else None, name=name, limit=limit
+            )
+
+    sagas = run(go())
+    if options.as_json:
+        render.dump_json(stdout, sagas)
+    else:
+        render.saga_list(stdout, sagas)
+
+
+@cli.command()
+@click.argument("saga_id")
+@_json_option
+@pass_options
+def show(options: Options, saga_id: str) -> None:
+    """Show one saga: its steps, their attempts and errors, and its history."""
+
+    async def go() -> Any:
+        async with await SagaClient.connect(options.settings.database_url) as client:
+            return await client.get(saga_id)
+
+    detail = run(go())
+    if options.as_json:
+        render.dump_json(stdout, detail)
+    else:
+        render.saga_detail(stdout, detail)
+
+
+@cli.group()
+def db() -> None:
+    """Database schema."""
+
+
+@db.command(name="upgrade")
+@click.option("--revision", default="heads", show_default=True)
+@pass_options
+def db_upgrade(options: Options, revision: str) -> None:
+    """Create or migrate the engine's tables (Alembic)."""
+
+    async def go() -> None:
+        engine = create_engine(options.settings.database_url)
+        try:
+            await upgrade(engine, revision)
+        finally:
+            await engine.dispose()
+
+    run(go())
+    stderr.print(f"database migrated to {revision}")
+
+
+@cli.command()
+@click.option(
+    "--orders",
+    "-n",
+    type=click.IntRange(1, 1_000_000),
+    default=100,
+    show_default=True,
+    help="how many orders to place",
+)
+@click.option("--seed", type=int, default=7, show_default=True, help="random seed of the order mix")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=1),
+    default=600,
+    show_default=True,
+    help="seconds to wait for every saga to finish",
+)
+@_json_option
+@pass_options
+def demo(options: Options, orders: int, seed: int, timeout: float) -> None:
+    """Run engine and the three example workers in this process and place orders.
+
+    Some orders fail on purpose at each step (out of stock, insufficient funds,
+    undeliverable address) and are compensated. Ends with the outcomes and the
+    participants' ledger totals; exits 1 if any saga did not finish or a ledger does
+    not balance.
+    """
+    from engine.cli.demo import run_demo
+
+    result = run(
+        run_demo(
+            options.settings.database_url,
+            orders=orders,
+            seed=seed,
+            timeout=timeout,
+            console=stderr if options.as_json else stdout,
+            quiet=options.as_json,
+        )
+    )
+    if options.as_json:
+        render.dump_json(stdout, result)
+    if not result.ok:
+        sys.exit(1)
+
+
+def main() -> None:
+    cli(prog_name="sagactl")

@@ -1,0 +1,98 @@
+"""Human-readable output of ``sagactl``: rich tables on stdout."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel
+from rich.console import Console
+from rich.table import Table
+
+from engine.states import SagaStatus, StepStatus
+from engine.views import SagaDetail, SagaSummary
+
+STATUS_STYLE = {
+    SagaStatus.RUNNING: "cyan",
+    SagaStatus.COMPENSATING: "yellow",
+    SagaStatus.COMPLETED: "green",
+    SagaStatus.COMPENSATED: "magenta",
+    SagaStatus.PARKED: "bold red",
+    StepStatus.FAILED: "red",
+    StepStatus.TIMED_OUT: "red",
+    StepStatus.SUCCEEDED: "green",
+    StepStatus.COMPENSATED: "magenta",
+}
+
+
+def styled(status: SagaStatus | StepStatus) -> str:
+    style = STATUS_STYLE.get(status)
+    return f"[{style}]{status.value}[/]" if style else status.value
+
+
+def when(value: datetime | None) -> str:
+    if value is None:
+        return "-"
+    return value.astimezone().strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+
+
+def dump_json(console: Console, value: BaseModel | Sequence[BaseModel] | dict[str, Any]) -> None:
+    if isinstance(value, BaseModel):
+        data: Any = value.model_dump(mode="json")
+    elif isinstance(value, dict):
+        data = value
+    else:
+        data = [v.model_dump(mode="json") for v in value]
+    console.print_json(json.dumps(data))
+
+
+def saga_list(console: Console, sagas: Sequence[SagaSummary]) -> None:
+    table = Table(title=f"{len(sagas)} saga(s), newest first", title_justify="left")
+    for column in ("id", "saga", "status", "created", "updated", "error"):
+        table.add_column(column, overflow="fold")
+    for s in sagas:
+        table.add_row(
+            s.id,
+            f"{s.name} v{s.version}",
+            styled(s.status),
+            when(s.created_at),
+            when(s.updated_at),
+            s.error or "",
+        )
+    console.print(table)
+
+
+def saga_detail(console: Console, saga: SagaDetail) -> None:
+    console.print(f"[bold]saga[/] {saga.id}  {saga.name} v{saga.version}  {styled(saga.status)}")
+    console.print(f"created {when(saga.created_at)}  updated {when(saga.updated_at)}")
+    if saga.trace_id:
+        console.print(f"trace {saga.trace_id}")
+    if saga.error:
+        console.print(f"[red]error[/] {saga.error}")
+    console.print(f"input {json.dumps(saga.input, sort_keys=True)}")
+    steps = Table(title="steps", title_justify="left")
+    for column in ("#", "step", "state", "attempts", "comp. attempts", "started", "finished"):
+        steps.add_column(column)
+    steps.add_column("error / reply", overflow="fold")
+    for st in saga.steps:
+        outcome = st.error or (json.dumps(st.reply, sort_keys=True) if st.reply else "")
+        steps.add_row(
+            str(st.position + 1),
+            st.name,
+            styled(st.status),
+            str(st.attempts),
+            str(st.compensation_attempts),
+            when(st.started_at),
+            when(st.finished_at),
+            outcome,
+        )
+    console.print(steps)
+    history = Table(title="history", title_justify="left")
+    for column in ("at", "event", "step", "by"):
+        history.add_column(column)
+    history.add_column("detail", overflow="fold")
+    for h in saga.history:
+        history.add_row(when(h.at), h.event, h.step or "", h.actor, h.detail or "")
+    console.print(history)
