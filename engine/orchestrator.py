@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from engine._aio import wait_either
 from engine.clock import Clock, utc_now
-from engine.errors import ConcurrencyConflict, DecodeError, SagaError, UnknownSagaError
+from engine.errors import ConcurrencyConflict, DecodeError, UnknownSagaError
 from engine.messages import Envelope, MessageKind, decode
 from engine.registry import SagaRegistry
 from engine.relay import OutboxRelay
@@ -40,6 +40,8 @@ class EngineSettings:
     #: How long a reply for an unknown saga is retried before it is dead-lettered.
     unknown_saga_patience: float = 10.0
     conflict_retries: int = 20
+    #: Pause after an unexpected error (e.g. the database is down) before going on.
+    error_backoff: float = 1.0
 
 
 class Engine:
@@ -144,6 +146,13 @@ class Engine:
                 log.error("dead-lettering reply for saga %s: %s", envelope.saga_id, exc)
                 await delivery.dead_letter(str(exc))
                 return
+            except Exception:
+                # The database (or a bug) failed us: let the broker redeliver, and
+                # back off so a database outage is not a hot loop.
+                log.exception("reply %s not applied, will be redelivered", envelope.message_id)
+                await delivery.nack()
+                await wait_either(self._stop, None, self.settings.error_backoff)
+                return
         self.replies_handled += 1
         await delivery.ack()
 
@@ -195,8 +204,9 @@ class Engine:
                 fired = await self.fire_due_timers()
             except ConcurrencyConflict:
                 continue  # a reply won the race; the timer is re-read next round
-            except SagaError as exc:
-                log.error("timer scan failed: %s", exc)
-                fired = 0
+            except Exception as exc:
+                log.error("timer scan failed, retrying: %s", exc)
+                await wait_either(self._stop, None, self.settings.error_backoff)
+                continue
             if fired < self.settings.timer_batch:
                 await wait_either(self._stop, None, self.settings.timer_interval)

@@ -72,8 +72,13 @@ class OutboxRelay:
             self._wake.clear()
             try:
                 sent = await self.relay_once()
-            except (PublishError, TransportError) as exc:
-                log.warning("outbox publish failed, rows stay pending: %s", exc)
+            except Exception as exc:  # broker or database down: rows stay pending
+                level = (
+                    logging.WARNING
+                    if isinstance(exc, PublishError | TransportError)
+                    else logging.ERROR
+                )
+                log.log(level, "outbox publish failed, rows stay pending: %s", exc)
                 backoff = min(self.max_backoff, max(backoff * 2, 0.1))
                 await wait_either(stop, None, backoff)
                 continue
@@ -81,4 +86,3 @@ class OutboxRelay:
             if sent == self.batch_size:
                 continue  # more are waiting
             await wait_either(stop, self._wake, self.poll_interval)
-

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
@@ -253,6 +254,104 @@ def demo(options: Options, orders: int, seed: int, timeout: float) -> None:
         render.dump_json(stdout, result)
     if not result.ok:
         sys.exit(1)
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+_grace = click.option(
+    "--grace",
+    type=click.FloatRange(min=0),
+    default=30,
+    show_default=True,
+    help="seconds to finish in-flight work after SIGTERM/SIGINT",
+)
+_migrate = click.option(
+    "--migrate/--no-migrate",
+    default=False,
+    show_default=True,
+    help="apply database migrations on start",
+)
+_log_level = click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+)
+_broker = click.option(
+    "--broker-url",
+    metavar="URL",
+    help="kafka://host:9092, amqp://user:pass@host:5672/vhost or memory:// [env SAGA_BROKER_URL]",
+)
+
+
+def _with_broker(options: Options, broker_url: str | None) -> Settings:
+    if not broker_url:
+        return options.settings
+    try:
+        return options.settings.model_copy(update={"broker_url": broker_url})
+    except ValueError as exc:
+        fail(f"bad setting: {exc}")
+    raise AssertionError("unreachable")
+
+
+@cli.command(name="engine")
+@_broker
+@_migrate
+@_grace
+@_log_level
+@pass_options
+def engine_cmd(
+    options: Options, broker_url: str | None, migrate: bool, grace: float, log_level: str
+) -> None:
+    """Run the orchestrator: reply consumer, timer scanner and outbox relay."""
+    from engine.daemon import run_engine
+
+    _logging(log_level)
+    run(run_engine(_with_broker(options, broker_url), migrate=migrate, grace=grace))
+
+
+@cli.command(name="worker")
+@click.argument("name")
+@_broker
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 1000),
+    default=1,
+    show_default=True,
+    help="messages handled at once",
+)
+@_migrate
+@_grace
+@_log_level
+@pass_options
+def worker_cmd(
+    options: Options,
+    name: str,
+    broker_url: str | None,
+    concurrency: int,
+    migrate: bool,
+    grace: float,
+    log_level: str,
+) -> None:
+    """Run participant NAME (inventory, payment, shipment, or module:object)."""
+    from engine.daemon import run_worker
+
+    _logging(log_level)
+    run(
+        run_worker(
+            _with_broker(options, broker_url),
+            name,
+            concurrency=concurrency,
+            migrate=migrate,
+            grace=grace,
+        )
+    )
 
 
 def main() -> None:

@@ -50,7 +50,8 @@ def dump_json(console: Console, value: BaseModel | Sequence[BaseModel] | dict[st
 
 def saga_list(console: Console, sagas: Sequence[SagaSummary]) -> None:
     table = Table(title=f"{len(sagas)} saga(s), newest first", title_justify="left")
-    for column in ("id", "saga", "status", "created", "updated", "error"):
+    table.add_column("id", no_wrap=True)
+    for column in ("saga", "status", "created", "updated", "error"):
         table.add_column(column, overflow="fold")
     for s in sagas:
         table.add_row(
@@ -73,7 +74,9 @@ def saga_detail(console: Console, saga: SagaDetail) -> None:
         console.print(f"[red]error[/] {saga.error}")
     console.print(f"input {json.dumps(saga.input, sort_keys=True)}")
     steps = Table(title="steps", title_justify="left")
-    for column in ("#", "step", "state", "attempts", "comp. attempts", "started", "finished"):
+    for column in ("#", "step", "state"):
+        steps.add_column(column, no_wrap=True)
+    for column in ("attempts", "comp. attempts", "started", "finished"):
         steps.add_column(column)
     steps.add_column("error / reply", overflow="fold")
     for st in saga.steps:
@@ -90,8 +93,9 @@ def saga_detail(console: Console, saga: SagaDetail) -> None:
         )
     console.print(steps)
     history = Table(title="history", title_justify="left")
-    for column in ("at", "event", "step", "by"):
-        history.add_column(column)
+    for column in ("at", "event", "step"):
+        history.add_column(column, no_wrap=True)
+    history.add_column("by")
     history.add_column("detail", overflow="fold")
     for h in saga.history:
         history.add_row(when(h.at), h.event, h.step or "", h.actor, h.detail or "")

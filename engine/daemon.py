@@ -1,0 +1,140 @@
+"""Foreground daemons: the orchestrator (``sagactl engine``) and a participant
+(``sagactl worker NAME``).
+
+Both stop the same way on SIGTERM or SIGINT: stop taking new messages, finish and
+commit what is in flight, close the broker and database, within a grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import signal
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from engine.database import check_schema, create_engine, upgrade
+from engine.errors import ConfigError, SagaError
+from engine.orchestrator import Engine
+from engine.registry import SagaRegistry
+from engine.settings import Settings
+from engine.store.sql import SqlSagaStore
+from engine.topology import Topology
+from engine.transport.base import Transport
+from engine.transport.factory import transport_from_url
+from engine.worker.runner import WorkerRunner
+from engine.worker.worker import Worker
+
+log = logging.getLogger("saga.daemon")
+
+#: Short names of the example participants.
+EXAMPLE_WORKERS = {
+    "inventory": "workers.inventory:worker",
+    "payment": "workers.payment:worker",
+    "shipment": "workers.shipment:worker",
+}
+
+
+def load_worker(spec: str) -> Worker:
+    """``inventory`` (an example) or ``package.module:attribute``."""
+    path = EXAMPLE_WORKERS.get(spec, spec)
+    module_name, sep, attribute = path.partition(":")
+    if not sep or not module_name or not attribute:
+        raise ConfigError(
+            f"unknown worker {spec!r}: use one of {', '.join(EXAMPLE_WORKERS)} or module:object"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"cannot import worker module {module_name!r}: {exc}") from None
+    worker = getattr(module, attribute, None)
+    if not isinstance(worker, Worker):
+        raise ConfigError(f"{path!r} is not a saga-engine Worker")
+    return worker
+
+
+async def _serve(
+    name: str,
+    run: Callable[[], Coroutine[Any, Any, None]],
+    stop: Callable[[], None],
+    grace: float,
+) -> None:
+    """Run until a signal, then give ``run`` ``grace`` seconds to drain."""
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+
+    def on_signal(signum: int) -> None:
+        if stopping.is_set():
+            return
+        log.info("%s: %s received, draining (grace %gs)", name, signal.Signals(signum).name, grace)
+        stopping.set()
+        stop()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    task = asyncio.create_task(run(), name=name)
+    signalled = asyncio.create_task(stopping.wait())
+    try:
+        await asyncio.wait([task, signalled], return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            await asyncio.wait([task], timeout=grace)
+        if not task.done():
+            task.cancel()
+            raise SagaError(f"{name} did not drain within the {grace:g}s grace period")
+        task.result()  # a crash of the daemon's loops surfaces here
+    finally:
+        signalled.cancel()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+    log.info("%s: stopped", name)
+
+
+async def _connect(transport: Transport, url: str) -> None:
+    if url.startswith("memory://"):
+        log.warning(
+            "broker memory:// lives inside this process: separate engine and worker "
+            "processes need kafka:// or amqp://"
+        )
+    await transport.connect()
+
+
+async def run_engine(settings: Settings, *, migrate: bool, grace: float) -> None:
+    registry = SagaRegistry.from_modules(settings.saga_modules)
+    topology = Topology(settings.topic_prefix)
+    database = create_engine(settings.database_url)
+    transport = transport_from_url(settings.broker_url, topology)
+    try:
+        if migrate:
+            await upgrade(database)
+        await check_schema(database)
+        await _connect(transport, settings.broker_url)
+        engine = Engine(SqlSagaStore(database), transport, registry, topology=topology)
+        names = ", ".join(f"{s.name} v{s.version}" for s in registry)
+        log.info("engine %s serving %s", engine.instance_id, names)
+        await _serve("engine", engine.run, engine.stop, grace)
+    finally:
+        await transport.close()
+        await database.dispose()
+
+
+async def run_worker(
+    settings: Settings, spec: str, *, concurrency: int, migrate: bool, grace: float
+) -> None:
+    worker = load_worker(spec)
+    topology = Topology(settings.topic_prefix)
+    database = create_engine(settings.database_url)
+    transport = transport_from_url(settings.broker_url, topology)
+    try:
+        if migrate:
+            await upgrade(database)
+        await check_schema(database)
+        await _connect(transport, settings.broker_url)
+        runner = WorkerRunner(
+            worker, transport, database, topology=topology, concurrency=concurrency
+        )
+        log.info("worker %s consuming %s", worker.name, runner.destination)
+        await _serve(f"worker {worker.name}", runner.run, runner.stop, grace)
+    finally:
+        await transport.close()
+        await database.dispose()
