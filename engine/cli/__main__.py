@@ -1,0 +1,5 @@
+"""``python -m engine.cli``: the same as the ``sagactl`` console script."""
+
+from engine.cli.app import main
+
+main()
