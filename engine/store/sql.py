@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -157,10 +158,16 @@ class SqlStoreTransaction:
                     .values(_step_row(state.id, st))
                 )
         if state.timer != old_timer:
-            if old_timer is not None:
+            if state.timer is None:
                 await self.conn.execute(delete(timers).where(timers.c.saga_id == state.id))
-            if state.timer is not None:
+            elif old_timer is None:
                 await self.conn.execute(insert(timers).values(_timer_row(state.id, state.timer)))
+            else:
+                await self.conn.execute(
+                    update(timers)
+                    .where(timers.c.saga_id == state.id)
+                    .values(_timer_row(state.id, state.timer))
+                )
         self._loaded[state.id] = ({n: astuple(s) for n, s in state.steps.items()}, state.timer)
 
     async def add_outbox(self, messages: Sequence[OutboxMessage]) -> None:
@@ -201,6 +208,15 @@ class SqlStoreTransaction:
         )
 
     async def claim_inbox(self, message_id: str, consumer: str) -> bool:
+        row = {"message_id": message_id, "consumer": consumer, "processed_at": utc_now()}
+        dialect = self.conn.dialect.name
+        if dialect in ("postgresql", "sqlite"):
+            # One round trip; a concurrent claim waits on the key and then does nothing.
+            module = postgresql if dialect == "postgresql" else sqlite
+            result = await self.conn.execute(
+                module.insert(inbox).values(row).on_conflict_do_nothing()
+            )
+            return bool(result.rowcount == 1)
         seen = await self.conn.execute(
             select(inbox.c.message_id).where(inbox.c.message_id == message_id)
         )
@@ -208,11 +224,7 @@ class SqlStoreTransaction:
             return False
         try:
             async with self.conn.begin_nested():
-                await self.conn.execute(
-                    insert(inbox).values(
-                        message_id=message_id, consumer=consumer, processed_at=utc_now()
-                    )
-                )
+                await self.conn.execute(insert(inbox).values(row))
         except IntegrityError:
             return False  # a concurrent transaction claimed it between our read and write
         return True
