@@ -1,0 +1,142 @@
+"""compose.yaml stays valid for `docker compose`.
+
+No Docker here, so the file is loaded by tests/compose_check, a small Go program
+on compose-go: the library `docker compose` uses to load, validate (against the
+compose-spec schema) and interpolate compose files. The checks run on the
+resolved project it prints as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE_FILE = ROOT / "compose.yaml"
+CHECKER = ROOT / "tests" / "compose_check"
+
+INFRA = {"postgres", "kafka", "rabbitmq"}
+SAGA = {"engine", "inventory", "payment", "shipment"}
+RABBITMQ_URL = "amqp://saga:saga@rabbitmq:5672/"
+BROKER_URL = {"kafka": "kafka://kafka:9092", "rabbitmq": RABBITMQ_URL}
+
+
+def run_checker(
+    compose_file: Path, profile: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    go = shutil.which("go")
+    if go is None:
+        pytest.fail(
+            "the Go toolchain (`go`, >= 1.24) is not on PATH: tests/test_compose.py needs it "
+            "to validate compose.yaml with compose-go (tests/compose_check)",
+            pytrace=False,
+        )
+    # Hermetic: only what the test sets reaches interpolation; no local .env.
+    run_env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("COMPOSE_") and k != "SAGA_BROKER_URL"
+    }
+    run_env["COMPOSE_DISABLE_ENV_FILE"] = "1"
+    run_env.update(env or {})
+    # The checker is its own Go module, so `go -C` into it; the file path is absolute.
+    return subprocess.run(
+        [go, "-C", str(CHECKER), "run", ".", "-profile", profile, str(compose_file.resolve())],
+        cwd=ROOT,
+        env=run_env,
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+
+
+def load(profile: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    result = run_checker(COMPOSE_FILE, profile, env)
+    assert result.returncode == 0, (
+        f"compose-go rejected compose.yaml (profile {profile}):\n{result.stderr}"
+    )
+    project: dict[str, Any] = json.loads(result.stdout)
+    return project
+
+
+@pytest.fixture(scope="module")
+def projects() -> dict[str, dict[str, Any]]:
+    return {
+        "kafka": load("kafka"),
+        "rabbitmq": load("rabbitmq", {"SAGA_BROKER_URL": RABBITMQ_URL}),
+    }
+
+
+@pytest.mark.parametrize("profile", ["kafka", "rabbitmq"])
+def test_services_per_profile(projects: dict[str, dict[str, Any]], profile: str) -> None:
+    services = set(projects[profile]["services"])
+    assert services == {"postgres", profile, "migrate"} | SAGA
+
+
+@pytest.mark.parametrize("profile", ["kafka", "rabbitmq"])
+def test_broker_url_resolves_per_profile(projects: dict[str, dict[str, Any]], profile: str) -> None:
+    services = projects[profile]["services"]
+    for name in SAGA | {"migrate"}:
+        env = services[name]["environment"]
+        assert env["SAGA_BROKER_URL"] == BROKER_URL[profile], name
+        assert env["SAGA_DATABASE_URL"] == "postgresql://saga:saga@postgres:5432/saga", name
+
+
+@pytest.mark.parametrize("profile", ["kafka", "rabbitmq"])
+def test_infrastructure_has_healthchecks(projects: dict[str, dict[str, Any]], profile: str) -> None:
+    services = projects[profile]["services"]
+    for name in INFRA & set(services):
+        check = services[name].get("healthcheck")
+        assert check, f"{name} has no healthcheck"
+        assert not check.get("disable"), name
+        assert check["test"][0] in ("CMD", "CMD-SHELL"), name
+
+
+@pytest.mark.parametrize("profile", ["kafka", "rabbitmq"])
+def test_engine_and_workers_wait_for_migrate_and_database(
+    projects: dict[str, dict[str, Any]], profile: str
+) -> None:
+    services = projects[profile]["services"]
+    for name in SAGA:
+        deps = services[name]["depends_on"]
+        assert deps["migrate"] == {
+            "condition": "service_completed_successfully",
+            "required": True,
+        }, name
+        assert deps["postgres"] == {"condition": "service_healthy", "required": True}, name
+        assert deps[profile]["condition"] == "service_healthy", name
+    migrate = services["migrate"]
+    assert migrate["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert migrate["restart"] == "no"
+
+
+@pytest.mark.parametrize("profile", ["kafka", "rabbitmq"])
+def test_ports_bind_loopback_only(projects: dict[str, dict[str, Any]], profile: str) -> None:
+    services = projects[profile]["services"]
+    published = {}
+    for name, service in services.items():
+        assert service.get("network_mode") != "host", name
+        for port in service.get("ports", []):
+            assert port.get("host_ip") == "127.0.0.1", (name, port)
+            published[port["published"]] = name
+    assert published["5432"] == "postgres"
+    assert set(published) - {"5432"} == ({"9092"} if profile == "kafka" else {"5672", "15672"})
+
+
+def test_invalid_compose_file_is_rejected(tmp_path: Path) -> None:
+    text = COMPOSE_FILE.read_text()
+    anchor = "  postgres:\n    image: postgres:16\n"
+    assert anchor in text
+    broken = tmp_path / "compose.yaml"
+    broken.write_text(text.replace(anchor, anchor + "    healthcheck_retries: 3\n", 1))
+
+    result = run_checker(broken, "kafka")
+
+    assert result.returncode != 0, result.stdout[:2000]
+    assert "healthcheck_retries" in result.stderr
