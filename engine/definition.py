@@ -126,9 +126,9 @@ class Saga:
         index: dict[str, int] = {}
         pivot: str | None = None
         for position, step in enumerate(self.steps):
-            where = f"saga {self.name!r} step {step.name!r}"
             if not isinstance(step, Step):
                 raise DefinitionError(f"saga {self.name!r}: steps must be Step objects")
+            where = f"saga {self.name!r} step {step.name!r}"
             if not _NAME.match(step.name):
                 raise DefinitionError(
                     f"{where}: name must be lowercase letters, digits, '_', '.', '-'"

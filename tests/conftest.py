@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from engine.database import create_engine, upgrade
+from engine.store.sql import SqlSagaStore
+from tests.helpers import EmbeddedSystem
+
+
+@pytest.fixture
+async def db(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
+    """A temp SQLite database migrated to head by the Alembic migrations."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'saga.db'}")
+    await upgrade(engine)
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture
+def store(db: AsyncEngine) -> SqlSagaStore:
+    return SqlSagaStore(db)
+
+
+@pytest.fixture
+async def system(tmp_path: Path) -> AsyncIterator[EmbeddedSystem]:
+    """Engine and the three example workers running on SQLite + MemoryBroker."""
+    async with EmbeddedSystem(tmp_path / "system.db") as running:
+        yield running

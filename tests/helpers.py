@@ -1,0 +1,442 @@
+"""Shared test machinery: an embedded engine + workers, chaos transports, polling.
+
+Everything here runs in one event loop on a temp SQLite file and a MemoryBroker, with
+short engine intervals; waiting is always polling against a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
+from datetime import timedelta
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from engine.client import SagaClient
+from engine.database import create_engine, upgrade
+from engine.definition import RetryPolicy, Saga
+from engine.messages import Envelope, MessageKind, decode
+from engine.orchestrator import Engine, EngineSettings
+from engine.registry import SagaRegistry
+from engine.relay import OutboxRelay
+from engine.states import SagaStatus
+from engine.store.sql import SqlSagaStore
+from engine.topology import Topology
+from engine.transport.base import Message, Subscription, Transport
+from engine.transport.memory import MemoryBroker, MemoryTransport
+from engine.views import SagaDetail
+from engine.worker.runner import WorkerRunner
+from engine.worker.worker import Registration, Worker
+from sagas.order import place_order
+from workers import inventory, ledger, payment, shipment
+
+EXAMPLE_WORKERS: dict[str, Worker] = {
+    "inventory": inventory.worker,
+    "payment": payment.worker,
+    "shipment": shipment.worker,
+}
+
+DEFAULT_STOCK = {"A": 1000, "SCARCE": 0}
+DEFAULT_BALANCES = {"alice": 10_000_000, "poor": 0}
+
+#: The order saga with retries fast enough for tests (same steps, commands, names).
+FAST_RETRY = RetryPolicy(max_attempts=4, initial_backoff=0.01, max_backoff=0.05, jitter=0.5)
+FAST_COMPENSATION_RETRY = RetryPolicy(
+    max_attempts=20, initial_backoff=0.01, max_backoff=0.1, jitter=0.5
+)
+
+
+def fast_order_saga(timeout: float = 30.0) -> Saga:
+    return Saga(
+        name=place_order.name,
+        version=place_order.version,
+        input=place_order.input,
+        steps=[
+            replace(
+                step,
+                retry=FAST_RETRY,
+                compensation_retry=FAST_COMPENSATION_RETRY,
+                timeout=timedelta(seconds=timeout),
+            )
+            for step in place_order.steps
+        ],
+    )
+
+
+ORDER_STEPS = [s.name for s in place_order.steps]
+
+
+def order_input(fail_at: str | None = None, **overrides: Any) -> dict[str, Any]:
+    """An order that succeeds, or fails for a business reason at step ``fail_at``."""
+    data: dict[str, Any] = {
+        "customer_id": "alice",
+        "sku": "A",
+        "quantity": 2,
+        "amount_cents": 1250,
+        "address": "1 Main St",
+    }
+    if fail_at == "reserve_inventory":
+        data["sku"] = "SCARCE"
+    elif fail_at == "charge_payment":
+        data["customer_id"] = "poor"
+    elif fail_at == "create_shipment":
+        data["address"] = "nowhere"
+    elif fail_at is not None:
+        raise ValueError(fail_at)
+    data.update(overrides)
+    return data
+
+
+async def wait_until(
+    predicate: Callable[[], Awaitable[bool]],
+    timeout: float,
+    what: str,
+    *,
+    interval: float = 0.01,
+    check: Callable[[], None] | None = None,
+) -> None:
+    """Poll ``predicate`` until true; fail with ``what`` after ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        if check is not None:
+            check()
+        if await predicate():
+            return
+        if loop.time() >= deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+def settled(status: SagaStatus) -> bool:
+    return status.is_terminal or status is SagaStatus.PARKED
+
+
+def envelopes(messages: Iterable[Message]) -> list[Envelope]:
+    return [decode(m.body) for m in messages]
+
+
+# -- chaos ---------------------------------------------------------------------------
+
+
+class ChaosTransport:
+    """A transport that duplicates, delays (hence reorders) and refuses publishes.
+
+    Duplicates keep the message id, like a broker redelivering or a producer retrying.
+    A refused publish raises TransportError, as a broker without confirmation would.
+    Delayed messages are published later by a background task; ``flush`` waits for them.
+    """
+
+    def __init__(
+        self,
+        inner: Transport,
+        rng: random.Random,
+        *,
+        duplicate: float = 0.0,
+        delay: float = 0.0,
+        max_delay: float = 0.1,
+        refuse: float = 0.0,
+    ) -> None:
+        self.inner = inner
+        self.rng = rng
+        self.duplicate = duplicate
+        self.delay = delay
+        self.max_delay = max_delay
+        self.refuse = refuse
+        self.pending: set[asyncio.Task[None]] = set()
+        self.duplicated = 0
+        self.delayed = 0
+        self.refused = 0
+
+    async def connect(self) -> None:
+        await self.inner.connect()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    async def publish(self, messages: Sequence[Message]) -> None:
+        from engine.errors import TransportError
+
+        if messages and self.rng.random() < self.refuse:
+            self.refused += 1
+            raise TransportError("chaos: broker refused the publish")
+        now: list[Message] = []
+        for message in messages:
+            copies = 2 if self.rng.random() < self.duplicate else 1
+            self.duplicated += copies - 1
+            for _ in range(copies):
+                if self.rng.random() < self.delay:
+                    self.delayed += 1
+                    self._later(message, self.rng.uniform(0, self.max_delay))
+                else:
+                    now.append(message)
+        if now:
+            await self.inner.publish(now)
+
+    def _later(self, message: Message, seconds: float) -> None:
+        async def go() -> None:
+            await asyncio.sleep(seconds)
+            await self.inner.publish([message])
+
+        task = asyncio.create_task(go())
+        self.pending.add(task)
+        task.add_done_callback(self.pending.discard)
+
+    async def subscribe(self, destination: str, *, group: str) -> Subscription:
+        return await self.inner.subscribe(destination, group=group)
+
+
+def flaky_worker(worker: Worker, rng: random.Random, error_rate: float) -> Worker:
+    """A copy of ``worker`` whose handlers raise (after their writes) at ``error_rate``.
+
+    The raise happens inside the worker's transaction, so the writes roll back and the
+    runtime replies a transient error: the engine must retry.
+    """
+    copy = Worker(worker.name)
+    for key, reg in worker.handlers.items():
+
+        def wrap(reg: Registration) -> Registration:
+            async def handler(command: Any, context: Any) -> Any:
+                result = await reg.handler(command, context)
+                if rng.random() < error_rate:
+                    raise RuntimeError(f"chaos: {reg.name} crashed after its writes")
+                return result
+
+            return Registration(reg.name, reg.kind, reg.model, handler)
+
+        copy.handlers[key] = wrap(reg)
+    return copy
+
+
+# -- the embedded system ---------------------------------------------------------------
+
+TransportFactory = Callable[[MemoryBroker, str], Transport]
+
+
+def memory_transport(broker: MemoryBroker, role: str) -> Transport:
+    return MemoryTransport(broker)
+
+
+class EmbeddedSystem:
+    """Engine + workers on one temp SQLite file and one MemoryBroker.
+
+    ``async with EmbeddedSystem(path) as system:`` migrates and seeds the database,
+    then starts the engine and the workers named in ``run_workers``. The engine can be
+    stopped (or crashed by cancelling its task) and restarted over the same database
+    and broker; workers can be started later than the engine.
+    """
+
+    def __init__(
+        self,
+        db_path: Path,
+        *,
+        sagas: Sequence[Saga] = (place_order,),
+        workers: Mapping[str, Worker] | None = None,
+        run_workers: Iterable[str] | None = None,
+        stock: Mapping[str, int] = DEFAULT_STOCK,
+        balances: Mapping[str, int] = DEFAULT_BALANCES,
+        transport_factory: TransportFactory = memory_transport,
+        settings: EngineSettings | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.db_path = db_path
+        self.registry = SagaRegistry(sagas)
+        self.workers = dict(EXAMPLE_WORKERS if workers is None else workers)
+        self.initial_workers = list(self.workers if run_workers is None else run_workers)
+        self.stock = stock
+        self.balances = balances
+        self.transport_factory = transport_factory
+        self.settings = settings or EngineSettings(timer_interval=0.02, unknown_saga_patience=0.5)
+        self.rng = random.Random(seed)
+        self.topology = Topology()
+        self.broker = MemoryBroker(dead_letters=self.topology.dead_letters)
+        self.db: AsyncEngine = create_engine(f"sqlite:///{db_path}")
+        self.store = SqlSagaStore(self.db)
+        self.client = SagaClient(self.store, self.registry, on_commit=self._wake)
+        self.engine: Engine | None = None
+        self.engine_task: asyncio.Task[None] | None = None
+        self.engine_transport: Transport | None = None
+        self.engines_started = 0
+        self.runners: dict[str, tuple[WorkerRunner, asyncio.Task[None]]] = {}
+        self.transports: list[Transport] = []
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def __aenter__(self) -> EmbeddedSystem:
+        await upgrade(self.db)
+        await ledger.seed(self.db, stock_by_sku=self.stock, balances=self.balances)
+        try:
+            await self.start_engine()
+            for name in self.initial_workers:
+                await self.start_worker(name)
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        errors: list[BaseException] = []
+        if self.engine is not None:
+            errors += await self._stop_engine(crash=False)
+        for name in list(self.runners):
+            errors += await self._stop_worker(name)
+        for transport in self.transports:
+            pending = getattr(transport, "pending", set())
+            for task in list(pending):
+                task.cancel()
+            await transport.close()
+        await self.db.dispose()
+        if errors:
+            raise errors[0]
+
+    def _wake(self) -> None:
+        if self.engine is not None:
+            self.engine.relay.wake()
+
+    async def _transport(self, role: str) -> Transport:
+        transport = self.transport_factory(self.broker, role)
+        await transport.connect()
+        self.transports.append(transport)
+        return transport
+
+    async def start_engine(self) -> Engine:
+        assert self.engine is None, "an engine is already running"
+        transport = await self._transport("engine")
+        self.engines_started += 1
+        engine = Engine(
+            self.store,
+            transport,
+            self.registry,
+            topology=self.topology,
+            settings=self.settings,
+            relay=OutboxRelay(self.store, transport, poll_interval=0.01),
+            rng=random.Random(self.rng.random()),
+            instance_id=f"test-engine-{self.engines_started}",
+        )
+        self.engine = engine
+        self.engine_transport = transport
+        self.engine_task = asyncio.create_task(engine.run(), name="test-engine")
+        return engine
+
+    async def _stop_engine(self, *, crash: bool) -> list[BaseException]:
+        assert self.engine is not None and self.engine_task is not None
+        engine, task = self.engine, self.engine_task
+        self.engine = self.engine_task = None
+        if crash:
+            task.cancel()
+        else:
+            engine.stop()
+        result = await asyncio.gather(task, return_exceptions=True)
+        return [r for r in result if isinstance(r, BaseException) and not _cancelled(r)]
+
+    async def stop_engine(self, *, crash: bool = False) -> None:
+        errors = await self._stop_engine(crash=crash)
+        if errors:
+            raise errors[0]
+
+    async def restart_engine(self, *, crash: bool = False) -> Engine:
+        await self.stop_engine(crash=crash)
+        return await self.start_engine()
+
+    async def start_worker(self, name: str) -> WorkerRunner:
+        assert name not in self.runners, f"worker {name} already runs"
+        transport = await self._transport(f"worker-{name}")
+        runner = WorkerRunner(self.workers[name], transport, self.db, topology=self.topology)
+        self.runners[name] = (runner, asyncio.create_task(runner.run(), name=f"test-{name}"))
+        return runner
+
+    async def _stop_worker(self, name: str) -> list[BaseException]:
+        runner, task = self.runners.pop(name)
+        runner.stop()
+        result = await asyncio.gather(task, return_exceptions=True)
+        return [r for r in result if isinstance(r, BaseException) and not _cancelled(r)]
+
+    async def stop_worker(self, name: str) -> None:
+        errors = await self._stop_worker(name)
+        if errors:
+            raise errors[0]
+
+    def check_tasks(self) -> None:
+        """Raise the error of an engine or worker task that died."""
+        tasks = [self.engine_task] if self.engine_task is not None else []
+        tasks += [task for _, task in self.runners.values()]
+        for task in tasks:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+
+    # -- sagas ---------------------------------------------------------------------
+
+    async def start_order(self, fail_at: str | None = None, **overrides: Any) -> str:
+        return await self.client.start("place_order", order_input(fail_at, **overrides))
+
+    async def wait_for(
+        self, predicate: Callable[[], Awaitable[bool]], timeout: float, what: str
+    ) -> None:
+        await wait_until(predicate, timeout, what, check=self.check_tasks)
+
+    async def wait_status(
+        self, saga_id: str, accept: Callable[[SagaDetail], bool], timeout: float, what: str
+    ) -> SagaDetail:
+        found: list[SagaDetail] = []
+
+        async def ready() -> bool:
+            detail = await self.client.get(saga_id)
+            found[:] = [detail]
+            return accept(detail)
+
+        await self.wait_for(ready, timeout, what)
+        return found[0]
+
+    async def wait_all_terminal(
+        self, timeout: float, saga_ids: Sequence[str] | None = None
+    ) -> dict[str, SagaDetail]:
+        """Wait until every saga (or the given ones) is COMPLETED, COMPENSATED or PARKED."""
+
+        async def done() -> bool:
+            sagas = await self.store.list_sagas(limit=100_000)
+            wanted = {s.id: s.status for s in sagas}
+            ids = saga_ids if saga_ids is not None else list(wanted)
+            return all(i in wanted and settled(wanted[i]) for i in ids)
+
+        await self.wait_for(done, timeout, "every saga to settle")
+        sagas = await self.store.list_sagas(limit=100_000)
+        ids = saga_ids if saga_ids is not None else [s.id for s in sagas]
+        return {i: await self.client.get(i) for i in ids}
+
+    async def totals(self) -> ledger.LedgerTotals:
+        return await ledger.totals(self.db)
+
+    async def effects(self) -> dict[str, ledger.OrderEffect]:
+        return await ledger.effects(self.db)
+
+    def dead_letters(self) -> list[Message]:
+        return self.broker.drain(self.topology.dead_letters)
+
+    def command_envelopes(self, participant: str) -> list[Envelope]:
+        """Drain the commands waiting for ``participant`` (its worker must be stopped)."""
+        return envelopes(self.broker.drain(self.topology.commands(participant)))
+
+
+def _cancelled(exc: BaseException) -> bool:
+    return isinstance(exc, asyncio.CancelledError)
+
+
+def history_events(detail: SagaDetail, event: str) -> list[str | None]:
+    return [h.step for h in detail.history if h.event == event]
+
+
+def kinds(messages: Iterable[Envelope]) -> list[tuple[str, MessageKind, int]]:
+    return [(m.step, m.kind, m.attempt) for m in messages]

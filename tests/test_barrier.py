@@ -1,0 +1,467 @@
+"""The participant barrier, through the real worker runtime on SQLite."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from engine.errors import BusinessFailure
+from engine.messages import Envelope, MessageKind, Outcome, encode
+from engine.store.schema import barrier
+from engine.topology import Topology
+from engine.transport.base import Message
+from engine.transport.memory import MemoryBroker, MemoryTransport
+from engine.worker.barrier import REFUSED
+from engine.worker.runner import WorkerRunner
+from engine.worker.worker import HandlerContext, Registration, Worker
+from sagas.order import ChargePayment
+from tests.helpers import envelopes, wait_until
+from workers import inventory, ledger, payment
+
+TOPOLOGY = Topology()
+
+
+@dataclass
+class FakeDelivery:
+    """A delivery that records how the runner settled it."""
+
+    message: Message
+    redelivered: bool = False
+    settled: list[str] = field(default_factory=list)
+
+    async def ack(self) -> None:
+        self.settled.append("ack")
+
+    async def nack(self) -> None:
+        self.settled.append("nack")
+
+    async def dead_letter(self, reason: str) -> None:
+        self.settled.append(f"dead_letter: {reason}")
+
+
+def counting(worker: Worker) -> tuple[Worker, Counter[str]]:
+    """A copy of ``worker`` that counts how often each handler body really runs."""
+    calls: Counter[str] = Counter()
+    copy = Worker(worker.name)
+    for key, reg in worker.handlers.items():
+
+        def wrap(reg: Registration) -> Registration:
+            async def handler(command: Any, context: HandlerContext) -> Any:
+                calls[reg.name] += 1
+                return await reg.handler(command, context)
+
+            return Registration(reg.name, reg.kind, reg.model, handler)
+
+        copy.handlers[key] = wrap(reg)
+    return copy, calls
+
+
+class Participant:
+    def __init__(self, worker: Worker, db: AsyncEngine, broker: MemoryBroker) -> None:
+        self.db = db
+        self.broker = broker
+        self.transport = MemoryTransport(broker)
+        self.runner = WorkerRunner(worker, self.transport, db, topology=TOPOLOGY)
+
+    async def deliver(self, envelope: Envelope) -> tuple[list[str], list[Envelope]]:
+        """Hand one delivery to the runner; return how it settled and the replies sent."""
+        delivery = FakeDelivery(
+            Message(TOPOLOGY.commands(self.runner.worker.name), envelope.saga_id, encode(envelope))
+        )
+        await self.runner.handle_delivery(delivery)
+        return delivery.settled, envelopes(self.broker.drain(TOPOLOGY.replies))
+
+    async def one_reply(self, envelope: Envelope) -> Envelope:
+        settled, replies = await self.deliver(envelope)
+        assert settled == ["ack"]
+        assert len(replies) == 1
+        return replies[0]
+
+    async def barrier_rows(self) -> list[dict[str, Any]]:
+        async with self.db.connect() as conn:
+            rows = await conn.execute(select(barrier).order_by(barrier.c.saga_id, barrier.c.op))
+            return [dict(r._mapping) for r in rows]
+
+
+@pytest.fixture
+async def seeded(db: AsyncEngine) -> AsyncEngine:
+    await ledger.seed(db, stock_by_sku={"A": 10}, balances={"alice": 5000, "poor": 100})
+    return db
+
+
+@pytest.fixture
+async def broker() -> MemoryBroker:
+    return MemoryBroker()
+
+
+async def participant(worker: Worker, db: AsyncEngine, broker: MemoryBroker) -> Participant:
+    p = Participant(worker, db, broker)
+    await p.transport.connect()
+    return p
+
+
+@pytest.fixture
+async def pay(seeded: AsyncEngine, broker: MemoryBroker) -> AsyncIterator[Participant]:
+    p = await participant(payment.worker, seeded, broker)
+    yield p
+    await p.transport.close()
+
+
+def charge(
+    saga_id: str = "o1", attempt: int = 1, customer: str = "alice", amount: int = 700
+) -> Envelope:
+    return Envelope(
+        saga_id=saga_id,
+        saga_name="place_order",
+        saga_version=1,
+        step="charge_payment",
+        kind=MessageKind.COMMAND,
+        name="charge_payment",
+        attempt=attempt,
+        payload={"order_id": saga_id, "customer_id": customer, "amount_cents": amount},
+        headers={"traceparent": "00-" + "a" * 32 + "-" + "b" * 16 + "-01"},
+    )
+
+
+def refund(saga_id: str = "o1", attempt: int = 1) -> Envelope:
+    return Envelope(
+        saga_id=saga_id,
+        saga_name="place_order",
+        saga_version=1,
+        step="charge_payment",
+        kind=MessageKind.COMPENSATION,
+        name="refund_payment",
+        attempt=attempt,
+        payload={"order_id": saga_id},
+    )
+
+
+async def balance(db: AsyncEngine, customer: str = "alice") -> int:
+    async with db.connect() as conn:
+        value = await conn.scalar(
+            select(payment.accounts.c.balance_cents).where(
+                payment.accounts.c.customer_id == customer
+            )
+        )
+    assert value is not None
+    return int(value)
+
+
+async def ledger_rows(db: AsyncEngine) -> list[tuple[str, str, int]]:
+    async with db.connect() as conn:
+        rows = await conn.execute(
+            select(
+                payment.ledger.c.order_id, payment.ledger.c.kind, payment.ledger.c.amount_cents
+            ).order_by(payment.ledger.c.id)
+        )
+        return [tuple(r) for r in rows]  # type: ignore[misc]
+
+
+# -- duplicates ------------------------------------------------------------------------
+
+
+async def test_duplicate_command_runs_the_effect_once_and_replies_the_same(
+    seeded: AsyncEngine, broker: MemoryBroker
+) -> None:
+    worker, calls = counting(payment.worker)
+    p = await participant(worker, seeded, broker)
+    first = await p.one_reply(charge())
+    second = await p.one_reply(charge())
+    assert first.outcome is Outcome.SUCCESS
+    assert (second.outcome, second.payload, second.error) == (
+        first.outcome,
+        first.payload,
+        first.error,
+    )
+    assert first.payload["amount_cents"] == 700
+    assert calls["charge_payment"] == 1
+    assert await ledger_rows(seeded) == [("o1", "charge", 700)]
+    assert await balance(seeded) == 5000 - 700
+    (row,) = await p.barrier_rows()
+    assert (row["participant"], row["saga_id"], row["step"], row["op"]) == (
+        "payment",
+        "o1",
+        "charge_payment",
+        "action",
+    )
+    assert (row["origin"], row["outcome"], row["reply"]) == ("command", "success", first.payload)
+
+
+async def test_redelivered_command_with_a_new_attempt_gets_the_stored_outcome_for_that_attempt(
+    pay: Participant,
+) -> None:
+    await pay.one_reply(charge(attempt=1))
+    again = await pay.one_reply(charge(attempt=2))
+    assert (again.outcome, again.attempt) == (Outcome.SUCCESS, 2)
+    assert await ledger_rows(pay.db) == [("o1", "charge", 700)]
+
+
+async def test_reply_carries_the_command_token_and_trace_headers(pay: Participant) -> None:
+    command = charge(attempt=3)
+    reply = await pay.one_reply(command)
+    assert (reply.kind, reply.in_reply_to, reply.step, reply.attempt) == (
+        MessageKind.REPLY,
+        MessageKind.COMMAND,
+        "charge_payment",
+        3,
+    )
+    assert reply.causation_id == command.message_id
+    assert reply.headers == command.headers
+
+
+async def test_duplicate_compensation_undoes_once(pay: Participant) -> None:
+    await pay.one_reply(charge())
+    first = await pay.one_reply(refund())
+    second = await pay.one_reply(refund(attempt=2))
+    assert first.outcome is second.outcome is Outcome.SUCCESS
+    assert await ledger_rows(pay.db) == [("o1", "charge", 700), ("o1", "refund", 700)]
+    assert await balance(pay.db) == 5000
+    assert [(r["op"], r["origin"], r["outcome"]) for r in await pay.barrier_rows()] == [
+        ("action", "command", "success"),
+        ("compensation", "compensation", "success"),
+    ]
+
+
+# -- null compensation and hanging action -----------------------------------------------
+
+
+async def test_compensation_before_its_action_succeeds_without_effect_and_blocks_it(
+    seeded: AsyncEngine, broker: MemoryBroker
+) -> None:
+    worker, calls = counting(payment.worker)
+    p = await participant(worker, seeded, broker)
+    undo = await p.one_reply(refund())
+    assert (undo.outcome, undo.in_reply_to) == (Outcome.SUCCESS, MessageKind.COMPENSATION)
+    assert calls["refund_payment"] == 0
+    rows = await p.barrier_rows()
+    assert [(r["op"], r["origin"], r["outcome"]) for r in rows] == [
+        ("action", "compensation", "skipped"),
+        ("compensation", "compensation", "success"),
+    ]
+
+    late = await p.one_reply(charge())
+    assert late.outcome is Outcome.FAILURE
+    assert late.error == REFUSED
+    assert "refused" in late.error
+    assert calls["charge_payment"] == 0
+    assert await ledger_rows(seeded) == []
+    assert await balance(seeded) == 5000
+    # Refused again on every redelivery; the null compensation stays a success.
+    assert (await p.one_reply(charge(attempt=2))).error == REFUSED
+    assert (await p.one_reply(refund(attempt=2))).outcome is Outcome.SUCCESS
+
+
+# -- business failures -----------------------------------------------------------------
+
+
+async def test_business_failure_rolls_back_the_handlers_writes_but_records_the_outcome(
+    seeded: AsyncEngine, broker: MemoryBroker
+) -> None:
+    worker = Worker("inventory")
+    calls: Counter[str] = Counter()
+
+    @worker.command("reserve_inventory")
+    async def reserve(cmd: dict[str, Any], ctx: HandlerContext) -> None:
+        calls["reserve"] += 1
+        await ctx.session.execute(
+            inventory.stock.insert().values(sku="WRITTEN", available=1, received=1)
+        )
+        await ctx.session.execute(
+            inventory.stock.update().where(inventory.stock.c.sku == "A").values(available=0)
+        )
+        raise BusinessFailure("nothing left after all")
+
+    p = await participant(worker, seeded, broker)
+    envelope = Envelope(
+        saga_id="o2",
+        saga_name="place_order",
+        saga_version=1,
+        step="reserve_inventory",
+        kind=MessageKind.COMMAND,
+        name="reserve_inventory",
+        attempt=1,
+        payload={"order_id": "o2", "sku": "A", "quantity": 1},
+    )
+    reply = await p.one_reply(envelope)
+    assert (reply.outcome, reply.error) == (Outcome.FAILURE, "nothing left after all")
+    async with seeded.connect() as conn:
+        skus = dict(
+            (await conn.execute(select(inventory.stock.c.sku, inventory.stock.c.available))).all()
+        )
+    assert skus == {"A": 10}
+    (row,) = await p.barrier_rows()
+    assert (row["op"], row["outcome"], row["error"]) == (
+        "action",
+        "failure",
+        "nothing left after all",
+    )
+    again = await p.one_reply(envelope.model_copy(update={"attempt": 2}))
+    assert (again.outcome, again.error) == (Outcome.FAILURE, "nothing left after all")
+    assert calls["reserve"] == 1
+
+
+async def test_real_business_failure_leaves_the_books_alone(pay: Participant) -> None:
+    reply = await pay.one_reply(charge(customer="poor", amount=500))
+    assert reply.outcome is Outcome.FAILURE
+    assert reply.error is not None and reply.error.startswith("insufficient funds: poor has 100")
+    assert await ledger_rows(pay.db) == []
+    assert await balance(pay.db, "poor") == 100
+
+
+async def test_compensation_of_a_failed_action_is_a_no_op_success(
+    seeded: AsyncEngine, broker: MemoryBroker
+) -> None:
+    worker, calls = counting(payment.worker)
+    p = await participant(worker, seeded, broker)
+    assert (await p.one_reply(charge(customer="poor", amount=500))).outcome is Outcome.FAILURE
+    undo = await p.one_reply(refund())
+    assert undo.outcome is Outcome.SUCCESS
+    assert calls == Counter({"charge_payment": 1})
+    assert await ledger_rows(seeded) == []
+    assert [(r["op"], r["outcome"]) for r in await p.barrier_rows()] == [
+        ("action", "failure"),
+        ("compensation", "success"),
+    ]
+
+
+async def test_invalid_payload_is_a_recorded_business_failure(pay: Participant) -> None:
+    bad = charge().model_copy(update={"payload": {"order_id": "o1"}})
+    reply = await pay.one_reply(bad)
+    assert reply.outcome is Outcome.FAILURE
+    assert reply.error is not None and reply.error.startswith("invalid charge_payment payload:")
+    assert [(r["op"], r["outcome"]) for r in await pay.barrier_rows()] == [("action", "failure")]
+
+
+async def test_compensation_that_fails_is_not_recorded_and_runs_again(
+    seeded: AsyncEngine, broker: MemoryBroker
+) -> None:
+    worker = Worker("payment")
+    attempts: list[int] = []
+    worker.handlers.update(
+        {k: v for k, v in payment.worker.handlers.items() if k[0] is MessageKind.COMMAND}
+    )
+
+    @worker.compensation("refund_payment")
+    async def refund_handler(cmd: dict[str, Any], ctx: HandlerContext) -> None:
+        attempts.append(ctx.attempt)
+        if ctx.attempt == 1:
+            raise BusinessFailure("bank closed")
+
+    p = await participant(worker, seeded, broker)
+    await p.one_reply(charge())
+    first = await p.one_reply(refund(attempt=1))
+    assert (first.outcome, first.error) == (Outcome.FAILURE, "bank closed")
+    second = await p.one_reply(refund(attempt=2))
+    assert second.outcome is Outcome.SUCCESS
+    assert attempts == [1, 2]
+    assert [r["op"] for r in await p.barrier_rows()] == ["action", "compensation"]
+
+
+# -- transient errors --------------------------------------------------------------------
+
+
+async def test_plain_exception_leaves_no_barrier_row_and_a_retry_runs_the_effect(
+    seeded: AsyncEngine, broker: MemoryBroker
+) -> None:
+    worker = Worker("payment")
+    failures = [True]
+
+    @worker.command("charge_payment")
+    async def flaky(cmd: ChargePayment, ctx: HandlerContext) -> payment.Charged:
+        result = await payment.charge(cmd, ctx)  # writes, then...
+        if failures:
+            failures.pop()
+            raise ConnectionError("card network unreachable")
+        return result
+
+    p = await participant(worker, seeded, broker)
+    settled, replies = await p.deliver(charge(attempt=1))
+    assert settled == ["ack"]
+    (reply,) = replies
+    assert reply.outcome is Outcome.ERROR
+    assert reply.error == "ConnectionError: card network unreachable"
+    assert await p.barrier_rows() == []
+    assert await ledger_rows(seeded) == []
+    assert await balance(seeded) == 5000
+
+    retry = await p.one_reply(charge(attempt=2))
+    assert (retry.outcome, retry.attempt) == (Outcome.SUCCESS, 2)
+    assert await ledger_rows(seeded) == [("o1", "charge", 700)]
+    assert await balance(seeded) == 4300
+    assert [(r["op"], r["outcome"]) for r in await p.barrier_rows()] == [("action", "success")]
+
+
+async def test_reply_that_cannot_be_sent_is_nacked_and_resent_without_a_second_effect(
+    seeded: AsyncEngine, broker: MemoryBroker
+) -> None:
+    worker, calls = counting(payment.worker)
+    p = await participant(worker, seeded, broker)
+    await p.transport.close()  # the broker connection drops after the effect commits
+    settled, replies = await p.deliver(charge())
+    assert (settled, replies) == (["nack"], [])
+    await p.transport.connect()
+    reply = await p.one_reply(charge())
+    assert reply.outcome is Outcome.SUCCESS
+    assert calls["charge_payment"] == 1
+    assert await ledger_rows(seeded) == [("o1", "charge", 700)]
+
+
+# -- messages the worker cannot take --------------------------------------------------------
+
+
+async def test_undecodable_message_is_dead_lettered(pay: Participant) -> None:
+    delivery = FakeDelivery(Message(TOPOLOGY.commands("payment"), "k", b"{oops"))
+    await pay.runner.handle_delivery(delivery)
+    assert len(delivery.settled) == 1
+    assert delivery.settled[0].startswith("dead_letter: not a saga envelope")
+    assert pay.broker.depth(TOPOLOGY.replies) == 0
+
+
+async def test_a_reply_sent_to_a_worker_is_dead_lettered(pay: Participant) -> None:
+    settled, replies = await pay.deliver(charge().reply(Outcome.SUCCESS))
+    assert settled == ["dead_letter: worker 'payment' takes commands, not replies"]
+    assert replies == []
+
+
+async def test_command_without_handler_fails_the_step_and_is_dead_lettered(
+    pay: Participant,
+) -> None:
+    unknown = charge().model_copy(update={"name": "teleport"})
+    settled, replies = await pay.deliver(unknown)
+    reason = "worker 'payment' has no command handler 'teleport'"
+    assert settled == [f"dead_letter: {reason}"]
+    (reply,) = replies
+    assert (reply.outcome, reply.error) == (Outcome.FAILURE, reason)
+
+
+async def test_runner_consumes_from_its_destination(pay: Participant) -> None:
+    sender = MemoryTransport(pay.broker)
+    await sender.connect()
+    task = asyncio.create_task(pay.runner.run())
+    try:
+        commands = [charge(saga_id=f"o{i}", amount=100) for i in range(3)]
+        await sender.publish(
+            [Message(pay.runner.destination, c.saga_id, encode(c)) for c in commands]
+        )
+
+        async def all_replied() -> bool:
+            return pay.broker.depth(TOPOLOGY.replies) == 3
+
+        await wait_until(all_replied, 5, "three replies")
+        replies = envelopes(pay.broker.drain(TOPOLOGY.replies))
+        assert sorted(r.saga_id for r in replies) == ["o0", "o1", "o2"]
+        assert all(r.outcome is Outcome.SUCCESS for r in replies)
+        assert pay.runner.handled == 3
+        assert pay.broker.depth(pay.runner.destination) == 0
+    finally:
+        pay.runner.stop()
+        await asyncio.wait_for(task, 5)
+        await sender.close()
+    assert await balance(pay.db) == 4700
