@@ -189,6 +189,12 @@ class Transition:
                 st.status = StepStatus.FAILED
                 st.finished_at = self.now
                 self._record("step_failed", st.name, f"gave up after {st.attempt} attempts")
+                if step.compensation is not None:
+                    # Only this attempt is known to have rolled back: an earlier one may
+                    # still be delivered (redelivery, a second publish) and run. So the
+                    # step is compensated first, like a timed-out one; the participant's
+                    # barrier makes that a no-op if it never ran and refuses it later.
+                    st.status = StepStatus.COMPENSATING
                 self._fail(f"step {st.name!r} failed after {st.attempt} attempts: {st.error}")
 
     # -- backward ----------------------------------------------------------------
