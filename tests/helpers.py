@@ -15,16 +15,19 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from engine.client import SagaClient
 from engine.database import create_engine, upgrade
 from engine.definition import RetryPolicy, Saga
+from engine.errors import TransportError
 from engine.messages import Envelope, MessageKind, decode
 from engine.orchestrator import Engine, EngineSettings
 from engine.registry import SagaRegistry
 from engine.relay import OutboxRelay
-from engine.states import SagaStatus
+from engine.states import SagaStatus, StepStatus
+from engine.store.schema import outbox
 from engine.store.sql import SqlSagaStore
 from engine.topology import Topology
 from engine.transport.base import Message, Subscription, Transport
@@ -69,6 +72,8 @@ def fast_order_saga(timeout: float = 30.0) -> Saga:
 
 
 ORDER_STEPS = [s.name for s in place_order.steps]
+PRICE = 1250
+QUANTITY = 2
 
 
 def order_input(fail_at: str | None = None, **overrides: Any) -> dict[str, Any]:
@@ -76,8 +81,8 @@ def order_input(fail_at: str | None = None, **overrides: Any) -> dict[str, Any]:
     data: dict[str, Any] = {
         "customer_id": "alice",
         "sku": "A",
-        "quantity": 2,
-        "amount_cents": 1250,
+        "quantity": QUANTITY,
+        "amount_cents": PRICE,
         "address": "1 Main St",
     }
     if fail_at == "reserve_inventory":
@@ -160,8 +165,6 @@ class ChaosTransport:
         await self.inner.close()
 
     async def publish(self, messages: Sequence[Message]) -> None:
-        from engine.errors import TransportError
-
         if messages and self.rng.random() < self.refuse:
             self.refused += 1
             raise TransportError("chaos: broker refused the publish")
@@ -416,6 +419,42 @@ class EmbeddedSystem:
         ids = saga_ids if saga_ids is not None else [s.id for s in sagas]
         return {i: await self.client.get(i) for i in ids}
 
+    async def quiesce(self, timeout: float, *, calm_polls: int = 3) -> None:
+        """Wait until nothing moves: no delayed publish pending, every queue empty,
+        every outbox row sent, and no counter changed over ``calm_polls`` polls."""
+        destinations = [self.topology.replies] + [
+            self.topology.commands(name) for name in self.workers
+        ]
+        last: tuple[int, ...] | None = None
+        calm = 0
+
+        async def quiet() -> bool:
+            nonlocal last, calm
+            pending = sum(len(getattr(t, "pending", ())) for t in self.transports)
+            async with self.db.connect() as conn:
+                unsent = await conn.scalar(
+                    select(func.count()).select_from(outbox).where(outbox.c.sent_at.is_(None))
+                )
+            engine = self.engine
+            snapshot = (
+                sum(r.handled for r, _ in self.runners.values()),
+                engine.replies_handled if engine else -1,
+                engine.timers_fired if engine else -1,
+                engine.relay.published if engine else -1,
+            )
+            idle = (
+                pending == 0
+                and unsent == 0
+                and all(self.broker.depth(d) == 0 for d in destinations)
+            )
+            calm = calm + 1 if idle and snapshot == last else 0
+            last = snapshot
+            return calm >= calm_polls
+
+        await wait_until(
+            quiet, timeout, "the system to quiesce", interval=0.03, check=self.check_tasks
+        )
+
     async def totals(self) -> ledger.LedgerTotals:
         return await ledger.totals(self.db)
 
@@ -440,3 +479,48 @@ def history_events(detail: SagaDetail, event: str) -> list[str | None]:
 
 def kinds(messages: Iterable[Envelope]) -> list[tuple[str, MessageKind, int]]:
     return [(m.step, m.kind, m.attempt) for m in messages]
+
+
+# -- invariants ------------------------------------------------------------------------
+
+
+def may_have_run(detail: SagaDetail) -> set[str]:
+    """Steps whose effect may exist: they succeeded, timed out, or ran out of retries."""
+    steps = {str(h.step) for h in detail.history if h.event in ("step_succeeded", "step_timed_out")}
+    steps |= {
+        str(h.step)
+        for h in detail.history
+        if h.event == "step_failed" and (h.detail or "").startswith("gave up")
+    }
+    return steps
+
+
+def assert_compensated_in_reverse(detail: SagaDetail) -> None:
+    """Each step that may have run is compensated exactly once, last step first."""
+    done = history_events(detail, "step_compensated")
+    assert len(done) == len(set(done)), f"a step was compensated twice: {done}"
+    positions = [ORDER_STEPS.index(str(s)) for s in done]
+    assert positions == sorted(positions, reverse=True), f"not in reverse order: {done}"
+    if detail.status is SagaStatus.COMPLETED:
+        assert done == []
+    elif detail.status is SagaStatus.COMPENSATED:
+        assert set(done) == may_have_run(detail)
+        compensated = {s.name for s in detail.steps if s.status is StepStatus.COMPENSATED}
+        assert compensated == set(done)
+
+
+def assert_books_balance(detail: SagaDetail, effect_of: Mapping[str, ledger.OrderEffect]) -> None:
+    """One order's net effect on the participants' books matches how its saga ended."""
+    effect = effect_of.get(detail.id, ledger.OrderEffect())
+    assert effect.charges <= 1, f"order {detail.id} was charged {effect.charges} times"
+    assert effect.refunds <= 1, f"order {detail.id} was refunded {effect.refunds} times"
+    if detail.status is SagaStatus.COMPLETED:
+        assert effect == ledger.OrderEffect(
+            reserved=QUANTITY, net_charged_cents=PRICE, charges=1, refunds=0, shipped=True
+        )
+    else:
+        assert detail.status is SagaStatus.COMPENSATED, detail.error
+        assert effect.reserved == 0
+        assert effect.net_charged_cents == 0
+        assert effect.charges == effect.refunds
+        assert not effect.shipped

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -23,47 +24,18 @@ from engine.views import SagaDetail
 from tests.helpers import (
     EXAMPLE_WORKERS,
     ORDER_STEPS,
+    PRICE,
+    QUANTITY,
     ChaosTransport,
     EmbeddedSystem,
+    assert_books_balance,
+    assert_compensated_in_reverse,
     fast_order_saga,
     flaky_worker,
     history_events,
+    order_input,
 )
 from workers import payment
-
-PRICE = 1250
-QUANTITY = 2
-
-
-def assert_books_balance(detail: SagaDetail, effect_of: dict[str, object]) -> None:
-    """One order's net effect on the participants' books matches how its saga ended."""
-    from workers.ledger import OrderEffect
-
-    effect = effect_of.get(detail.id, OrderEffect())
-    assert isinstance(effect, OrderEffect)
-    if detail.status is SagaStatus.COMPLETED:
-        assert effect == OrderEffect(
-            reserved=QUANTITY, net_charged_cents=PRICE, charges=1, refunds=0, shipped=True
-        )
-    else:
-        assert detail.status is SagaStatus.COMPENSATED, detail.error
-        assert effect.reserved == 0
-        assert effect.net_charged_cents == 0
-        assert effect.charges == effect.refunds <= 1
-        assert not effect.shipped
-
-
-def compensated_in_reverse(detail: SagaDetail) -> None:
-    done = history_events(detail, "step_compensated")
-    assert len(done) == len(set(done)), f"a step was compensated twice: {done}"
-    positions = [ORDER_STEPS.index(str(s)) for s in done]
-    assert positions == sorted(positions, reverse=True)
-    if detail.status is SagaStatus.COMPLETED:
-        assert done == []
-        return
-    # Every step that may have run (it succeeded, or its outcome is unknown) was undone.
-    ran = set(history_events(detail, "step_succeeded") + history_events(detail, "step_timed_out"))
-    assert set(done) >= ran
 
 
 async def test_mixed_outcomes_end_completed_or_compensated_with_balanced_books(
@@ -89,8 +61,8 @@ async def test_mixed_outcomes_end_completed_or_compensated_with_balanced_books(
                 reversed(ORDER_STEPS[:failed_at])
             )
             assert detail.error is not None and detail.error.startswith(f"step {fail_at!r} failed")
-        compensated_in_reverse(detail)
-        assert_books_balance(detail, effect_of)  # type: ignore[arg-type]
+        assert_compensated_in_reverse(detail)
+        assert_books_balance(detail, effect_of)
 
     completed = sum(1 for f in plan if f is None)
     totals = await system.totals()
@@ -130,8 +102,6 @@ async def test_invalid_input_and_unknown_saga_are_refused_before_anything_is_sto
 
 
 def _order() -> dict[str, object]:
-    from tests.helpers import order_input
-
     return order_input()
 
 
@@ -368,11 +338,11 @@ async def test_timer_due_while_the_engine_is_down_fires_after_restart(tmp_path: 
         final = (await system.wait_all_terminal(10, [saga_id]))[saga_id]
         assert final.status is SagaStatus.COMPENSATED
         assert history_events(final, "step_compensated") == list(reversed(ORDER_STEPS))
-        compensated_in_reverse(final)
-        assert_books_balance(final, await system.effects())  # type: ignore[arg-type]
+        assert_compensated_in_reverse(final)
+        assert_books_balance(final, await system.effects())
 
 
-def _queue_has(broker: MemoryBroker, destination: str, count: int):  # type: ignore[no-untyped-def]
+def _queue_has(broker: MemoryBroker, destination: str, count: int) -> Callable[[], Awaitable[bool]]:
     async def check() -> bool:
         return broker.depth(destination) >= count
 
@@ -393,8 +363,8 @@ async def test_transient_errors_are_retried_until_the_step_succeeds(tmp_path: Pa
         effect_of = await system.effects()
         retried = 0
         for detail in sagas.values():
-            compensated_in_reverse(detail)
-            assert_books_balance(detail, effect_of)  # type: ignore[arg-type]
+            assert_compensated_in_reverse(detail)
+            assert_books_balance(detail, effect_of)
             retried += len(history_events(detail, "step_error"))
         assert retried > 0
         totals = await system.totals()
@@ -503,5 +473,5 @@ async def test_a_new_engine_finishes_what_the_old_one_started(tmp_path: Path, cr
         assert statuses == Counter({SagaStatus.COMPLETED: 4, SagaStatus.COMPENSATED: 2})
         effect_of = await system.effects()
         for detail in sagas.values():
-            compensated_in_reverse(detail)
-            assert_books_balance(detail, effect_of)  # type: ignore[arg-type]
+            assert_compensated_in_reverse(detail)
+            assert_books_balance(detail, effect_of)
