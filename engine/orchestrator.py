@@ -69,6 +69,8 @@ class Engine:
         self.instance_id = instance_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         self._stop = asyncio.Event()
         self.replies_handled = 0
+        #: Sagas whose due timers this engine skipped for want of their definition.
+        self._foreign: set[str] = set()
         self.timers_fired = 0
 
     # -- lifecycle ---------------------------------------------------------------
@@ -185,7 +187,15 @@ class Engine:
                 state = await tx.load_saga(due.saga_id)
                 if state is None:
                     continue
-                definition = self.registry.get(state.name, state.version)
+                try:
+                    definition = self.registry.get(state.name, state.version)
+                except UnknownSagaError as exc:
+                    # Not ours to advance (another replica or deployment has the
+                    # definition); failing the whole batch would stall every timer.
+                    if state.id not in self._foreign:
+                        self._foreign.add(state.id)
+                        log.warning("leaving timer of saga %s alone: %s", state.id, exc)
+                    continue
                 transition = Transition(
                     definition, state, now=self.clock(), topology=self.topology, rng=self.rng
                 )

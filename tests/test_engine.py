@@ -12,15 +12,18 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
+from engine.client import SagaClient
 from engine.clock import utc_now
 from engine.definition import Saga
 from engine.errors import InvalidInputError, SagaError, UnknownSagaError
 from engine.messages import Envelope, MessageKind, Outcome, decode, encode
+from engine.registry import SagaRegistry
 from engine.states import SagaStatus, StepStatus
 from engine.store.schema import barrier, inbox, outbox, timers
 from engine.transport.base import DEAD_LETTER_REASON, DEAD_LETTER_SOURCE, Message, Transport
 from engine.transport.memory import MemoryBroker, MemoryTransport
 from engine.views import SagaDetail
+from sagas.order import place_order
 from tests.helpers import (
     EXAMPLE_WORKERS,
     ORDER_STEPS,
@@ -475,3 +478,36 @@ async def test_a_new_engine_finishes_what_the_old_one_started(tmp_path: Path, cr
         for detail in sagas.values():
             assert_compensated_in_reverse(detail)
             assert_books_balance(detail, effect_of)
+
+
+async def test_a_timer_of_a_saga_this_engine_cannot_load_does_not_block_the_others(
+    tmp_path: Path,
+) -> None:
+    """Another replica (or an older deployment) may run sagas this engine has no
+    definition for; their due timers must not stall every other saga's timers."""
+    legacy = Saga(
+        name="legacy",
+        version=1,
+        input=place_order.input,
+        steps=[
+            replace(place_order.steps[0], participant="nobody", timeout=timedelta(seconds=0.01))
+        ],
+    )
+    async with EmbeddedSystem(
+        tmp_path / "foreign.db",
+        sagas=[_with_shipment_timeout(0.2)],
+        run_workers=["inventory", "payment"],
+    ) as system:
+        foreign = SagaClient(system.store, SagaRegistry([legacy]))
+        legacy_ids = [await foreign.start("legacy", order_input()) for _ in range(3)]
+        saga_id = await system.start_order()
+        await system.wait_status(
+            saga_id,
+            lambda d: "create_shipment" in history_events(d, "step_timed_out"),
+            10,
+            "the order's own step timeout to fire",
+        )
+        for legacy_id in legacy_ids:
+            untouched = await system.client.get(legacy_id)
+            assert untouched.status is SagaStatus.RUNNING
+            assert [h.event for h in untouched.history] == ["started"]
