@@ -443,3 +443,26 @@ async def test_schema_check_reports_unmigrated_and_migrated(tmp_path: Any) -> No
         await check_schema(engine)
     finally:
         await engine.dispose()
+
+
+async def test_saving_an_image_loaded_in_an_earlier_transaction(store: SqlSagaStore) -> None:
+    """save_saga must not rely on the image having been loaded in the same transaction."""
+    await insert(store, "s1")
+    image = await load(store, "s1")
+    assert image is not None and image.timer is not None
+    image.timer = Timer(TimerKind.RETRY, "first", 1, T0 + timedelta(seconds=3))
+    image.steps["first"].status = StepStatus.PENDING
+    async with store.transaction() as tx:
+        await tx.save_saga(image)
+    again = await load(store, "s1")
+    assert again is not None
+    assert again.timer == Timer(TimerKind.RETRY, "first", 1, T0 + timedelta(seconds=3))
+    assert again.steps["first"].status is StepStatus.PENDING
+
+    again.timer = None
+    async with store.transaction() as tx:
+        await tx.save_saga(again)
+    cleared = await load(store, "s1")
+    assert cleared is not None and cleared.timer is None
+    async with store.transaction() as tx:
+        assert await tx.due_timers(T0 + timedelta(days=1), 10) == []

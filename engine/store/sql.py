@@ -149,7 +149,8 @@ class SqlStoreTransaction:
         if result.rowcount != 1:
             raise ConcurrencyConflict(f"saga {state.id} was advanced by another writer")
         state.row_version += 1
-        old_steps, old_timer = self._loaded.get(state.id, ({}, None))
+        loaded = self._loaded.get(state.id)
+        old_steps, old_timer = loaded if loaded is not None else ({}, None)
         for name, st in state.steps.items():
             if old_steps.get(name) != astuple(st):
                 await self.conn.execute(
@@ -157,7 +158,12 @@ class SqlStoreTransaction:
                     .where(steps.c.saga_id == state.id, steps.c.name == name)
                     .values(_step_row(state.id, st))
                 )
-        if state.timer != old_timer:
+        if loaded is None:
+            # An image from another transaction: what its timer row holds is unknown.
+            await self.conn.execute(delete(timers).where(timers.c.saga_id == state.id))
+            if state.timer is not None:
+                await self.conn.execute(insert(timers).values(_timer_row(state.id, state.timer)))
+        elif state.timer != old_timer:
             if state.timer is None:
                 await self.conn.execute(delete(timers).where(timers.c.saga_id == state.id))
             elif old_timer is None:
