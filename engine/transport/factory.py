@@ -1,0 +1,94 @@
+"""Build a transport from a broker URL (``SAGA_BROKER_URL`` / ``--broker``).
+
+The Kafka and RabbitMQ adapters are imported here, lazily, so the engine core runs
+without aiokafka or aio-pika installed and names the extra to install when one is
+asked for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from urllib.parse import urlsplit
+
+from engine.errors import ConfigError
+from engine.topology import Topology
+from engine.transport.base import Transport
+from engine.transport.memory import MemoryBroker, MemoryTransport
+
+ACCEPTED = (
+    "memory://, kafka://host:port[,host:port...], "
+    "amqp://user:password@host:port/vhost or amqps://..."
+)
+
+#: One in-process broker per event loop and dead-letter name, so every transport
+#: built from ``memory://`` in one process (engine and workers) talks to the same one.
+_loop_brokers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, MemoryBroker]]
+_loop_brokers = weakref.WeakKeyDictionary()
+_loopless_brokers: dict[str, MemoryBroker] = {}
+
+
+def memory_broker(dead_letters: str) -> MemoryBroker:
+    """The process-wide in-process broker (per running event loop)."""
+    try:
+        brokers = _loop_brokers.setdefault(asyncio.get_running_loop(), {})
+    except RuntimeError:
+        brokers = _loopless_brokers
+    broker = brokers.get(dead_letters)
+    if broker is None:
+        broker = brokers[dead_letters] = MemoryBroker(dead_letters=dead_letters)
+    return broker
+
+
+def _missing(exc: ImportError, module: str, extra: str, what: str) -> ConfigError | None:
+    if exc.name is not None and exc.name.split(".")[0] == module:
+        return ConfigError(f"{what} needs {module}: install saga-engine[{extra}]")
+    return None
+
+
+def _kafka_servers(url: str) -> list[str]:
+    rest = url.split("://", 1)[1]
+    netloc, _, path = rest.partition("/")
+    if path.strip("/") or "?" in netloc or "@" in netloc:
+        raise ConfigError(f"unsupported broker URL {url!r}: use kafka://host:port[,host:port]")
+    servers = []
+    for server in netloc.split(","):
+        host, sep, port = server.strip().rpartition(":")
+        if not sep:
+            host, port = port, "9092"
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"bad Kafka server {server!r} in {url!r}: use host:port")
+        servers.append(f"{host}:{port}")
+    return servers
+
+
+def transport_from_url(url: str, topology: Topology) -> Transport:
+    """``memory://``, ``kafka://…`` or ``amqp(s)://…``; anything else is a ConfigError."""
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if scheme == "memory":
+        if url.rstrip("/") != "memory:":
+            raise ConfigError(f"unsupported broker URL {url!r}: memory:// takes no address")
+        return MemoryTransport(memory_broker(topology.dead_letters))
+    if scheme == "kafka":
+        servers = _kafka_servers(url)
+        try:
+            from engine.transport.kafka import KafkaTransport
+        except ImportError as exc:
+            raise _missing(exc, "aiokafka", "kafka", "kafka://") or exc from None
+        return KafkaTransport(servers, dead_letter_topic=topology.dead_letters)
+    if scheme in ("amqp", "amqps"):
+        try:
+            parts = urlsplit(url)
+            host, _port = parts.hostname, parts.port  # .port raises on a bad port
+        except ValueError as exc:
+            raise ConfigError(f"bad broker URL {url!r}: {exc}") from None
+        if not host:
+            raise ConfigError(f"broker URL {url!r} names no host; accepted: {ACCEPTED}")
+        try:
+            from engine.transport.rabbitmq import RabbitTransport
+        except ImportError as exc:
+            raise _missing(exc, "aio_pika", "rabbitmq", f"{scheme}://") or exc from None
+        return RabbitTransport(
+            url, exchange=topology.prefix, dead_letter_queue=topology.dead_letters
+        )
+    raise ConfigError(f"unsupported broker URL {url!r}; accepted: {ACCEPTED}")
