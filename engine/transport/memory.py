@@ -62,9 +62,10 @@ class MemoryBroker:
 
 
 class MemoryDelivery:
-    def __init__(self, subscription: MemorySubscription, entry: _Entry) -> None:
+    def __init__(self, subscription: MemorySubscription, entry: _Entry, seq: int) -> None:
         self._subscription = subscription
         self._entry = entry
+        self.seq = seq
         self._settled = False
 
     @property
@@ -108,6 +109,7 @@ class MemorySubscription:
         self.broker = broker
         self.queue = broker.queue(destination)
         self.in_flight: set[MemoryDelivery] = set()
+        self._seq = itertools.count()
         self._closed = False
 
     async def __aiter__(self) -> AsyncIterator[MemoryDelivery]:
@@ -118,7 +120,7 @@ class MemorySubscription:
                 continue
             entry = self.queue.ready.popleft()
             entry.deliveries += 1
-            delivery = MemoryDelivery(self, entry)
+            delivery = MemoryDelivery(self, entry, next(self._seq))
             self.in_flight.add(delivery)
             yield delivery
 
@@ -126,8 +128,9 @@ class MemorySubscription:
         if self._closed:
             return
         self._closed = True
-        # Like a broker seeing a consumer's connection drop: unacked work returns.
-        for delivery in sorted(self.in_flight, key=id):
+        # Like a broker seeing a consumer's connection drop: unacked work returns, in
+        # its original order (each nack goes to the front, so the last one goes first).
+        for delivery in sorted(self.in_flight, key=lambda d: d.seq, reverse=True):
             await delivery.nack()
         self.queue.changed.set()
 
