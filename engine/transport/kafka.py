@@ -1,0 +1,489 @@
+"""The Kafka transport (aiokafka): one topic per destination, keyed by saga id.
+
+Kafka has no per-message acknowledgement, only a committed offset per partition, so
+this module keeps the books that turn offsets into the protocol's ack / nack /
+dead-letter: an offset is committed only once every earlier offset fetched from its
+partition is settled, a nack seeks the partition back, and whatever is not committed
+when a subscription closes (or loses its partitions) is delivered again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
+
+from engine.errors import PublishError, TransportError
+from engine.transport.base import DEAD_LETTER_REASON, DEAD_LETTER_SOURCE, Message
+
+log = logging.getLogger("saga.transport.kafka")
+
+#: Committed-offset metadata prefix recording how far a partition was handed out.
+_DELIVERED = "delivered="
+
+
+def _delivered_mark(metadata: str | None) -> int:
+    if metadata and metadata.startswith(_DELIVERED):
+        try:
+            return int(metadata[len(_DELIVERED) :])
+        except ValueError:
+            return 0
+    return 0
+
+
+def _message(topic: str, record: Any) -> Message:
+    key = record.key.decode("utf-8", "replace") if record.key is not None else ""
+    headers = {
+        name: (value or b"").decode("utf-8", "replace") for name, value in record.headers or ()
+    }
+    return Message(topic, key, record.value or b"", headers)
+
+
+@dataclass(eq=False)
+class _Partition:
+    """Settlement books of one assigned partition, valid until it is revoked."""
+
+    tp: Any
+    #: Fetched (buffered or handed out) and not settled; bounds the commit.
+    pending: set[int] = field(default_factory=set)
+    #: Settled above the committed offset: skipped when a seek-back refetches them.
+    settled: set[int] = field(default_factory=set)
+    #: Handed out and not settled: skipped when a seek-back refetches them.
+    in_flight: set[int] = field(default_factory=set)
+    #: One past the highest offset fetched.
+    fetched_to: int = 0
+    #: One past the highest offset handed out, by this or (per the committed
+    #: metadata) an earlier owner: lower offsets are redeliveries.
+    delivered_to: int = 0
+    marks_loaded: bool = False
+    #: Bumped by every seek-back, so records fetched before it are dropped.
+    epoch: int = 0
+    committed: tuple[int, int] | None = None
+    revoked: bool = False
+
+    def commit_point(self) -> int:
+        return min(self.pending) if self.pending else self.fetched_to
+
+    def to_commit(self) -> tuple[int, int] | None:
+        """(offset, delivered_to) to commit now, or None if unchanged since the last."""
+        if self.fetched_to == 0:
+            return None  # nothing fetched: the committed offset is still right
+        mark = (self.commit_point(), self.delivered_to)
+        return None if mark == self.committed else mark
+
+
+class KafkaDelivery:
+    def __init__(
+        self,
+        subscription: KafkaSubscription,
+        partition: _Partition,
+        offset: int,
+        message: Message,
+        redelivered: bool,
+    ) -> None:
+        self._subscription = subscription
+        self._partition = partition
+        self._offset = offset
+        self._message = message
+        self._redelivered = redelivered
+        self._settled = False
+
+    @property
+    def message(self) -> Message:
+        return self._message
+
+    @property
+    def redelivered(self) -> bool:
+        """Kafka keeps no delivery count: true when this subscription, or an earlier
+        owner of the partition (per its committed metadata), handed the offset out."""
+        return self._redelivered
+
+    @property
+    def offset(self) -> int:
+        return self._offset
+
+    def _settle(self) -> bool:
+        if self._settled:
+            return False
+        self._settled = True
+        self._partition.in_flight.discard(self._offset)
+        return True
+
+    async def ack(self) -> None:
+        if self._settle():
+            await self._subscription._acked(self._partition, self._offset)
+
+    async def nack(self) -> None:
+        if self._settle():
+            self._subscription._nacked(self._partition, self._offset)
+
+    async def dead_letter(self, reason: str) -> None:
+        """Publish to the dead-letter topic, then ack; raises PublishError (and nacks)
+        when the dead-letter topic did not confirm, so nothing is lost."""
+        if self._settled:
+            return
+        original = self._message
+        headers = {
+            **original.headers,
+            DEAD_LETTER_REASON: reason,
+            DEAD_LETTER_SOURCE: original.destination,
+        }
+        transport = self._subscription.transport
+        try:
+            await transport.publish(
+                [Message(transport.dead_letter_topic, original.key, original.body, headers)]
+            )
+        except (PublishError, TransportError):
+            await self.nack()
+            raise
+        await self.ack()
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka is untyped
+    def __init__(self, subscription: KafkaSubscription) -> None:
+        self._subscription = subscription
+
+    async def on_partitions_revoked(self, revoked: Iterable[Any]) -> None:
+        await self._subscription._revoke(revoked)
+
+    async def on_partitions_assigned(self, assigned: Iterable[Any]) -> None:
+        return None
+
+
+class KafkaSubscription:
+    """One consumer-group member on one topic, with explicit per-partition commits."""
+
+    def __init__(self, transport: KafkaTransport, topic: str, group: str) -> None:
+        self.transport = transport
+        self.topic = topic
+        self.group = group
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=transport.bootstrap_servers,
+            client_id=transport.client_id,
+            group_id=group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=transport.max_poll_records,
+            fetch_max_wait_ms=100,
+        )
+        self._partitions: dict[Any, _Partition] = {}
+        self._ready: deque[tuple[Any, _Partition, int]] = deque()
+        self._commit_lock = asyncio.Lock()
+        self._fetch: asyncio.Future[Any] | None = None
+        self._closed = False
+
+    async def start(self) -> None:
+        try:
+            async with asyncio.timeout(self.transport.connect_timeout):
+                await self._consumer.start()
+        except (KafkaError, OSError, TimeoutError) as exc:
+            await self._consumer.stop()
+            raise TransportError(
+                f"cannot consume {self.topic} from Kafka at "
+                f"{','.join(self.transport.bootstrap_servers)}: {exc or type(exc).__name__}"
+            ) from exc
+        # Subscribing after start: joining the group (which can wait for a slow
+        # rebalance) happens in the background instead of inside the connect bound.
+        self._consumer.subscribe([self.topic], listener=_Rebalance(self))
+
+    # -- iteration ------------------------------------------------------------------
+
+    async def __aiter__(self) -> AsyncIterator[KafkaDelivery]:
+        while not self._closed:
+            if not self._ready:
+                await self._fill()
+                continue
+            record, partition, epoch = self._ready.popleft()
+            offset: int = record.offset
+            if partition.revoked or epoch != partition.epoch:
+                continue  # the partition moved on (revoked, or a nack sought back)
+            if offset in partition.in_flight or offset in partition.settled:
+                continue  # refetched after a seek-back, but already handled
+            if not partition.marks_loaded:
+                await self._load_marks(partition)
+                if partition.revoked or epoch != partition.epoch:
+                    continue
+            redelivered = offset < partition.delivered_to
+            partition.delivered_to = max(partition.delivered_to, offset + 1)
+            partition.in_flight.add(offset)
+            yield KafkaDelivery(self, partition, offset, _message(self.topic, record), redelivered)
+
+    async def _fill(self) -> None:
+        fetch = asyncio.ensure_future(self._consumer.getmany(timeout_ms=1000))
+        self._fetch = fetch
+        try:
+            await asyncio.wait([fetch])
+        finally:
+            self._fetch = None
+            if not fetch.done():
+                fetch.cancel()
+        if fetch.cancelled() or self._closed:
+            return
+        try:
+            batches = fetch.result()
+        except KafkaError as exc:
+            if not getattr(exc, "retriable", False):
+                raise TransportError(f"consuming {self.topic} failed: {exc}") from exc
+            log.warning("consuming %s: %s; retrying", self.topic, exc)
+            await asyncio.sleep(0.5)
+            return
+        for tp, records in batches.items():
+            partition = self._partitions.get(tp)
+            if partition is None:
+                partition = self._partitions[tp] = _Partition(tp)
+            for record in records:
+                offset = record.offset
+                if offset in partition.settled or offset in partition.in_flight:
+                    continue
+                partition.pending.add(offset)
+                partition.fetched_to = max(partition.fetched_to, offset + 1)
+                self._ready.append((record, partition, partition.epoch))
+
+    async def _load_marks(self, partition: _Partition) -> None:
+        """Learn how far earlier owners handed this partition out (see _DELIVERED)."""
+        partition.marks_loaded = True
+        try:
+            async with asyncio.timeout(min(2.0, self.transport.request_timeout_ms / 1000)):
+                offsets = await self.transport.admin().list_consumer_group_offsets(
+                    self.group, partitions=[partition.tp]
+                )
+        except (KafkaError, OSError, TimeoutError, TransportError) as exc:
+            log.debug("no delivery marks for %s: %s", partition.tp, exc)
+            return
+        committed = offsets.get(partition.tp)
+        if committed is not None:
+            mark = _delivered_mark(committed.metadata)
+            partition.delivered_to = max(partition.delivered_to, mark)
+
+    # -- settlement -----------------------------------------------------------------
+
+    async def _acked(self, partition: _Partition, offset: int) -> None:
+        partition.pending.discard(offset)
+        partition.settled.add(offset)
+        await self._commit([partition])
+
+    def _nacked(self, partition: _Partition, offset: int) -> None:
+        if partition.revoked or self._closed:
+            return  # the next owner starts from the committed offset anyway
+        partition.epoch += 1
+        self._ready = deque(entry for entry in self._ready if entry[1] is not partition)
+        try:
+            self._consumer.seek(partition.tp, offset)
+        except (KafkaError, ValueError) as exc:
+            log.warning("cannot seek %s back to %d: %s", partition.tp, offset, exc)
+
+    async def _commit(self, partitions: Iterable[_Partition]) -> None:
+        """Commit the contiguous settled prefix; a failure only means redelivery."""
+        async with self._commit_lock:
+            marks = {
+                partition: mark
+                for partition in partitions
+                if not partition.revoked and (mark := partition.to_commit()) is not None
+            }
+            if not marks:
+                return
+            offsets = {p.tp: (offset, f"{_DELIVERED}{to}") for p, (offset, to) in marks.items()}
+            try:
+                async with asyncio.timeout(self.transport.request_timeout_ms / 1000):
+                    await self._consumer.commit(offsets)
+            except (KafkaError, TimeoutError) as exc:
+                log.warning(
+                    "commit on %s failed, those messages will be redelivered: %s",
+                    self.topic,
+                    exc or type(exc).__name__,
+                )
+                return
+            for partition, mark in marks.items():
+                partition.committed = mark
+                partition.settled = {o for o in partition.settled if o >= mark[0]}
+
+    async def _revoke(self, revoked: Iterable[Any]) -> None:
+        lost = [self._partitions[tp] for tp in revoked if tp in self._partitions]
+        await self._commit(lost)
+        for partition in lost:
+            partition.revoked = True
+            del self._partitions[partition.tp]
+        self._ready = deque(entry for entry in self._ready if not entry[1].revoked)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._fetch is not None:
+            self._fetch.cancel()
+        await self._commit(list(self._partitions.values()))
+        for partition in self._partitions.values():
+            partition.revoked = True
+        self._partitions.clear()
+        self._ready.clear()
+        await self._consumer.stop()
+
+
+class KafkaTransport:
+    """The :class:`~engine.transport.base.Transport` over Kafka."""
+
+    def __init__(
+        self,
+        bootstrap_servers: str | Sequence[str],
+        *,
+        partitions: int = 4,
+        replication_factor: int = 1,
+        dead_letter_topic: str = "saga.dead-letters",
+        publish_timeout: float = 10.0,
+        connect_timeout: float = 10.0,
+        request_timeout_ms: int = 10_000,
+        linger_ms: int = 5,
+        max_poll_records: int = 100,
+        client_id: str = "saga-engine",
+    ) -> None:
+        if isinstance(bootstrap_servers, str):
+            bootstrap_servers = bootstrap_servers.split(",")
+        self.bootstrap_servers = [s.strip() for s in bootstrap_servers if s.strip()]
+        self.partitions = partitions
+        self.replication_factor = replication_factor
+        self.dead_letter_topic = dead_letter_topic
+        self.publish_timeout = publish_timeout
+        self.connect_timeout = connect_timeout
+        self.request_timeout_ms = request_timeout_ms
+        self.linger_ms = linger_ms
+        self.max_poll_records = max_poll_records
+        self.client_id = client_id
+        self._producer: Any = None
+        self._admin: Any = None
+        self._topics: set[str] = set()
+        self._topics_lock = asyncio.Lock()
+        self._subscriptions: list[KafkaSubscription] = []
+
+    @property
+    def _where(self) -> str:
+        return f"Kafka at {','.join(self.bootstrap_servers)}"
+
+    async def connect(self) -> None:
+        if self._producer is not None:
+            return
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap_servers,
+            client_id=self.client_id,
+            enable_idempotence=True,
+            acks="all",
+            linger_ms=self.linger_ms,
+            request_timeout_ms=self.request_timeout_ms,
+        )
+        admin = AIOKafkaAdminClient(
+            bootstrap_servers=self.bootstrap_servers,
+            client_id=f"{self.client_id}-admin",
+            request_timeout_ms=self.request_timeout_ms,
+        )
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                await producer.start()
+                await admin.start()
+        except (KafkaError, OSError, TimeoutError) as exc:
+            await producer.stop()
+            await admin.close()
+            raise TransportError(
+                f"cannot reach {self._where}: {exc or type(exc).__name__}"
+            ) from exc
+        self._producer, self._admin = producer, admin
+
+    async def close(self) -> None:
+        for subscription in self._subscriptions:
+            await subscription.close()
+        self._subscriptions.clear()
+        producer, admin = self._producer, self._admin
+        self._producer = self._admin = None
+        if producer is not None:
+            await producer.stop()
+        if admin is not None:
+            await admin.close()
+
+    def admin(self) -> Any:
+        if self._admin is None:
+            raise TransportError("Kafka transport is not connected")
+        return self._admin
+
+    async def ensure_topics(self, names: Iterable[str]) -> None:
+        """Create missing topics with this transport's partition count (idempotent)."""
+        missing = sorted(set(names) - self._topics)
+        if not missing:
+            return
+        async with self._topics_lock:
+            missing = sorted(set(missing) - self._topics)
+            if not missing:
+                return
+            new = [NewTopic(n, self.partitions, self.replication_factor) for n in missing]
+            try:
+                response = await self.admin().create_topics(new)
+            except (KafkaError, OSError) as exc:
+                raise TransportError(
+                    f"cannot create topics {missing} on {self._where}: {exc}"
+                ) from exc
+            for entry in response.topic_errors:
+                name, code = entry[0], entry[1]
+                if code and for_code(code) is not TopicAlreadyExistsError:
+                    detail = entry[2] if len(entry) > 2 and entry[2] else for_code(code).__name__
+                    raise TransportError(f"cannot create topic {name} on {self._where}: {detail}")
+            self._topics.update(missing)
+
+    async def publish(self, messages: Sequence[Message]) -> None:
+        if not messages:
+            return
+        producer = self._producer
+        if producer is None:
+            raise TransportError("Kafka transport is not connected")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.publish_timeout
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self.ensure_topics(m.destination for m in messages)
+                futures = [
+                    await producer.send(
+                        m.destination,
+                        m.body,
+                        key=m.key.encode(),
+                        headers=[(k, v.encode()) for k, v in m.headers.items()],
+                    )
+                    for m in messages
+                ]
+        except TimeoutError:
+            raise PublishError(
+                f"{self._where} did not take {len(messages)} messages "
+                f"within {self.publish_timeout:g}s"
+            ) from None
+        except KafkaError as exc:
+            raise PublishError(f"{self._where} refused a publish: {exc}") from exc
+        # Waiting on the delivery futures without cancelling them: a late ack is
+        # harmless (the outbox re-sends, the inbox absorbs the duplicate).
+        done, not_done = await asyncio.wait(futures, timeout=max(0.0, deadline - loop.time()))
+        failures = [f.exception() for f in done if f.exception() is not None]
+        for future in not_done:
+            future.add_done_callback(_consume_result)
+        if failures:
+            raise PublishError(f"{self._where} refused a publish: {failures[0]}")
+        if not_done:
+            raise PublishError(
+                f"{self._where} did not confirm {len(not_done)} of {len(messages)} "
+                f"messages within {self.publish_timeout:g}s"
+            )
+
+    async def subscribe(self, destination: str, *, group: str) -> KafkaSubscription:
+        if self._producer is None:
+            raise TransportError("Kafka transport is not connected")
+        await self.ensure_topics([destination])
+        subscription = KafkaSubscription(self, destination, group)
+        await subscription.start()
+        self._subscriptions.append(subscription)
+        return subscription
+
+
+def _consume_result(future: asyncio.Future[Any]) -> None:
+    """Retrieve a late delivery result so asyncio does not log it as never retrieved."""
+    if not future.cancelled():
+        future.exception()

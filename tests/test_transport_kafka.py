@@ -1,0 +1,103 @@
+"""The transport contract, and Kafka's own offset bookkeeping, on a real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from aiokafka.admin import AIOKafkaAdminClient
+
+from engine.errors import TransportError
+from engine.transport.base import Transport
+from engine.transport.kafka import KafkaTransport
+from tests.services import closed_port, service_url, silent_server
+from tests.transport_contract import Connect, Inbox, MakeTransport, Names, TransportContract, bodies
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def kafka_servers() -> str:
+    url = service_url("SAGA_TEST_KAFKA_URL")
+    return url.split("://", 1)[1].strip("/")
+
+
+class TestKafkaTransport(TransportContract):
+    @pytest.fixture
+    def make_transport(self, kafka_servers: str) -> MakeTransport:
+        def make(dead_letters: str) -> Transport:
+            return KafkaTransport(kafka_servers, dead_letter_topic=dead_letters)
+
+        return make
+
+    @pytest.fixture
+    def unreachable_transport(self) -> Transport:
+        return KafkaTransport(f"127.0.0.1:{closed_port()}")
+
+    # -- Kafka specifics -------------------------------------------------------------
+
+    async def test_topics_are_created_with_the_configured_partitions(
+        self, kafka_servers: str, names: Names
+    ) -> None:
+        transport = KafkaTransport(kafka_servers, partitions=3)
+        await transport.connect()
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_servers)
+        await admin.start()
+        try:
+            await transport.ensure_topics([names.destination])
+            # A second transport finds the topic there already: that is not an error.
+            again = KafkaTransport(kafka_servers, partitions=3)
+            await again.connect()
+            try:
+                await again.ensure_topics([names.destination])
+            finally:
+                await again.close()
+            (described,) = await admin.describe_topics([names.destination])
+        finally:
+            await admin.close()
+            await transport.close()
+        assert described["error_code"] == 0
+        assert len(described["partitions"]) == 3
+
+    async def test_a_nack_replays_the_partition_in_order(
+        self, transport: Transport, names: Names
+    ) -> None:
+        # A serial consumer, as the engine is: the next message is pulled only after
+        # the previous one was settled, so the nack comes before 2 and 3 are handed out.
+        subscription = await transport.subscribe(names.destination, group=names.group)
+        await transport.publish([names.message("saga-1", n) for n in (1, 2, 3)])
+        deliveries = aiter(subscription)
+        async with asyncio.timeout(self.receive_timeout):
+            first = await anext(deliveries)
+            await first.nack()
+            got = [await anext(deliveries) for _ in range(3)]
+        await subscription.close()
+
+        assert bodies(got) == [b"saga-1:1", b"saga-1:2", b"saga-1:3"]
+        assert [d.redelivered for d in got] == [True, False, False]
+
+    async def test_only_the_contiguous_acked_prefix_is_committed(
+        self, connect: Connect, names: Names, inboxes: list[Inbox]
+    ) -> None:
+        first_transport = await connect()
+        first = await self.consume(first_transport, names.destination, names.group, inboxes)
+        await first_transport.publish([names.message("saga-1", n) for n in (1, 2, 3, 4)])
+        one, _two, three, _four = await first.take_many(4, self.receive_timeout)
+        await one.ack()
+        await three.ack()  # acked, but behind the unsettled "two": not committable
+        await first.close()
+
+        second = await self.consume(await connect(), names.destination, names.group, inboxes)
+        got = await second.take_many(3, self.receive_timeout)
+
+        assert bodies(got) == [b"saga-1:2", b"saga-1:3", b"saga-1:4"]
+
+    async def test_a_silent_broker_fails_within_the_connect_timeout(self) -> None:
+        async with silent_server() as port:
+            transport = KafkaTransport(f"127.0.0.1:{port}", connect_timeout=1.0)
+            started = time.monotonic()
+            with pytest.raises(TransportError, match=f"cannot reach Kafka at 127.0.0.1:{port}"):
+                await transport.connect()
+            assert time.monotonic() - started < 5
+            await transport.close()
