@@ -1,0 +1,139 @@
+"""The transport contract, and RabbitMQ's own guarantees, on a real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aio_pika
+import pytest
+
+from engine.errors import PublishError, TransportError
+from engine.transport.base import Message, Transport
+from engine.transport.rabbitmq import RabbitTransport
+from tests.services import closed_port, rabbitmqctl, run, service_url, silent_server
+from tests.transport_contract import Connect, Inbox, MakeTransport, Names, TransportContract, bodies
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def amqp_url() -> str:
+    return service_url("SAGA_TEST_AMQP_URL")
+
+
+class TestRabbitTransport(TransportContract):
+    @pytest.fixture
+    def make_transport(self, amqp_url: str) -> MakeTransport:
+        def make(dead_letters: str) -> Transport:
+            return RabbitTransport(amqp_url, dead_letter_queue=dead_letters)
+
+        return make
+
+    @pytest.fixture
+    def unreachable_transport(self) -> Transport:
+        return RabbitTransport(f"amqp://saga:saga@127.0.0.1:{closed_port()}/")
+
+    # -- RabbitMQ specifics ------------------------------------------------------------
+
+    async def test_an_unroutable_publish_raises_instead_of_vanishing(
+        self, amqp_url: str, names: Names
+    ) -> None:
+        transport = RabbitTransport(amqp_url, dead_letter_queue=names.dead_letters)
+        await transport.connect()
+        try:
+            await transport.publish([names.message("saga-1", 1)])  # declares the queue
+            channel = await aio_pika.connect(amqp_url)
+            try:
+                admin = await channel.channel()
+                await admin.queue_delete(names.destination)  # gone behind our back
+            finally:
+                await channel.close()
+            with pytest.raises(PublishError, match="could not route"):
+                await transport.publish([names.message("saga-1", 2)])
+        finally:
+            await transport.close()
+
+    async def test_broker_side_rejections_land_in_the_dead_letters(
+        self, amqp_url: str, connect: Connect, names: Names, inboxes: list[Inbox]
+    ) -> None:
+        transport = await connect()
+        await transport.publish([names.message("saga-1", 1)])
+        connection = await aio_pika.connect(amqp_url)
+        try:
+            channel = await connection.channel()
+            queue = await channel.get_queue(names.destination, ensure=False)
+            incoming = await queue.get(timeout=5)
+            assert incoming is not None
+            await incoming.reject(requeue=False)  # the broker dead-letters it
+        finally:
+            await connection.close()
+
+        parked = await self.consume(transport, names.dead_letters, names.group, inboxes)
+        letter = await parked.take(self.receive_timeout)
+        assert letter.message.body == b"saga-1:1"
+        await letter.ack()
+
+    async def test_a_silent_broker_fails_within_the_connect_timeout(self) -> None:
+        async with silent_server() as port:
+            transport = RabbitTransport(f"amqp://saga:saga@127.0.0.1:{port}/", connect_timeout=1.0)
+            started = time.monotonic()
+            with pytest.raises(TransportError, match=f"cannot reach RabbitMQ at 127.0.0.1:{port}"):
+                await transport.connect()
+            assert time.monotonic() - started < 5
+            await transport.close()
+
+    @pytest.mark.faults
+    async def test_consumers_come_back_by_themselves_after_a_broker_restart(
+        self, connect: Connect, names: Names, inboxes: list[Inbox]
+    ) -> None:
+        ctl = rabbitmqctl()
+        transport = await connect()
+        inbox = await self.consume(transport, names.destination, names.group, inboxes)
+        await transport.publish([names.message("saga-1", 0)])
+        await (await inbox.take(self.receive_timeout)).ack()
+        # Handed out but not acked when the broker goes away: must come back.
+        await transport.publish([names.message("saga-2", n) for n in range(3)])
+        unacked = await inbox.take_many(3, self.receive_timeout)
+
+        await run([*ctl, "stop_app"])
+        try:
+            started = time.monotonic()
+            with pytest.raises((PublishError, TransportError)):
+                await transport.publish([names.message("saga-x", 0)])
+            assert time.monotonic() - started < 15  # a down broker does not hang
+        finally:
+            await run([*ctl, "start_app"])
+            await run([*ctl, "await_startup"])
+        for delivery in unacked:
+            await delivery.ack()  # their channel is gone: a no-op, not a crash
+
+        # The backlog, published the way the relay does it: retry until confirmed.
+        backlog = [names.message("saga-3", n) for n in range(20)]
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                await transport.publish(backlog)
+                break
+            except (PublishError, TransportError):
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.5)
+
+        got = await inbox.take_many(23, 60)
+        for delivery in got:
+            await delivery.ack()
+        by_key: dict[str, list[bytes]] = {}
+        for delivery in got:
+            by_key.setdefault(delivery.message.key, []).append(delivery.message.body)
+        assert sorted(by_key["saga-2"]) == bodies(unacked)
+        assert by_key["saga-3"] == [m.body for m in backlog]
+        assert all(d.redelivered for d in got if d.message.key == "saga-2")
+
+
+def test_message_keys_travel_in_a_header_that_consumers_do_not_see() -> None:
+    from engine.transport.rabbitmq import KEY_HEADER, _outgoing
+
+    out = _outgoing(Message("d", "saga-1", b"x", {"a": "b"}))
+    assert out.headers == {"a": "b", KEY_HEADER: "saga-1"}
+    assert out.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
