@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -14,12 +15,16 @@ from sqlalchemy import func, select
 
 from engine.client import SagaClient
 from engine.clock import utc_now
+from engine.database import create_engine
 from engine.definition import Saga
 from engine.errors import InvalidInputError, SagaError, UnknownSagaError
 from engine.messages import Envelope, MessageKind, Outcome, decode, encode
+from engine.orchestrator import Engine
 from engine.registry import SagaRegistry
+from engine.relay import OutboxRelay
 from engine.states import SagaStatus, StepStatus
 from engine.store.schema import barrier, inbox, outbox, timers
+from engine.store.sql import SqlSagaStore
 from engine.transport.base import DEAD_LETTER_REASON, DEAD_LETTER_SOURCE, Message, Transport
 from engine.transport.memory import MemoryBroker, MemoryTransport
 from engine.views import SagaDetail
@@ -511,3 +516,53 @@ async def test_a_timer_of_a_saga_this_engine_cannot_load_does_not_block_the_othe
             untouched = await system.client.get(legacy_id)
             assert untouched.status is SagaStatus.RUNNING
             assert [h.event for h in untouched.history] == ["started"]
+
+
+async def test_two_engine_replicas_share_the_work_without_double_advancing(
+    tmp_path: Path,
+) -> None:
+    async with EmbeddedSystem(tmp_path / "replicas.db") as system:
+        second_db = create_engine(f"sqlite:///{system.db_path}")
+        transport = MemoryTransport(system.broker)
+        await transport.connect()
+        second_store = SqlSagaStore(second_db)
+        replica = Engine(
+            second_store,
+            transport,
+            system.registry,
+            settings=system.settings,
+            relay=OutboxRelay(second_store, transport, poll_interval=0.01),
+            rng=random.Random(5),
+            instance_id="replica-2",
+        )
+        task = asyncio.create_task(replica.run())
+        try:
+            plan = [None, "charge_payment", None, "create_shipment", "reserve_inventory", None] * 2
+            ids = [await system.start_order(f) for f in plan]
+            sagas = await system.wait_all_terminal(20, ids)
+            effect_of = await system.effects()
+            for detail in sagas.values():
+                assert_compensated_in_reverse(detail)
+                assert_books_balance(detail, effect_of)
+            assert Counter(d.status for d in sagas.values()) == Counter(
+                {SagaStatus.COMPLETED: 6, SagaStatus.COMPENSATED: 6}
+            )
+            assert system.engine is not None
+            first = system.engine
+
+            async with system.db.connect() as conn:
+                messages = await conn.scalar(select(func.count()).select_from(outbox))
+                claimed = await conn.scalar(select(func.count()).select_from(inbox))
+
+            async def all_replies_handled() -> bool:
+                return first.replies_handled + replica.replies_handled == messages
+
+            await system.wait_for(all_replies_handled, 5, "every reply to be handled")
+            # Every command got exactly one reply, applied by exactly one replica.
+            assert claimed == messages
+            assert first.relay.published + replica.relay.published == messages
+        finally:
+            replica.stop()
+            await asyncio.wait_for(task, 10)
+            await transport.close()
+            await second_db.dispose()
