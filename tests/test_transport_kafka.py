@@ -8,13 +8,11 @@ import time
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
-from engine.errors import TransportError
-from engine.transport.base import Transport
+from engine.errors import PublishError, TransportError
+from engine.transport.base import Message, Transport
 from engine.transport.kafka import KafkaTransport
 from tests.services import closed_port, service_url, silent_server
 from tests.transport_contract import Connect, Inbox, MakeTransport, Names, TransportContract, bodies
-
-pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
@@ -23,6 +21,7 @@ def kafka_servers() -> str:
     return url.split("://", 1)[1].strip("/")
 
 
+@pytest.mark.integration
 class TestKafkaTransport(TransportContract):
     @pytest.fixture
     def make_transport(self, kafka_servers: str) -> MakeTransport:
@@ -101,3 +100,65 @@ class TestKafkaTransport(TransportContract):
                 await transport.connect()
             assert time.monotonic() - started < 5
             await transport.close()
+
+
+# -- the publish bound, without a broker: a producer that never confirms or fails ------
+
+
+class _Producer:
+    """Stands in for AIOKafkaProducer: hands out delivery futures it settles (or not)."""
+
+    def __init__(self, outcome: BaseException | str | None) -> None:
+        self.outcome = outcome
+        self.futures: list[asyncio.Future[None]] = []
+
+    async def send(self, topic: str, value: bytes, **kwargs: object) -> asyncio.Future[None]:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if isinstance(self.outcome, BaseException):
+            future.set_exception(self.outcome)
+        elif self.outcome is None:
+            future.set_result(None)
+        self.futures.append(future)  # "never": left pending, as with a hung broker
+        return future
+
+    async def stop(self) -> None:
+        for future in self.futures:
+            if not future.done():
+                future.cancel()
+
+
+def _stubbed(outcome: BaseException | str | None, timeout: float) -> KafkaTransport:
+    transport = KafkaTransport("127.0.0.1:9", publish_timeout=timeout)
+    transport._producer = _Producer(outcome)
+    transport._topics.add("t")  # no admin round trip
+    return transport
+
+
+async def test_publish_gives_up_after_the_publish_timeout() -> None:
+    transport = _stubbed("never", timeout=0.2)
+    started = time.monotonic()
+    with pytest.raises(PublishError, match=r"did not confirm 2 of 2 messages within 0.2s"):
+        await transport.publish([Message("t", "k", b"1"), Message("t", "k", b"2")])
+    assert time.monotonic() - started < 1
+    await transport.close()
+
+
+async def test_a_broker_error_on_delivery_is_a_publish_error() -> None:
+    from aiokafka.errors import NotEnoughReplicasError
+
+    transport = _stubbed(NotEnoughReplicasError(), timeout=5)
+    with pytest.raises(PublishError, match="refused a publish"):
+        await transport.publish([Message("t", "k", b"1")])
+    await transport.close()
+
+
+async def test_publish_returns_once_every_delivery_is_confirmed() -> None:
+    transport = _stubbed(None, timeout=5)
+    await transport.publish([Message("t", "k", b"1"), Message("t", "k", b"2")])
+    assert all(f.done() for f in transport._producer.futures)
+    await transport.close()
+
+
+async def test_publish_before_connect_is_a_transport_error() -> None:
+    with pytest.raises(TransportError, match="not connected"):
+        await KafkaTransport("127.0.0.1:9").publish([Message("t", "k", b"1")])
