@@ -80,9 +80,7 @@ class SagaClient:
         transition.start()
         try:
             async with self.store.transaction() as tx:
-                await write_transition(
-                    tx, state, transition.messages, transition.history, new=True
-                )
+                await write_transition(tx, state, transition.messages, transition.history, new=True)
         except IntegrityError:
             raise SagaError(f"a saga with id {saga_id!r} already exists") from None
         if self.on_commit is not None:

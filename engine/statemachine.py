@@ -122,9 +122,7 @@ class Transition:
             self._dispatch(step)
         elif timer.kind is TimerKind.COMPENSATION_TIMEOUT:
             state.awaiting = None
-            self._compensation_error(
-                step, st, f"no reply within {step.timeout.total_seconds():g}s"
-            )
+            self._compensation_error(step, st, f"no reply within {step.timeout.total_seconds():g}s")
         else:
             self._dispatch_compensation(step)
         return True
@@ -176,9 +174,7 @@ class Transition:
             if st.attempt < policy.max_attempts:
                 st.status = StepStatus.PENDING
                 delay = policy.delay(st.attempt, self.rng)
-                self.state.timer = Timer(
-                    TimerKind.RETRY, step.name, st.attempt, self._after(delay)
-                )
+                self.state.timer = Timer(TimerKind.RETRY, step.name, st.attempt, self._after(delay))
                 self._record(
                     "step_error",
                     st.name,
@@ -211,9 +207,7 @@ class Transition:
                 continue
             step = self.definition.step(st.name)
             if step.compensation is None:
-                self._park(
-                    f"step {st.name!r} is a pivot ({st.status}) and cannot be compensated"
-                )
+                self._park(f"step {st.name!r} is a pivot ({st.status}) and cannot be compensated")
                 return
             st.status = StepStatus.COMPENSATING
             self._dispatch_compensation(step)
@@ -280,9 +274,7 @@ class Transition:
     # -- helpers -----------------------------------------------------------------
 
     def _context(self) -> StepContext:
-        replies = {
-            st.name: st.reply for st in self.state.steps.values() if st.reply is not None
-        }
+        replies = {st.name: st.reply for st in self.state.steps.values() if st.reply is not None}
         return StepContext(
             saga_id=self.state.id,
             input=self.definition.parse_input(self.state.input),

@@ -14,7 +14,7 @@ import pytest
 from engine.cli.demo import BALANCES, STOCK, UNDELIVERABLE, plan_orders
 from engine.client import SagaClient
 from engine.database import create_engine
-from engine.messages import Envelope, MessageKind
+from engine.messages import Envelope, MessageKind, Outcome
 from engine.states import SagaStatus
 from engine.topology import Topology
 from engine.transport.base import DEAD_LETTER_REASON, DEAD_LETTER_SOURCE, Message
@@ -134,6 +134,8 @@ async def test_malformed_command_is_dead_lettered_and_worker_keeps_going(
                 kind=MessageKind.REPLY,
                 name="x",
                 attempt=1,
+                in_reply_to=MessageKind.COMMAND,
+                outcome=Outcome.SUCCESS,
             )
             await transport.publish(
                 [Message(destination, "poison", wrong_kind.model_dump_json().encode())]

@@ -77,7 +77,9 @@ steps = Table(
     "saga_steps",
     metadata,
     Column(
-        "saga_id", String(36), ForeignKey("saga_instances.id", ondelete="CASCADE"),
+        "saga_id",
+        String(36),
+        ForeignKey("saga_instances.id", ondelete="CASCADE"),
         primary_key=True,
     ),
     Column("name", String(200), primary_key=True),
@@ -95,7 +97,9 @@ timers = Table(
     "saga_timers",
     metadata,
     Column(
-        "saga_id", String(36), ForeignKey("saga_instances.id", ondelete="CASCADE"),
+        "saga_id",
+        String(36),
+        ForeignKey("saga_instances.id", ondelete="CASCADE"),
         primary_key=True,
     ),
     Column("kind", String(30), nullable=False),
@@ -110,7 +114,9 @@ history = Table(
     metadata,
     Column("id", BigId, primary_key=True, autoincrement=True),
     Column(
-        "saga_id", String(36), ForeignKey("saga_instances.id", ondelete="CASCADE"),
+        "saga_id",
+        String(36),
+        ForeignKey("saga_instances.id", ondelete="CASCADE"),
         nullable=False,
     ),
     Column("at", UTCDateTime, nullable=False),

@@ -324,9 +324,7 @@ class SqlSagaStore:
 
     async def count_by_status(self) -> dict[SagaStatus, int]:
         async with self.engine.connect() as conn:
-            rows = await conn.execute(
-                select(sagas.c.status, func.count()).group_by(sagas.c.status)
-            )
+            rows = await conn.execute(select(sagas.c.status, func.count()).group_by(sagas.c.status))
             return {SagaStatus(status): count for status, count in rows}
 
     async def statuses(self, saga_ids: Sequence[str]) -> dict[str, SagaStatus]:

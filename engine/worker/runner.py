@@ -113,7 +113,11 @@ class WorkerRunner:
         except Exception as exc:
             log.warning(
                 "worker %s: %s %s of saga %s raised %r",
-                self.worker.name, envelope.kind, envelope.name, envelope.saga_id, exc,
+                self.worker.name,
+                envelope.kind,
+                envelope.name,
+                envelope.saga_id,
+                exc,
             )
             reply = envelope.reply(Outcome.ERROR, error=f"{type(exc).__name__}: {exc}")
         try:
