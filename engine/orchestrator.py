@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from engine._aio import wait_either
 from engine.clock import Clock, utc_now
-from engine.errors import ConcurrencyConflict, DecodeError, UnknownSagaError
+from engine.errors import ConcurrencyConflict, DecodeError, SagaError, UnknownSagaError
 from engine.messages import Envelope, MessageKind, decode
 from engine.registry import SagaRegistry
 from engine.relay import OutboxRelay
@@ -88,7 +88,13 @@ class Engine:
 
         async def consume() -> None:
             async for delivery in subscription:
-                await self.handle_delivery(delivery)
+                try:
+                    await self.handle_delivery(delivery)
+                except SagaError as exc:
+                    # e.g. the dead-letter destination refused: the message was handed
+                    # back to the broker, so pause instead of ending the consumer.
+                    log.error("delivery not settled, broker will redeliver: %s", exc)
+                    await wait_either(self._stop, None, self.settings.error_backoff)
 
         consumer = asyncio.create_task(consume(), name="saga-engine-replies")
         loops = [

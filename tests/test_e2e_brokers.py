@@ -177,3 +177,48 @@ async def test_malformed_command_is_dead_lettered_and_worker_keeps_going(
             await transport.close()
             await client.close()
             await database.dispose()
+
+
+async def test_two_engines_share_database_and_broker(
+    broker_url: str, postgres_url: str, tmp_path: Path
+) -> None:
+    """Two engine processes over one database and broker: no saga advanced twice."""
+    async with fresh_database(postgres_url) as db_url:
+        database = create_engine(db_url)
+        await ledger.seed(database, stock_by_sku=STOCK, balances=BALANCES)
+        cluster = Cluster(db_url, broker_url, tmp_path)
+        cluster.start_all()
+        cluster.start_engine()
+        client = await SagaClient.connect(db_url, ["sagas.order"])
+        client.topology = Topology(cluster.prefix)
+        try:
+            orders = plan_orders(100, seed=5)
+            ids = [await client.start("place_order", o) for o in orders]
+
+            async def all_finished() -> bool:
+                cluster.assert_running()
+                statuses = await client.statuses(ids)
+                return all(s.is_terminal for s in statuses.values())
+
+            assert await wait_until(all_finished, timeout=240), cluster.logs()
+            assert set(cluster.stop_all().values()) == {0}
+            statuses = Counter(s.value for s in (await client.statuses(ids)).values())
+            assert statuses == expected_outcomes(orders)
+            for saga_id in ids:
+                detail = await client.get(saga_id)
+                advanced = Counter(
+                    (h.event, h.step)
+                    for h in detail.history
+                    if h.event in ("step_succeeded", "step_failed", "step_compensated")
+                )
+                assert max(advanced.values()) == 1, (saga_id, advanced)
+            totals = await ledger.totals(database)
+            assert totals.stock_conserved and totals.money_conserved, totals
+            books = await ledger.effects(database)
+            assert all(e.charges <= 1 for e in books.values())
+        finally:
+            for d in cluster.daemons:
+                if d.process.poll() is None:
+                    d.process.kill()
+            await client.close()
+            await database.dispose()

@@ -16,7 +16,7 @@ from rich.table import Table
 from engine.database import create_engine, upgrade
 from engine.embedded import EmbeddedSystem
 from engine.registry import SagaRegistry
-from engine.states import SagaStatus, StepStatus
+from engine.states import SagaStatus
 
 #: Shelf and account levels at the start of every demo run (topped up, never reset).
 STOCK = {"widget": 1_000_000, "gadget": 3}
@@ -102,8 +102,7 @@ async def run_demo(
     inconsistent = 0
     for d in details:
         failed = next(
-            (s.name for s in d.steps if s.status in (StepStatus.FAILED, StepStatus.TIMED_OUT)),
-            None,
+            (h.step for h in d.history if h.event in ("step_failed", "step_timed_out")), None
         )
         outcomes[f"{d.status.value}" + (f" (failed at {failed})" if failed else "")] += 1
         effect = books.get(d.id, ledger.OrderEffect())

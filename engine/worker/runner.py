@@ -61,6 +61,10 @@ class WorkerRunner:
         async def one(delivery: Delivery) -> None:
             try:
                 await self.handle_delivery(delivery)
+            except SagaError as exc:
+                # e.g. the dead-letter destination refused: the broker redelivers.
+                log.error("worker %s: delivery not settled: %s", self.worker.name, exc)
+                await asyncio.sleep(1.0)
             finally:
                 slots.release()
 
