@@ -59,6 +59,7 @@ async def _serve(
     run: Callable[[], Coroutine[Any, Any, None]],
     stop: Callable[[], None],
     grace: float,
+    ready: str,
 ) -> None:
     """Run until a signal, then give ``run`` ``grace`` seconds to drain."""
     loop = asyncio.get_running_loop()
@@ -73,6 +74,7 @@ async def _serve(
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+    log.info("%s", ready)  # only now: a signal from here on drains cleanly
     task = asyncio.create_task(run(), name=name)
     signalled = asyncio.create_task(stopping.wait())
     try:
@@ -111,8 +113,8 @@ async def run_engine(settings: Settings, *, migrate: bool, grace: float) -> None
         await _connect(transport, settings.broker_url)
         engine = Engine(SqlSagaStore(database), transport, registry, topology=topology)
         names = ", ".join(f"{s.name} v{s.version}" for s in registry)
-        log.info("engine %s serving %s", engine.instance_id, names)
-        await _serve("engine", engine.run, engine.stop, grace)
+        ready = f"engine {engine.instance_id} consuming {topology.replies}, serving {names}"
+        await _serve("engine", engine.run, engine.stop, grace, ready)
     finally:
         await transport.close()
         await database.dispose()
@@ -133,8 +135,8 @@ async def run_worker(
         runner = WorkerRunner(
             worker, transport, database, topology=topology, concurrency=concurrency
         )
-        log.info("worker %s consuming %s", worker.name, runner.destination)
-        await _serve(f"worker {worker.name}", runner.run, runner.stop, grace)
+        ready = f"worker {worker.name} consuming {runner.destination}"
+        await _serve(f"worker {worker.name}", runner.run, runner.stop, grace, ready)
     finally:
         await transport.close()
         await database.dispose()

@@ -84,7 +84,6 @@ class Engine:
         subscription = await self.transport.subscribe(
             self.topology.replies, group=self.settings.group
         )
-        log.info("engine %s consuming %s", self.instance_id, self.topology.replies)
 
         async def consume() -> None:
             async for delivery in subscription:

@@ -279,7 +279,7 @@ _migrate = click.option(
 )
 _log_level = click.option(
     "--log-level",
-    type=click.Choice(["debug", "info", "warning", "error"]),
+    type=click.Choice(["debug", "info", "warning", "error", "critical"]),
     default="info",
     show_default=True,
 )
