@@ -1,0 +1,180 @@
+"""Telemetry building blocks: propagation, spans, endpoints, log context."""
+
+from __future__ import annotations
+
+import json
+import logging
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+
+from engine.errors import ConfigError
+from engine.messages import Envelope, MessageKind, Outcome
+from engine.model import OutboxMessage
+from engine.telemetry import setup
+from engine.telemetry.http import Readiness, TelemetryServer
+from engine.telemetry.logs import JsonFormatter, SagaContextFilter, saga_context
+from engine.telemetry.tracing import (
+    extract,
+    inject,
+    process_span,
+    span_context_of,
+    trace_id,
+    trace_outgoing,
+    tracer,
+)
+
+_EXPORTER = InMemorySpanExporter()
+_PROVIDER = TracerProvider()
+_PROVIDER.add_span_processor(SimpleSpanProcessor(_EXPORTER))
+
+
+@pytest.fixture
+def spans() -> Iterator[InMemorySpanExporter]:
+    # The global provider can be set once per process; tests use their own tracer.
+    trace._TRACER_PROVIDER = _PROVIDER  # type: ignore[attr-defined]
+    _EXPORTER.clear()
+    yield _EXPORTER
+    _EXPORTER.clear()
+
+
+def command(**headers: str) -> Envelope:
+    return Envelope(
+        saga_id="saga-1",
+        saga_name="place_order",
+        saga_version=1,
+        step="charge_payment",
+        kind=MessageKind.COMMAND,
+        name="charge_payment",
+        attempt=2,
+        headers=headers,
+    )
+
+
+def test_inject_extract_round_trip(spans: InMemorySpanExporter) -> None:
+    with tracer().start_as_current_span("root") as root:
+        headers = inject({"x-other": "kept"})
+    assert headers["x-other"] == "kept"
+    assert headers["traceparent"].split("-")[1] == trace_id(root)
+    ctx = span_context_of(headers)
+    assert ctx is not None and ctx.span_id == root.get_span_context().span_id
+    assert span_context_of({}) is None
+    assert trace.get_current_span(extract({})).get_span_context().is_valid is False
+
+
+def test_send_spans_carry_context_and_links(spans: InMemorySpanExporter) -> None:
+    cause = None
+    with tracer().start_as_current_span("cause") as failed:
+        cause = failed.get_span_context()
+    with tracer().start_as_current_span("handle") as handling:
+        out = trace_outgoing(
+            [OutboxMessage("saga.commands.payment", "saga-1", command())],
+            system="kafka",
+            links=[cause],
+        )
+    send = next(s for s in spans.get_finished_spans() if s.name == "send saga.commands.payment")
+    assert send.kind is SpanKind.PRODUCER
+    assert send.parent is not None and send.parent.span_id == handling.get_span_context().span_id
+    assert [link.context.span_id for link in send.links] == [cause.span_id]
+    attrs = dict(send.attributes or {})
+    assert attrs["messaging.system"] == "kafka"
+    assert attrs["messaging.operation.name"] == "send"
+    assert attrs["messaging.destination.name"] == "saga.commands.payment"
+    assert attrs["messaging.message.conversation_id"] == "saga-1"
+    assert attrs["messaging.kafka.message.key"] == "saga-1"
+    assert attrs["saga.step"] == "charge_payment"
+    header_ctx = span_context_of(out[0].envelope.headers)
+    assert header_ctx is not None and header_ctx.span_id == send.context.span_id
+
+
+def test_process_span_continues_the_senders_trace(spans: InMemorySpanExporter) -> None:
+    with tracer().start_as_current_span("sender") as sender:
+        headers = inject({})
+    envelope = command(**headers).reply(Outcome.SUCCESS)
+    with process_span(
+        envelope, system="rabbitmq", destination="saga.replies", group="engine"
+    ) as span:
+        inner = trace_id()
+    assert inner == trace_id(sender)
+    finished = next(s for s in spans.get_finished_spans() if s.name == "process saga.replies")
+    assert finished.kind is SpanKind.CONSUMER
+    assert finished.parent is not None
+    assert finished.parent.span_id == sender.get_span_context().span_id
+    attrs = dict(finished.attributes or {})
+    assert attrs["messaging.rabbitmq.destination.routing_key"] == "saga.replies"
+    assert attrs["messaging.consumer.group.name"] == "engine"
+    assert attrs["saga.outcome"] == "success"
+    assert span.get_span_context().trace_id == sender.get_span_context().trace_id
+
+
+def test_unknown_exporter_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "zipkinish")
+    with pytest.raises(ConfigError, match="unknown OTEL_TRACES_EXPORTER 'zipkinish'"):
+        setup.configure_tracing("test")
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "otlp")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+    with pytest.raises(ConfigError, match="http/protobuf"):
+        setup.configure_tracing("test")
+
+
+def get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def test_health_ready_and_metrics_endpoints() -> None:
+    readiness = Readiness()
+    server = TelemetryServer("127.0.0.1", 0, readiness)
+    server.start()
+    try:
+        assert get(server.port, "/healthz") == (200, "ok\n")
+        status, body = get(server.port, "/readyz")
+        assert status == 503 and json.loads(body)["ready"] is False
+        readiness.set("database", True)
+        readiness.set("broker", False, "connection refused")
+        status, body = get(server.port, "/readyz")
+        assert status == 503
+        assert json.loads(body)["checks"]["broker"] == {
+            "ok": False,
+            "detail": "connection refused",
+        }
+        readiness.set("broker", True)
+        assert get(server.port, "/readyz")[0] == 200
+        status, body = get(server.port, "/metrics")
+        assert status == 200 and "python_info" in body
+        assert get(server.port, "/nope")[0] == 404
+    finally:
+        server.stop()
+
+
+def test_port_in_use_is_a_config_error() -> None:
+    first = TelemetryServer("127.0.0.1", 0, Readiness())
+    try:
+        with pytest.raises(ConfigError, match=r"cannot listen on 127\.0\.0\.1"):
+            TelemetryServer("127.0.0.1", first.port, Readiness())
+    finally:
+        first.stop()
+
+
+def test_json_log_lines_carry_saga_step_and_trace(spans: InMemorySpanExporter) -> None:
+    record = logging.LogRecord("saga.worker", logging.INFO, __file__, 1, "hello %s", ("x",), None)
+    with tracer().start_as_current_span("work") as span, saga_context("saga-9", "charge"):
+        SagaContextFilter().filter(record)
+    line = json.loads(JsonFormatter().format(record))
+    assert line["message"] == "hello x"
+    assert line["saga_id"] == "saga-9"
+    assert line["step"] == "charge"
+    assert line["trace_id"] == trace_id(span)
+    outside = logging.LogRecord("saga", logging.INFO, __file__, 1, "bare", (), None)
+    SagaContextFilter().filter(outside)
+    assert "saga_id" not in json.loads(JsonFormatter().format(outside))
