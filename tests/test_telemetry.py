@@ -178,3 +178,26 @@ def test_json_log_lines_carry_saga_step_and_trace(spans: InMemorySpanExporter) -
     outside = logging.LogRecord("saga", logging.INFO, __file__, 1, "bare", (), None)
     SagaContextFilter().filter(outside)
     assert "saga_id" not in json.loads(JsonFormatter().format(outside))
+
+
+def test_otlp_exporter_reaches_the_test_receiver() -> None:
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+
+    from tests.otlp_receiver import OtlpReceiver
+
+    receiver = OtlpReceiver()
+    try:
+        provider = TracerProvider(resource=Resource.create({"service.name": "probe"}))
+        provider.add_span_processor(
+            SimpleSpanProcessor(OTLPSpanExporter(endpoint=f"{receiver.endpoint}/v1/traces"))
+        )
+        with provider.get_tracer("t").start_as_current_span(
+            "hello", attributes={"saga.id": "s-1"}
+        ) as span:
+            expected = trace_id(span)
+        provider.shutdown()
+        (got,) = receiver.of_saga("s-1")
+        assert (got.service, got.name, got.trace_id) == ("probe", "hello", expected)
+    finally:
+        receiver.close()
