@@ -25,6 +25,9 @@ class Group:
     pids: PidSource
     #: The processes also serve other users of this machine (shared services).
     shared: bool = False
+    #: Part of the system under test itself (engine, workers, Temporal worker), as
+    #: opposed to the services it uses and the benchmark's own client.
+    own: bool = False
     #: "pss" for process families sharing memory (PostgreSQL's shared buffers would be
     #: counted once per backend in RSS); "rss" otherwise.
     memory: str = "rss"

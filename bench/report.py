@@ -166,8 +166,8 @@ def scale_table(console: Console, scale: dict[str, Any]) -> None:
     table.add_column("memory within 10%", justify="right")
     for group, growth in scale["memory_growth"].items():
         flat = "[green]yes[/]" if growth["within_10pct"] else "[red]no[/]"
-        if growth["shared"]:
-            flat = f"[dim]{flat} (shared)[/]"
+        if not growth.get("own"):
+            flat = f"[dim]{'yes' if growth['within_10pct'] else 'no'} (not saga-engine)[/]"
         table.add_row(
             group,
             *(f"{w['cpu_ms_per_saga'].get(group, math.nan):.2f}" for w in scale["windows"]),
@@ -188,8 +188,10 @@ def scale_table(console: Console, scale: dict[str, Any]) -> None:
     )
     console.print(table)
     verdict = "stayed" if scale["own_processes_flat"] else "did NOT stay"
+    first, last = scale["checkpoints"][-2]["sagas"], scale["checkpoints"][-1]["sagas"]
     console.print(
-        f"RSS of saga-engine's own processes {verdict} within 10% between the last two checkpoints."
+        f"RSS of saga-engine's processes (engine, workers) {verdict} within 10% "
+        f"between {first:,} and {last:,} sagas."
     )
 
 
@@ -212,17 +214,27 @@ def profile_tables(console: Console, profile: dict[str, Any], top: int = 10) -> 
             console.print(f"[red]{name}: {p['error']}")
             continue
         n = top if name == "engine" else 5
-        table = Table(title=f"{name}: {p['samples']} samples", title_justify="left")
-        table.add_column("self by package", overflow="fold")
-        table.add_column("%", justify="right")
-        table.add_column("inclusive by function", overflow="fold")
-        table.add_column("%", justify="right")
-        pkgs, funcs = p["self_by_package"][:n], p["inclusive_by_function"][:n]
-        for i in range(max(len(pkgs), len(funcs))):
-            a = pkgs[i] if i < len(pkgs) else {"name": "", "percent": ""}
-            b = funcs[i] if i < len(funcs) else {"name": "", "percent": ""}
-            table.add_row(a["name"], str(a["percent"]), b["name"], str(b["percent"]))
+        busy = (
+            f"{p['cpu_percent']:.0f}% of a core busy "
+            f"({p['cpu_user_s']:.1f}s user, {p['cpu_system_s']:.1f}s system)"
+            if "cpu_percent" in p
+            else ""
+        )
+        table = Table(title=f"{name}: {p['samples']} busy samples, {busy}", title_justify="left")
+        lists = [p[k][:n] for k in ("self_by_package", "self_by_function", "inclusive_by_function")]
+        for heading in ("self by package", "self by function", "inclusive by function"):
+            table.add_column(heading, overflow="fold")
+            table.add_column("%", justify="right")
+        for i in range(max(len(x) for x in lists)):
+            row: list[str] = []
+            for entries in lists:
+                entry = entries[i] if i < len(entries) else {"name": "", "percent": ""}
+                row += [entry["name"], str(entry["percent"])]
+            table.add_row(*row)
         console.print(table)
+        calls = ", ".join(f"{c['name']} {c['percent']}%" for c in p.get("syscalls_by_caller", []))
+        if calls:
+            console.print(f"  [dim]{name} in system calls: {calls}[/]")
 
 
 def render(console: Console, result: dict[str, Any]) -> None:

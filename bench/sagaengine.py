@@ -206,8 +206,8 @@ class SagaEngineSystem:
             return {r["pid"] for r in rows}
 
         return [
-            Group("engine", fixed(*self.pids("engine"))),
-            *(Group(p, fixed(*self.pids(p))) for p in PARTICIPANTS),
+            Group("engine", fixed(*self.pids("engine")), own=True),
+            *(Group(p, fixed(*self.pids(p)), own=True) for p in PARTICIPANTS),
             Group("postgres", backends, memory="pss"),
             Group("postgres bg", background, shared=True, memory="pss"),
             Group(self.broker, listener(broker_port(self.broker_url)), shared=True),

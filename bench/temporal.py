@@ -139,7 +139,7 @@ class TemporalSystem:
         self.monitor = Monitor(
             [
                 Group("temporal server", fixed(self.server.pid)),
-                Group("temporal worker", fixed(self.worker.pid)),
+                Group("temporal worker", fixed(self.worker.pid), own=True),
                 Group("bench client", fixed(os.getpid())),
             ]
         )
