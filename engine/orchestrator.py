@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from engine._aio import wait_either
 from engine.clock import Clock, utc_now
 from engine.errors import ConcurrencyConflict, DecodeError, SagaError, UnknownSagaError
+from engine.faults import crashpoint
 from engine.messages import Envelope, MessageKind, decode
 from engine.registry import SagaRegistry
 from engine.relay import OutboxRelay
@@ -133,7 +134,12 @@ class Engine:
         delay = 0.01
         while True:
             try:
-                await self.handle_reply(envelope)
+                if not await self.handle_reply(envelope):
+                    log.info(
+                        "reply %s of saga %s was applied before: a duplicate, acknowledged",
+                        envelope.message_id,
+                        envelope.saga_id,
+                    )
                 break
             except ConcurrencyConflict:
                 conflicts += 1
@@ -160,6 +166,7 @@ class Engine:
                 await delivery.nack()
                 await wait_either(self._stop, None, self.settings.error_backoff)
                 return
+        crashpoint("engine.after_commit")
         self.replies_handled += 1
         await delivery.ack()
 

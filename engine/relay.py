@@ -14,6 +14,7 @@ import logging
 from engine._aio import wait_either
 from engine.clock import Clock, utc_now
 from engine.errors import PublishError, TransportError
+from engine.faults import crashpoint
 from engine.store.base import SagaStore
 from engine.transport.base import Message, Transport
 
@@ -53,6 +54,7 @@ class OutboxRelay:
             if not rows:
                 return 0
             messages = [Message(r.destination, r.key, r.body, r.headers) for r in rows]
+            crashpoint("relay.before_publish")
             try:
                 await asyncio.wait_for(
                     self.transport.publish(messages), timeout=self.publish_timeout
@@ -62,6 +64,7 @@ class OutboxRelay:
                     f"broker did not confirm {len(messages)} messages "
                     f"within {self.publish_timeout:g}s"
                 ) from None
+            crashpoint("relay.after_publish")
             await tx.mark_sent([r.id for r in rows], self.clock())
         self.published += len(rows)
         return len(rows)

@@ -15,6 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from engine.errors import DecodeError, SagaError
+from engine.faults import crashpoint
 from engine.messages import Envelope, MessageKind, Outcome, decode, encode
 from engine.topology import Topology
 from engine.transport.base import Delivery, Message, Transport
@@ -124,12 +125,15 @@ class WorkerRunner:
                 exc,
             )
             reply = envelope.reply(Outcome.ERROR, error=f"{type(exc).__name__}: {exc}")
+        else:
+            crashpoint("worker.after_commit")
         try:
             await self._reply(reply)
         except SagaError as exc:
             log.warning("worker %s could not send a reply, will redo: %s", self.worker.name, exc)
             await delivery.nack()
             return
+        crashpoint("worker.after_reply")
         self.handled += 1
         await delivery.ack()
 
