@@ -15,14 +15,17 @@ from sqlalchemy.exc import IntegrityError
 from engine.clock import Clock, utc_now
 from engine.database import check_schema, create_engine
 from engine.definition import Saga
-from engine.errors import SagaError, SagaNotFoundError
+from engine.errors import ConcurrencyConflict, SagaError, SagaNotFoundError, UnknownSagaError
 from engine.registry import SagaRegistry
 from engine.statemachine import Transition, new_saga
 from engine.states import SagaStatus
 from engine.store.base import SagaStore, write_transition
 from engine.store.sql import SqlSagaStore
 from engine.topology import Topology
-from engine.views import SagaDetail, SagaSummary
+from engine.views import DispatchView, OperatorResult, SagaDetail, SagaSummary
+
+#: How often an operator action is re-applied when the engine advanced the saga first.
+OPERATOR_CONFLICT_RETRIES = 10
 
 
 class SagaClient:
@@ -101,6 +104,77 @@ class SagaClient:
         limit: int = 50,
     ) -> list[SagaSummary]:
         return await self.store.list_sagas(status=status, name=name, limit=limit)
+
+    # -- operator repair ----------------------------------------------------------
+
+    async def retry(self, saga_id: str, *, actor: str, reason: str | None = None) -> OperatorResult:
+        """Resume a parked saga (or end a retry backoff now): the step or compensation
+        it stopped at is dispatched again with a fresh attempt budget."""
+        return await self._operate(
+            saga_id, "retry", actor, reason, lambda t: t.operator_retry(actor, reason)
+        )
+
+    async def cancel(
+        self, saga_id: str, *, actor: str, reason: str | None = None
+    ) -> OperatorResult:
+        """Stop a running saga and compensate what ran (the step in flight included)."""
+        return await self._operate(
+            saga_id, "cancel", actor, reason, lambda t: t.cancel(actor, reason)
+        )
+
+    async def _operate(
+        self,
+        saga_id: str,
+        action: str,
+        actor: str,
+        reason: str | None,
+        apply: Callable[[Transition], str],
+    ) -> OperatorResult:
+        """Apply an operator event in one transaction with its outbox messages, under
+        the saga's optimistic row version; re-read and re-decide if the engine won."""
+        for _ in range(OPERATOR_CONFLICT_RETRIES):
+            try:
+                async with self.store.transaction() as tx:
+                    state = await tx.load_saga(saga_id)
+                    if state is None:
+                        raise SagaNotFoundError(f"no saga with id {saga_id!r}")
+                    try:
+                        definition = self.registry.get(state.name, state.version)
+                    except UnknownSagaError as exc:
+                        raise UnknownSagaError(
+                            f"cannot {action} saga {saga_id}: {exc}; load its module with "
+                            "--sagas or SAGA_SAGAS"
+                        ) from None
+                    previous = state.status
+                    transition = Transition(
+                        definition, state, now=self.clock(), topology=self.topology
+                    )
+                    summary = apply(transition)
+                    await write_transition(tx, state, transition.messages, transition.history)
+            except ConcurrencyConflict:
+                continue
+            if transition.messages and self.on_commit is not None:
+                self.on_commit()
+            return OperatorResult(
+                saga_id=saga_id,
+                action=action,
+                actor=actor,
+                reason=reason,
+                previous_status=previous,
+                status=state.status,
+                summary=summary,
+                dispatched=[
+                    DispatchView(
+                        destination=m.destination,
+                        step=m.envelope.step,
+                        kind=m.envelope.kind,
+                        name=m.envelope.name,
+                        attempt=m.envelope.attempt,
+                    )
+                    for m in transition.messages
+                ],
+            )
+        raise ConcurrencyConflict(f"saga {saga_id} kept changing under the {action}; try again")
 
     async def counts(self) -> dict[SagaStatus, int]:
         return await self.store.count_by_status()

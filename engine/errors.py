@@ -35,6 +35,10 @@ class DatabaseError(SagaError):
     """The database is missing, unreachable or not migrated."""
 
 
+class OperationRefused(SagaError):
+    """An operator action (retry, cancel, replay) makes no sense in the current state."""
+
+
 class ConcurrencyConflict(SagaError):
     """Another writer advanced the saga first (optimistic version check failed)."""
 

@@ -52,6 +52,10 @@ class StepState:
     finished_at: datetime | None = None
     reply: dict[str, Any] | None = None
     error: str | None = None
+    #: Attempts made before the current retry budget began. An operator retry starts
+    #: a fresh budget here, so attempt numbers (the tokens) keep growing.
+    attempt_base: int = 0
+    compensation_attempt_base: int = 0
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from engine.definition import Saga, Step, StepContext, build_payload
+from engine.errors import OperationRefused
 from engine.messages import Envelope, MessageKind, Outcome
 from engine.model import (
     Awaiting,
@@ -27,7 +28,12 @@ from engine.model import (
 from engine.states import SagaStatus, StepStatus
 from engine.topology import Topology
 
-_COMPENSABLE = (StepStatus.SUCCEEDED, StepStatus.TIMED_OUT, StepStatus.COMPENSATING)
+_COMPENSABLE = (
+    StepStatus.SUCCEEDED,
+    StepStatus.TIMED_OUT,
+    StepStatus.CANCELLED,
+    StepStatus.COMPENSATING,
+)
 
 
 def new_saga(
@@ -127,6 +133,129 @@ class Transition:
             self._dispatch_compensation(step)
         return True
 
+    # -- operator events ---------------------------------------------------------
+
+    def operator_retry(self, actor: str, reason: str | None = None) -> str:
+        """An operator's retry: resume a parked saga, or end a retry backoff now.
+
+        The retried step (or compensation) gets a fresh attempt budget and is
+        dispatched at once with a new, higher attempt token, so a late reply to an
+        earlier attempt is still told apart and ignored. Returns what was done, in
+        words; raises :class:`OperationRefused` where a retry means nothing.
+        """
+        state = self.state
+        name, kind = self._retry_target()
+        step = self.definition.step(name)
+        st = state.steps[name]
+        state.awaiting = None
+        state.timer = None
+        if kind is MessageKind.COMPENSATION:
+            st.compensation_attempt_base = st.compensation_attempt
+            state.status = SagaStatus.COMPENSATING
+            what = (
+                f"compensation of step {name!r} dispatched as attempt "
+                f"{st.compensation_attempt + 1}, with a fresh budget of "
+                f"{step.compensation_retry.max_attempts} attempts"
+            )
+            self._operator("retried", name, what, actor, reason)
+            self._dispatch_compensation(step)
+        else:
+            st.attempt_base = st.attempt
+            st.finished_at = None
+            st.error = None
+            state.status = SagaStatus.RUNNING
+            state.error = None
+            what = (
+                f"step {name!r} dispatched as attempt {st.attempt + 1}, with a fresh "
+                f"budget of {step.retry.max_attempts} attempts"
+            )
+            self._operator("retried", name, what, actor, reason)
+            self._dispatch(step)
+        return what
+
+    def _retry_target(self) -> tuple[str, MessageKind]:
+        """The step (and which half of it) an operator retry dispatches again."""
+        state = self.state
+        if state.status.is_terminal:
+            raise OperationRefused(f"saga {state.id} is {state.status}: there is nothing to retry")
+        if state.status is SagaStatus.PARKED:
+            ordered = state.ordered_steps()
+            undoing = [st for st in ordered if st.status is StepStatus.COMPENSATING]
+            if undoing:
+                # Parked because this compensation kept failing (or could not be built).
+                return undoing[-1].name, MessageKind.COMPENSATION
+            if any(st.status is StepStatus.COMPENSATED for st in ordered):
+                raise OperationRefused(
+                    f"saga {state.id} is parked half compensated with no compensation "
+                    "pending: there is nothing to retry"
+                )
+            # Parked going backward at a step without compensation (the pivot or after
+            # it): such a saga can only go forward, so retry the first unfinished step.
+            for st in ordered:
+                if st.status is not StepStatus.SUCCEEDED:
+                    return st.name, MessageKind.COMMAND
+            raise OperationRefused(f"saga {state.id} is parked with every step succeeded")
+        if state.awaiting is not None:
+            token = state.awaiting
+            raise OperationRefused(
+                f"saga {state.id} is {state.status}: the {token.kind} of step {token.step!r} "
+                f"(attempt {token.attempt}) is in flight; wait for its reply or timeout"
+            )
+        timer = state.timer
+        if timer is not None and timer.kind is TimerKind.RETRY:
+            return timer.step, MessageKind.COMMAND
+        if timer is not None and timer.kind is TimerKind.COMPENSATION_RETRY:
+            return timer.step, MessageKind.COMPENSATION
+        raise OperationRefused(f"saga {state.id} is {state.status} and waits for nothing to retry")
+
+    def cancel(self, actor: str, reason: str | None = None) -> str:
+        """An operator stops a running saga and compensates what ran.
+
+        The step in flight (or between two of its attempts) has an unknown outcome:
+        it is compensated like a timed-out step, which the participant's barrier makes
+        safe, then the completed steps in reverse order. A saga past its pivot cannot
+        be undone, so it cannot be cancelled either.
+        """
+        state = self.state
+        if state.status is not SagaStatus.RUNNING:
+            why = {
+                SagaStatus.COMPENSATING: "it is already compensating",
+                SagaStatus.PARKED: "it is parked; retry it instead",
+            }.get(state.status, "it has finished")
+            raise OperationRefused(f"saga {state.id} is {state.status}: cannot cancel, {why}")
+        for st in state.ordered_steps():
+            if self.definition.step(st.name).compensation is None and st.attempt > 0:
+                did = "succeeded" if st.status is StepStatus.SUCCEEDED else "been dispatched"
+                raise OperationRefused(
+                    f"saga {state.id} cannot be cancelled: step {st.name!r} has no "
+                    f"compensation (it is the pivot or after it) and has {did}; "
+                    "this saga can only go forward"
+                )
+        in_flight = [
+            st
+            for st in state.ordered_steps()
+            if st.status in (StepStatus.DISPATCHED, StepStatus.PENDING) and st.attempt > 0
+        ]
+        undo = [st.name for st in reversed(state.ordered_steps()) if st.status in _COMPENSABLE]
+        undo = [st.name for st in reversed(in_flight)] + undo
+        what = f"compensating {', '.join(repr(n) for n in undo)}" if undo else "nothing ran to undo"
+        self._operator("cancelled", None, what, actor, reason)
+        for st in in_flight:
+            st.status = StepStatus.CANCELLED
+            st.finished_at = self.now
+            st.error = f"cancelled by {actor} with attempt {st.attempt} in flight: outcome unknown"
+            self._record("step_cancelled", st.name, st.error)
+        state.awaiting = None
+        state.timer = None
+        self._fail(f"cancelled by {actor}" + (f": {reason}" if reason else ""))
+        return what
+
+    def _operator(
+        self, event: str, step: str | None, what: str, actor: str, reason: str | None
+    ) -> None:
+        why = f"reason: {reason}" if reason else "no reason given"
+        self._record(event, step, f"{why}; {what}", actor=actor)
+
     # -- forward -----------------------------------------------------------------
 
     def _dispatch(self, step: Step) -> None:
@@ -171,27 +300,28 @@ class Transition:
         else:
             st.error = reply.error or "transient error"
             policy = step.retry
-            if st.attempt < policy.max_attempts:
+            used = st.attempt - st.attempt_base
+            if used < policy.max_attempts:
                 st.status = StepStatus.PENDING
-                delay = policy.delay(st.attempt, self.rng)
+                delay = policy.delay(used, self.rng)
                 self.state.timer = Timer(TimerKind.RETRY, step.name, st.attempt, self._after(delay))
                 self._record(
                     "step_error",
                     st.name,
-                    f"attempt {st.attempt}/{policy.max_attempts}: {st.error}; "
+                    f"attempt {st.attempt}/{st.attempt_base + policy.max_attempts}: {st.error}; "
                     f"retry in {delay:.3f}s",
                 )
             else:
                 st.status = StepStatus.FAILED
                 st.finished_at = self.now
-                self._record("step_failed", st.name, f"gave up after {st.attempt} attempts")
+                self._record("step_failed", st.name, f"gave up after {used} attempts")
                 if step.compensation is not None:
                     # Only this attempt is known to have rolled back: an earlier one may
                     # still be delivered (redelivery, a second publish) and run. So the
                     # step is compensated first, like a timed-out one; the participant's
                     # barrier makes that a no-op if it never ran and refuses it later.
                     st.status = StepStatus.COMPENSATING
-                self._fail(f"step {st.name!r} failed after {st.attempt} attempts: {st.error}")
+                self._fail(f"step {st.name!r} failed after {used} attempts: {st.error}")
 
     # -- backward ----------------------------------------------------------------
 
@@ -248,21 +378,20 @@ class Transition:
     def _compensation_error(self, step: Step, st: StepState, error: str) -> None:
         st.error = error
         policy = step.compensation_retry
-        if st.compensation_attempt < policy.max_attempts:
-            delay = policy.delay(st.compensation_attempt, self.rng)
+        used = st.compensation_attempt - st.compensation_attempt_base
+        if used < policy.max_attempts:
+            delay = policy.delay(used, self.rng)
             self.state.timer = Timer(
                 TimerKind.COMPENSATION_RETRY, step.name, st.compensation_attempt, self._after(delay)
             )
+            limit = st.compensation_attempt_base + policy.max_attempts
             self._record(
                 "compensation_error",
                 st.name,
-                f"attempt {st.compensation_attempt}/{policy.max_attempts}: {error}; "
-                f"retry in {delay:.3f}s",
+                f"attempt {st.compensation_attempt}/{limit}: {error}; retry in {delay:.3f}s",
             )
         else:
-            self._park(
-                f"compensation of step {st.name!r} failed {st.compensation_attempt} times: {error}"
-            )
+            self._park(f"compensation of step {st.name!r} failed {used} times: {error}")
 
     def _park(self, reason: str) -> None:
         self.state.status = SagaStatus.PARKED
@@ -304,6 +433,12 @@ class Transition:
     def _after(self, seconds: float) -> datetime:
         return self.now + timedelta(seconds=seconds)
 
-    def _record(self, event: str, step: str | None = None, detail: str | None = None) -> None:
+    def _record(
+        self,
+        event: str,
+        step: str | None = None,
+        detail: str | None = None,
+        actor: str = "engine",
+    ) -> None:
         self.state.updated_at = self.now
-        self.history.append(HistoryEntry(self.now, event, step, detail))
+        self.history.append(HistoryEntry(self.now, event, step, detail, actor))

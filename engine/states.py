@@ -27,5 +27,8 @@ class StepStatus(StrEnum):
     #: No reply within the step's timeout: the outcome is unknown, so the step is
     #: compensated as if it had succeeded (the participant's barrier makes that safe).
     TIMED_OUT = "timed_out"
+    #: An operator cancelled the saga while this step was in flight (or between its
+    #: attempts): its outcome is unknown, so it is compensated like a timed-out step.
+    CANCELLED = "cancelled"
     COMPENSATING = "compensating"
     COMPENSATED = "compensated"

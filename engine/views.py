@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from engine.messages import MessageKind
 from engine.states import SagaStatus, StepStatus
 
 
@@ -45,3 +46,26 @@ class SagaDetail(SagaSummary):
     trace_id: str | None = None
     steps: list[StepView]
     history: list[HistoryView]
+
+
+class DispatchView(BaseModel):
+    """A message an operator action put in the outbox (the relay publishes it)."""
+
+    destination: str
+    step: str
+    kind: MessageKind
+    name: str
+    attempt: int
+
+
+class OperatorResult(BaseModel):
+    """What ``retry`` or ``cancel`` did to one saga."""
+
+    saga_id: str
+    action: str
+    actor: str
+    reason: str | None
+    previous_status: SagaStatus
+    status: SagaStatus
+    summary: str
+    dispatched: list[DispatchView]

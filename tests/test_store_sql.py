@@ -402,6 +402,7 @@ async def test_migrations_and_schema_metadata_do_not_drift(db: AsyncEngine) -> N
         "saga_outbox",
         "saga_inbox",
         "participant_barrier",
+        "saga_dead_letters",
     } == ENGINE_TABLES
     assert diffs == []
 

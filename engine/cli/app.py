@@ -7,6 +7,7 @@ failed operation, 2 for bad usage (click's convention).
 from __future__ import annotations
 
 import asyncio
+import getpass
 import json
 import logging
 import sys
@@ -187,6 +188,80 @@ def show(options: Options, saga_id: str) -> None:
         render.dump_json(stdout, detail)
     else:
         render.saga_detail(stdout, detail)
+
+
+# -- operator repair -------------------------------------------------------------------
+
+
+def default_actor() -> str:
+    """The OS user name, recorded as who did an operator action."""
+    try:
+        return getpass.getuser()
+    except Exception:  # no user name in this environment (KeyError, OSError)
+        return "operator"
+
+
+def _actor_option(func: Any) -> Any:
+    return click.option(
+        "--actor",
+        metavar="NAME",
+        help="who acts, recorded in the saga's history [default: the OS user name]",
+    )(func)
+
+
+def _reason_option(func: Any) -> Any:
+    return click.option("--reason", metavar="TEXT", help="why, recorded in the saga's history")(
+        func
+    )
+
+
+def _actor(actor: str | None) -> str:
+    name = (actor if actor is not None else default_actor()).strip()
+    if not name:
+        fail("--actor must not be empty")
+    if len(name) > 200:
+        fail("--actor is longer than 200 characters")
+    return name
+
+
+def _operate(options: Options, action: str, saga_id: str, actor: str, reason: str | None) -> None:
+    async def go() -> Any:
+        client = await SagaClient.connect(
+            options.settings.database_url, options.settings.saga_modules
+        )
+        async with client:
+            if action == "retry":
+                return await client.retry(saga_id, actor=actor, reason=reason)
+            return await client.cancel(saga_id, actor=actor, reason=reason)
+
+    result = run(go())
+    if options.as_json:
+        render.dump_json(stdout, result)
+    else:
+        render.operator_result(stdout, result)
+
+
+@cli.command()
+@click.argument("saga_id")
+@_reason_option
+@_actor_option
+@_json_option
+@pass_options
+def retry(options: Options, saga_id: str, reason: str | None, actor: str | None) -> None:
+    """Resume a parked saga: dispatch the compensation (or step) it stopped at again,
+    with a fresh attempt budget. Also ends a retry backoff early."""
+    _operate(options, "retry", saga_id, _actor(actor), reason)
+
+
+@cli.command()
+@click.argument("saga_id")
+@_reason_option
+@_actor_option
+@_json_option
+@pass_options
+def cancel(options: Options, saga_id: str, reason: str | None, actor: str | None) -> None:
+    """Stop a running saga and compensate what ran, the step in flight included."""
+    _operate(options, "cancel", saga_id, _actor(actor), reason)
 
 
 @cli.group()

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from engine.states import SagaStatus, StepStatus
-from engine.views import SagaDetail, SagaSummary
+from engine.views import OperatorResult, SagaDetail, SagaSummary
 
 STATUS_STYLE = {
     SagaStatus.RUNNING: "cyan",
@@ -22,6 +22,7 @@ STATUS_STYLE = {
     SagaStatus.PARKED: "bold red",
     StepStatus.FAILED: "red",
     StepStatus.TIMED_OUT: "red",
+    StepStatus.CANCELLED: "red",
     StepStatus.SUCCEEDED: "green",
     StepStatus.COMPENSATED: "magenta",
 }
@@ -95,8 +96,35 @@ def saga_detail(console: Console, saga: SagaDetail) -> None:
     history = Table(title="history", title_justify="left")
     for column in ("at", "event", "step"):
         history.add_column(column, no_wrap=True)
-    history.add_column("by")
+    history.add_column("by", no_wrap=True)
     history.add_column("detail", overflow="fold")
     for h in saga.history:
         history.add_row(when(h.at), h.event, h.step or "", h.actor, h.detail or "")
     console.print(history)
+    operator = [h for h in saga.history if h.actor != "engine"]
+    if operator:
+        # Who did what and why, unabridged however narrow the terminal.
+        console.print("[bold]operator actions[/]")
+        for h in operator:
+            console.print(
+                f"  {when(h.at)} {h.event} by {h.actor}: {h.detail or ''}",
+                highlight=False,
+                soft_wrap=True,
+            )
+
+
+def operator_result(console: Console, result: OperatorResult) -> None:
+    past = {"retry": "retried", "cancel": "cancelled"}.get(result.action, result.action)
+    console.print(
+        f"saga {result.saga_id} {past} by {result.actor}: "
+        f"{styled(result.previous_status)} -> {styled(result.status)}",
+        soft_wrap=True,
+    )
+    console.print(f"  {result.summary}", highlight=False, soft_wrap=True)
+    for d in result.dispatched:
+        console.print(
+            f"  queued {d.kind} {d.name} of step {d.step} (attempt {d.attempt}) "
+            f"for {d.destination}",
+            highlight=False,
+            soft_wrap=True,
+        )

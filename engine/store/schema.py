@@ -17,6 +17,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -91,6 +92,9 @@ steps = Table(
     Column("finished_at", UTCDateTime),
     Column("reply", JSON),
     Column("error", Text),
+    #: Attempts made before the current retry budget (an operator retry resets it).
+    Column("attempt_base", Integer, nullable=False, server_default="0"),
+    Column("compensation_attempt_base", Integer, nullable=False, server_default="0"),
 )
 
 timers = Table(
@@ -148,6 +152,29 @@ inbox = Table(
     Column("consumer", String(100), nullable=False),
     Column("processed_at", UTCDateTime, nullable=False),
     Index("ix_saga_inbox_processed_at", "processed_at"),
+)
+
+#: Every message that reached the dead-letter destination, kept for ``sagactl dlq``.
+dead_letters = Table(
+    "saga_dead_letters",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    #: The transport's id of this dead-lettering (x-dead-letter-id), so a redelivered
+    #: dead letter is archived once.
+    Column("letter_id", String(64), nullable=False, unique=True),
+    #: The destination the message was consumed from, where a replay sends it back.
+    Column("source", String(255), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("key", String(255), nullable=False),
+    Column("body", LargeBinary, nullable=False),
+    Column("headers", JSON, nullable=False),
+    #: The saga the body names, if it decodes to an envelope.
+    Column("saga_id", String(255)),
+    Column("received_at", UTCDateTime, nullable=False),
+    Column("replayed_at", UTCDateTime),
+    Column("replayed_by", String(200)),
+    Index("ix_saga_dead_letters_received_at", "received_at"),
+    Index("ix_saga_dead_letters_saga_id", "saga_id"),
 )
 
 barrier = Table(

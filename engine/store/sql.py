@@ -47,6 +47,8 @@ def _step_row(saga_id: str, st: StepState) -> dict[str, Any]:
         "finished_at": st.finished_at,
         "reply": st.reply,
         "error": st.error,
+        "attempt_base": st.attempt_base,
+        "compensation_attempt_base": st.compensation_attempt_base,
     }
 
 
@@ -134,6 +136,8 @@ class SqlStoreTransaction:
                 finished_at=s.finished_at,
                 reply=s.reply,
                 error=s.error,
+                attempt_base=s.attempt_base,
+                compensation_attempt_base=s.compensation_attempt_base,
             )
         t = (await self.conn.execute(select(timers).where(timers.c.saga_id == saga_id))).first()
         state.timer = _timer_of(t) if t is not None else None
