@@ -83,7 +83,7 @@ class Engine:
         """Consume replies, fire timers and relay the outbox until :meth:`stop`."""
         self._stop.clear()
         subscription = await self.transport.subscribe(
-            self.topology.replies, group=self.settings.group
+            self.topology.replies, group=self.topology.group(self.settings.group)
         )
 
         async def consume() -> None:

@@ -21,3 +21,9 @@ class Topology:
     @property
     def dead_letters(self) -> str:
         return f"{self.prefix}.dead-letters"
+
+    def group(self, name: str) -> str:
+        """A consumer group of this deployment. Kafka groups span topics, so a group
+        shared by two prefixes would stall one deployment's consumers whenever the
+        other's rebalance (e.g. a crashed member's session running out)."""
+        return f"{self.prefix}.{name}"

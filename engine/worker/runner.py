@@ -54,7 +54,7 @@ class WorkerRunner:
         """Consume this participant's commands until :meth:`stop`, then drain."""
         self._stop.clear()
         subscription = await self.transport.subscribe(
-            self.destination, group=f"worker-{self.worker.name}"
+            self.destination, group=self.topology.group(f"worker-{self.worker.name}")
         )
         slots = asyncio.Semaphore(self.concurrency)
         in_flight: set[asyncio.Task[None]] = set()
