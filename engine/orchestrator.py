@@ -153,6 +153,13 @@ class Engine:
                     log.error("dead-lettering reply: %s", reason)
                     await delivery.dead_letter(reason)
                     return
+                if delay == 0.01:
+                    log.warning(
+                        "reply %s: saga %s is not visible (yet); retrying for up to %gs",
+                        envelope.message_id,
+                        envelope.saga_id,
+                        self.settings.unknown_saga_patience,
+                    )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
             except UnknownSagaError as exc:

@@ -33,7 +33,7 @@ class Recording(MemoryTransport):
 
     async def subscribe(self, destination: str, *, group: str) -> Subscription:
         self.groups.append((destination, group))
-        if len(self.groups) == 2:
+        if len(self.groups) == 3:  # replies, dead letters (the archive), commands
             self.both.set()
         return await super().subscribe(destination, group=group)
 
@@ -56,5 +56,6 @@ async def test_engine_and_workers_join_groups_of_their_own_deployment(
     await transport.close()
     assert sorted(transport.groups) == [
         ("acme.commands.inventory", "acme.worker-inventory"),
+        ("acme.dead-letters", "acme.saga-engine-dead-letters"),
         ("acme.replies", "acme.saga-engine"),
     ]

@@ -1,0 +1,482 @@
+"""The shared harness of the fault-injection suite (``pytest -m faults``).
+
+Every scenario runs ``sagactl engine`` and ``sagactl worker NAME`` as separate OS
+processes on a fresh PostgreSQL database and a unique topic/queue prefix, over Kafka
+or RabbitMQ; kills them for real (SIGKILL, either from the test or at a deterministic
+crash point named in ``SAGA_CRASH``, see ``engine/faults.py``); and judges the outcome
+by the participants' ledgers, never by logs:
+
+* stock and money are conserved;
+* no order is charged twice, and a compensated order's refunds equal its charges;
+* each order's net effect matches its saga's final state (completed: reserved,
+  charged once, shipped; compensated: nothing reserved, nothing charged, nothing
+  shipped);
+* every saga ends COMPLETED or COMPENSATED (or PARKED where the scenario says so),
+  and no step was advanced twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from engine import faults
+from engine.client import SagaClient
+from engine.database import create_engine
+from engine.model import OutboxMessage
+from engine.statemachine import Transition, new_saga
+from engine.states import SagaStatus
+from engine.store.base import write_transition
+from engine.topology import Topology
+from engine.transport.base import Message, Transport
+from engine.transport.factory import transport_from_url
+from engine.views import SagaDetail
+from tests.e2e import Cluster, Daemon, fresh_database
+from tests.faults.workers import SWITCHES
+from tests.services import rabbitmqctl, run, service_url
+from workers import ledger
+
+ROOT = Path(__file__).resolve().parents[2]
+BROKERS = {"kafka": "SAGA_TEST_KAFKA_URL", "rabbitmq": "SAGA_TEST_AMQP_URL"}
+SAGA_MODULES = ("sagas.order", "tests.faults.sagas")
+STOCK = {"widget": 1_000_000}
+BALANCES = {"alice": 10**9}
+ADDRESS = "1 Main Street, Springfield"
+#: The example shipment worker refuses this address: the saga compensates.
+UNDELIVERABLE = "PO Box 7, Nowhere"
+#: Step events that may happen at most once per step in a saga that was advanced
+#: exactly once per reply or timer.
+ONCE_EVENTS = ("step_succeeded", "step_failed", "step_timed_out", "step_compensated")
+SETTLED = (SagaStatus.COMPLETED, SagaStatus.COMPENSATED)
+
+
+@dataclass(frozen=True)
+class Broker:
+    name: str
+    url: str
+
+
+def broker_param(name: str) -> Broker:
+    return Broker(name, service_url(BROKERS[name]))
+
+
+@dataclass
+class FaultCluster(Cluster):
+    """A :class:`Cluster` whose daemons may be given crash points and be killed."""
+
+    #: pids of daemons that are allowed to have exited (killed, or given a crash point).
+    mortal: set[int] = field(default_factory=set)
+
+    @property
+    def switches(self) -> Path:
+        return self.log_dir / "switches"
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = super().env
+        env.pop(faults.ENV, None)
+        env["SAGA_SAGAS"] = ",".join(SAGA_MODULES)
+        env[SWITCHES] = str(self.switches)
+        return env
+
+    def spawn(self, name: str, *args: str, crash: str | None = None) -> Daemon:
+        log_path = self.log_dir / f"{name}-{len(self.daemons)}.log"
+        log_file = log_path.open("wb")
+        env = self.env
+        if crash:
+            env[faults.ENV] = crash
+        process = subprocess.Popen(
+            [sys.executable, "-m", "engine.cli", *args],
+            env=env,
+            cwd=ROOT,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+        daemon = Daemon(name, process, log_path, log_file)
+        self.daemons.append(daemon)
+        if crash:
+            self.mortal.add(process.pid)
+        return daemon
+
+    def start_engine(self, *, crash: str | None = None) -> Daemon:  # type: ignore[override]
+        return self.spawn("engine", "engine", "--grace", "20", crash=crash)
+
+    def start_worker(  # type: ignore[override]
+        self, name: str, *, spec: str | None = None, crash: str | None = None
+    ) -> Daemon:
+        return self.spawn(name, "worker", spec or name, "--grace", "20", crash=crash)
+
+    def assert_running(self) -> None:
+        for d in self.daemons:
+            if d.process.pid not in self.mortal and d.process.poll() is not None:
+                raise AssertionError(f"{d.name} exited with {d.process.returncode}:\n{d.tail()}")
+
+    def kill(self, daemon: Daemon) -> None:
+        """SIGKILL, as a crash would: no drain, no commit, no goodbye to the broker."""
+        self.mortal.add(daemon.process.pid)
+        if daemon.process.poll() is None:
+            daemon.process.send_signal(signal.SIGKILL)
+        daemon.process.wait(10)
+        daemon.log_file.close()
+
+    async def crashed(self, daemon: Daemon, point: str, timeout: float = 60) -> None:
+        """Wait for ``daemon`` to kill itself at crash point ``point``."""
+        deadline = time.monotonic() + timeout
+        while daemon.process.poll() is None:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{daemon.name} did not reach {point}:\n{self.logs()}")
+            self.assert_running()
+            await asyncio.sleep(0.05)
+        assert daemon.process.returncode == -signal.SIGKILL, daemon.tail()
+        assert f"{faults.ENV}: {point} reached" in daemon.tail(400), daemon.tail()
+        daemon.log_file.close()
+
+    async def ready(self, *daemons: Daemon, timeout: float = 30) -> None:
+        """Wait until each daemon says it consumes (its handlers are installed)."""
+        deadline = time.monotonic() + timeout
+        for daemon in daemons:
+            while " consuming " not in daemon.log_path.read_text(errors="replace"):
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"{daemon.name} is not ready:\n{daemon.tail()}")
+                self.assert_running()
+                await asyncio.sleep(0.05)
+
+    def kill_all(self) -> None:
+        for d in self.daemons:
+            if d.process.poll() is None:
+                d.process.kill()
+                d.process.wait(10)
+            d.log_file.close()
+
+    def logs(self, lines: int = 40) -> str:
+        return "\n\n".join(
+            f"--- {d.name} (pid {d.process.pid}, exit {d.process.poll()}) ---\n{d.tail(lines)}"
+            for d in self.daemons
+        )
+
+
+@dataclass
+class Run:
+    """One scenario: its cluster, a client on its database, and the orders placed."""
+
+    broker: Broker
+    cluster: FaultCluster
+    client: SagaClient
+    database: AsyncEngine
+    orders: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: The final state each saga must reach, where the scenario knows it.
+    expected: dict[str, SagaStatus] = field(default_factory=dict)
+
+    @property
+    def topology(self) -> Topology:
+        return Topology(self.cluster.prefix)
+
+    # -- orders ------------------------------------------------------------------------
+
+    def order(self, *, fail: bool = False, address: str | None = None) -> dict[str, Any]:
+        i = len(self.orders)
+        return {
+            "customer_id": "alice",
+            "sku": "widget",
+            "quantity": 1 + i % 3,
+            "amount_cents": 500 + i,
+            "address": address or (UNDELIVERABLE if fail else ADDRESS),
+        }
+
+    async def start(
+        self,
+        saga: str = "place_order",
+        *,
+        fail: bool = False,
+        address: str | None = None,
+        expect: SagaStatus | None = None,
+    ) -> str:
+        """Start one order; ``fail`` makes the shipment refuse it (it compensates)."""
+        order = self.order(fail=fail, address=address)
+        saga_id = await self.client.start(saga, order)
+        self.orders[saga_id] = order
+        self.expected[saga_id] = expect or (
+            SagaStatus.COMPENSATED if fail else SagaStatus.COMPLETED
+        )
+        return saga_id
+
+    async def warm_up(self) -> str:
+        """One order through the whole pipeline: every daemon is consuming (and, on
+        Kafka, owns its partitions) once it completed. Short-timeout scenarios start
+        their clocks only after this."""
+        saga_id = await self.start()
+        await self.wait_status(saga_id, SagaStatus.COMPLETED, timeout=60)
+        return saga_id
+
+    async def start_lost(
+        self, saga: str = "place_order", *, expect: SagaStatus = SagaStatus.COMPENSATED
+    ) -> tuple[str, OutboxMessage]:
+        """Start one order whose first command is lost on its way: its outbox row is
+        committed as sent, and the broker never saw it. Returns the saga id and that
+        command, for the test to deliver late (or mangled) itself."""
+        definition = self.client.registry.get(saga)
+        saga_id = str(uuid.uuid4())
+        order = self.order()
+        now = self.client.clock()
+        state = new_saga(definition, saga_id, order, now)
+        transition = Transition(definition, state, now=now, topology=self.topology)
+        transition.start()
+        (command,) = transition.messages
+        async with self.client.store.transaction() as tx:
+            await write_transition(tx, state, transition.messages, transition.history, new=True)
+            await tx.conn.execute(  # type: ignore[attr-defined]
+                text("UPDATE saga_outbox SET sent_at = now() WHERE message_id = :id"),
+                {"id": command.envelope.message_id},
+            )
+        self.orders[saga_id] = order
+        self.expected[saga_id] = expect
+        return saga_id, command
+
+    async def start_many(
+        self, count: int, saga: str = "place_order", *, fail_every: int = 4
+    ) -> list[str]:
+        """``count`` orders, every ``fail_every``-th one undeliverable."""
+        return [
+            await self.start(saga, fail=fail_every > 0 and i % fail_every == fail_every - 1)
+            for i in range(count)
+        ]
+
+    async def feed_until(
+        self, daemon: Daemon, *, batch: int = 4, interval: float = 0.25, limit: int = 80
+    ) -> list[str]:
+        """Keep starting orders until ``daemon`` has exited (e.g. at its crash point):
+        which replica gets which reply depends on the broker's assignment, so a fixed
+        load may never reach the replica that is to crash."""
+        ids: list[str] = []
+        while daemon.process.poll() is None:
+            assert len(ids) < limit, f"{daemon.name} still runs after {limit} orders"
+            ids += await self.start_many(batch)
+            await asyncio.sleep(interval)
+        return ids
+
+    # -- waiting -----------------------------------------------------------------------
+
+    async def wait_for(self, what: str, predicate: Any, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not await predicate():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}:\n{self.cluster.logs()}")
+            self.cluster.assert_running()
+            await asyncio.sleep(0.1)
+
+    async def settle(
+        self,
+        ids: Sequence[str] | None = None,
+        *,
+        timeout: float = 60,
+        accept: Iterable[SagaStatus] = SETTLED,
+    ) -> dict[str, SagaDetail]:
+        """Wait until every saga (default: every one started) is in ``accept``."""
+        wanted = list(self.orders if ids is None else ids)
+        accepted = set(accept)
+        last: Counter[str] = Counter()
+
+        async def settled() -> bool:
+            statuses = await self.client.statuses(wanted)
+            last.clear()
+            last.update(s.value for s in statuses.values())
+            return len(statuses) == len(wanted) and all(s in accepted for s in statuses.values())
+
+        try:
+            await self.wait_for("the sagas to settle", settled, timeout)
+        except AssertionError as exc:
+            raise AssertionError(f"sagas by state: {dict(last)}; {exc}") from None
+        return {saga_id: await self.client.get(saga_id) for saga_id in wanted}
+
+    async def wait_status(self, saga_id: str, status: SagaStatus, timeout: float = 30) -> None:
+        async def reached() -> bool:
+            return (await self.client.statuses([saga_id])).get(saga_id) is status
+
+        await self.wait_for(f"saga {saga_id} to be {status}", reached, timeout)
+
+    async def wait_step(self, saga_id: str, event: str, step: str, timeout: float = 30) -> None:
+        """Wait until the saga's history records ``event`` for ``step``."""
+
+        async def recorded() -> bool:
+            detail = await self.client.get(saga_id)
+            return any(h.event == event and h.step == step for h in detail.history)
+
+        await self.wait_for(f"{event} of {step} in saga {saga_id}", recorded, timeout)
+
+    # -- the books -----------------------------------------------------------------------
+
+    async def audit(
+        self,
+        details: Mapping[str, SagaDetail],
+        *,
+        parked: Iterable[str] = (),
+        once: bool = True,
+    ) -> ledger.LedgerTotals:
+        """Judge the run by the ledgers; ``parked`` sagas may (must) be PARKED."""
+        parked = set(parked)
+        totals = await ledger.totals(self.database)
+        assert totals.stock_conserved, totals
+        assert totals.money_conserved, totals
+        books = await ledger.effects(self.database)
+        assert set(books) <= set(self.orders), f"effects of unknown orders: {set(books)}"
+        for saga_id, detail in details.items():
+            order = self.orders[saga_id]
+            effect = books.get(saga_id, ledger.OrderEffect())
+            where = (saga_id, detail.status, effect, [(h.event, h.step) for h in detail.history])
+            if saga_id in parked:
+                assert detail.status is SagaStatus.PARKED, where
+                continue
+            assert detail.status in SETTLED, where
+            assert detail.status is self.expected[saga_id], where
+            assert effect.charges <= 1, where
+            if detail.status is SagaStatus.COMPLETED:
+                assert effect.reserved == order["quantity"], where
+                assert effect.charges == 1 and effect.refunds == 0, where
+                assert effect.net_charged_cents == order["amount_cents"], where
+                assert effect.shipped, where
+            else:
+                assert effect.reserved == 0, where
+                assert effect.refunds == effect.charges, where
+                assert effect.net_charged_cents == 0, where
+                assert not effect.shipped, where
+            if once:
+                advanced = Counter(
+                    (h.event, h.step) for h in detail.history if h.event in ONCE_EVENTS
+                )
+                assert not advanced or max(advanced.values()) == 1, (saga_id, advanced)
+        return totals
+
+    # -- the database ---------------------------------------------------------------------
+
+    async def rows(self, sql: str, **params: Any) -> list[Any]:
+        async with self.database.connect() as conn:
+            return list(await conn.execute(text(sql), params))
+
+    async def scalar(self, sql: str, **params: Any) -> Any:
+        async with self.database.connect() as conn:
+            return (await conn.execute(text(sql), params)).scalar()
+
+    async def execute(self, sql: str, **params: Any) -> None:
+        async with self.database.begin() as conn:
+            await conn.execute(text(sql), params)
+
+    async def unsent(self) -> int:
+        return int(await self.scalar("SELECT count(*) FROM saga_outbox WHERE sent_at IS NULL"))
+
+    # -- the broker ------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def transport(self) -> AsyncIterator[Transport]:
+        """A transport of the test's own, on the scenario's topics."""
+        transport = transport_from_url(self.broker.url, self.topology)
+        await transport.connect()
+        try:
+            yield transport
+        finally:
+            await transport.close()
+
+    async def publish(self, destination: str, key: str, body: bytes) -> None:
+        async with self.transport() as transport:
+            await transport.publish([Message(destination, key, body)])
+
+    async def dead_letters(
+        self, transport: Transport, count: int, timeout: float = 30
+    ) -> list[Message]:
+        """Read ``count`` messages off the dead-letter topic/queue (acking them)."""
+        subscription = await transport.subscribe(self.topology.dead_letters, group="test-dlq")
+        letters: list[Message] = []
+
+        async def take() -> None:
+            async for delivery in subscription:
+                letters.append(delivery.message)
+                await delivery.ack()
+                if len(letters) == count:
+                    return
+
+        try:
+            await asyncio.wait_for(take(), timeout)
+        except TimeoutError:
+            raise AssertionError(
+                f"{len(letters)} of {count} dead letters within {timeout}s: "
+                f"{[m.headers for m in letters]}\n{self.cluster.logs()}"
+            ) from None
+        finally:
+            await subscription.close()
+        return letters
+
+
+@asynccontextmanager
+async def scenario(broker: Broker, tmp_path: Path) -> AsyncIterator[Run]:
+    """A fresh database (seeded ledgers), a unique prefix, and no daemons yet."""
+    postgres_url = service_url("SAGA_TEST_POSTGRES_URL")
+    async with fresh_database(postgres_url) as db_url:
+        database = create_engine(db_url)
+        await ledger.seed(database, stock_by_sku=STOCK, balances=BALANCES)
+        cluster = FaultCluster(db_url, broker.url, tmp_path)
+        cluster.switches.mkdir()
+        client = await SagaClient.connect(db_url, SAGA_MODULES)
+        client.topology = Topology(cluster.prefix)
+        began = time.monotonic()
+        try:
+            yield Run(broker, cluster, client, database)
+        except BaseException:
+            print(f"--- daemon logs after {time.monotonic() - began:.1f}s ---")
+            print(cluster.logs(80))
+            raise
+        finally:
+            cluster.kill_all()
+            await client.close()
+            await database.dispose()
+
+
+class BrokerControl:
+    """Stops and starts the real broker of a scenario; always restored afterwards."""
+
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        self.stopped = False
+
+    async def stop(self) -> None:
+        self.stopped = True
+        if self.broker.name == "rabbitmq":
+            await run([*rabbitmqctl(), "stop_app"])
+        else:
+            await run([str(ROOT / "scripts" / "services"), "down", "kafka"])
+
+    async def start(self) -> None:
+        if self.broker.name == "rabbitmq":
+            await run([*rabbitmqctl(), "start_app"])
+            await run([*rabbitmqctl(), "await_startup"])
+        else:
+            await run([str(ROOT / "scripts" / "services"), "up", "kafka"], timeout=180)
+        self.stopped = False
+
+    def restore(self) -> None:
+        """Finalizer: whatever happened, leave the broker running for everyone else."""
+        service = "rabbitmq" if self.broker.name == "rabbitmq" else "kafka"
+        if self.stopped and service == "rabbitmq":
+            subprocess.run([*rabbitmqctl(), "start_app"], cwd="/", capture_output=True, timeout=120)
+        subprocess.run(
+            [str(ROOT / "scripts" / "services"), "up", service],
+            capture_output=True,
+            timeout=300,
+        )
+
+
+def needs(broker: Broker, name: str) -> None:
+    if broker.name != name:
+        pytest.skip(f"{name} only")

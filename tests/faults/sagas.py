@@ -1,0 +1,30 @@
+"""Test-only saga definitions: the order saga with fault-friendly timings.
+
+Loaded next to ``sagas.order`` (``SAGA_SAGAS=sagas.order,tests.faults.sagas``). The
+steps and participants are the example order saga's, so the example workers serve
+them; only the timeouts and retry policies differ, to make the unknown-outcome and
+capped-compensation scenarios take seconds instead of minutes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import timedelta
+
+from engine import RetryPolicy, Saga
+from sagas import order
+
+#: The step timeout of ``quick_order``: a lost reply is noticed this fast.
+QUICK_TIMEOUT = 3.0
+
+#: The compensation policy of ``fragile_order``: five attempts, 0.2s doubling to 0.8s.
+FRAGILE_COMPENSATION = RetryPolicy(max_attempts=5, initial_backoff=0.2, max_backoff=0.8)
+
+
+def _variant(name: str, **changes: object) -> Saga:
+    steps = [dataclasses.replace(step, **changes) for step in order.place_order.steps]  # type: ignore[arg-type]
+    return Saga(name=name, version=1, input=order.OrderInput, steps=steps)
+
+
+quick_order = _variant("quick_order", timeout=timedelta(seconds=QUICK_TIMEOUT))
+fragile_order = _variant("fragile_order", compensation_retry=FRAGILE_COMPENSATION)
