@@ -5,8 +5,10 @@
 
 from __future__ import annotations
 
+import builtins
 import uuid
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from types import TracebackType
 from typing import Any
 
@@ -14,15 +16,37 @@ from sqlalchemy.exc import IntegrityError
 
 from engine.clock import Clock, utc_now
 from engine.database import check_schema, create_engine
+from engine.deadletters import describe, replay_headers
 from engine.definition import Saga
-from engine.errors import ConcurrencyConflict, SagaError, SagaNotFoundError, UnknownSagaError
+from engine.errors import (
+    ConcurrencyConflict,
+    DeadLetterNotFoundError,
+    DecodeError,
+    OperationRefused,
+    SagaError,
+    SagaNotFoundError,
+    UnknownSagaError,
+)
+from engine.messages import Envelope, MessageKind, decode
+from engine.model import Awaiting, HistoryEntry
 from engine.registry import SagaRegistry
 from engine.statemachine import Transition, new_saga
 from engine.states import SagaStatus
 from engine.store.base import SagaStore, write_transition
-from engine.store.sql import SqlSagaStore
+from engine.store.sql import SqlSagaStore, dead_letter_view
 from engine.topology import Topology
-from engine.views import DispatchView, OperatorResult, SagaDetail, SagaSummary
+from engine.views import (
+    DeadLetterStats,
+    DeadLetterView,
+    DispatchView,
+    OldestRunning,
+    OperatorResult,
+    OutboxStats,
+    ReplayResult,
+    SagaDetail,
+    SagaSummary,
+    StatsView,
+)
 
 #: How often an operator action is re-applied when the engine advanced the saga first.
 OPERATOR_CONFLICT_RETRIES = 10
@@ -176,9 +200,143 @@ class SagaClient:
             )
         raise ConcurrencyConflict(f"saga {saga_id} kept changing under the {action}; try again")
 
+    # -- dead letters ---------------------------------------------------------------
+
+    async def dead_letters(
+        self, *, limit: int = 50, pending_only: bool = False
+    ) -> builtins.list[DeadLetterView]:
+        """Archived dead letters, newest first."""
+        return await self.store.list_dead_letters(limit=limit, pending_only=pending_only)
+
+    async def replay_dead_letter(
+        self, letter: int, *, actor: str, reason: str | None = None, force: bool = False
+    ) -> ReplayResult:
+        """Send an archived dead letter back to its source destination, through the
+        outbox (the relay publishes it), and mark it replayed: all in one transaction.
+
+        Refused when it was replayed before, when its body cannot travel as outbox
+        text, and (unless ``force``) when its saga no longer waits for it: a stale
+        command would run an action nothing compensates any more.
+        """
+        now = self.clock()
+        async with self.store.transaction() as tx:
+            record = await tx.load_dead_letter(letter)
+            if record is None:
+                raise DeadLetterNotFoundError(f"no dead letter with id {letter}")
+            if record.replayed_at is not None:
+                raise OperationRefused(
+                    f"dead letter {letter} was already replayed at "
+                    f"{record.replayed_at.isoformat(timespec='seconds')} by {record.replayed_by}"
+                )
+            if not record.source:
+                raise OperationRefused(
+                    f"dead letter {letter} has no source destination to be replayed to"
+                )
+            try:
+                body = record.body.decode("utf-8")
+            except UnicodeDecodeError:
+                body = "\x00"
+            if "\x00" in body:
+                raise OperationRefused(
+                    f"dead letter {letter} cannot be replayed: its body is not text "
+                    "(it is binary or holds NUL bytes)"
+                )
+            try:
+                envelope: Envelope | None = decode(record.body)
+            except DecodeError:
+                envelope = None
+            saga = await tx.load_saga(envelope.saga_id) if envelope is not None else None
+            if envelope is not None and saga is not None and not force:
+                _check_awaited(letter, envelope, saga.awaiting, saga.status)
+            await tx.add_raw_outbox(
+                record.source, record.key, body, replay_headers(record.headers), now
+            )
+            if not await tx.mark_replayed(letter, now, actor):
+                raise OperationRefused(f"dead letter {letter} was replayed concurrently")
+            if envelope is not None and saga is not None:
+                why = f"reason: {reason}" if reason else "no reason given"
+                detail = (
+                    f"{why}; dead letter #{letter} ({describe(envelope)}) sent back to "
+                    f"{record.source}"
+                )
+                entry = HistoryEntry(now, "dead_letter_replayed", envelope.step, detail, actor)
+                await tx.add_history(saga.id, [entry])
+        if self.on_commit is not None:
+            self.on_commit()
+        replayed = dead_letter_view(replace(record, replayed_at=now, replayed_by=actor))
+        return ReplayResult(
+            dead_letter=replayed,
+            destination=record.source,
+            actor=actor,
+            reason=reason,
+            saga_id=saga.id if saga is not None else None,
+        )
+
+    # -- stats ------------------------------------------------------------------------
+
+    async def stats(self) -> StatsView:
+        """Counts by state and saga, the oldest saga in progress, the outbox backlog
+        and the dead letters not replayed."""
+        raw = await self.store.stats()
+        now = self.clock()
+        by_status = dict.fromkeys(SagaStatus, 0)
+        by_saga: dict[str, dict[SagaStatus, int]] = {}
+        for row in raw.counts:
+            by_status[row.status] += row.count
+            by_saga.setdefault(row.name, {})[row.status] = row.count
+        oldest = raw.oldest_running
+        return StatsView(
+            at=now,
+            total=sum(by_status.values()),
+            by_status=by_status,
+            by_saga=by_saga,
+            oldest_running=OldestRunning(
+                id=oldest.id,
+                name=oldest.name,
+                status=oldest.status,
+                created_at=oldest.created_at,
+                age_seconds=max(0.0, (now - oldest.created_at).total_seconds()),
+            )
+            if oldest is not None
+            else None,
+            outbox=OutboxStats(
+                unsent=raw.outbox_unsent,
+                oldest_unsent_age_seconds=max(
+                    0.0, (now - raw.outbox_oldest_unsent_at).total_seconds()
+                )
+                if raw.outbox_oldest_unsent_at is not None
+                else None,
+            ),
+            dead_letters=DeadLetterStats(
+                not_replayed=raw.dead_letters_pending, total=raw.dead_letters_total
+            ),
+        )
+
     async def counts(self) -> dict[SagaStatus, int]:
         return await self.store.count_by_status()
 
     async def statuses(self, saga_ids: Sequence[str]) -> dict[str, SagaStatus]:
         """Status of each given saga (absent ids are left out)."""
         return await self.store.statuses(saga_ids)
+
+
+def _check_awaited(
+    letter: int, envelope: Envelope, awaiting: Awaiting | None, status: SagaStatus
+) -> None:
+    """Refuse to replay a message its saga no longer waits for."""
+    kind = envelope.in_reply_to if envelope.kind is MessageKind.REPLY else envelope.kind
+    wanted = Awaiting(envelope.step, kind, envelope.attempt) if kind is not None else None
+    if awaiting is not None and awaiting == wanted:
+        return
+    if awaiting is None:
+        now_waits = f"it is {status} and waits for no reply"
+    else:
+        now_waits = (
+            f"it waits for the {awaiting.kind} of step {awaiting.step!r} "
+            f"(attempt {awaiting.attempt})"
+        )
+    raise OperationRefused(
+        f"dead letter {letter} is a {describe(envelope)} of step {envelope.step!r} that saga "
+        f"{envelope.saga_id} no longer waits for ({now_waits}); replaying it could run an "
+        "effect nothing undoes. Use --force to replay it anyway"
+    )

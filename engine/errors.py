@@ -35,6 +35,10 @@ class DatabaseError(SagaError):
     """The database is missing, unreachable or not migrated."""
 
 
+class DeadLetterNotFoundError(SagaError):
+    """No archived dead letter with that id exists."""
+
+
 class OperationRefused(SagaError):
     """An operator action (retry, cancel, replay) makes no sense in the current state."""
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from engine._aio import wait_either
 from engine.clock import Clock, utc_now
+from engine.deadletters import DeadLetterArchive
 from engine.errors import ConcurrencyConflict, DecodeError, SagaError, UnknownSagaError
 from engine.faults import crashpoint
 from engine.messages import Envelope, MessageKind, decode
@@ -43,6 +44,8 @@ class EngineSettings:
     conflict_retries: int = 20
     #: Pause after an unexpected error (e.g. the database is down) before going on.
     error_backoff: float = 1.0
+    #: Consume the dead-letter destination into the saga_dead_letters table.
+    archive_dead_letters: bool = True
 
 
 class Engine:
@@ -66,6 +69,7 @@ class Engine:
         self.clock = clock
         self.settings = settings or EngineSettings()
         self.relay = relay or OutboxRelay(store, transport, clock=clock)
+        self.archive = DeadLetterArchive(store, clock=clock)
         self.rng = rng or random.Random()
         self.instance_id = instance_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         self._stop = asyncio.Event()
@@ -85,6 +89,18 @@ class Engine:
         subscription = await self.transport.subscribe(
             self.topology.replies, group=self.topology.group(self.settings.group)
         )
+        subscriptions = [subscription]
+        letters = None
+        if self.settings.archive_dead_letters:
+            try:
+                letters = await self.transport.subscribe(
+                    self.topology.dead_letters,
+                    group=self.topology.group(f"{self.settings.group}-dead-letters"),
+                )
+            except BaseException:
+                await subscription.close()
+                raise
+            subscriptions.append(letters)
 
         async def consume() -> None:
             async for delivery in subscription:
@@ -102,6 +118,9 @@ class Engine:
             asyncio.create_task(self.relay.run(self._stop), name="saga-engine-relay"),
             asyncio.create_task(self._timer_loop(), name="saga-engine-timers"),
         ]
+        if letters is not None:
+            archive = self.archive.consume(letters, self._stop, self.settings.error_backoff)
+            loops.append(asyncio.create_task(archive, name="saga-engine-dead-letters"))
         stopper = asyncio.create_task(self._stop.wait())
         try:
             done, _ = await asyncio.wait([*loops, stopper], return_when=asyncio.FIRST_COMPLETED)
@@ -110,8 +129,9 @@ class Engine:
                     raise task.exception()  # type: ignore[misc]
         finally:
             self._stop.set()
-            # Closing the subscription ends the consumer after its current message.
-            await subscription.close()
+            # Closing the subscriptions ends the consumers after their current message.
+            for sub in subscriptions:
+                await sub.close()
             await asyncio.wait(loops, timeout=10)
             for task in loops:
                 task.cancel()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from engine.messages import MessageKind
+from engine.errors import DecodeError
+from engine.messages import MessageKind, decode
 from engine.states import SagaStatus, StepStatus
 
 
@@ -69,3 +71,105 @@ class OperatorResult(BaseModel):
     status: SagaStatus
     summary: str
     dispatched: list[DispatchView]
+
+
+class DeadLetterView(BaseModel):
+    """An archived dead letter, as ``sagactl dlq list`` shows it."""
+
+    id: int
+    received_at: datetime
+    #: Where the message was consumed from; a replay sends it back there.
+    source: str
+    reason: str
+    key: str
+    saga_id: str | None
+    #: What the body is, if it decodes to a saga envelope.
+    kind: MessageKind | None = None
+    name: str | None = None
+    step: str | None = None
+    attempt: int | None = None
+    replayed_at: datetime | None = None
+    replayed_by: str | None = None
+    headers: dict[str, str]
+    #: The body as text, or base64 when it is not UTF-8.
+    body: str
+    body_encoding: Literal["utf-8", "base64"]
+
+    @classmethod
+    def of(cls, body: bytes, **fields: Any) -> DeadLetterView:
+        """The view of an archived row, describing the body if it is an envelope."""
+        try:
+            envelope = decode(body)
+            fields.update(
+                kind=envelope.kind,
+                name=envelope.name,
+                step=envelope.step,
+                attempt=envelope.attempt,
+            )
+        except DecodeError:
+            pass
+        try:
+            text, encoding = body.decode("utf-8"), "utf-8"
+        except UnicodeDecodeError:
+            text, encoding = base64.b64encode(body).decode("ascii"), "base64"
+        return cls(body=text, body_encoding=encoding, **fields)
+
+
+class ReplayResult(BaseModel):
+    """What ``dlq replay`` did."""
+
+    dead_letter: DeadLetterView
+    destination: str
+    actor: str
+    reason: str | None
+    #: The saga whose history recorded the replay, if the body names one that exists.
+    saga_id: str | None
+
+
+class SagaCount(BaseModel):
+    name: str
+    status: SagaStatus
+    count: int
+
+
+class StoreStats(BaseModel):
+    """Raw figures from the store; :class:`StatsView` adds ages."""
+
+    counts: list[SagaCount]
+    #: The oldest saga still in progress (running or compensating).
+    oldest_running: SagaSummary | None
+    outbox_unsent: int
+    outbox_oldest_unsent_at: datetime | None
+    dead_letters_pending: int
+    dead_letters_total: int
+
+
+class OldestRunning(BaseModel):
+    id: str
+    name: str
+    status: SagaStatus
+    created_at: datetime
+    age_seconds: float
+
+
+class OutboxStats(BaseModel):
+    unsent: int
+    oldest_unsent_age_seconds: float | None
+
+
+class DeadLetterStats(BaseModel):
+    not_replayed: int
+    total: int
+
+
+class StatsView(BaseModel):
+    """``sagactl stats``: how the sagas stand and what is waiting."""
+
+    at: datetime
+    total: int
+    by_status: dict[SagaStatus, int]
+    #: Saga name -> status -> count (statuses without sagas left out).
+    by_saga: dict[str, dict[SagaStatus, int]]
+    oldest_running: OldestRunning | None
+    outbox: OutboxStats
+    dead_letters: DeadLetterStats

@@ -32,7 +32,7 @@ from engine.store.sql import SqlSagaStore
 from engine.topology import Topology
 from engine.transport.base import Message, Subscription, Transport
 from engine.transport.memory import MemoryBroker, MemoryTransport
-from engine.views import SagaDetail
+from engine.views import DeadLetterView, SagaDetail
 from engine.worker.runner import WorkerRunner
 from engine.worker.worker import Registration, Worker
 from sagas.order import place_order
@@ -461,8 +461,16 @@ class EmbeddedSystem:
     async def effects(self) -> dict[str, ledger.OrderEffect]:
         return await ledger.effects(self.db)
 
-    def dead_letters(self) -> list[Message]:
-        return self.broker.drain(self.topology.dead_letters)
+    async def dead_letters(self, count: int = 0, timeout: float = 10) -> list[DeadLetterView]:
+        """The dead letters the engine archived, oldest first; waits for ``count``."""
+        letters: list[DeadLetterView] = []
+
+        async def enough() -> bool:
+            letters[:] = reversed(await self.client.dead_letters(limit=100_000))
+            return len(letters) >= count
+
+        await self.wait_for(enough, timeout, f"{count} archived dead letter(s)")
+        return letters
 
     def command_envelopes(self, participant: str) -> list[Envelope]:
         """Drain the commands waiting for ``participant`` (its worker must be stopped)."""

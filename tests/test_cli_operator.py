@@ -16,18 +16,21 @@ from typing import Any
 import pytest
 from click.testing import Result
 from pydantic import BaseModel
+from rich.console import Console
 from sqlalchemy import select
 
 from engine.client import SagaClient
 from engine.clock import utc_now
 from engine.database import create_engine, upgrade
+from engine.deadletters import DeadLetterArchive
 from engine.definition import Saga, Step
-from engine.messages import Envelope, Outcome, decode
+from engine.messages import Envelope, Outcome, decode, encode
 from engine.orchestrator import Engine
 from engine.registry import SagaRegistry
 from engine.states import SagaStatus
 from engine.store.schema import outbox
 from engine.store.sql import SqlSagaStore
+from engine.transport.base import DEAD_LETTER_REASON, DEAD_LETTER_SOURCE, Message
 from engine.transport.memory import MemoryTransport
 from sagas import order as order_sagas
 from tests.test_cli import ORDER, assert_one_line_error, sagactl
@@ -316,3 +319,166 @@ def test_a_cancelled_saga_lists_as_compensating(db: Path, driver: Driver) -> Non
     ok(sagactl(db, "--json", "cancel", saga_id))
     listed = ok(sagactl(db, "--json", "list", "--status", SagaStatus.COMPENSATING.value))
     assert [r["id"] for r in listed] == [saga_id]
+
+
+# -- dead letters --------------------------------------------------------------------
+
+
+def archive(db: Path, *messages: Message) -> list[int]:
+    async def go() -> list[int]:
+        database = create_engine(f"sqlite:///{db}")
+        try:
+            keeper = DeadLetterArchive(SqlSagaStore(database))
+            ids = [await keeper.archive(m) for m in messages]
+        finally:
+            await database.dispose()
+        assert all(i is not None for i in ids)
+        return [i for i in ids if i is not None]
+
+    return asyncio.run(go())
+
+
+def letter(body: bytes, reason: str, source: str = "saga.commands.inventory") -> Message:
+    headers = {DEAD_LETTER_REASON: reason, DEAD_LETTER_SOURCE: source, "traceparent": "00-x"}
+    return Message("saga.dead-letters", "key-1", body, headers)
+
+
+def test_dlq_list_shows_reasons_newest_first(
+    db: Path, driver: Driver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    saga_id = driver.start()
+    reply = driver.awaited(saga_id).reply(Outcome.SUCCESS)
+    first, second = archive(
+        db,
+        letter(b"{garbage", "not a saga envelope: body: Invalid JSON"),
+        letter(encode(reply), "unknown saga 'place_order' v1", source="saga.replies"),
+    )
+    rows = ok(sagactl(db, "dlq", "list", "--json"))
+    assert [r["id"] for r in rows] == [second, first]
+    newest, oldest = rows
+    assert newest["reason"] == "unknown saga 'place_order' v1"
+    assert (newest["source"], newest["saga_id"], newest["kind"], newest["step"]) == (
+        "saga.replies",
+        saga_id,
+        "reply",
+        "reserve_inventory",
+    )
+    assert (oldest["body"], oldest["body_encoding"], oldest["saga_id"]) == (
+        "{garbage",
+        "utf-8",
+        None,
+    )
+    assert oldest["headers"]["traceparent"] == "00-x"
+    assert [r["id"] for r in ok(sagactl(db, "--json", "dlq", "list", "--limit", "1"))] == [second]
+
+    monkeypatch.setattr("engine.cli.app.stdout", Console(soft_wrap=False, width=250))
+    table = sagactl(db, "dlq", "list")
+    assert table.exit_code == 0
+    assert "2 dead letter(s), newest first" in table.stdout
+    assert "(not an envelope)" in table.stdout
+    assert saga_id[:8] in table.stdout
+    # The saga itself recorded the dead letter.
+    entries = [h for h in show(db, saga_id)["history"] if h["event"] == "dead_lettered"]
+    assert len(entries) == 1 and "unknown saga 'place_order' v1" in entries[0]["detail"]
+
+
+def test_dlq_replay_queues_the_body_for_its_source_once(db: Path, driver: Driver) -> None:
+    (garbage,) = archive(db, letter(b"{garbage", "not a saga envelope"))
+    before = ok(sagactl(db, "--json", "stats"))["outbox"]["unsent"]
+    result = ok(
+        sagactl(db, "--json", "dlq", "replay", str(garbage), "--actor", "erin", "--reason", "why")
+    )
+    assert (result["destination"], result["actor"], result["reason"]) == (
+        "saga.commands.inventory",
+        "erin",
+        "why",
+    )
+    assert result["dead_letter"]["replayed_by"] == "erin"
+    stats = ok(sagactl(db, "--json", "stats"))
+    assert stats["outbox"]["unsent"] == before + 1  # the relay of an engine publishes it
+    assert stats["dead_letters"] == {"not_replayed": 0, "total": 1}
+    assert ok(sagactl(db, "--json", "dlq", "list", "--pending")) == []
+    assert_one_line_error(
+        sagactl(db, "dlq", "replay", str(garbage)), f"dead letter {garbage} was already replayed"
+    )
+
+
+def test_dlq_replay_human_output_and_errors(db: Path, driver: Driver, tmp_path: Path) -> None:
+    saga_id = driver.start()
+    for _ in range(3):
+        driver.reply(saga_id, Outcome.SUCCESS)
+    command = driver.awaited(saga_id)  # the last command: the saga no longer waits for it
+    stale, binary = archive(
+        db, letter(encode(command), "handler crashed"), letter(b"\xff\x00", "binary")
+    )
+    assert_one_line_error(
+        sagactl(db, "dlq", "replay", str(stale)), "no longer waits for", "--force"
+    )
+    assert_one_line_error(sagactl(db, "dlq", "replay", str(binary)), "its body is not text")
+    assert_one_line_error(sagactl(db, "dlq", "replay", "999"), "no dead letter with id 999")
+    assert_one_line_error(
+        sagactl(tmp_path / "none.db", "dlq", "list"), "does not exist", "db upgrade"
+    )
+    usage = sagactl(db, "dlq", "replay", "not-a-number")
+    assert usage.exit_code == 2 and "Traceback" not in usage.output
+    forced = sagactl(db, "dlq", "replay", str(stale), "--force", "--actor", "frank")
+    assert forced.exit_code == 0, forced.output
+    assert forced.stdout.splitlines() == [
+        f"dead letter {stale} (command create_shipment #1) queued for saga.commands.inventory "
+        "by frank",
+        f"  recorded in the history of saga {saga_id}",
+    ]
+    (entry,) = [h for h in show(db, saga_id)["history"] if h["event"] == "dead_letter_replayed"]
+    assert entry["actor"] == "frank"
+    assert entry["detail"].startswith("no reason given; dead letter")
+
+
+# -- stats ---------------------------------------------------------------------------
+
+
+def test_stats_counts_states_oldest_running_backlog_and_dead_letters(
+    db: Path, driver: Driver
+) -> None:
+    empty = ok(sagactl(db, "--json", "stats"))
+    assert empty["total"] == 0 and empty["oldest_running"] is None
+    assert empty["outbox"] == {"unsent": 0, "oldest_unsent_age_seconds": None}
+
+    parked = driver.park()  # first: parking moves the driver's clock by hours
+    completed = driver.start()
+    for _ in range(3):
+        driver.reply(completed, Outcome.SUCCESS)
+    oldest = driver.start()
+    archive(db, letter(b"x", "poison"))
+    stats = ok(sagactl(db, "stats", "--json"))
+    assert stats["total"] == 3
+    assert stats["by_status"] == {
+        "running": 1,
+        "compensating": 0,
+        "completed": 1,
+        "compensated": 0,
+        "parked": 1,
+    }
+    assert stats["by_saga"] == {"place_order": {"completed": 1, "parked": 1, "running": 1}}
+    assert stats["oldest_running"]["id"] == oldest
+    assert stats["oldest_running"]["status"] == "running"
+    assert stats["oldest_running"]["age_seconds"] >= 0
+    # No relay ran: every command of the three sagas is still in the outbox.
+    assert stats["outbox"]["unsent"] == 1 + 3 + 2 + 8
+    assert stats["outbox"]["oldest_unsent_age_seconds"] >= 0
+    assert stats["dead_letters"] == {"not_replayed": 1, "total": 1}
+    assert parked != oldest
+
+    table = sagactl(db, "stats")
+    assert table.exit_code == 0, table.output
+    assert "3 saga(s)" in table.stdout
+    assert "place_order" in table.stdout
+    assert f"oldest running: {oldest} (place_order, running)" in table.stdout
+    assert "outbox backlog: 14 unsent" in table.stdout
+    assert "dead letters: 1 not replayed (1 archived)" in table.stdout
+
+
+def test_stats_needs_a_migrated_database(tmp_path: Path) -> None:
+    assert_one_line_error(sagactl(tmp_path / "no.db", "stats"), "does not exist")
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    assert_one_line_error(sagactl(empty, "--json", "stats"), "has no saga tables")

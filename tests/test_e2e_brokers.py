@@ -119,7 +119,6 @@ async def test_malformed_command_is_dead_lettered_and_worker_keeps_going(
         topology = Topology(cluster.prefix)
         transport = transport_from_url(broker_url, topology)
         await transport.connect()
-        dead = await transport.subscribe(topology.dead_letters, group="test-dlq")
         cluster.start_all()
         client = await SagaClient.connect(db_url, ["sagas.order"])
         client.topology = topology
@@ -141,20 +140,23 @@ async def test_malformed_command_is_dead_lettered_and_worker_keeps_going(
                 [Message(destination, "poison", wrong_kind.model_dump_json().encode())]
             )
 
-            letters = []
-            async for delivery in dead:
-                letters.append(delivery.message)
-                await delivery.ack()
-                if len(letters) == 2:
-                    break
-            assert [m.body for m in letters] == [
-                b"{not an envelope",
-                wrong_kind.model_dump_json().encode(),
-            ]
+            # The engine consumes the dead letters into its archive (sagactl dlq).
+            async def archived() -> bool:
+                cluster.assert_running()
+                return len(await client.dead_letters()) == 2
+
+            assert await wait_until(archived, timeout=60), cluster.logs()
+            letters = sorted(await client.dead_letters(), key=lambda d: d.id)
+            assert sorted(m.body for m in letters) == sorted(
+                ["{not an envelope", wrong_kind.model_dump_json()]
+            )
+            reasons = {m.body: m.reason for m in letters}
             for m in letters:
+                assert m.source == destination
                 assert m.headers[DEAD_LETTER_SOURCE] == destination
-            assert "not a saga envelope" in letters[0].headers[DEAD_LETTER_REASON]
-            assert "takes commands, not replies" in letters[1].headers[DEAD_LETTER_REASON]
+                assert m.headers[DEAD_LETTER_REASON] == m.reason
+            assert "not a saga envelope" in reasons["{not an envelope"]
+            assert "takes commands, not replies" in reasons[wrong_kind.model_dump_json()]
 
             order = plan_orders(1, seed=1)[0] | {
                 "sku": "widget",
@@ -173,7 +175,6 @@ async def test_malformed_command_is_dead_lettered_and_worker_keeps_going(
             for d in cluster.daemons:
                 if d.process.poll() is None:
                     d.process.kill()
-            await dead.close()
             await transport.close()
             await client.close()
             await database.dispose()

@@ -6,7 +6,13 @@ from collections.abc import AsyncIterator
 import pytest
 
 from engine.errors import TransportError
-from engine.transport.base import DEAD_LETTER_REASON, DEAD_LETTER_SOURCE, Delivery, Message
+from engine.transport.base import (
+    DEAD_LETTER_ID,
+    DEAD_LETTER_REASON,
+    DEAD_LETTER_SOURCE,
+    Delivery,
+    Message,
+)
 from engine.transport.memory import MemoryBroker, MemorySubscription, MemoryTransport
 from tests.helpers import wait_until
 
@@ -174,7 +180,9 @@ async def test_dead_letter_keeps_body_and_adds_reason_and_source(
     assert len(dead) == 1
     assert dead[0].destination == broker.dead_letters
     assert (dead[0].key, dead[0].body) == ("k5", b"body-5")
-    assert dead[0].headers == {
+    headers = dict(dead[0].headers)
+    assert len(headers.pop(DEAD_LETTER_ID)) == 32
+    assert headers == {
         "n": "5",
         DEAD_LETTER_REASON: "cannot decode",
         DEAD_LETTER_SOURCE: DEST,

@@ -3,12 +3,23 @@ the in-memory broker, judged by the participants' ledgers."""
 
 from __future__ import annotations
 
+import base64
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import pytest
+from sqlalchemy import select
+
+from engine.client import SagaClient
 from engine.definition import RetryPolicy, Saga
+from engine.errors import DeadLetterNotFoundError, OperationRefused
+from engine.messages import MessageKind, Outcome, decode, encode
+from engine.registry import SagaRegistry
 from engine.states import SagaStatus, StepStatus
+from engine.store.schema import outbox
+from engine.transport.base import DEAD_LETTER_ID, DEAD_LETTER_REASON, DEAD_LETTER_SOURCE, Message
+from engine.transport.memory import MemoryTransport
 from engine.views import SagaDetail
 from engine.worker.worker import Registration, Worker
 from sagas.order import place_order
@@ -19,6 +30,7 @@ from tests.helpers import (
     EmbeddedSystem,
     assert_books_balance,
     history_events,
+    order_input,
 )
 from workers import inventory
 
@@ -127,3 +139,164 @@ async def test_operator_cancel_undoes_the_step_in_flight_and_the_books_balance(
         totals = await system.totals()
         assert totals.stock_conserved and totals.money_conserved
         assert totals.charged_cents - totals.refunded_cents == 0
+
+
+# -- the dead-letter archive ------------------------------------------------------------
+
+#: A saga this engine does not know until the test "deploys" it.
+legacy = Saga(
+    name="legacy",
+    version=1,
+    input=place_order.input,
+    steps=[replace(place_order.steps[0], retry=FAST_RETRY)],
+)
+
+
+async def test_a_poisoned_reply_is_archived_recorded_and_replayed_once_deployed(
+    tmp_path: Path,
+) -> None:
+    async with EmbeddedSystem(tmp_path / "dlq.db") as system:
+        starter = SagaClient(system.store, SagaRegistry([legacy]), on_commit=system._wake)
+        saga_id = await starter.start("legacy", order_input())
+        (letter,) = await system.dead_letters(1)
+        assert letter.reason == "unknown saga 'legacy' v1 (known: place_order)"
+        assert (letter.source, letter.key, letter.saga_id) == ("saga.replies", saga_id, saga_id)
+        assert (letter.kind, letter.name, letter.step, letter.attempt) == (
+            MessageKind.REPLY,
+            "reserve_inventory",
+            "reserve_inventory",
+            1,
+        )
+        assert letter.replayed_at is None
+        assert letter.body_encoding == "utf-8"
+        assert decode(letter.body.encode()).outcome is Outcome.SUCCESS
+        detail = await system.client.get(saga_id)
+        assert detail.status is SagaStatus.RUNNING
+        (entry,) = [h for h in detail.history if h.event == "dead_lettered"]
+        assert entry.step == "reserve_inventory"
+        assert entry.detail == (
+            "reply reserve_inventory (attempt 1) dead-lettered from saga.replies: "
+            f"unknown saga 'legacy' v1 (known: place_order) (dead letter #{letter.id})"
+        )
+
+        system.registry.register(legacy)  # the definition is deployed
+        replayed = await system.client.replay_dead_letter(
+            letter.id, actor="alice", reason="legacy deployed"
+        )
+        assert (replayed.destination, replayed.saga_id) == ("saga.replies", saga_id)
+        assert replayed.dead_letter.replayed_by == "alice"
+        final = await system.wait_status(
+            saga_id, lambda d: d.status is SagaStatus.COMPLETED, 10, "the replayed reply"
+        )
+        (entry,) = [h for h in final.history if h.event == "dead_letter_replayed"]
+        assert (entry.actor, entry.step) == ("alice", "reserve_inventory")
+        assert entry.detail == (
+            f"reason: legacy deployed; dead letter #{letter.id} (reply reserve_inventory "
+            "(attempt 1)) sent back to saga.replies"
+        )
+        with pytest.raises(OperationRefused, match=f"dead letter {letter.id} was already replayed"):
+            await system.client.replay_dead_letter(letter.id, actor="bob")
+        (listed,) = await system.dead_letters()
+        assert listed.replayed_by == "alice" and listed.replayed_at is not None
+        assert await system.client.dead_letters(pending_only=True) == []
+        assert (await system.effects())[saga_id].reserved == QUANTITY
+
+
+async def test_an_undecodable_command_is_archived_and_a_replay_sends_it_round_again(
+    tmp_path: Path,
+) -> None:
+    async with EmbeddedSystem(tmp_path / "garbage.db") as system:
+        await _publish(system, [Message("saga.commands.inventory", "k1", b"{not json")])
+        (letter,) = await system.dead_letters(1)
+        assert letter.source == "saga.commands.inventory"
+        assert letter.reason.startswith("not a saga envelope")
+        assert (letter.saga_id, letter.kind, letter.body) == (None, None, "{not json")
+        result = await system.client.replay_dead_letter(letter.id, actor="carol")
+        assert result.saga_id is None
+        first, again = await system.dead_letters(2)
+        assert first.id == letter.id and first.replayed_by == "carol"
+        assert (again.source, again.key, again.body, again.reason) == (
+            letter.source,
+            "k1",
+            "{not json",
+            letter.reason,
+        )
+        assert again.headers[DEAD_LETTER_ID] != letter.headers[DEAD_LETTER_ID]
+        # The replay went out without the first dead-lettering's headers.
+        assert again.replayed_at is None
+        saga_id = await system.start_order()  # the worker kept going
+        assert (await system.wait_all_terminal(10, [saga_id]))[saga_id].status is (
+            SagaStatus.COMPLETED
+        )
+
+
+async def test_replay_refuses_a_binary_body_and_a_message_its_saga_no_longer_awaits(
+    tmp_path: Path,
+) -> None:
+    async with EmbeddedSystem(tmp_path / "refuse.db") as system:
+        saga_id = await system.start_order()
+        done = (await system.wait_all_terminal(10, [saga_id]))[saga_id]
+        assert done.status is SagaStatus.COMPLETED
+        async with system.db.connect() as conn:
+            first = (await conn.execute(select(outbox.c.body).order_by(outbox.c.id))).scalar()
+        stale = decode(str(first).encode())  # the saga's first command, long answered
+        await _publish(
+            system,
+            [
+                Message("saga.replies", "bin", b"\xff\xfe\x00binary"),
+                # As a participant that could not take it would have dead-lettered it:
+                Message(
+                    "saga.dead-letters",
+                    saga_id,
+                    encode(stale),
+                    {DEAD_LETTER_REASON: "handler crashed", DEAD_LETTER_SOURCE: "saga.commands.x"},
+                ),
+            ],
+        )
+        letters = {d.source: d for d in await system.dead_letters(2)}
+        binary, command = letters["saga.replies"], letters["saga.commands.x"]
+        assert binary.body_encoding == "base64"
+        assert base64.b64decode(binary.body) == b"\xff\xfe\x00binary"
+        with pytest.raises(OperationRefused, match="its body is not text"):
+            await system.client.replay_dead_letter(binary.id, actor="dan")
+        with pytest.raises(
+            OperationRefused,
+            match=(
+                rf"dead letter {command.id} is a command reserve_inventory \(attempt 1\) of step "
+                rf"'reserve_inventory' that saga {saga_id} no longer waits for \(it is completed "
+                r"and waits for no reply\).*--force"
+            ),
+        ):
+            await system.client.replay_dead_letter(command.id, actor="dan")
+        forced = await system.client.replay_dead_letter(command.id, actor="dan", force=True)
+        assert forced.destination == "saga.commands.x"
+        history = [h.event for h in (await system.client.get(saga_id)).history]
+        assert history[-2:] == ["dead_lettered", "dead_letter_replayed"]
+        with pytest.raises(DeadLetterNotFoundError, match="no dead letter with id 999"):
+            await system.client.replay_dead_letter(999, actor="dan")
+
+
+async def test_a_redelivered_dead_letter_is_archived_once(tmp_path: Path) -> None:
+    async with EmbeddedSystem(tmp_path / "once.db") as system:
+        message = Message(
+            "saga.dead-letters",
+            "k",
+            b"x",
+            {DEAD_LETTER_ID: "abc", DEAD_LETTER_REASON: "r", DEAD_LETTER_SOURCE: "s"},
+        )
+        assert system.engine is not None
+        first = await system.engine.archive.archive(message)
+        assert first is not None
+        assert await system.engine.archive.archive(message) is None
+        # A dead letter from elsewhere (no headers of ours) is kept with what is known.
+        bare = await system.engine.archive.archive(Message("saga.dead-letters", "k", b"y"))
+        assert bare is not None and bare != first
+        letters = await system.dead_letters(2)
+        assert [(d.reason, d.source) for d in letters] == [("r", "s"), ("no reason given", "")]
+
+
+async def _publish(system: EmbeddedSystem, messages: list[Message]) -> None:
+    sender = MemoryTransport(system.broker)
+    await sender.connect()
+    await sender.publish(messages)
+    await sender.close()

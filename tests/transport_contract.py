@@ -19,6 +19,7 @@ import pytest
 
 from engine.errors import PublishError, TransportError
 from engine.transport.base import (
+    DEAD_LETTER_ID,
     DEAD_LETTER_REASON,
     DEAD_LETTER_SOURCE,
     Delivery,
@@ -281,7 +282,9 @@ class TransportContract:
         letter = await parked.take(self.receive_timeout)
         assert letter.message.body == poison.body
         assert letter.message.key == poison.key
-        assert letter.message.headers == {
+        headers = dict(letter.message.headers)
+        assert len(headers.pop(DEAD_LETTER_ID)) == 32  # one id per dead-lettering
+        assert headers == {
             **poison.headers,
             DEAD_LETTER_REASON: "undecodable: not JSON",
             DEAD_LETTER_SOURCE: names.destination,

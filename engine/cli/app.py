@@ -265,6 +265,77 @@ def cancel(options: Options, saga_id: str, reason: str | None, actor: str | None
 
 
 @cli.group()
+def dlq() -> None:
+    """Dead letters: messages a consumer gave up on, archived by the engine."""
+
+
+@dlq.command(name="list")
+@click.option("--limit", type=click.IntRange(1, 100_000), default=20, show_default=True)
+@click.option("--pending", is_flag=True, help="only dead letters not replayed yet")
+@_json_option
+@pass_options
+def dlq_list(options: Options, limit: int, pending: bool) -> None:
+    """List archived dead letters, newest first, with their reasons."""
+
+    async def go() -> list[Any]:
+        async with await SagaClient.connect(options.settings.database_url) as client:
+            return await client.dead_letters(limit=limit, pending_only=pending)
+
+    letters = run(go())
+    if options.as_json:
+        render.dump_json(stdout, letters)
+    else:
+        render.dead_letter_list(stdout, letters)
+
+
+@dlq.command(name="replay")
+@click.argument("letter", metavar="ID", type=int)
+@_reason_option
+@_actor_option
+@click.option(
+    "--force",
+    is_flag=True,
+    help="replay even a message its saga no longer waits for",
+)
+@_json_option
+@pass_options
+def dlq_replay(
+    options: Options, letter: int, reason: str | None, actor: str | None, force: bool
+) -> None:
+    """Send dead letter ID back to the destination it came from (through the outbox:
+    the engine's relay publishes it) and mark it replayed."""
+    who = _actor(actor)
+
+    async def go() -> Any:
+        async with await SagaClient.connect(options.settings.database_url) as client:
+            return await client.replay_dead_letter(letter, actor=who, reason=reason, force=force)
+
+    result = run(go())
+    if options.as_json:
+        render.dump_json(stdout, result)
+    else:
+        render.replay_result(stdout, result)
+
+
+@cli.command()
+@_json_option
+@pass_options
+def stats(options: Options) -> None:
+    """Sagas by state and by saga, the oldest in progress, the outbox backlog and the
+    dead letters not replayed."""
+
+    async def go() -> Any:
+        async with await SagaClient.connect(options.settings.database_url) as client:
+            return await client.stats()
+
+    result = run(go())
+    if options.as_json:
+        render.dump_json(stdout, result)
+    else:
+        render.stats(stdout, result)
+
+
+@cli.group()
 def db() -> None:
     """Database schema."""
 

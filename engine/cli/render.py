@@ -12,7 +12,14 @@ from rich.console import Console
 from rich.table import Table
 
 from engine.states import SagaStatus, StepStatus
-from engine.views import OperatorResult, SagaDetail, SagaSummary
+from engine.views import (
+    DeadLetterView,
+    OperatorResult,
+    ReplayResult,
+    SagaDetail,
+    SagaSummary,
+    StatsView,
+)
 
 STATUS_STYLE = {
     SagaStatus.RUNNING: "cyan",
@@ -128,3 +135,88 @@ def operator_result(console: Console, result: OperatorResult) -> None:
             highlight=False,
             soft_wrap=True,
         )
+
+
+def _message_of(letter: DeadLetterView) -> str:
+    if letter.kind is None:
+        return "(not an envelope)"
+    return f"{letter.kind} {letter.name} #{letter.attempt}"
+
+
+def dead_letter_list(console: Console, letters: Sequence[DeadLetterView]) -> None:
+    table = Table(title=f"{len(letters)} dead letter(s), newest first", title_justify="left")
+    table.add_column("id", no_wrap=True, justify="right")
+    table.add_column("received", no_wrap=True)
+    for column in ("source", "saga", "message", "reason", "replayed"):
+        table.add_column(column, overflow="fold")
+    for d in letters:
+        replayed = f"{when(d.replayed_at)} by {d.replayed_by}" if d.replayed_at else "-"
+        table.add_row(
+            str(d.id),
+            when(d.received_at),
+            d.source or "?",
+            d.saga_id or "-",
+            _message_of(d),
+            d.reason,
+            replayed,
+        )
+    console.print(table)
+
+
+def replay_result(console: Console, result: ReplayResult) -> None:
+    letter = result.dead_letter
+    console.print(
+        f"dead letter {letter.id} ({_message_of(letter)}) queued for {result.destination} "
+        f"by {result.actor}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if result.saga_id:
+        console.print(f"  recorded in the history of saga {result.saga_id}", soft_wrap=True)
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.1f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f}m"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f}h"
+    return f"{seconds / 86400:.1f}d"
+
+
+def stats(console: Console, view: StatsView) -> None:
+    names = sorted(view.by_saga)
+    table = Table(title=f"{view.total} saga(s)", title_justify="left")
+    table.add_column("state", no_wrap=True)
+    for name in names:
+        table.add_column(name, justify="right")
+    table.add_column("all", justify="right")
+    for status in SagaStatus:
+        table.add_row(
+            styled(status),
+            *(str(view.by_saga[n].get(status, 0)) for n in names),
+            str(view.by_status.get(status, 0)),
+        )
+    console.print(table)
+    oldest = view.oldest_running
+    if oldest is None:
+        console.print("oldest running: none")
+    else:
+        console.print(
+            f"oldest running: {oldest.id} ({oldest.name}, {styled(oldest.status)}) "
+            f"age {_age(oldest.age_seconds)}",
+            soft_wrap=True,
+        )
+    console.print(
+        f"outbox backlog: {view.outbox.unsent} unsent, oldest "
+        f"{_age(view.outbox.oldest_unsent_age_seconds)}",
+        soft_wrap=True,
+    )
+    console.print(
+        f"dead letters: {view.dead_letters.not_replayed} not replayed "
+        f"({view.dead_letters.total} archived)",
+        soft_wrap=True,
+    )

@@ -15,7 +15,7 @@ from typing import Protocol
 
 from engine.model import HistoryEntry, OutboxMessage, SagaState, Timer
 from engine.states import SagaStatus
-from engine.views import SagaDetail, SagaSummary
+from engine.views import DeadLetterView, SagaDetail, SagaSummary, StoreStats
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,23 @@ class OutboxRecord:
     key: str
     body: bytes
     headers: dict[str, str]
+
+
+@dataclass(frozen=True)
+class DeadLetterRecord:
+    """One archived dead letter; ``id`` is 0 until the archive assigned one."""
+
+    letter_id: str
+    source: str
+    reason: str
+    key: str
+    body: bytes
+    headers: dict[str, str]
+    saga_id: str | None
+    received_at: datetime
+    id: int = 0
+    replayed_at: datetime | None = None
+    replayed_by: str | None = None
 
 
 class StoreTransaction(Protocol):
@@ -60,6 +77,24 @@ class StoreTransaction(Protocol):
 
     async def mark_sent(self, ids: Sequence[int], at: datetime) -> None: ...
 
+    async def saga_exists(self, saga_id: str) -> bool: ...
+
+    async def add_raw_outbox(
+        self, destination: str, key: str, body: str, headers: dict[str, str], at: datetime
+    ) -> None:
+        """Queue a message that is not an envelope of ours (a dead letter's replay)."""
+        ...
+
+    async def add_dead_letter(self, letter: DeadLetterRecord) -> int | None:
+        """Archive a dead letter; None if its ``letter_id`` is archived already."""
+        ...
+
+    async def load_dead_letter(self, letter: int) -> DeadLetterRecord | None: ...
+
+    async def mark_replayed(self, letter: int, at: datetime, by: str) -> bool:
+        """Mark an archived dead letter replayed; False if it already was."""
+        ...
+
 
 class SagaStore(Protocol):
     def transaction(self) -> AbstractAsyncContextManager[StoreTransaction]: ...
@@ -77,6 +112,12 @@ class SagaStore(Protocol):
     async def count_by_status(self) -> dict[SagaStatus, int]: ...
 
     async def statuses(self, saga_ids: Sequence[str]) -> dict[str, SagaStatus]: ...
+
+    async def list_dead_letters(
+        self, *, limit: int = 50, pending_only: bool = False
+    ) -> list[DeadLetterView]: ...
+
+    async def stats(self) -> StoreStats: ...
 
     async def close(self) -> None: ...
 

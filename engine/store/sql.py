@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from engine.clock import utc_now
 from engine.errors import ConcurrencyConflict
-from engine.messages import MessageKind, encode
+from engine.messages import MessageKind, encode, new_message_id
 from engine.model import (
     Awaiting,
     HistoryEntry,
@@ -30,9 +30,20 @@ from engine.model import (
     TimerKind,
 )
 from engine.states import SagaStatus, StepStatus
-from engine.store.base import DueTimer, OutboxRecord
-from engine.store.schema import history, inbox, outbox, sagas, steps, timers
-from engine.views import HistoryView, SagaDetail, SagaSummary, StepView
+from engine.store.base import DeadLetterRecord, DueTimer, OutboxRecord
+from engine.store.schema import dead_letters, history, inbox, outbox, sagas, steps, timers
+from engine.views import (
+    DeadLetterView,
+    HistoryView,
+    SagaCount,
+    SagaDetail,
+    SagaSummary,
+    StepView,
+    StoreStats,
+)
+
+#: Sagas still in progress, for the "oldest running" figure of the stats.
+_IN_PROGRESS = (SagaStatus.RUNNING.value, SagaStatus.COMPENSATING.value)
 
 
 def _step_row(saga_id: str, st: StepState) -> dict[str, Any]:
@@ -266,6 +277,63 @@ class SqlStoreTransaction:
         if ids:
             await self.conn.execute(update(outbox).where(outbox.c.id.in_(ids)).values(sent_at=at))
 
+    async def saga_exists(self, saga_id: str) -> bool:
+        found = await self.conn.execute(select(sagas.c.id).where(sagas.c.id == saga_id))
+        return found.first() is not None
+
+    async def add_raw_outbox(
+        self, destination: str, key: str, body: str, headers: dict[str, str], at: datetime
+    ) -> None:
+        await self.conn.execute(
+            insert(outbox).values(
+                message_id=new_message_id(),
+                destination=destination,
+                key=key,
+                body=body,
+                headers=headers,
+                created_at=at,
+                sent_at=None,
+            )
+        )
+
+    async def add_dead_letter(self, letter: DeadLetterRecord) -> int | None:
+        seen = await self.conn.execute(
+            select(dead_letters.c.id).where(dead_letters.c.letter_id == letter.letter_id)
+        )
+        if seen.first() is not None:
+            return None
+        result = await self.conn.execute(
+            insert(dead_letters).values(
+                letter_id=letter.letter_id,
+                source=letter.source,
+                reason=letter.reason,
+                key=letter.key,
+                body=letter.body,
+                headers=letter.headers,
+                saga_id=letter.saga_id,
+                received_at=letter.received_at,
+                replayed_at=None,
+                replayed_by=None,
+            )
+        )
+        key = result.inserted_primary_key
+        assert key is not None
+        return int(key[0])
+
+    async def load_dead_letter(self, letter: int) -> DeadLetterRecord | None:
+        row = (
+            await self.conn.execute(select(dead_letters).where(dead_letters.c.id == letter))
+        ).first()
+        return _dead_letter_of(row) if row is not None else None
+
+    async def mark_replayed(self, letter: int, at: datetime, by: str) -> bool:
+        result = await self.conn.execute(
+            update(dead_letters)
+            .where(dead_letters.c.id == letter, dead_letters.c.replayed_at.is_(None))
+            .values(replayed_at=at, replayed_by=by)
+        )
+        return bool(result.rowcount == 1)
+
 
 class SqlSagaStore:
     def __init__(self, engine: AsyncEngine) -> None:
@@ -342,8 +410,83 @@ class SqlSagaStore:
                 out.update({r.id: SagaStatus(r.status) for r in rows})
         return out
 
+    async def list_dead_letters(
+        self, *, limit: int = 50, pending_only: bool = False
+    ) -> list[DeadLetterView]:
+        query = select(dead_letters).order_by(dead_letters.c.id.desc()).limit(limit)
+        if pending_only:
+            query = query.where(dead_letters.c.replayed_at.is_(None))
+        async with self.engine.connect() as conn:
+            return [dead_letter_view(_dead_letter_of(r)) for r in await conn.execute(query)]
+
+    async def stats(self) -> StoreStats:
+        async with self.engine.connect() as conn:
+            counts = await conn.execute(
+                select(sagas.c.name, sagas.c.status, func.count())
+                .group_by(sagas.c.name, sagas.c.status)
+                .order_by(sagas.c.name, sagas.c.status)
+            )
+            oldest = (
+                await conn.execute(
+                    select(sagas)
+                    .where(sagas.c.status.in_(_IN_PROGRESS))
+                    .order_by(sagas.c.created_at, sagas.c.id)
+                    .limit(1)
+                )
+            ).first()
+            unsent = outbox.c.sent_at.is_(None)
+            backlog = await conn.scalar(select(func.count()).select_from(outbox).where(unsent))
+            oldest_unsent = await conn.scalar(
+                select(outbox.c.created_at).where(unsent).order_by(outbox.c.id).limit(1)
+            )
+            letters = await conn.scalar(select(func.count()).select_from(dead_letters))
+            pending = await conn.scalar(
+                select(func.count())
+                .select_from(dead_letters)
+                .where(dead_letters.c.replayed_at.is_(None))
+            )
+        return StoreStats(
+            counts=[SagaCount(name=n, status=SagaStatus(s), count=c) for n, s, c in counts],
+            oldest_running=SagaSummary(**_summary_fields(oldest)) if oldest is not None else None,
+            outbox_unsent=backlog or 0,
+            outbox_oldest_unsent_at=oldest_unsent,
+            dead_letters_pending=pending or 0,
+            dead_letters_total=letters or 0,
+        )
+
     async def close(self) -> None:
         await self.engine.dispose()
+
+
+def _dead_letter_of(row: Any) -> DeadLetterRecord:
+    return DeadLetterRecord(
+        id=row.id,
+        letter_id=row.letter_id,
+        source=row.source,
+        reason=row.reason,
+        key=row.key,
+        body=bytes(row.body),
+        headers=dict(row.headers or {}),
+        saga_id=row.saga_id,
+        received_at=row.received_at,
+        replayed_at=row.replayed_at,
+        replayed_by=row.replayed_by,
+    )
+
+
+def dead_letter_view(letter: DeadLetterRecord) -> DeadLetterView:
+    return DeadLetterView.of(
+        letter.body,
+        id=letter.id,
+        received_at=letter.received_at,
+        source=letter.source,
+        reason=letter.reason,
+        key=letter.key,
+        saga_id=letter.saga_id,
+        headers=letter.headers,
+        replayed_at=letter.replayed_at,
+        replayed_by=letter.replayed_by,
+    )
 
 
 def _summary_fields(row: Any) -> dict[str, Any]:

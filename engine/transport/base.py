@@ -7,6 +7,7 @@ which one shared test suite checks.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -14,6 +15,12 @@ from typing import Protocol
 #: Header names the transports set on dead-lettered messages.
 DEAD_LETTER_REASON = "x-dead-letter-reason"
 DEAD_LETTER_SOURCE = "x-dead-letter-source"
+#: A unique id of one dead-lettering, so the archive keeps a redelivered one once.
+DEAD_LETTER_ID = "x-dead-letter-id"
+
+
+def new_dead_letter_id() -> str:
+    return uuid.uuid4().hex
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,13 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 
 from engine.errors import PublishError, TransportError
-from engine.transport.base import DEAD_LETTER_REASON, DEAD_LETTER_SOURCE, Message
+from engine.transport.base import (
+    DEAD_LETTER_ID,
+    DEAD_LETTER_REASON,
+    DEAD_LETTER_SOURCE,
+    Message,
+    new_dead_letter_id,
+)
 
 log = logging.getLogger("saga.transport.kafka")
 
@@ -134,6 +140,7 @@ class KafkaDelivery:
             **original.headers,
             DEAD_LETTER_REASON: reason,
             DEAD_LETTER_SOURCE: original.destination,
+            DEAD_LETTER_ID: new_dead_letter_id(),
         }
         transport = self._subscription.transport
         try:

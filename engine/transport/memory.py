@@ -14,7 +14,13 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from engine.errors import TransportError
-from engine.transport.base import DEAD_LETTER_REASON, DEAD_LETTER_SOURCE, Message
+from engine.transport.base import (
+    DEAD_LETTER_ID,
+    DEAD_LETTER_REASON,
+    DEAD_LETTER_SOURCE,
+    Message,
+    new_dead_letter_id,
+)
 
 
 @dataclass
@@ -98,6 +104,7 @@ class MemoryDelivery:
                 **original.headers,
                 DEAD_LETTER_REASON: reason,
                 DEAD_LETTER_SOURCE: original.destination,
+                DEAD_LETTER_ID: new_dead_letter_id(),
             }
             broker.queue(broker.dead_letters).put(
                 _Entry(Message(broker.dead_letters, original.key, original.body, headers))

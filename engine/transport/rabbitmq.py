@@ -29,7 +29,13 @@ from aio_pika.exceptions import PublishError as Unroutable
 from yarl import URL
 
 from engine.errors import PublishError, TransportError
-from engine.transport.base import DEAD_LETTER_REASON, DEAD_LETTER_SOURCE, Message
+from engine.transport.base import (
+    DEAD_LETTER_ID,
+    DEAD_LETTER_REASON,
+    DEAD_LETTER_SOURCE,
+    Message,
+    new_dead_letter_id,
+)
 
 log = logging.getLogger("saga.transport.rabbitmq")
 
@@ -98,6 +104,7 @@ class RabbitDelivery:
             **original.headers,
             DEAD_LETTER_REASON: reason,
             DEAD_LETTER_SOURCE: original.destination,
+            DEAD_LETTER_ID: new_dead_letter_id(),
         }
         transport = self._subscription.transport
         try:
