@@ -88,7 +88,11 @@ def save(result: dict[str, Any], path: Path) -> None:
     show_default=True,
     help="comma-separated: kafka, rabbitmq (saga-engine over each), temporal",
 )
-@click.option("--reps", type=click.IntRange(1, 20), help="runs per system [default 3; quick 1]")
+@click.option(
+    "--reps",
+    type=click.IntRange(0, 20),
+    help="runs per system [default 3; quick 1]; 0: only the growth run / profile",
+)
 @click.option("--sagas", type=click.IntRange(1), help="sagas per saturation run [default: sized]")
 @click.option(
     "--seconds",

@@ -86,6 +86,30 @@ def main_table(console: Console, systems: dict[str, Any]) -> None:
             console.print(f"[red]{TITLES[s]}: {systems[s]['error']}")
 
 
+def incidents(console: Console, result: dict[str, Any]) -> None:
+    """Runs during which a process logged warnings or errors (a broker restart by
+    someone else's test, say): their numbers are kept but should be read with that."""
+    found = []
+    for name, system in result.get("systems", {}).items():
+        for run in system.get("runs", []):
+            n = run.get("incidents", {}).get("count", 0)
+            if n:
+                first = run["incidents"]["first"][0]
+                found.append(
+                    f"{TITLES[name]} run {run['rep']}: {n} warnings/errors, first: {first}"
+                )
+    for broker, e in result.get("engines", {}).items():
+        for run in e.get("2", {}).get("runs", []):
+            n = run.get("incidents", {}).get("count", 0)
+            if n:
+                found.append(f"{TITLES[broker]} 2 engines run {run['rep']}: {n} warnings/errors")
+    n = result.get("scale", {}).get("incidents", {}).get("count", 0)
+    if n:
+        found.append(f"growth run: {n} warnings/errors")
+    for line in found:
+        console.print(f"[yellow]disturbed: {line}[/]", overflow="fold")
+
+
 def ratio_table(console: Console, ratios: dict[str, dict[str, float]]) -> None:
     if not ratios:
         return
@@ -241,6 +265,7 @@ def render(console: Console, result: dict[str, Any]) -> None:
     machine(console, result["machine"], result)
     systems = result.get("systems", {})
     main_table(console, systems)
+    incidents(console, result)
     ratio_table(console, result.get("ratios", {}))
     per_group_table(
         console,

@@ -27,7 +27,7 @@ from sqlalchemy.engine import make_url
 
 from bench.order import SAGA_NAME, order_input
 from bench.procs import Group, Monitor, fixed, listener
-from bench.system import Finish
+from bench.system import Finish, incident_lines
 from engine.client import SagaClient
 from engine.database import create_engine, upgrade
 from engine.registry import SagaRegistry
@@ -218,6 +218,14 @@ class SagaEngineSystem:
         for d in self.daemons:
             if d.process.poll() is not None:
                 raise RuntimeError(f"{d.name} exited with {d.process.returncode}:\n{d.tail()}")
+
+    def incidents(self) -> list[str]:
+        lines: list[str] = []
+        for d in self.daemons:
+            d.log_file.flush()
+            text = d.log_path.read_text(errors="replace")
+            lines += [f"{d.name}: {x}" for x in incident_lines(text, (" WARNING ", " ERROR "))]
+        return lines
 
     def logs(self) -> str:
         return "\n\n".join(f"--- {d.name} ({d.log_path}) ---\n{d.tail()}" for d in self.daemons)

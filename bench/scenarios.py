@@ -98,6 +98,10 @@ def summary_paths(runs: list[dict[str, Any]]) -> list[str]:
     return paths
 
 
+def incident_summary(lines: list[str]) -> dict[str, Any]:
+    return {"count": len(lines), "first": lines[:10]}
+
+
 def clamp_sagas(cfg: Config, throughput: float) -> int:
     return int(min(cfg.max_sagas, max(cfg.min_sagas, round(throughput * cfg.target_seconds))))
 
@@ -110,11 +114,18 @@ async def one_run(cfg: Config, system: System, sagas: int | None) -> tuple[int, 
     began = time.perf_counter()
     await warmup(system, cfg.warmup, timeout=timeout)
     if sagas is None:
-        probe = await saturate(
-            system, cfg.calibration, clients=cfg.clients, fail_ratio=0, timeout=timeout
-        )
-        sagas = clamp_sagas(cfg, probe["throughput"])
-        run["calibration"] = {"sagas": cfg.calibration, "throughput": probe["throughput"]}
+        # Throughput can depend on the backlog (Temporal's falls as it grows), so a
+        # probe far from the size it suggests is repeated once at that size.
+        size, probes = cfg.calibration, []
+        sagas = size
+        for _ in range(2):
+            probe = await saturate(system, size, clients=cfg.clients, fail_ratio=0, timeout=timeout)
+            probes.append({"sagas": size, "throughput": probe["throughput"]})
+            sagas = clamp_sagas(cfg, probe["throughput"])
+            if 0.5 <= sagas / size <= 2:
+                break
+            size = sagas
+        run["calibration"] = probes
     run["idle"] = await idle(system, cfg.idle_samples, gap=cfg.idle_gap, timeout=60)
     run["saturation"] = await saturate(
         system, sagas, clients=cfg.clients, fail_ratio=0, timeout=timeout
@@ -141,6 +152,7 @@ async def system_runs(cfg: Config, name: str, console: Console) -> dict[str, Any
                 await system.monitor.stop()
             run["peak_mib"] = dict(system.monitor.peak_mib)
             run["rep"] = rep
+            run["incidents"] = incident_summary(system.incidents())
             label = system.label
         runs.append(run)
         sat, half, idle_ = run["saturation"], run["half_rate"], run["idle"]["latency"]
@@ -172,8 +184,13 @@ async def engines_runs(
                 )
             finally:
                 await system.monitor.stop()
-            sat["peak_mib"] = dict(system.monitor.peak_mib)
-        runs.append({"saturation": sat, "peak_mib": sat.pop("peak_mib"), "rep": rep})
+            run = {
+                "saturation": sat,
+                "peak_mib": dict(system.monitor.peak_mib),
+                "rep": rep,
+                "incidents": incident_summary(system.incidents()),
+            }
+        runs.append(run)
         console.log(
             f"saga-engine/{broker} with {engines} engines run {rep}/{cfg.reps}: "
             f"{sat['throughput']:.1f} sagas/s"
@@ -236,7 +253,8 @@ async def scale_run(cfg: Config, broker: str, total: int, console: Console) -> d
             await system.monitor.stop()
         shared = {g.name for g in system.monitor.groups if g.shared}
         own = {g.name for g in system.monitor.groups if g.own}
-    return scale_report(broker, total, points, shared, own)
+        incidents = incident_summary(system.incidents())
+    return scale_report(broker, total, points, shared, own) | {"incidents": incidents}
 
 
 def scale_report(
@@ -341,7 +359,7 @@ async def profile_run(cfg: Config, broker: str, console: Console) -> dict[str, A
 
 async def run_all(cfg: Config, console: Console) -> dict[str, Any]:
     results: dict[str, Any] = {"systems": {}}
-    for name in cfg.systems:
+    for name in cfg.systems if cfg.reps else []:
         try:
             results["systems"][name] = await system_runs(cfg, name, console)
         except Exception as exc:

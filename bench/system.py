@@ -41,3 +41,16 @@ class System(Protocol):
     async def settled_count(self) -> int:
         """How many sagas started so far have ended (polled by the scale run)."""
         ...
+
+    def incidents(self) -> list[str]:
+        """Warnings and errors its processes logged so far (e.g. a broker restarted
+        by someone else's test): a run with incidents is marked in the report."""
+        ...
+
+
+def incident_lines(text: str, markers: tuple[str, ...], ignore: tuple[str, ...] = ()) -> list[str]:
+    return [
+        line.strip()[:300]
+        for line in text.splitlines()
+        if any(m in line for m in markers) and not any(i in line for i in ignore)
+    ]

@@ -26,7 +26,7 @@ from typing import IO, Any
 
 from bench.order import order_input
 from bench.procs import Group, Monitor, fixed
-from bench.system import Finish
+from bench.system import Finish, incident_lines
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -143,6 +143,17 @@ class TemporalSystem:
                 Group("bench client", fixed(os.getpid())),
             ]
         )
+
+    def incidents(self) -> list[str]:
+        lines: list[str] = []
+        for log in self._logs:
+            log.flush()
+            name = Path(log.name).stem.rsplit("-", 1)[-1]
+            text = Path(log.name).read_text(errors="replace")
+            # The worker logs every business failure with its traceback: expected.
+            found = incident_lines(text, ("level=ERROR", "ERROR", "Error while"))
+            lines += [f"temporal {name}: {x}" for x in found]
+        return lines
 
     def _check(self, name: str, process: subprocess.Popen[bytes] | None) -> None:
         if process is not None and process.poll() is not None:
