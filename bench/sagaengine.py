@@ -224,7 +224,9 @@ class SagaEngineSystem:
         for d in self.daemons:
             d.log_file.flush()
             text = d.log_path.read_text(errors="replace")
-            lines += [f"{d.name}: {x}" for x in incident_lines(text, (" WARNING ", " ERROR "))]
+            # A consumer group rebalancing as a second engine joins is normal.
+            found = incident_lines(text, (" WARNING ", " ERROR "), ignore=("rebalancing",))
+            lines += [f"{d.name}: {x}" for x in found]
         return lines
 
     def logs(self) -> str:
