@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
@@ -162,3 +164,45 @@ async def test_publish_returns_once_every_delivery_is_confirmed() -> None:
 async def test_publish_before_connect_is_a_transport_error() -> None:
     with pytest.raises(TransportError, match="not connected"):
         await KafkaTransport("127.0.0.1:9").publish([Message("t", "k", b"1")])
+
+
+# -- new topics are waited for until the broker's metadata shows them -----------------
+
+
+class _Admin:
+    """Stands in for AIOKafkaAdminClient: the topic shows up in the metadata late."""
+
+    def __init__(self, unknown_for: int) -> None:
+        self.unknown_for = unknown_for
+        self.described = 0
+
+    async def create_topics(self, new: list[Any]) -> Any:
+        return SimpleNamespace(topic_errors=[(t.name, 0) for t in new])
+
+    async def describe_topics(self, names: list[str]) -> list[dict[str, object]]:
+        self.described += 1
+        if self.described <= self.unknown_for:
+            return [{"topic": n, "error_code": 3, "partitions": []} for n in names]
+        partitions = [{"partition": p, "leader": 1} for p in range(4)]
+        return [{"topic": n, "error_code": 0, "partitions": partitions} for n in names]
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_a_created_topic_is_used_only_once_the_broker_metadata_shows_it() -> None:
+    # Subscribing before that gets a consumer no partitions for five minutes (its
+    # metadata refresh interval): a worker that would not see its first commands.
+    transport = KafkaTransport("127.0.0.1:9", connect_timeout=5)
+    transport._admin = admin = _Admin(unknown_for=3)
+    await transport.ensure_topics(["fresh"])
+    assert admin.described == 4
+    await transport.ensure_topics(["fresh"])  # known now: no more round trips
+    assert admin.described == 4
+
+
+async def test_a_topic_that_never_shows_up_is_a_transport_error() -> None:
+    transport = KafkaTransport("127.0.0.1:9", connect_timeout=0.3)
+    transport._admin = _Admin(unknown_for=1_000_000)
+    with pytest.raises(TransportError, match=r"topics \['ghost'\].*not in the broker's metadata"):
+        await transport.ensure_topics(["ghost"])

@@ -437,7 +437,40 @@ class KafkaTransport:
                 if code and for_code(code) is not TopicAlreadyExistsError:
                     detail = entry[2] if len(entry) > 2 and entry[2] else for_code(code).__name__
                     raise TransportError(f"cannot create topic {name} on {self._where}: {detail}")
+            await self._await_visible(missing)
             self._topics.update(missing)
+
+    async def _await_visible(self, names: list[str]) -> None:
+        """Wait until the broker's metadata lists ``names`` with a leader per partition.
+
+        Creating a topic returns before every broker knows it. A consumer that joins its
+        group in between is assigned none of the topic's partitions, and notices them
+        only at its next metadata refresh (``metadata_max_age_ms``: five minutes).
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.connect_timeout
+        while True:
+            try:
+                described = await self.admin().describe_topics(names)
+            except (KafkaError, OSError) as exc:
+                described, problem = [], str(exc)
+            else:
+                problem = "not in the broker's metadata yet"
+            visible = {
+                t["topic"]
+                for t in described
+                if not t["error_code"]
+                and t["partitions"]
+                and all(p["leader"] >= 0 for p in t["partitions"])
+            }
+            if visible >= set(names):
+                return
+            if loop.time() >= deadline:
+                raise TransportError(
+                    f"topics {sorted(set(names) - visible)} on {self._where}: {problem} "
+                    f"after {self.connect_timeout:g}s"
+                )
+            await asyncio.sleep(0.05)
 
     async def publish(self, messages: Sequence[Message]) -> None:
         if not messages:

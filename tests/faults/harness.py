@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -39,7 +38,7 @@ from engine.client import SagaClient
 from engine.database import create_engine
 from engine.model import OutboxMessage
 from engine.statemachine import Transition, new_saga
-from engine.states import SagaStatus
+from engine.states import SagaStatus, StepStatus
 from engine.store.base import write_transition
 from engine.topology import Topology
 from engine.transport.base import Message, Transport
@@ -124,6 +123,10 @@ class FaultCluster(Cluster):
         for d in self.daemons:
             if d.process.pid not in self.mortal and d.process.poll() is not None:
                 raise AssertionError(f"{d.name} exited with {d.process.returncode}:\n{d.tail()}")
+
+    def stop(self, daemon: Daemon, sig: int = signal.SIGTERM, timeout: float = 40) -> int:
+        self.mortal.add(daemon.process.pid)
+        return super().stop(daemon, sig, timeout)
 
     def kill(self, daemon: Daemon) -> None:
         """SIGKILL, as a crash would: no drain, no commit, no goodbye to the broker."""
@@ -317,6 +320,15 @@ class Run:
 
         await self.wait_for(f"{event} of {step} in saga {saga_id}", recorded, timeout)
 
+    async def wait_dispatched(self, saga_id: str, step: str, timeout: float = 30) -> None:
+        """Wait until ``step``'s command is out (and its reply not yet in)."""
+
+        async def dispatched() -> bool:
+            detail = await self.client.get(saga_id)
+            return any(s.name == step and s.status is StepStatus.DISPATCHED for s in detail.steps)
+
+        await self.wait_for(f"{step} of saga {saga_id} to be dispatched", dispatched, timeout)
+
     # -- the books -----------------------------------------------------------------------
 
     async def audit(
@@ -465,6 +477,15 @@ class BrokerControl:
             await run([str(ROOT / "scripts" / "services"), "up", "kafka"], timeout=180)
         self.stopped = False
 
+    async def restart_process(self) -> None:
+        """Stop the broker's process and start it again (the services script)."""
+        service = "rabbitmq" if self.broker.name == "rabbitmq" else "kafka"
+        services = str(ROOT / "scripts" / "services")
+        self.stopped = True
+        await run([services, "down", service])
+        await run([services, "up", service], timeout=180)
+        self.stopped = False
+
     def restore(self) -> None:
         """Finalizer: whatever happened, leave the broker running for everyone else."""
         service = "rabbitmq" if self.broker.name == "rabbitmq" else "kafka"
@@ -475,8 +496,3 @@ class BrokerControl:
             capture_output=True,
             timeout=300,
         )
-
-
-def needs(broker: Broker, name: str) -> None:
-    if broker.name != name:
-        pytest.skip(f"{name} only")
