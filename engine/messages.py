@@ -34,6 +34,12 @@ class Outcome(StrEnum):
     ERROR = "error"
 
 
+#: On commands and compensations: the attempt after which the engine stops retrying
+#: (the step's retry policy, within its current budget). A worker whose handler raises
+#: on that attempt dead-letters the message as well as replying, for a human to see.
+LAST_ATTEMPT_HEADER = "saga-last-attempt"
+
+
 def new_message_id() -> str:
     return str(uuid.uuid4())
 
@@ -83,6 +89,12 @@ class Envelope(BaseModel):
             outcome=outcome,
             error=error,
         )
+
+
+def last_attempt(envelope: Envelope) -> int | None:
+    """The attempt the engine gives up after (None: not said, as from older engines)."""
+    value = envelope.headers.get(LAST_ATTEMPT_HEADER, "")
+    return int(value) if value.isdigit() else None
 
 
 def encode(envelope: Envelope) -> bytes:

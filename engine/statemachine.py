@@ -15,7 +15,7 @@ from typing import Any
 
 from engine.definition import Saga, Step, StepContext, build_payload
 from engine.errors import OperationRefused
-from engine.messages import Envelope, MessageKind, Outcome
+from engine.messages import LAST_ATTEMPT_HEADER, Envelope, MessageKind, Outcome
 from engine.model import (
     Awaiting,
     HistoryEntry,
@@ -413,6 +413,11 @@ class Transition:
     def _emit(
         self, step: Step, kind: MessageKind, name: str, attempt: int, payload: dict[str, Any]
     ) -> None:
+        st = self.state.steps[step.name]
+        if kind is MessageKind.COMMAND:
+            last = st.attempt_base + step.retry.max_attempts
+        else:
+            last = st.compensation_attempt_base + step.compensation_retry.max_attempts
         envelope = Envelope(
             saga_id=self.state.id,
             saga_name=self.state.name,
@@ -423,7 +428,7 @@ class Transition:
             attempt=attempt,
             payload=payload,
             created_at=self.now,
-            headers=self.headers,
+            headers={**self.headers, LAST_ATTEMPT_HEADER: str(last)},
         )
         self.messages.append(
             OutboxMessage(self.topology.commands(step.participant), self.state.id, envelope)

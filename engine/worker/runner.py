@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from engine.errors import DecodeError, SagaError
 from engine.faults import crashpoint
-from engine.messages import Envelope, MessageKind, Outcome, decode, encode
+from engine.messages import Envelope, MessageKind, Outcome, decode, encode, last_attempt
 from engine.topology import Topology
 from engine.transport.base import Delivery, Message, Transport
 from engine.worker.barrier import guarded
@@ -107,6 +107,7 @@ class WorkerRunner:
             await self._reply(envelope.reply(Outcome.FAILURE, error=reason))
             await delivery.dead_letter(reason)
             return
+        poison: str | None = None
         try:
             async with self.sessions() as session, session.begin():
                 reply = await guarded(session, self.worker.name, registration, envelope)
@@ -124,7 +125,15 @@ class WorkerRunner:
                 envelope.saga_id,
                 exc,
             )
-            reply = envelope.reply(Outcome.ERROR, error=f"{type(exc).__name__}: {exc}")
+            error = f"{type(exc).__name__}: {exc}"
+            reply = envelope.reply(Outcome.ERROR, error=error)
+            last = last_attempt(envelope)
+            if last is not None and envelope.attempt >= last:
+                # The engine gives up after this one: keep the message for a look.
+                poison = (
+                    f"{envelope.kind} {envelope.name} of saga {envelope.saga_id} raised on "
+                    f"its last attempt ({envelope.attempt}): {error}"
+                )
         else:
             crashpoint("worker.after_commit")
         try:
@@ -135,6 +144,10 @@ class WorkerRunner:
             return
         crashpoint("worker.after_reply")
         self.handled += 1
+        if poison is not None:
+            log.error("worker %s dead-letters a message: %s", self.worker.name, poison)
+            await delivery.dead_letter(poison)
+            return
         await delivery.ack()
 
     async def _reply(self, reply: Envelope) -> None:

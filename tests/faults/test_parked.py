@@ -1,0 +1,99 @@
+"""A compensation that keeps failing: retried with capped exponential backoff, never
+in a hot loop; after the cap the saga parks where an operator sees it; the
+operator's ``sagactl retry`` completes it once the cause is fixed.
+
+``fragile_order`` (tests/faults/sagas.py) gives compensations 5 attempts, 0.2s
+doubling up to 0.8s; ``tests.faults.workers:payment_flaky`` fails every refund while
+the switch file ``refund_fails`` exists.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+
+from engine.states import SagaStatus
+from tests.e2e import sagactl
+from tests.faults.harness import Broker, scenario
+from tests.faults.sagas import FRAGILE_COMPENSATION
+from tests.faults.workers import REFUND_FAILS
+
+pytestmark = pytest.mark.faults
+
+#: Time the engine needs around a delay: dispatch, the worker's try, its reply.
+ROUND_TRIP = 1.5
+
+
+async def test_a_failing_compensation_backs_off_parks_and_an_operator_retry_finishes_it(
+    broker: Broker, tmp_path: Path
+) -> None:
+    async with scenario(broker, tmp_path) as run:
+        cluster = run.cluster
+        (cluster.switches / REFUND_FAILS).touch()
+        cluster.start_engine()
+        cluster.start_worker("inventory")
+        cluster.start_worker("shipment")
+        cluster.start_worker("payment", spec="tests.faults.workers:payment_flaky")
+        await run.warm_up()
+        # The shipment refuses these orders; undoing their charge keeps failing.
+        stuck = [await run.start("fragile_order", fail=True) for _ in range(2)]
+        parked = await run.settle(stuck, timeout=60, accept=[SagaStatus.PARKED])
+        await run.audit(parked, parked=stuck)
+
+        policy = FRAGILE_COMPENSATION
+        for detail in parked.values():
+            assert "compensation of step 'charge_payment' failed 5 times" in (detail.error or "")
+            errors = [h for h in detail.history if h.event == "compensation_error"]
+            assert len(errors) == policy.max_attempts - 1, detail.history
+            # Each retry waited at least its backoff, growing to the cap and no further:
+            # the attempt rate stays bounded.
+            parked_at = next(h.at for h in detail.history if h.event == "parked")
+            times = [h.at for h in errors] + [parked_at]
+            gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(times)]
+            for attempt, gap in enumerate(gaps, start=1):
+                base = min(policy.max_backoff, policy.initial_backoff * 2 ** (attempt - 1))
+                assert base * (1 - policy.jitter) <= gap <= base + ROUND_TRIP, (attempt, gaps)
+            span = (parked_at - errors[0].at).total_seconds()
+            assert len(errors) / span <= 1 / (policy.initial_backoff * (1 - policy.jitter))
+            charge = next(s for s in detail.steps if s.name == "charge_payment")
+            assert charge.compensation_attempts == policy.max_attempts
+        # The charges are not refunded yet, and nothing moves by itself.
+        books = await run.rows(
+            "SELECT order_id, kind FROM payment_ledger WHERE order_id IN (:a, :b)",
+            a=stuck[0],
+            b=stuck[1],
+        )
+        assert sorted(kind for _, kind in books) == ["charge", "charge"]
+
+        # The last failing refunds are kept as dead letters, with their reason.
+        async def kept() -> bool:
+            return await run.scalar("SELECT count(*) FROM saga_dead_letters") >= len(stuck)
+
+        await run.wait_for("the last refunds in the dead letters", kept, 30)
+        letters = await run.rows("SELECT saga_id, reason FROM saga_dead_letters")
+        assert sorted(r.saga_id for r in letters) == sorted(stuck)
+        last = f"raised on its last attempt ({policy.max_attempts})"
+        assert all(last in r.reason and "ConnectionError" in r.reason for r in letters), letters
+
+        # Visible to an operator...
+        listed = sagactl(cluster.env, "list", "--status", "parked", "--json")
+        assert listed.returncode == 0, listed.stderr
+        assert sorted(row["id"] for row in json.loads(listed.stdout)) == sorted(stuck)
+        # ...who fixes the payment provider and retries.
+        (cluster.switches / REFUND_FAILS).unlink()
+        for saga_id in stuck:
+            done = sagactl(
+                cluster.env, "retry", saga_id, "--actor", "ops", "--reason", "provider is back"
+            )
+            assert done.returncode == 0, done.stderr
+
+        details = await run.settle(timeout=60)
+        await run.audit(details)
+        for saga_id in stuck:
+            history = details[saga_id].history
+            retried = [h for h in history if h.event == "retried"]
+            assert len(retried) == 1 and retried[0].actor == "ops", history
+            assert history[-1].event == "compensated", history

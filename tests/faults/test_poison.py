@@ -1,0 +1,81 @@
+"""Poison messages: what can never be processed lands on the dead-letter topic/queue
+with its reason, the consumers keep flowing, and the saga records the failure and
+compensates.
+
+* A handler that raises on every attempt (``tests.faults.workers:shipment_poison``):
+  retried per the step's policy; the worker dead-letters the last attempt's command
+  (the engine names it in the ``saga-last-attempt`` header); the saga gives up on the
+  step and compensates.
+* An undecodable command (its body mangled on the way): dead-lettered at once by the
+  worker; its saga never hears back, times out (``quick_order``) and compensates.
+* An undecodable reply: dead-lettered by the engine, which goes on with its work.
+
+The engine archives every dead letter in ``saga_dead_letters`` (``sagactl dlq list``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from engine.messages import encode
+from engine.states import SagaStatus
+from tests.faults.harness import Broker, scenario
+from tests.faults.workers import POISON
+
+pytestmark = pytest.mark.faults
+
+
+async def test_poison_messages_are_dead_lettered_and_their_sagas_compensate(
+    broker: Broker, tmp_path: Path
+) -> None:
+    async with scenario(broker, tmp_path) as run:
+        cluster = run.cluster
+        cluster.start_engine()
+        cluster.start_worker("inventory")
+        cluster.start_worker("payment")
+        cluster.start_worker("shipment", spec="tests.faults.workers:shipment_poison")
+        await run.warm_up()
+
+        bug = await run.start(address=f"13 {POISON} street", expect=SagaStatus.COMPENSATED)
+        mangled, command = await run.start_lost("quick_order")
+        body = encode(command.envelope)
+        await run.publish(command.destination, mangled, body[: len(body) // 2])
+        await run.publish(run.topology.replies, "nobody", b"\x00 not a reply")
+        healthy = await run.start_many(8)  # the consumers keep flowing around them
+
+        details = await run.settle(timeout=60)
+        await run.audit(details)
+        assert all(details[s].status is run.expected[s] for s in healthy)
+
+        async def archived() -> bool:
+            return await run.scalar("SELECT count(*) FROM saga_dead_letters") >= 3
+
+        await run.wait_for("three dead letters in the archive", archived, 30)
+        letters = {
+            r.source: r
+            for r in await run.rows("SELECT source, reason, saga_id FROM saga_dead_letters")
+        }
+        assert len(letters) == 3, letters
+        # The handler bug: after the configured attempts, with the reason.
+        step = run.client.registry.get("place_order").step("create_shipment")
+        poison = letters[run.topology.commands("shipment")]
+        assert poison.saga_id == bug
+        assert f"raised on its last attempt ({step.retry.max_attempts})" in poison.reason
+        assert "TypeError: handler bug" in poison.reason
+        assert "not a saga envelope" in letters[run.topology.commands("inventory")].reason
+        assert "not a saga envelope" in letters[run.topology.replies].reason
+
+        # The saga recorded every failed attempt, the dead letter, and compensated.
+        events = [(h.event, h.step) for h in details[bug].history]
+        errors = [e for e in events if e == ("step_error", "create_shipment")]
+        assert len(errors) == step.retry.max_attempts - 1, events
+        assert ("step_failed", "create_shipment") in events
+        assert ("compensated", None) in events, events
+        after = (await run.client.get(bug)).history
+        assert any(h.event == "dead_lettered" and h.step == "create_shipment" for h in after)
+
+        lost = [(h.event, h.step) for h in details[mangled].history]
+        assert ("step_timed_out", "reserve_inventory") in lost, lost
+        assert lost[-1] == ("compensated", None), lost
