@@ -12,6 +12,7 @@ from dataclasses import replace
 from types import TracebackType
 from typing import Any
 
+from opentelemetry.trace import SpanKind
 from sqlalchemy.exc import IntegrityError
 
 from engine.clock import Clock, utc_now
@@ -34,6 +35,8 @@ from engine.statemachine import Transition, new_saga
 from engine.states import SagaStatus
 from engine.store.base import SagaStore, write_transition
 from engine.store.sql import SqlSagaStore, dead_letter_view
+from engine.telemetry import metrics
+from engine.telemetry.tracing import saga_span, trace_transition, tracer
 from engine.topology import Topology
 from engine.views import (
     DeadLetterStats,
@@ -61,6 +64,7 @@ class SagaClient:
         topology: Topology | None = None,
         clock: Clock = utc_now,
         on_commit: Callable[[], None] | None = None,
+        messaging_system: str = "memory",
     ) -> None:
         self.store = store
         self.registry = registry or SagaRegistry()
@@ -68,9 +72,18 @@ class SagaClient:
         self.clock = clock
         #: Called after a start committed (the embedded engine wakes its relay).
         self.on_commit = on_commit
+        #: ``messaging.system`` of the broker the relay will publish to (trace attribute).
+        self.messaging_system = messaging_system
 
     @classmethod
-    async def connect(cls, database_url: str, sagas: Iterable[str] = ()) -> SagaClient:
+    async def connect(
+        cls,
+        database_url: str,
+        sagas: Iterable[str] = (),
+        *,
+        topology: Topology | None = None,
+        messaging_system: str = "memory",
+    ) -> SagaClient:
         """A client over an existing, migrated database; clear errors otherwise."""
         registry = SagaRegistry.from_modules(sagas)
         engine = create_engine(database_url, must_exist=True)
@@ -79,7 +92,12 @@ class SagaClient:
         except BaseException:
             await engine.dispose()
             raise
-        return cls(SqlSagaStore(engine), registry)
+        return cls(
+            SqlSagaStore(engine),
+            registry,
+            topology=topology,
+            messaging_system=messaging_system,
+        )
 
     async def __aenter__(self) -> SagaClient:
         return self
@@ -105,11 +123,21 @@ class SagaClient:
         state = new_saga(definition, saga_id, parsed.model_dump(mode="json"), now)
         transition = Transition(definition, state, now=now, topology=self.topology)
         transition.start()
-        try:
-            async with self.store.transaction() as tx:
-                await write_transition(tx, state, transition.messages, transition.history, new=True)
-        except IntegrityError:
-            raise SagaError(f"a saga with id {saga_id!r} already exists") from None
+        # The saga's trace starts here (or inside the caller's span, if it has one).
+        with tracer().start_as_current_span(
+            f"saga start {definition.name}",
+            kind=SpanKind.PRODUCER,
+            attributes={"saga.id": saga_id, "saga.name": definition.name},
+        ):
+            messages = trace_transition(
+                state, transition.messages, transition.history, system=self.messaging_system
+            )
+            try:
+                async with self.store.transaction() as tx:
+                    await write_transition(tx, state, messages, transition.history, new=True)
+            except IntegrityError:
+                raise SagaError(f"a saga with id {saga_id!r} already exists") from None
+        metrics.record_transition(state, transition.history)
         if self.on_commit is not None:
             self.on_commit()
         return saga_id
@@ -174,9 +202,18 @@ class SagaClient:
                         definition, state, now=self.clock(), topology=self.topology
                     )
                     summary = apply(transition)
-                    await write_transition(tx, state, transition.messages, transition.history)
+                    with saga_span(f"saga {action}", state) as span:
+                        span.set_attribute("saga.operator", actor)
+                        messages = trace_transition(
+                            state,
+                            transition.messages,
+                            transition.history,
+                            system=self.messaging_system,
+                        )
+                        await write_transition(tx, state, messages, transition.history)
             except ConcurrencyConflict:
                 continue
+            metrics.record_transition(state, transition.history)
             if transition.messages and self.on_commit is not None:
                 self.on_commit()
             return OperatorResult(

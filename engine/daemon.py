@@ -11,8 +11,12 @@ import asyncio
 import importlib
 import logging
 import signal
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from contextlib import asynccontextmanager
 from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from engine.database import check_schema, create_engine, upgrade
 from engine.errors import ConfigError, SagaError
@@ -20,9 +24,12 @@ from engine.orchestrator import Engine
 from engine.registry import SagaRegistry
 from engine.settings import Settings
 from engine.store.sql import SqlSagaStore
+from engine.telemetry.http import Readiness, TelemetryServer
+from engine.telemetry.monitor import watch
+from engine.telemetry.setup import configure_metrics, configure_tracing
 from engine.topology import Topology
 from engine.transport.base import Transport
-from engine.transport.factory import transport_from_url
+from engine.transport.factory import messaging_system, transport_from_url
 from engine.worker.runner import WorkerRunner
 from engine.worker.worker import Worker
 
@@ -101,6 +108,51 @@ async def _connect(transport: Transport, url: str) -> None:
     await transport.connect()
 
 
+@asynccontextmanager
+async def _observed(
+    settings: Settings,
+    service: str,
+    *,
+    ping: Callable[[], Awaitable[None]],
+    consuming: Callable[[], bool],
+    broker: Callable[[], bool] = lambda: True,
+    store: SqlSagaStore | None = None,
+) -> AsyncIterator[None]:
+    """Tracing always (real trace ids; exported only if OTEL_* says so); health and
+    metrics endpoints when a port is configured."""
+    provider = configure_tracing(service)
+    stop = asyncio.Event()
+    server: TelemetryServer | None = None
+    watcher: asyncio.Task[None] | None = None
+    if settings.metrics_port is not None:
+        configure_metrics(service)
+        readiness = Readiness()
+        server = TelemetryServer(settings.metrics_host, settings.metrics_port, readiness)
+        server.start()
+        log.info("health and metrics on http://%s:%d", settings.metrics_host, server.port)
+        watcher = asyncio.create_task(
+            watch(readiness, stop, ping=ping, consuming=consuming, broker=broker, store=store)
+        )
+    try:
+        yield
+    finally:
+        stop.set()
+        if watcher is not None:
+            await watcher
+        if server is not None:
+            server.stop()
+        if provider is not None:
+            provider.shutdown()  # flush spans still in the batch
+
+
+def _pinger(database: AsyncEngine) -> Callable[[], Awaitable[None]]:
+    async def ping() -> None:
+        async with database.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    return ping
+
+
 async def run_engine(settings: Settings, *, migrate: bool, grace: float) -> None:
     registry = SagaRegistry.from_modules(settings.saga_modules)
     topology = Topology(settings.topic_prefix)
@@ -111,10 +163,25 @@ async def run_engine(settings: Settings, *, migrate: bool, grace: float) -> None
             await upgrade(database)
         await check_schema(database)
         await _connect(transport, settings.broker_url)
-        engine = Engine(SqlSagaStore(database), transport, registry, topology=topology)
+        store = SqlSagaStore(database)
+        engine = Engine(
+            store,
+            transport,
+            registry,
+            topology=topology,
+            messaging_system=messaging_system(settings.broker_url),
+        )
         names = ", ".join(f"{s.name} v{s.version}" for s in registry)
         ready = f"engine {engine.instance_id} consuming {topology.replies}, serving {names}"
-        await _serve("engine", engine.run, engine.stop, grace, ready)
+        async with _observed(
+            settings,
+            "saga-engine",
+            ping=_pinger(database),
+            consuming=lambda: engine.consuming,
+            broker=lambda: engine.relay.healthy,
+            store=store,
+        ):
+            await _serve("engine", engine.run, engine.stop, grace, ready)
     finally:
         await transport.close()
         await database.dispose()
@@ -133,10 +200,21 @@ async def run_worker(
         await check_schema(database)
         await _connect(transport, settings.broker_url)
         runner = WorkerRunner(
-            worker, transport, database, topology=topology, concurrency=concurrency
+            worker,
+            transport,
+            database,
+            topology=topology,
+            concurrency=concurrency,
+            messaging_system=messaging_system(settings.broker_url),
         )
         ready = f"worker {worker.name} consuming {runner.destination}"
-        await _serve(f"worker {worker.name}", runner.run, runner.stop, grace, ready)
+        async with _observed(
+            settings,
+            f"saga-worker-{worker.name}",
+            ping=_pinger(database),
+            consuming=lambda: runner.consuming,
+        ):
+            await _serve(f"worker {worker.name}", runner.run, runner.stop, grace, ready)
     finally:
         await transport.close()
         await database.dispose()

@@ -88,6 +88,9 @@ class SagaState:
     timer: Timer | None = None
     error: str | None = None
     trace_id: str | None = None
+    #: W3C trace context (traceparent, ...) of the saga's latest step: a timer or an
+    #: operator action resumes the saga's trace from it, even after a crash.
+    trace_context: dict[str, str] = field(default_factory=dict)
     #: Optimistic concurrency: the version read; the write must find it unchanged.
     row_version: int = 0
 

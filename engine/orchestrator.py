@@ -20,10 +20,14 @@ from engine.deadletters import DeadLetterArchive
 from engine.errors import ConcurrencyConflict, DecodeError, SagaError, UnknownSagaError
 from engine.faults import crashpoint
 from engine.messages import Envelope, MessageKind, decode
+from engine.model import HistoryEntry, SagaState
 from engine.registry import SagaRegistry
 from engine.relay import OutboxRelay
 from engine.statemachine import Transition
 from engine.store.base import SagaStore, write_transition
+from engine.telemetry import metrics
+from engine.telemetry.logs import saga_context
+from engine.telemetry.tracing import process_span, saga_span, trace_transition
 from engine.topology import Topology
 from engine.transport.base import Delivery, Transport
 
@@ -61,6 +65,7 @@ class Engine:
         relay: OutboxRelay | None = None,
         rng: random.Random | None = None,
         instance_id: str | None = None,
+        messaging_system: str = "memory",
     ) -> None:
         self.store = store
         self.transport = transport
@@ -77,6 +82,10 @@ class Engine:
         #: Sagas whose due timers this engine skipped for want of their definition.
         self._foreign: set[str] = set()
         self.timers_fired = 0
+        #: True while the reply consumer is attached (the daemon's readiness check).
+        self.consuming = False
+        #: ``messaging.system`` trace attribute of the transport.
+        self.messaging_system = messaging_system
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -90,6 +99,7 @@ class Engine:
             self.topology.replies, group=self.topology.group(self.settings.group)
         )
         subscriptions = [subscription]
+        self.consuming = True
         letters = None
         if self.settings.archive_dead_letters:
             try:
@@ -128,6 +138,7 @@ class Engine:
                 if task is not stopper and task.exception() is not None:
                     raise task.exception()  # type: ignore[misc]
         finally:
+            self.consuming = False
             self._stop.set()
             # Closing the subscriptions ends the consumers after their current message.
             for sub in subscriptions:
@@ -199,18 +210,31 @@ class Engine:
 
     async def handle_reply(self, reply: Envelope) -> bool:
         """Apply one reply in one transaction; False if it was a duplicate."""
-        async with self.store.transaction() as tx:
-            if not await tx.claim_inbox(reply.message_id, self.settings.group):
-                return False
-            state = await tx.load_saga(reply.saga_id)
-            if state is None:
-                raise _NotVisible(reply.saga_id)
-            definition = self.registry.get(state.name, state.version)
-            transition = Transition(
-                definition, state, now=self.clock(), topology=self.topology, rng=self.rng
-            )
-            transition.on_reply(reply)
-            await write_transition(tx, state, transition.messages, transition.history)
+        with (
+            saga_context(reply.saga_id, reply.step),
+            process_span(
+                reply,
+                system=self.messaging_system,
+                destination=self.topology.replies,
+                group=self.settings.group,
+            ),
+        ):
+            async with self.store.transaction() as tx:
+                if not await tx.claim_inbox(reply.message_id, self.settings.group):
+                    return False
+                state = await tx.load_saga(reply.saga_id)
+                if state is None:
+                    raise _NotVisible(reply.saga_id)
+                definition = self.registry.get(state.name, state.version)
+                transition = Transition(
+                    definition, state, now=self.clock(), topology=self.topology, rng=self.rng
+                )
+                transition.on_reply(reply)
+                messages = trace_transition(
+                    state, transition.messages, transition.history, system=self.messaging_system
+                )
+                await write_transition(tx, state, messages, transition.history)
+        metrics.record_transition(state, transition.history)
         if transition.messages:
             self.relay.wake()
         return True
@@ -221,6 +245,7 @@ class Engine:
         """Fire the timers due now, in one transaction; returns how many fired."""
         fired = 0
         emitted = False
+        done: list[tuple[SagaState, list[HistoryEntry]]] = []
         async with self.store.transaction() as tx:
             for due in await tx.due_timers(self.clock(), self.settings.timer_batch):
                 state = await tx.load_saga(due.saga_id)
@@ -238,10 +263,24 @@ class Engine:
                 transition = Transition(
                     definition, state, now=self.clock(), topology=self.topology, rng=self.rng
                 )
-                if transition.on_timer(due.timer):
-                    fired += 1
-                await write_transition(tx, state, transition.messages, transition.history)
+                with (
+                    saga_context(state.id, due.timer.step),
+                    saga_span(f"saga timer {due.timer.kind.value}", state) as span,
+                ):
+                    span.set_attribute("saga.step", due.timer.step)
+                    if transition.on_timer(due.timer):
+                        fired += 1
+                    messages = trace_transition(
+                        state,
+                        transition.messages,
+                        transition.history,
+                        system=self.messaging_system,
+                    )
+                    await write_transition(tx, state, messages, transition.history)
+                done.append((state, transition.history))
                 emitted = emitted or bool(transition.messages)
+        for state, history in done:
+            metrics.record_transition(state, history)
         if emitted:
             self.relay.wake()
         self.timers_fired += fired

@@ -42,6 +42,8 @@ class OutboxRelay:
         self.max_backoff = max_backoff
         self._wake = asyncio.Event()
         self.published = 0
+        #: False after a failed publish, until one succeeds (the daemon's readiness check).
+        self.healthy = True
 
     def wake(self) -> None:
         """New rows were committed in this process: publish without waiting to poll."""
@@ -82,10 +84,12 @@ class OutboxRelay:
                     else logging.ERROR
                 )
                 log.log(level, "outbox publish failed, rows stay pending: %s", exc)
+                self.healthy = False
                 backoff = min(self.max_backoff, max(backoff * 2, 0.1))
                 await wait_either(stop, None, backoff)
                 continue
             backoff = self.poll_interval
+            self.healthy = True
             if sent == self.batch_size:
                 continue  # more are waiting
             await wait_either(stop, self._wake, self.poll_interval)

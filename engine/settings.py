@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -19,6 +21,12 @@ class Settings(BaseSettings):
     sagas: str = "sagas.order"
     #: Prefix of every topic / queue name.
     topic_prefix: str = Field(default="saga", pattern=r"^[A-Za-z0-9._-]+$")
+    #: Port of the daemons' /healthz, /readyz and /metrics endpoint; off when unset.
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    #: Address that endpoint listens on (0.0.0.0 in a container).
+    metrics_host: str = "127.0.0.1"
+    #: ``text`` or ``json`` (one object per line) on stderr.
+    log_format: Literal["text", "json"] = "text"
 
     @field_validator("sagas")
     @classmethod

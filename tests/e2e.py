@@ -87,6 +87,8 @@ class Cluster:
     log_dir: Path
     prefix: str = field(default_factory=lambda: f"t{uuid.uuid4().hex[:10]}")
     daemons: list[Daemon] = field(default_factory=list)
+    #: More environment for every process (e.g. OTEL_* exporter settings).
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def env(self) -> dict[str, str]:
@@ -97,6 +99,7 @@ class Cluster:
             "SAGA_TOPIC_PREFIX": self.prefix,
             "SAGA_SAGAS": "sagas.order",
             "PYTHONUNBUFFERED": "1",
+            **self.extra_env,
         }
 
     def spawn(self, name: str, *args: str) -> Daemon:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import getpass
 import json
-import logging
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
@@ -24,6 +23,10 @@ from engine.database import create_engine, upgrade
 from engine.errors import SagaError
 from engine.settings import Settings
 from engine.states import SagaStatus
+from engine.telemetry.logs import configure_logging
+from engine.telemetry.setup import configure_tracing
+from engine.topology import Topology
+from engine.transport.factory import messaging_system
 
 from . import render
 
@@ -133,9 +136,7 @@ def start(options: Options, saga: str, input_text: str, saga_id: str | None) -> 
         fail(f"invalid JSON for --input: {exc.msg} at line {exc.lineno} column {exc.colno}")
 
     async def go() -> str:
-        client = await SagaClient.connect(
-            options.settings.database_url, options.settings.saga_modules
-        )
+        client = await _client(options, with_sagas=True)
         async with client:
             return await client.start(saga, data, saga_id=saga_id)
 
@@ -160,7 +161,7 @@ def list_(options: Options, status: str | None, name: str | None, limit: int) ->
     """List sagas, newest first."""
 
     async def go() -> list[Any]:
-        async with await SagaClient.connect(options.settings.database_url) as client:
+        async with await _client(options) as client:
             return await client.list(
                 status=SagaStatus(status) if status else None, name=name, limit=limit
             )
@@ -180,7 +181,7 @@ def show(options: Options, saga_id: str) -> None:
     """Show one saga: its steps, their attempts and errors, and its history."""
 
     async def go() -> Any:
-        async with await SagaClient.connect(options.settings.database_url) as client:
+        async with await _client(options) as client:
             return await client.get(saga_id)
 
     detail = run(go())
@@ -226,9 +227,7 @@ def _actor(actor: str | None) -> str:
 
 def _operate(options: Options, action: str, saga_id: str, actor: str, reason: str | None) -> None:
     async def go() -> Any:
-        client = await SagaClient.connect(
-            options.settings.database_url, options.settings.saga_modules
-        )
+        client = await _client(options, with_sagas=True)
         async with client:
             if action == "retry":
                 return await client.retry(saga_id, actor=actor, reason=reason)
@@ -278,7 +277,7 @@ def dlq_list(options: Options, limit: int, pending: bool) -> None:
     """List archived dead letters, newest first, with their reasons."""
 
     async def go() -> list[Any]:
-        async with await SagaClient.connect(options.settings.database_url) as client:
+        async with await _client(options) as client:
             return await client.dead_letters(limit=limit, pending_only=pending)
 
     letters = run(go())
@@ -307,7 +306,7 @@ def dlq_replay(
     who = _actor(actor)
 
     async def go() -> Any:
-        async with await SagaClient.connect(options.settings.database_url) as client:
+        async with await _client(options) as client:
             return await client.replay_dead_letter(letter, actor=who, reason=reason, force=force)
 
     result = run(go())
@@ -325,7 +324,7 @@ def stats(options: Options) -> None:
     dead letters not replayed."""
 
     async def go() -> Any:
-        async with await SagaClient.connect(options.settings.database_url) as client:
+        async with await _client(options) as client:
             return await client.stats()
 
     result = run(go())
@@ -402,11 +401,20 @@ def demo(options: Options, orders: int, seed: int, timeout: float) -> None:
         sys.exit(1)
 
 
-def _logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+async def _client(options: Options, *, with_sagas: bool = False) -> SagaClient:
+    """A client with this process's settings: database, topic prefix, broker kind.
+
+    Commands that change sagas (``with_sagas``) trace what they do, so a saga's trace
+    starts at ``sagactl start`` and an operator's retry shows up in it.
+    """
+    settings = options.settings
+    if with_sagas:
+        configure_tracing("sagactl")
+    return await SagaClient.connect(
+        settings.database_url,
+        settings.saga_modules if with_sagas else (),
+        topology=Topology(settings.topic_prefix),
+        messaging_system=messaging_system(settings.broker_url),
     )
 
 
@@ -429,6 +437,16 @@ _log_level = click.option(
     default="info",
     show_default=True,
 )
+_metrics_port = click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    help="serve /healthz, /readyz and /metrics on this port [env SAGA_METRICS_PORT; off]",
+)
+_log_format = click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    help="stderr log lines as text or one JSON object each [env SAGA_LOG_FORMAT; text]",
+)
 _broker = click.option(
     "--broker-url",
     metavar="URL",
@@ -436,30 +454,48 @@ _broker = click.option(
 )
 
 
-def _with_broker(options: Options, broker_url: str | None) -> Settings:
-    if not broker_url:
-        return options.settings
-    try:
-        return options.settings.model_copy(update={"broker_url": broker_url})
-    except ValueError as exc:
-        fail(f"bad setting: {exc}")
-    raise AssertionError("unreachable")
+def _daemon_settings(
+    options: Options,
+    broker_url: str | None,
+    metrics_port: int | None,
+    log_format: str | None,
+    log_level: str,
+) -> Settings:
+    """Flags over environment; sets up logging as a side effect (it needs the format)."""
+    updates: dict[str, Any] = {}
+    if broker_url:
+        updates["broker_url"] = broker_url
+    if metrics_port is not None:
+        updates["metrics_port"] = metrics_port
+    if log_format:
+        updates["log_format"] = log_format
+    settings = options.settings.model_copy(update=updates)
+    configure_logging(log_level, settings.log_format)
+    return settings
 
 
 @cli.command(name="engine")
 @_broker
 @_migrate
 @_grace
+@_metrics_port
+@_log_format
 @_log_level
 @pass_options
 def engine_cmd(
-    options: Options, broker_url: str | None, migrate: bool, grace: float, log_level: str
+    options: Options,
+    broker_url: str | None,
+    migrate: bool,
+    grace: float,
+    metrics_port: int | None,
+    log_format: str | None,
+    log_level: str,
 ) -> None:
     """Run the orchestrator: reply consumer, timer scanner and outbox relay."""
     from engine.daemon import run_engine
 
-    _logging(log_level)
-    run(run_engine(_with_broker(options, broker_url), migrate=migrate, grace=grace))
+    settings = _daemon_settings(options, broker_url, metrics_port, log_format, log_level)
+    run(run_engine(settings, migrate=migrate, grace=grace))
 
 
 @cli.command(name="worker")
@@ -474,6 +510,8 @@ def engine_cmd(
 )
 @_migrate
 @_grace
+@_metrics_port
+@_log_format
 @_log_level
 @pass_options
 def worker_cmd(
@@ -483,15 +521,17 @@ def worker_cmd(
     concurrency: int,
     migrate: bool,
     grace: float,
+    metrics_port: int | None,
+    log_format: str | None,
     log_level: str,
 ) -> None:
     """Run participant NAME (inventory, payment, shipment, or module:object)."""
     from engine.daemon import run_worker
 
-    _logging(log_level)
+    settings = _daemon_settings(options, broker_url, metrics_port, log_format, log_level)
     run(
         run_worker(
-            _with_broker(options, broker_url),
+            settings,
             name,
             concurrency=concurrency,
             migrate=migrate,

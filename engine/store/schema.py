@@ -63,6 +63,7 @@ sagas = Table(
     Column("input", JSON, nullable=False),
     Column("error", Text),
     Column("trace_id", String(32)),
+    Column("trace_context", JSON),
     Column("awaiting_step", String(200)),
     Column("awaiting_kind", String(20)),
     Column("awaiting_attempt", Integer),

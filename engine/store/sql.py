@@ -69,6 +69,7 @@ def _saga_values(state: SagaState) -> dict[str, Any]:
         "status": state.status.value,
         "error": state.error,
         "trace_id": state.trace_id,
+        "trace_context": state.trace_context or None,
         "awaiting_step": awaiting.step if awaiting else None,
         "awaiting_kind": awaiting.kind.value if awaiting else None,
         "awaiting_attempt": awaiting.attempt if awaiting else None,
@@ -129,6 +130,7 @@ class SqlStoreTransaction:
             status=SagaStatus(row.status),
             error=row.error,
             trace_id=row.trace_id,
+            trace_context=dict(row.trace_context or {}),
             row_version=row.row_version,
             awaiting=(
                 Awaiting(row.awaiting_step, MessageKind(row.awaiting_kind), row.awaiting_attempt)

@@ -10,15 +10,15 @@ that context back.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Link, Span, SpanKind
 
-from engine.messages import Envelope
-from engine.model import OutboxMessage
+from engine.messages import Envelope, MessageKind
+from engine.model import HistoryEntry, OutboxMessage, SagaState
 
 TRACER_NAME = "saga-engine"
 
@@ -130,3 +130,51 @@ def process_span(
         attributes=attributes,
     ) as span:
         yield span
+
+
+#: Key in the saga's stored trace context holding the ``traceparent`` of the span
+#: whose failure started compensation: every compensation span links to it.
+CAUSE_KEY = "saga-compensation-cause"
+
+
+def trace_transition(
+    state: SagaState,
+    messages: Sequence[OutboxMessage],
+    history: Sequence[HistoryEntry],
+    *,
+    system: str,
+) -> list[OutboxMessage]:
+    """Give a transition's messages their ``send`` spans and remember the saga's context.
+
+    Call it inside the span of whatever caused the transition (start, reply, timer,
+    operator). The span that turns the saga to compensating is remembered as the
+    cause, and every compensation's span is linked to it.
+    """
+    current = trace.get_current_span().get_span_context()
+    cause = state.trace_context.get(CAUSE_KEY)
+    if any(h.event == "compensating" for h in history) and current.is_valid:
+        cause = inject({})["traceparent"]
+    links: list[trace.SpanContext] = []
+    if cause and any(m.envelope.kind is MessageKind.COMPENSATION for m in messages):
+        linked = span_context_of({"traceparent": cause})
+        links = [linked] if linked is not None else []
+    traced = trace_outgoing(messages, system=system, links=links)
+    carrier = inject({})
+    if "traceparent" in carrier:
+        if cause:
+            carrier[CAUSE_KEY] = cause
+        state.trace_context = carrier
+        state.trace_id = state.trace_id or trace_id()
+    return traced
+
+
+def saga_span(
+    name: str, state: SagaState, *, kind: SpanKind = SpanKind.INTERNAL
+) -> AbstractContextManager[Span]:
+    """A span continuing the saga's stored trace (timers, operator actions)."""
+    return tracer().start_as_current_span(
+        name,
+        context=extract(state.trace_context) if state.trace_context else None,
+        kind=kind,
+        attributes={"saga.id": state.id, "saga.name": state.name},
+    )

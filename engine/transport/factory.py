@@ -62,6 +62,12 @@ def _kafka_servers(url: str) -> list[str]:
     return servers
 
 
+def messaging_system(url: str) -> str:
+    """The ``messaging.system`` trace attribute for a broker URL."""
+    scheme = url.split(":", 1)[0].lower()
+    return {"kafka": "kafka", "amqp": "rabbitmq", "amqps": "rabbitmq"}.get(scheme, scheme)
+
+
 def transport_from_url(url: str, topology: Topology) -> Transport:
     """``memory://``, ``kafka://…`` or ``amqp(s)://…``; anything else is a ConfigError."""
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""

@@ -14,9 +14,13 @@ import logging
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
+from engine._aio import wait_either
 from engine.errors import DecodeError, SagaError
 from engine.faults import crashpoint
 from engine.messages import Envelope, MessageKind, Outcome, decode, encode, last_attempt
+from engine.telemetry import metrics
+from engine.telemetry.logs import saga_context
+from engine.telemetry.tracing import inject, process_span
 from engine.topology import Topology
 from engine.transport.base import Delivery, Message, Transport
 from engine.worker.barrier import guarded
@@ -34,18 +38,32 @@ class WorkerRunner:
         *,
         topology: Topology | None = None,
         concurrency: int = 1,
+        messaging_system: str = "memory",
     ) -> None:
         self.worker = worker
         self.transport = transport
         self.topology = topology or Topology()
         self.sessions = async_sessionmaker(database, expire_on_commit=False)
         self.concurrency = concurrency
+        #: ``messaging.system`` trace attribute of the transport.
+        self.messaging_system = messaging_system
         self.handled = 0
+        #: True while attached to the command destination (the daemon's readiness check).
+        self.consuming = False
+        #: Pause after a delivery is handed back (its reply could not be published):
+        #: doubles per consecutive failure up to the cap, so redelivery is no hot loop.
+        self.error_backoff = 0.25
+        self.max_error_backoff = 5.0
+        self._failures = 0
         self._stop = asyncio.Event()
 
     @property
     def destination(self) -> str:
         return self.topology.commands(self.worker.name)
+
+    @property
+    def group(self) -> str:
+        return self.topology.group(f"worker-{self.worker.name}")
 
     def stop(self) -> None:
         self._stop.set()
@@ -53,9 +71,8 @@ class WorkerRunner:
     async def run(self) -> None:
         """Consume this participant's commands until :meth:`stop`, then drain."""
         self._stop.clear()
-        subscription = await self.transport.subscribe(
-            self.destination, group=self.topology.group(f"worker-{self.worker.name}")
-        )
+        subscription = await self.transport.subscribe(self.destination, group=self.group)
+        self.consuming = True
         slots = asyncio.Semaphore(self.concurrency)
         in_flight: set[asyncio.Task[None]] = set()
 
@@ -83,6 +100,7 @@ class WorkerRunner:
             if consumer.done() and consumer.exception() is not None:
                 raise consumer.exception()  # type: ignore[misc]
         finally:
+            self.consuming = False
             consumer.cancel()
             stopper.cancel()
             if in_flight:  # drain: finish what was started, then let go of the rest
@@ -99,6 +117,19 @@ class WorkerRunner:
         if envelope.kind is MessageKind.REPLY:
             await delivery.dead_letter(f"worker {self.worker.name!r} takes commands, not replies")
             return
+        with (
+            saga_context(envelope.saga_id, envelope.step),
+            process_span(
+                envelope,
+                system=self.messaging_system,
+                destination=self.destination,
+                group=self.group,
+            ),
+        ):
+            await self._handle(delivery, envelope)
+        metrics.handled.add(1, {"saga.participant": self.worker.name, "saga.kind": envelope.kind})
+
+    async def _handle(self, delivery: Delivery, envelope: Envelope) -> None:
         registration = self.worker.registration(envelope.kind, envelope.name)
         if registration is None:
             reason = f"worker {self.worker.name!r} has no {envelope.kind} handler {envelope.name!r}"
@@ -115,6 +146,7 @@ class WorkerRunner:
             # A concurrent delivery of the same message won the barrier row: try later,
             # when this one will find the row and just re-send the reply.
             await delivery.nack()
+            await self._pause()
             return
         except Exception as exc:
             log.warning(
@@ -141,16 +173,25 @@ class WorkerRunner:
         except SagaError as exc:
             log.warning("worker %s could not send a reply, will redo: %s", self.worker.name, exc)
             await delivery.nack()
+            await self._pause()
             return
         crashpoint("worker.after_reply")
         self.handled += 1
+        self._failures = 0
         if poison is not None:
             log.error("worker %s dead-letters a message: %s", self.worker.name, poison)
             await delivery.dead_letter(poison)
             return
         await delivery.ack()
 
+    async def _pause(self) -> None:
+        delay = min(self.max_error_backoff, self.error_backoff * 2**self._failures)
+        self._failures += 1
+        await wait_either(self._stop, None, delay)
+
     async def _reply(self, reply: Envelope) -> None:
+        # The reply continues the trace from this worker's span, not the sender's.
+        reply = reply.model_copy(update={"headers": inject(reply.headers)})
         await self.transport.publish(
             [Message(self.topology.replies, reply.saga_id, encode(reply), reply.headers)]
         )
