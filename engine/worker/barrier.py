@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 from sqlalchemy import insert, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from engine.clock import utc_now
@@ -30,6 +31,15 @@ ACTION = "action"
 COMPENSATION = "compensation"
 
 REFUSED = "refused: the step was already compensated (hanging action)"
+
+
+class HandlerIntegrityError(Exception):
+    """The handler's own writes broke a database constraint.
+
+    A handler error like any other (replied as a transient error, so the saga's retry
+    policy decides), not to be confused with a concurrent duplicate losing the race for
+    the barrier row, which the runner answers by redelivery.
+    """
 
 
 def _payload(result: HandlerResult) -> dict[str, Any]:
@@ -87,6 +97,9 @@ async def _run(
             await session.flush()
     except BusinessFailure as failure:
         return Outcome.FAILURE, {}, failure.reason
+    except IntegrityError as exc:
+        orig = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+        raise HandlerIntegrityError(orig[0] if orig else type(exc).__name__) from exc
     return Outcome.SUCCESS, _payload(result), None
 
 
