@@ -159,6 +159,11 @@ class Engine:
             log.error("dead-lettering undecodable message: %s", exc)
             await delivery.dead_letter(str(exc))
             return
+        with saga_context(envelope.saga_id, envelope.step):
+            await self._apply_delivery(delivery, envelope)
+
+    async def _apply_delivery(self, delivery: Delivery, envelope: Envelope) -> None:
+        """Apply a decoded reply, retrying conflicts and a saga row not yet visible."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.unknown_saga_patience
         conflicts = 0

@@ -76,7 +76,7 @@ def projects() -> dict[str, dict[str, Any]]:
 @pytest.mark.parametrize("profile", ["kafka", "rabbitmq"])
 def test_services_per_profile(projects: dict[str, dict[str, Any]], profile: str) -> None:
     services = set(projects[profile]["services"])
-    assert services == {"postgres", profile, "migrate"} | SAGA
+    assert services == {"postgres", profile, "migrate", "otel-collector", "jaeger"} | SAGA
 
 
 @pytest.mark.parametrize("profile", ["kafka", "rabbitmq"])
@@ -126,7 +126,28 @@ def test_ports_bind_loopback_only(projects: dict[str, dict[str, Any]], profile: 
             assert port.get("host_ip") == "127.0.0.1", (name, port)
             published[port["published"]] = name
     assert published["5432"] == "postgres"
-    assert set(published) - {"5432"} == ({"9092"} if profile == "kafka" else {"5672", "15672"})
+    assert published["16686"] == "jaeger"
+    brokers = {"9092"} if profile == "kafka" else {"5672", "15672"}
+    assert set(published) - {"5432", "16686"} == brokers
+
+
+@pytest.mark.parametrize("profile", ["kafka", "rabbitmq"])
+def test_daemons_are_health_checked_and_export_traces(
+    projects: dict[str, dict[str, Any]], profile: str
+) -> None:
+    services = projects[profile]["services"]
+    for name in SAGA:
+        service = services[name]
+        env = service["environment"]
+        assert env["SAGA_METRICS_PORT"] == "9464", name
+        assert env["OTEL_TRACES_EXPORTER"] == "otlp", name
+        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector:4318", name
+        check = service["healthcheck"]
+        assert not check.get("disable"), name
+        assert "http://127.0.0.1:9464/readyz" in " ".join(check["test"]), name
+    assert services["migrate"]["healthcheck"]["disable"] is True
+    config = projects[profile]["configs"]["otel-collector"]["content"]
+    assert "endpoint: jaeger:4317" in config
 
 
 def test_invalid_compose_file_is_rejected(tmp_path: Path) -> None:
