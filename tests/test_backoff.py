@@ -276,17 +276,25 @@ async def test_engine_loops_pause_while_the_database_fails_and_lose_nothing(
         await system.wait_for(charge_waiting, 5, "the charge command")
         failing.down = True
         await system.start_worker("payment")  # its reply arrives while the database is down
+        # And a dead letter for the archive, which needs the database too.
+        sender = MemoryTransport(system.broker)
+        await sender.connect()
+        await sender.publish([Message("saga.replies", "junk", b"not an envelope")])
+        await sender.close()
         window = 1.5
         await asyncio.sleep(window)
         failing.down = False
         per_loop = window / backoff + 2
         assert 1 <= failing.attempts["handle_reply"] <= per_loop, failing.attempts
         assert 1 <= failing.attempts["fire_due_timers"] <= per_loop, failing.attempts
+        assert 1 <= failing.attempts["archive"] <= per_loop, failing.attempts
         # The relay doubles its wait from its poll interval: 0.1, 0.2, 0.4, 0.8 ...
         assert failing.attempts["relay_once"] <= 6, failing.attempts
         final = (await system.wait_all_terminal(15, [saga_id]))[saga_id]
         assert final.status is SagaStatus.COMPLETED
         assert history_events(final, "step_succeeded") == [s.name for s in place_order.steps]
+        (letter,) = await system.dead_letters(1)  # nothing lost either
+        assert letter.body == "not an envelope"
 
 
 async def test_worker_does_not_spin_when_its_replies_cannot_be_published(
