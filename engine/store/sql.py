@@ -253,12 +253,18 @@ class SqlStoreTransaction:
         return True
 
     async def due_timers(self, now: datetime, limit: int) -> list[DueTimer]:
+        # Each timer is locked together with its saga row, and skipped if either is
+        # taken. A reply being applied locks the saga row, then writes its timer row:
+        # locking the timer first and the saga later deadlocked with it (PostgreSQL
+        # aborted one of the two after a second). NO KEY UPDATE, so inserts that only
+        # reference the saga (history, dead letters) do not wait.
         rows = await self.conn.execute(
             select(timers)
+            .join(sagas, sagas.c.id == timers.c.saga_id)
             .where(timers.c.due_at <= now)
             .order_by(timers.c.due_at)
             .limit(limit)
-            .with_for_update(skip_locked=True)
+            .with_for_update(skip_locked=True, key_share=True, of=[timers, sagas])
         )
         return [DueTimer(r.saga_id, _timer_of(r)) for r in rows]
 
