@@ -94,7 +94,13 @@ class Engine:
 
     async def run(self) -> None:
         """Consume replies, fire timers and relay the outbox until :meth:`stop`."""
-        self._stop.clear()
+        try:
+            await self._run()
+        finally:
+            # Cleared only now: a stop() that came before run() got going is kept.
+            self._stop.clear()
+
+    async def _run(self) -> None:
         subscription = await self.transport.subscribe(
             self.topology.replies, group=self.topology.group(self.settings.group)
         )

@@ -70,7 +70,13 @@ class WorkerRunner:
 
     async def run(self) -> None:
         """Consume this participant's commands until :meth:`stop`, then drain."""
-        self._stop.clear()
+        try:
+            await self._run()
+        finally:
+            # Cleared only now: a stop() that came before run() got going is kept.
+            self._stop.clear()
+
+    async def _run(self) -> None:
         subscription = await self.transport.subscribe(self.destination, group=self.group)
         self.consuming = True
         slots = asyncio.Semaphore(self.concurrency)
