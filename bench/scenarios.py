@@ -226,10 +226,15 @@ async def scale_run(cfg: Config, broker: str, total: int, console: Console) -> d
             }
             points.append(entry)
             if sagas:
+                # Everything a reader needs if a long run is cut short.
+                memory = ", ".join(
+                    f"{g.name} {entry['memory_mib'].get(g.name, 0):.1f}"
+                    for g in system.monitor.groups
+                    if g.own
+                )
                 console.log(
                     f"scale {broker}: {sagas} sagas in {entry['elapsed_s']:.0f}s, "
-                    f"engine RSS {entry['memory_mib'].get('engine', 0):.1f} MiB, "
-                    f"database {entry['database_mib']:.0f} MiB"
+                    f"RSS MiB: {memory}; database {entry['database_mib']:.0f} MiB"
                 )
 
         async def progress(settled: int) -> None:
