@@ -32,6 +32,18 @@ class Message:
     headers: Mapping[str, str] = field(default_factory=dict)
 
 
+def dead_letter_copy(original: Message, destination: str, reason: str) -> Message:
+    """What every transport parks on its dead-letter destination: the original body and
+    key, with why, from where, and an id that lets the archive keep it once."""
+    headers = {
+        **original.headers,
+        DEAD_LETTER_REASON: reason,
+        DEAD_LETTER_SOURCE: original.destination,
+        DEAD_LETTER_ID: new_dead_letter_id(),
+    }
+    return Message(destination, original.key, original.body, headers)
+
+
 class Delivery(Protocol):
     """One received message; exactly one of ack, nack or dead_letter settles it."""
 

@@ -15,11 +15,8 @@ from dataclasses import dataclass, field
 
 from engine.errors import TransportError
 from engine.transport.base import (
-    DEAD_LETTER_ID,
-    DEAD_LETTER_REASON,
-    DEAD_LETTER_SOURCE,
     Message,
-    new_dead_letter_id,
+    dead_letter_copy,
 )
 
 
@@ -98,17 +95,9 @@ class MemoryDelivery:
 
     async def dead_letter(self, reason: str) -> None:
         if self._settle():
-            original = self._entry.message
             broker = self._subscription.broker
-            headers = {
-                **original.headers,
-                DEAD_LETTER_REASON: reason,
-                DEAD_LETTER_SOURCE: original.destination,
-                DEAD_LETTER_ID: new_dead_letter_id(),
-            }
-            broker.queue(broker.dead_letters).put(
-                _Entry(Message(broker.dead_letters, original.key, original.body, headers))
-            )
+            copy = dead_letter_copy(self._entry.message, broker.dead_letters, reason)
+            broker.queue(broker.dead_letters).put(_Entry(copy))
 
 
 class MemorySubscription:

@@ -30,11 +30,8 @@ from yarl import URL
 
 from engine.errors import PublishError, TransportError
 from engine.transport.base import (
-    DEAD_LETTER_ID,
-    DEAD_LETTER_REASON,
-    DEAD_LETTER_SOURCE,
     Message,
-    new_dead_letter_id,
+    dead_letter_copy,
 )
 
 log = logging.getLogger("saga.transport.rabbitmq")
@@ -99,17 +96,10 @@ class RabbitDelivery:
         when the dead-letter queue did not confirm, so nothing is lost."""
         if self._settled:
             return
-        original = self._message
-        headers = {
-            **original.headers,
-            DEAD_LETTER_REASON: reason,
-            DEAD_LETTER_SOURCE: original.destination,
-            DEAD_LETTER_ID: new_dead_letter_id(),
-        }
         transport = self._subscription.transport
         try:
             await transport.publish(
-                [Message(transport.dead_letter_queue, original.key, original.body, headers)]
+                [dead_letter_copy(self._message, transport.dead_letter_queue, reason)]
             )
         except (PublishError, TransportError):
             await self.nack()
