@@ -10,7 +10,7 @@ import asyncio
 import getpass
 import json
 import sys
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -53,6 +53,14 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
         click.echo("sagactl: interrupted", err=True)
         sys.exit(130)
     raise AssertionError("unreachable")
+
+
+def _output(options: Options, value: Any, human: Callable[[Console, Any], None]) -> None:
+    """JSON with ``--json``, else the human rendering."""
+    if options.as_json:
+        render.dump_json(stdout, value)
+    else:
+        human(stdout, value)
 
 
 class Options:
@@ -167,10 +175,7 @@ def list_(options: Options, status: str | None, name: str | None, limit: int) ->
             )
 
     sagas = run(go())
-    if options.as_json:
-        render.dump_json(stdout, sagas)
-    else:
-        render.saga_list(stdout, sagas)
+    _output(options, sagas, render.saga_list)
 
 
 @cli.command()
@@ -185,10 +190,7 @@ def show(options: Options, saga_id: str) -> None:
             return await client.get(saga_id)
 
     detail = run(go())
-    if options.as_json:
-        render.dump_json(stdout, detail)
-    else:
-        render.saga_detail(stdout, detail)
+    _output(options, detail, render.saga_detail)
 
 
 # -- operator repair -------------------------------------------------------------------
@@ -234,10 +236,7 @@ def _operate(options: Options, action: str, saga_id: str, actor: str, reason: st
             return await client.cancel(saga_id, actor=actor, reason=reason)
 
     result = run(go())
-    if options.as_json:
-        render.dump_json(stdout, result)
-    else:
-        render.operator_result(stdout, result)
+    _output(options, result, render.operator_result)
 
 
 @cli.command()
@@ -281,10 +280,7 @@ def dlq_list(options: Options, limit: int, pending: bool) -> None:
             return await client.dead_letters(limit=limit, pending_only=pending)
 
     letters = run(go())
-    if options.as_json:
-        render.dump_json(stdout, letters)
-    else:
-        render.dead_letter_list(stdout, letters)
+    _output(options, letters, render.dead_letter_list)
 
 
 @dlq.command(name="replay")
@@ -310,10 +306,7 @@ def dlq_replay(
             return await client.replay_dead_letter(letter, actor=who, reason=reason, force=force)
 
     result = run(go())
-    if options.as_json:
-        render.dump_json(stdout, result)
-    else:
-        render.replay_result(stdout, result)
+    _output(options, result, render.replay_result)
 
 
 @cli.command()
@@ -328,10 +321,7 @@ def stats(options: Options) -> None:
             return await client.stats()
 
     result = run(go())
-    if options.as_json:
-        render.dump_json(stdout, result)
-    else:
-        render.stats(stdout, result)
+    _output(options, result, render.stats)
 
 
 @cli.group()
