@@ -20,7 +20,7 @@ from engine.deadletters import DeadLetterArchive
 from engine.errors import ConcurrencyConflict, DecodeError, SagaError, UnknownSagaError
 from engine.faults import crashpoint
 from engine.messages import Envelope, MessageKind, decode
-from engine.model import HistoryEntry, SagaState
+from engine.model import HistoryEntry, SagaState, TimerKind
 from engine.registry import SagaRegistry
 from engine.relay import OutboxRelay
 from engine.statemachine import Transition
@@ -32,6 +32,10 @@ from engine.topology import Topology
 from engine.transport.base import Delivery, Transport
 
 log = logging.getLogger("saga.engine")
+
+
+#: Timers that end a wait for a reply; postponed while their message is unpublished.
+TIMEOUTS = (TimerKind.STEP_TIMEOUT, TimerKind.COMPENSATION_TIMEOUT)
 
 
 class _NotVisible(Exception):
@@ -279,7 +283,9 @@ class Engine:
                     saga_span(f"saga timer {due.timer.kind.value}", state) as span,
                 ):
                     span.set_attribute("saga.step", due.timer.step)
-                    if transition.on_timer(due.timer):
+                    if due.timer.kind in TIMEOUTS and await tx.has_unsent(state.id):
+                        transition.postpone(due.timer)
+                    elif transition.on_timer(due.timer):
                         fired += 1
                     messages = trace_transition(
                         state,

@@ -109,6 +109,23 @@ class Transition:
             self._on_compensation_reply(step, reply)
         return True
 
+    def postpone(self, timer: Timer) -> bool:
+        """A timeout fell due while the message it times still waits in the outbox (the
+        broker is unreachable). The participant cannot have seen it, so its outcome is
+        not unknown: the timeout starts over, instead of compensating (and, after a
+        long outage, parking) every saga that was in flight. False if stale."""
+        if self.state.timer != timer:
+            return False
+        step = self.definition.step(timer.step)
+        self.state.timer = Timer(timer.kind, timer.step, timer.attempt, self.now + step.timeout)
+        self._record(
+            "timeout_postponed",
+            step.name,
+            f"attempt {timer.attempt} is not published yet; "
+            f"waiting {step.timeout.total_seconds():g}s more",
+        )
+        return True
+
     def on_timer(self, timer: Timer) -> bool:
         """Fire a due timer; False if the saga moved on and the timer is stale."""
         if self.state.timer != timer:

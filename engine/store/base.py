@@ -77,6 +77,10 @@ class StoreTransaction(Protocol):
 
     async def mark_sent(self, ids: Sequence[int], at: datetime) -> None: ...
 
+    async def has_unsent(self, saga_id: str) -> bool:
+        """Whether a message of this saga still waits in the outbox for the broker."""
+        ...
+
     async def saga_exists(self, saga_id: str) -> bool: ...
 
     async def add_raw_outbox(

@@ -281,6 +281,12 @@ class SqlStoreTransaction:
             for r in rows
         ]
 
+    async def has_unsent(self, saga_id: str) -> bool:
+        unsent = await self.conn.execute(
+            select(outbox.c.id).where(outbox.c.sent_at.is_(None), outbox.c.key == saga_id).limit(1)
+        )
+        return unsent.first() is not None
+
     async def mark_sent(self, ids: Sequence[int], at: datetime) -> None:
         if ids:
             await self.conn.execute(update(outbox).where(outbox.c.id.in_(ids)).values(sent_at=at))

@@ -158,6 +158,23 @@ class FaultCluster(Cluster):
                 self.assert_running()
                 await asyncio.sleep(0.05)
 
+    def hidden_errors(self) -> list[str]:
+        """Tracebacks and deadlocks in the daemons' logs: failures that a retry papered
+        over (the books may balance while a daemon keeps hitting a bug)."""
+        found = []
+        for d in self.daemons:
+            lines = d.log_path.read_text(errors="replace").splitlines()
+            for i, line in enumerate(lines):
+                frames = lines[i : i + 40]
+                # A client library's own traceback on a dropped connection is expected
+                # when a scenario stops the broker; one through saga-engine is not.
+                ours = line.startswith("Traceback") and any(
+                    f"{ROOT}/engine/" in frame for frame in frames
+                )
+                if ours or "deadlock detected" in line:
+                    found.append(f"{d.name} ({d.log_path.name}):\n" + "\n".join(frames))
+        return found
+
     def kill_all(self) -> None:
         for d in self.daemons:
             if d.process.poll() is None:
@@ -166,8 +183,12 @@ class FaultCluster(Cluster):
             d.log_file.close()
 
     def logs(self, lines: int = 40) -> str:
+        def tail(d: Daemon) -> str:
+            text = d.log_path.read_text(errors="replace").splitlines()
+            return "\n".join(text[-lines:])
+
         return "\n\n".join(
-            f"--- {d.name} (pid {d.process.pid}, exit {d.process.poll()}) ---\n{d.tail(lines)}"
+            f"--- {d.name} (pid {d.process.pid}, exit {d.process.poll()}) ---\n{tail(d)}"
             for d in self.daemons
         )
 
@@ -337,39 +358,57 @@ class Run:
         *,
         parked: Iterable[str] = (),
         once: bool = True,
+        clean_logs: bool = True,
     ) -> ledger.LedgerTotals:
-        """Judge the run by the ledgers; ``parked`` sagas may (must) be PARKED."""
+        """Judge the run by the ledgers; ``parked`` sagas must be PARKED (and are only
+        checked for double charges). ``clean_logs``: no daemon logged a traceback
+        through saga-engine, nor a deadlock."""
+        if clean_logs:
+            hidden = self.cluster.hidden_errors()
+            assert not hidden, "\n\n".join(hidden[:3])
         parked = set(parked)
+        assert set(details) <= set(self.orders), "sagas this run did not start"
         totals = await ledger.totals(self.database)
         assert totals.stock_conserved, totals
         assert totals.money_conserved, totals
         books = await ledger.effects(self.database)
         assert set(books) <= set(self.orders), f"effects of unknown orders: {set(books)}"
+        problems: list[str] = []
         for saga_id, detail in details.items():
             order = self.orders[saga_id]
             effect = books.get(saga_id, ledger.OrderEffect())
-            where = (saga_id, detail.status, effect, [(h.event, h.step) for h in detail.history])
-            if saga_id in parked:
-                assert detail.status is SagaStatus.PARKED, where
-                continue
-            assert detail.status in SETTLED, where
-            assert detail.status is self.expected[saga_id], where
-            assert effect.charges <= 1, where
+            expected = SagaStatus.PARKED if saga_id in parked else self.expected[saga_id]
+            checks = {f"ends {expected.value}": detail.status is expected}
             if detail.status is SagaStatus.COMPLETED:
-                assert effect.reserved == order["quantity"], where
-                assert effect.charges == 1 and effect.refunds == 0, where
-                assert effect.net_charged_cents == order["amount_cents"], where
-                assert effect.shipped, where
-            else:
-                assert effect.reserved == 0, where
-                assert effect.refunds == effect.charges, where
-                assert effect.net_charged_cents == 0, where
-                assert not effect.shipped, where
+                checks |= {
+                    "reserved its quantity": effect.reserved == order["quantity"],
+                    "charged once, never refunded": (effect.charges, effect.refunds) == (1, 0),
+                    "charged its amount": effect.net_charged_cents == order["amount_cents"],
+                    "shipped": effect.shipped,
+                }
+            elif detail.status is SagaStatus.COMPENSATED:
+                checks |= {
+                    "reserves nothing": effect.reserved == 0,
+                    "charged at most once": effect.charges <= 1,
+                    "refunds equal charges": effect.refunds == effect.charges,
+                    "nets to zero": effect.net_charged_cents == 0,
+                    "shipped nothing": not effect.shipped,
+                }
+            else:  # parked: undone halfway at most, never charged twice
+                checks |= {"charged at most once": effect.charges <= 1}
             if once:
                 advanced = Counter(
                     (h.event, h.step) for h in detail.history if h.event in ONCE_EVENTS
                 )
-                assert not advanced or max(advanced.values()) == 1, (saga_id, advanced)
+                checks["no step advanced twice"] = max(advanced.values(), default=0) <= 1
+            failed = [what for what, ok in checks.items() if not ok]
+            if failed:
+                history = [(h.event, h.step, h.detail) for h in detail.history]
+                problems.append(
+                    f"saga {saga_id} ({detail.name}, {detail.status.value}) fails: "
+                    f"{', '.join(failed)}; books {effect}; history {history}"
+                )
+        assert not problems, "\n".join(problems)
         return totals
 
     # -- the database ---------------------------------------------------------------------

@@ -42,17 +42,14 @@ async def test_a_reply_delivered_twice_to_two_replicas_advances_the_saga_once(
         await cluster.crashed(first, "engine.after_commit")
 
         details = await run.settle(timeout=90)
-        await run.audit(details)  # no step advanced twice
+        # No step advanced twice. (The killed replica may also have been between
+        # publishing outbox rows and marking them sent: those commands go out again and
+        # their repeated replies are ignored by their attempt tokens.)
+        await run.audit(details)
         # The reply replica A applied but never acknowledged came to replica B, whose
         # inbox knew it: acknowledged without a second transition.
-        assert "was applied before: a duplicate" in second.log_path.read_text(), second.tail()
-        ignored = [
-            (saga_id, h.step)
-            for saga_id, d in details.items()
-            for h in d.history
-            if h.event == "reply_ignored"
-        ]
-        assert ignored == [], ignored
+        log = second.log_path.read_text()
+        assert "was applied before: a duplicate" in log, cluster.logs()
 
 
 async def test_a_reply_before_its_saga_row_is_visible_is_retried_not_dropped(
