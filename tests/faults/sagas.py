@@ -15,7 +15,7 @@ from engine import RetryPolicy, Saga
 from sagas import order
 
 #: The step timeout of ``quick_order``: a lost reply is noticed this fast.
-QUICK_TIMEOUT = 3.0
+QUICK_TIMEOUT = 4.0
 
 #: The compensation policy of ``fragile_order``: five attempts, 0.2s doubling to 0.8s.
 FRAGILE_COMPENSATION = RetryPolicy(max_attempts=5, initial_backoff=0.2, max_backoff=0.8)

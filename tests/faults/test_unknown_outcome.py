@@ -1,6 +1,6 @@
 """Unknown outcomes: a step whose reply never comes times out and is compensated.
 
-``quick_order`` (tests/faults/sagas.py) times its steps out after 3 seconds.
+``quick_order`` (tests/faults/sagas.py) times its steps out after 4 seconds.
 
 * The reply is lost: the payment worker charged and was killed before replying
   (``worker.after_commit``), and comes back only after the timeout. The charge step
@@ -19,6 +19,7 @@ import pytest
 
 from engine.messages import encode
 from engine.states import SagaStatus
+from engine.views import HistoryView
 from tests.faults.harness import Broker, scenario
 
 pytestmark = pytest.mark.faults
@@ -46,23 +47,26 @@ async def test_lost_reply_and_lost_command_time_out_and_are_compensated(
         await run.wait_step(lost_reply, "step_timed_out", "charge_payment")
         cluster.start_worker("payment")
 
+        def refusal(h: HistoryView) -> bool:
+            # The barrier refuses with a business failure, which the finished saga ignores.
+            return h.event == "reply_ignored" and "command attempt 1 (failure)" in (h.detail or "")
+
         async def refused() -> bool:
-            detail = await run.client.get(lost_command)
-            return any(h.event == "reply_ignored" for h in detail.history)
+            return any(refusal(h) for h in (await run.client.get(lost_command)).history)
 
         await run.wait_for("the late reserve command to be refused", refused, 30)
         details = await run.settle(timeout=60)
         await run.audit(details)
 
-        late = details[lost_command]
-        assert [(h.event, h.step) for h in late.history] == [
+        late = [(h.event, h.step) for h in details[lost_command].history]
+        assert late[:3] == [
             ("started", None),
             ("step_timed_out", "reserve_inventory"),
             ("compensating", None),
-            ("step_compensated", "reserve_inventory"),
-            ("compensated", None),
-            ("reply_ignored", "reserve_inventory"),
-        ]
+        ], late
+        assert late.count(("step_compensated", "reserve_inventory")) == 1, late
+        assert ("compensated", None) in late, late
+        assert any(refusal(h) for h in details[lost_command].history), late
         barrier = {
             (r.op, r.origin, r.outcome)
             for r in await run.rows(
@@ -76,7 +80,6 @@ async def test_lost_reply_and_lost_command_time_out_and_are_compensated(
             ("action", "compensation", "skipped"),
             ("compensation", "compensation", "success"),
         }
-        assert "(failure)" in (late.history[-1].detail or ""), late.history[-1]
 
         charged = details[lost_reply]
         events = [(h.event, h.step) for h in charged.history]
