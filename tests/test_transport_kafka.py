@@ -206,3 +206,57 @@ async def test_a_topic_that_never_shows_up_is_a_transport_error() -> None:
     transport._admin = _Admin(unknown_for=1_000_000)
     with pytest.raises(TransportError, match=r"topics \['ghost'\].*not in the broker's metadata"):
         await transport.ensure_topics(["ghost"])
+
+
+# -- a producer that can never send again is replaced ----------------------------------
+
+
+class _Wedged(_Producer):
+    """What aiokafka's idempotent producer does once its sender died of an
+    OutOfOrderSequenceNumber (a batch in flight while the broker restarted): every
+    send raises the same error, forever."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+        self.stopped = False
+
+    async def send(self, topic: str, value: bytes, **kwargs: object) -> asyncio.Future[None]:
+        from aiokafka.errors import OutOfOrderSequenceNumber
+
+        raise OutOfOrderSequenceNumber()
+
+    async def stop(self) -> None:
+        self.stopped = True
+
+
+class _Fresh(_Producer):
+    def __init__(self) -> None:
+        super().__init__(None)
+        self.started = False
+
+    async def start(self) -> None:
+        self.started = True
+
+
+async def test_a_producer_wedged_by_a_broker_restart_is_replaced() -> None:
+    transport = _stubbed(None, timeout=5)
+    transport._producer = wedged = _Wedged()
+    fresh = _Fresh()
+    transport._new_producer = lambda: fresh  # type: ignore[method-assign]
+    with pytest.raises(PublishError, match="OutOfOrderSequenceNumber"):
+        await transport.publish([Message("t", "k", b"1")])
+    assert wedged.stopped and fresh.started and transport._producer is fresh
+    await transport.publish([Message("t", "k", b"1")])  # the relay's retry goes through
+    assert len(fresh.futures) == 1
+    await transport.close()
+
+
+async def test_an_ordinary_refusal_keeps_the_producer() -> None:
+    from aiokafka.errors import NotEnoughReplicasError
+
+    transport = _stubbed(NotEnoughReplicasError(), timeout=5)
+    producer = transport._producer
+    with pytest.raises(PublishError):
+        await transport.publish([Message("t", "k", b"1")])
+    assert transport._producer is producer
+    await transport.close()

@@ -18,7 +18,15 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
+from aiokafka.errors import (
+    InvalidProducerEpoch,
+    KafkaError,
+    OutOfOrderSequenceNumber,
+    ProducerFenced,
+    TopicAlreadyExistsError,
+    UnknownProducerId,
+    for_code,
+)
 
 from engine.errors import PublishError, TransportError
 from engine.transport.base import (
@@ -27,6 +35,16 @@ from engine.transport.base import (
 )
 
 log = logging.getLogger("saga.transport.kafka")
+
+#: Errors after which an idempotent producer never sends again: its sequence numbers
+#: no longer match the broker's (e.g. a batch in flight when the broker restarted), its
+#: sender task has died, and every later send fails the same way. It must be replaced.
+_PRODUCER_BROKEN = (
+    OutOfOrderSequenceNumber,
+    UnknownProducerId,
+    InvalidProducerEpoch,
+    ProducerFenced,
+)
 
 #: Committed-offset metadata prefix recording how far a partition was handed out.
 _DELIVERED = "delivered="
@@ -362,10 +380,8 @@ class KafkaTransport:
     def _where(self) -> str:
         return f"Kafka at {','.join(self.bootstrap_servers)}"
 
-    async def connect(self) -> None:
-        if self._producer is not None:
-            return
-        producer = AIOKafkaProducer(
+    def _new_producer(self) -> Any:
+        return AIOKafkaProducer(
             bootstrap_servers=self.bootstrap_servers,
             client_id=self.client_id,
             enable_idempotence=True,
@@ -373,6 +389,11 @@ class KafkaTransport:
             linger_ms=self.linger_ms,
             request_timeout_ms=self.request_timeout_ms,
         )
+
+    async def connect(self) -> None:
+        if self._producer is not None:
+            return
+        producer = self._new_producer()
         admin = AIOKafkaAdminClient(
             bootstrap_servers=self.bootstrap_servers,
             client_id=f"{self.client_id}-admin",
@@ -488,6 +509,7 @@ class KafkaTransport:
                 f"within {self.publish_timeout:g}s"
             ) from None
         except KafkaError as exc:
+            await self._replace_if_broken(producer, exc)
             raise PublishError(f"{self._where} refused a publish: {exc}") from exc
         # Waiting on the delivery futures without cancelling them: a late ack is
         # harmless (the outbox re-sends, the inbox absorbs the duplicate).
@@ -496,12 +518,36 @@ class KafkaTransport:
         for future in not_done:
             future.add_done_callback(_consume_result)
         if failures:
+            await self._replace_if_broken(producer, failures[0])
             raise PublishError(f"{self._where} refused a publish: {failures[0]}")
         if not_done:
             raise PublishError(
                 f"{self._where} did not confirm {len(not_done)} of {len(messages)} "
                 f"messages within {self.publish_timeout:g}s"
             )
+
+    async def _replace_if_broken(self, producer: Any, error: BaseException | None) -> None:
+        """Swap in a fresh producer (new producer id, sequences from zero) when
+        ``producer`` can never send again; the caller's retry then goes through."""
+        if producer is not self._producer or not isinstance(error, _PRODUCER_BROKEN):
+            return
+        log.warning("%s: the producer is unusable (%r); starting a new one", self._where, error)
+        fresh = self._new_producer()
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                await fresh.start()
+        except (KafkaError, OSError, TimeoutError) as exc:
+            await fresh.stop()
+            log.warning(
+                "%s: no new producer yet, the next publish tries again: %s", self._where, exc
+            )
+            return
+        self._producer = fresh
+        try:  # its sender is dead, so stopping it flushes nothing and returns at once
+            async with asyncio.timeout(self.connect_timeout):
+                await producer.stop()
+        except (KafkaError, OSError, TimeoutError) as exc:
+            log.warning("%s: closing the broken producer: %s", self._where, exc)
 
     async def subscribe(self, destination: str, *, group: str) -> KafkaSubscription:
         if self._producer is None:

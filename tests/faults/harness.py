@@ -32,6 +32,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -49,7 +50,7 @@ from engine.transport.factory import transport_from_url
 from engine.views import SagaDetail
 from tests.e2e import Cluster, Daemon, fresh_database
 from tests.faults.workers import SWITCHES
-from tests.services import rabbitmqctl, run, service_url
+from tests.services import rabbitmqctl, run, service_url, unavailable
 from workers import ledger
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -481,6 +482,28 @@ class BrokerControl:
             await run([*rabbitmqctl(), "stop_app"])
         else:
             await run([str(ROOT / "scripts" / "services"), "down", "kafka"])
+        await self._gone()
+
+    async def _gone(self, timeout: float = 10) -> None:
+        """The broker's port refuses connections: it really is down. If it still
+        answers, the broker is not one this checkout's services script runs (another
+        checkout's, on the same port): skip the scenario (fail it in CI)."""
+        url = urlsplit(self.broker.url.split(",")[0])
+        port = url.port or (9092 if url.scheme == "kafka" else 5672)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                _, writer = await asyncio.open_connection(url.hostname or "127.0.0.1", port)
+            except OSError:
+                return
+            writer.close()
+            if time.monotonic() > deadline:
+                self.stopped = False
+                unavailable(
+                    f"{self.broker.name} at {self.broker.url} still answers after "
+                    f"{ROOT}/scripts/services stopped it: it was not started from here"
+                )
+            await asyncio.sleep(0.2)
 
     async def start(self) -> None:
         if self.broker.name == "rabbitmq":
@@ -496,6 +519,7 @@ class BrokerControl:
         services = str(ROOT / "scripts" / "services")
         self.stopped = True
         await run([services, "down", service])
+        await self._gone()
         await run([services, "up", service], timeout=180)
         self.stopped = False
 

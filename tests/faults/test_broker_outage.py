@@ -3,8 +3,13 @@
 * Down while the relay publishes: publishing fails within its bound, the outbox rows
   stay pending, and after the broker is back everything is delivered and acted on
   once.
-* RabbitMQ restarted (the server process) under load: the consumers come back by
-  themselves, the backlog drains, the ledgers are exact.
+* The broker restarted (its server process) under load, RabbitMQ and Kafka alike:
+  the consumers come back by themselves, the backlog drains, the ledgers are exact.
+
+The broker is stopped with ``scripts/services`` (RabbitMQ's app with ``rabbitmqctl``)
+and always started again by the ``broker_control`` fixture. A broker this checkout
+did not start (another checkout's, on the same port) cannot be stopped: the scenario
+is then skipped, or failed under ``CI=true``.
 """
 
 from __future__ import annotations
@@ -57,8 +62,7 @@ async def test_broker_down_while_the_relay_publishes(
                 assert step.attempts <= 1 and step.compensation_attempts <= 1, step
 
 
-@pytest.mark.parametrize("broker", ["rabbitmq"], indirect=True)
-async def test_rabbitmq_restarted_under_load(
+async def test_broker_restarted_under_load(
     broker: Broker, broker_control: BrokerControl, tmp_path: Path
 ) -> None:
     async with scenario(broker, tmp_path) as run:
