@@ -177,9 +177,11 @@ def scale_table(console: Console, scale: dict[str, Any]) -> None:
         console.print(f"[red]scale run: {scale['error']}")
         return
     points = scale["checkpoints"][1:]
+    if scale.get("stopped_early"):
+        console.print(f"[yellow]growth run stopped early: {scale['stopped_early']}[/]")
     table = Table(
-        title=f"Growth: saga-engine/{scale['broker']}, {scale['total']:,} sagas in "
-        f"{scale['seconds']:.0f}s (closed loop)",
+        title=f"Growth: saga-engine/{scale['broker']}, {points[-1]['sagas']:,} of "
+        f"{scale['total']:,} sagas in {scale['seconds']:.0f}s (closed loop)",
         title_justify="left",
     )
     table.add_column("process")

@@ -19,7 +19,7 @@ from bench.sagaengine import PARTICIPANTS, SagaEngineSystem
 from bench.stats import summarize
 from bench.system import System
 from bench.temporal import TemporalSystem
-from bench.workload import ClosedLoop, idle, open_loop, saturate, warmup
+from bench.workload import ClosedLoop, PhaseError, idle, open_loop, saturate, warmup
 
 BROKERS = ("kafka", "rabbitmq")
 
@@ -253,13 +253,23 @@ async def scale_run(cfg: Config, broker: str, total: int, console: Console) -> d
                 total=total,
                 stall_timeout=cfg.timeout,
             )
-            await load.run(progress)
+            stopped = None
+            try:
+                await load.run(progress)
+            except PhaseError as exc:
+                # A long run on shared services can lose its broker: keep what was
+                # measured up to there, and say why it stopped.
+                if len(points) < 2:
+                    raise
+                stopped = str(exc)
+                await point(load.settled)
         finally:
             await system.monitor.stop()
         shared = {g.name for g in system.monitor.groups if g.shared}
         own = {g.name for g in system.monitor.groups if g.own}
         incidents = incident_summary(system.incidents())
-    return scale_report(broker, total, points, shared, own) | {"incidents": incidents}
+    report = scale_report(broker, total, points, shared, own)
+    return report | {"incidents": incidents, "stopped_early": stopped}
 
 
 def scale_report(
