@@ -21,6 +21,8 @@ database deadlock: a retry can keep the books right while hiding a bug.
 from __future__ import annotations
 
 import asyncio
+import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -470,24 +472,57 @@ async def scenario(broker: Broker, tmp_path: Path) -> AsyncIterator[Run]:
 
 
 class BrokerControl:
-    """Stops and starts the real broker of a scenario; always restored afterwards."""
+    """Stops and starts the real broker of a scenario; always restored afterwards.
+
+    Kafka and the RabbitMQ server are stopped and started with ``scripts/services``
+    (RabbitMQ's app alone with ``rabbitmqctl``). ``SAGA_TEST_KAFKA_CTL`` may name a
+    command taking ``stop`` or ``start`` for a Kafka broker run some other way.
+    """
 
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
         self.stopped = False
 
+    @property
+    def service(self) -> str:
+        return "rabbitmq" if self.broker.name == "rabbitmq" else "kafka"
+
+    def _command(self, action: str) -> list[str]:
+        custom = os.environ.get("SAGA_TEST_KAFKA_CTL", "").strip()
+        if custom and self.service == "kafka":
+            return [*shlex.split(custom), action]
+        verb = "down" if action == "stop" else "up"
+        return [str(ROOT / "scripts" / "services"), verb, self.service]
+
     async def stop(self) -> None:
+        """Take the broker away (RabbitMQ: its app, the Erlang node stays up)."""
         self.stopped = True
-        if self.broker.name == "rabbitmq":
+        if self.service == "rabbitmq":
             await run([*rabbitmqctl(), "stop_app"])
         else:
-            await run([str(ROOT / "scripts" / "services"), "down", "kafka"])
+            await run(self._command("stop"))
         await self._gone()
+
+    async def start(self) -> None:
+        if self.service == "rabbitmq":
+            await run([*rabbitmqctl(), "start_app"])
+            await run([*rabbitmqctl(), "await_startup"])
+        else:
+            await run(self._command("start"), timeout=180)
+        self.stopped = False
+
+    async def restart_process(self) -> None:
+        """Stop the broker's server process and start it again."""
+        self.stopped = True
+        await run(self._command("stop"))
+        await self._gone()
+        await run(self._command("start"), timeout=180)
+        self.stopped = False
 
     async def _gone(self, timeout: float = 10) -> None:
         """The broker's port refuses connections: it really is down. If it still
-        answers, the broker is not one this checkout's services script runs (another
-        checkout's, on the same port): skip the scenario (fail it in CI)."""
+        answers, this checkout does not run it (another checkout's broker on the same
+        port): the scenario is skipped, or failed in CI."""
         url = urlsplit(self.broker.url.split(",")[0])
         port = url.port or (9092 if url.scheme == "kafka" else 5672)
         deadline = time.monotonic() + timeout
@@ -501,35 +536,12 @@ class BrokerControl:
                 self.stopped = False
                 unavailable(
                     f"{self.broker.name} at {self.broker.url} still answers after "
-                    f"{ROOT}/scripts/services stopped it: it was not started from here"
+                    f"{shlex.join(self._command('stop'))}: it is not run from here"
                 )
             await asyncio.sleep(0.2)
 
-    async def start(self) -> None:
-        if self.broker.name == "rabbitmq":
-            await run([*rabbitmqctl(), "start_app"])
-            await run([*rabbitmqctl(), "await_startup"])
-        else:
-            await run([str(ROOT / "scripts" / "services"), "up", "kafka"], timeout=180)
-        self.stopped = False
-
-    async def restart_process(self) -> None:
-        """Stop the broker's process and start it again (the services script)."""
-        service = "rabbitmq" if self.broker.name == "rabbitmq" else "kafka"
-        services = str(ROOT / "scripts" / "services")
-        self.stopped = True
-        await run([services, "down", service])
-        await self._gone()
-        await run([services, "up", service], timeout=180)
-        self.stopped = False
-
     def restore(self) -> None:
         """Finalizer: whatever happened, leave the broker running for everyone else."""
-        service = "rabbitmq" if self.broker.name == "rabbitmq" else "kafka"
-        if self.stopped and service == "rabbitmq":
+        if self.stopped and self.service == "rabbitmq":
             subprocess.run([*rabbitmqctl(), "start_app"], cwd="/", capture_output=True, timeout=120)
-        subprocess.run(
-            [str(ROOT / "scripts" / "services"), "up", service],
-            capture_output=True,
-            timeout=300,
-        )
+        subprocess.run(self._command("start"), capture_output=True, timeout=300)
