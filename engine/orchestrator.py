@@ -8,23 +8,26 @@ delivery is acknowledged only after that transaction committed.
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import random
 import socket
 import uuid
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 
-from engine._aio import wait_either
+from engine._aio import batched, wait_either
 from engine.clock import Clock, utc_now
 from engine.deadletters import DeadLetterArchive
+from engine.definition import Saga
 from engine.errors import ConcurrencyConflict, DecodeError, SagaError, UnknownSagaError
 from engine.faults import crashpoint
 from engine.messages import Envelope, MessageKind, decode
-from engine.model import HistoryEntry, SagaState, TimerKind
+from engine.model import HistoryEntry, OutboxMessage, SagaState, TimerKind
 from engine.registry import SagaRegistry
 from engine.relay import OutboxRelay
 from engine.statemachine import Transition
-from engine.store.base import SagaStore, write_transition
+from engine.store.base import SagaStore, write_transition, write_transitions
 from engine.telemetry import metrics
 from engine.telemetry.logs import saga_context
 from engine.telemetry.tracing import process_span, saga_span, trace_transition
@@ -42,11 +45,23 @@ class _NotVisible(Exception):
     """The reply's saga row is not (yet) visible to this transaction."""
 
 
+class ReplyOutcome(enum.Enum):
+    APPLIED = "applied"
+    #: Its message id was processed before: acknowledged, nothing changes.
+    DUPLICATE = "duplicate"
+    #: No saga row (yet): another engine's start may not have committed.
+    NOT_VISIBLE = "not visible"
+    #: The saga exists but this engine has no definition of its name and version.
+    UNKNOWN = "unknown definition"
+
+
 @dataclass(frozen=True)
 class EngineSettings:
     group: str = "saga-engine"
     timer_interval: float = 0.1
     timer_batch: int = 100
+    #: Most replies applied in one transaction.
+    reply_batch: int = 100
     #: How long a reply for an unknown saga is retried before it is dead-lettered.
     unknown_saga_patience: float = 10.0
     conflict_retries: int = 20
@@ -85,6 +100,8 @@ class Engine:
         self.replies_handled = 0
         #: Sagas whose due timers this engine skipped for want of their definition.
         self._foreign: set[str] = set()
+        #: Why a reply's saga has no definition here (its message id -> the error).
+        self._unknown: dict[str, str] = {}
         self.timers_fired = 0
         #: True while the reply consumer is attached (the daemon's readiness check).
         self.consuming = False
@@ -123,14 +140,11 @@ class Engine:
             subscriptions.append(letters)
 
         async def consume() -> None:
-            async for delivery in subscription:
-                try:
-                    await self.handle_delivery(delivery)
-                except SagaError as exc:
-                    # e.g. the dead-letter destination refused: the message was handed
-                    # back to the broker, so pause instead of ending the consumer.
-                    log.error("delivery not settled, broker will redeliver: %s", exc)
-                    await wait_either(self._stop, None, self.settings.error_backoff)
+            # Replies that arrived while the last batch was being applied are applied
+            # together, in one transaction: under load the database sees a few
+            # statements per batch instead of a dozen per reply; idle, a batch is one.
+            async for batch in batched(subscription, self.settings.reply_batch):
+                await self.handle_deliveries(batch)
 
         consumer = asyncio.create_task(consume(), name="saga-engine-replies")
         loops = [
@@ -161,19 +175,60 @@ class Engine:
     # -- replies -----------------------------------------------------------------
 
     async def handle_delivery(self, delivery: Delivery) -> None:
-        try:
-            envelope = decode(delivery.message.body)
-            if envelope.kind is not MessageKind.REPLY:
-                raise DecodeError(f"the engine takes replies, not a {envelope.kind}")
-        except DecodeError as exc:
-            log.error("dead-lettering undecodable message: %s", exc)
-            await delivery.dead_letter(str(exc))
-            return
-        with saga_context(envelope.saga_id, envelope.step):
+        await self.handle_deliveries([delivery])
+
+    async def handle_deliveries(self, deliveries: Sequence[Delivery]) -> None:
+        """Apply a batch of deliveries, then settle each (ack after the commit)."""
+        decoded: list[tuple[Delivery, Envelope]] = []
+        for delivery in deliveries:
+            try:
+                envelope = decode(delivery.message.body)
+                if envelope.kind is not MessageKind.REPLY:
+                    raise DecodeError(f"the engine takes replies, not a {envelope.kind}")
+            except DecodeError as exc:
+                log.error("dead-lettering undecodable message: %s", exc)
+                await self._settle(delivery.dead_letter(str(exc)))
+                continue
+            decoded.append((delivery, envelope))
+        if len(decoded) > 1:
+            try:
+                outcomes = await self.apply_replies([envelope for _, envelope in decoded])
+            except Exception as exc:
+                # A conflict, the database, or one bad reply failed the batch: each on
+                # its own now, with the retries and back-off of the single path.
+                log.warning(
+                    "batch of %d replies failed, applying one by one: %s", len(decoded), exc
+                )
+            else:
+                for (delivery, envelope), outcome in zip(decoded, outcomes, strict=True):
+                    if outcome in (ReplyOutcome.APPLIED, ReplyOutcome.DUPLICATE):
+                        await self._acknowledge(delivery)
+                    else:  # not visible yet, or no definition: the single path decides
+                        await self._apply_delivery(delivery, envelope)
+                return
+        for delivery, envelope in decoded:
             await self._apply_delivery(delivery, envelope)
 
+    async def _settle(self, settling: Awaitable[None]) -> None:
+        try:
+            await settling
+        except SagaError as exc:
+            # e.g. the dead-letter destination refused: the message was handed
+            # back to the broker, so pause instead of ending the consumer.
+            log.error("delivery not settled, broker will redeliver: %s", exc)
+            await wait_either(self._stop, None, self.settings.error_backoff)
+
+    async def _acknowledge(self, delivery: Delivery) -> None:
+        crashpoint("engine.after_commit")
+        self.replies_handled += 1
+        await self._settle(delivery.ack())
+
     async def _apply_delivery(self, delivery: Delivery, envelope: Envelope) -> None:
-        """Apply a decoded reply, retrying conflicts and a saga row not yet visible."""
+        """Apply one reply, retrying conflicts and a saga row not yet visible."""
+        with saga_context(envelope.saga_id, envelope.step):
+            await self._settle(self._apply_one(delivery, envelope))
+
+    async def _apply_one(self, delivery: Delivery, envelope: Envelope) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.unknown_saga_patience
         conflicts = 0
@@ -225,34 +280,73 @@ class Engine:
 
     async def handle_reply(self, reply: Envelope) -> bool:
         """Apply one reply in one transaction; False if it was a duplicate."""
-        with (
-            saga_context(reply.saga_id, reply.step),
-            process_span(
-                reply,
-                system=self.messaging_system,
-                destination=self.topology.replies,
-                group=self.settings.group,
-            ),
-        ):
-            async with self.store.transaction() as tx:
-                if not await tx.claim_inbox(reply.message_id, self.settings.group):
-                    return False
-                state = await tx.load_saga(reply.saga_id)
+        (outcome,) = await self.apply_replies([reply])
+        if outcome is ReplyOutcome.NOT_VISIBLE:
+            raise _NotVisible(reply.saga_id)
+        if outcome is ReplyOutcome.UNKNOWN:
+            raise UnknownSagaError(self._unknown.pop(reply.message_id, "no definition"))
+        return outcome is ReplyOutcome.APPLIED
+
+    async def apply_replies(self, replies: Sequence[Envelope]) -> list[ReplyOutcome]:
+        """Apply replies in one transaction, in order; what became of each.
+
+        The sagas are locked first (in id order), then the message ids claimed in the
+        inbox: every engine takes the two in that order, so replicas cannot deadlock.
+        """
+        outcomes = [ReplyOutcome.NOT_VISIBLE] * len(replies)
+        changed: dict[str, tuple[SagaState, list[OutboxMessage], list[HistoryEntry]]] = {}
+        async with self.store.transaction() as tx:
+            states = await tx.lock_sagas(r.saga_id for r in replies)
+            definitions: dict[str, Saga] = {}
+            candidates: list[int] = []
+            for i, reply in enumerate(replies):
+                state = states.get(reply.saga_id)
                 if state is None:
-                    raise _NotVisible(reply.saga_id)
-                definition = self.registry.get(state.name, state.version)
-                transition = Transition(
-                    definition, state, now=self.clock(), topology=self.topology, rng=self.rng
-                )
-                transition.on_reply(reply)
-                messages = trace_transition(
-                    state, transition.messages, transition.history, system=self.messaging_system
-                )
-                await write_transition(tx, state, messages, transition.history)
-        metrics.record_transition(state, transition.history)
-        if transition.messages:
+                    continue
+                try:
+                    definitions[state.id] = self.registry.get(state.name, state.version)
+                except UnknownSagaError as exc:
+                    outcomes[i] = ReplyOutcome.UNKNOWN
+                    self._unknown[reply.message_id] = str(exc)
+                    continue
+                candidates.append(i)
+            claimed = await tx.claim_inboxes(
+                (replies[i].message_id for i in candidates), self.settings.group
+            )
+            now = self.clock()
+            for i in candidates:
+                reply = replies[i]
+                if reply.message_id not in claimed:
+                    outcomes[i] = ReplyOutcome.DUPLICATE
+                    continue
+                claimed.discard(reply.message_id)  # a second copy in this batch: duplicate
+                state = states[reply.saga_id]
+                with (
+                    saga_context(reply.saga_id, reply.step),
+                    process_span(
+                        reply,
+                        system=self.messaging_system,
+                        destination=self.topology.replies,
+                        group=self.settings.group,
+                    ),
+                ):
+                    transition = Transition(
+                        definitions[state.id], state, now=now, topology=self.topology, rng=self.rng
+                    )
+                    transition.on_reply(reply)
+                    messages = trace_transition(
+                        state, transition.messages, transition.history, system=self.messaging_system
+                    )
+                _, emitted, entries = changed.setdefault(state.id, (state, [], []))
+                emitted.extend(messages)
+                entries.extend(transition.history)
+                outcomes[i] = ReplyOutcome.APPLIED
+            await write_transitions(tx, list(changed.values()))
+        for state, _, entries in changed.values():
+            metrics.record_transition(state, entries)
+        if any(emitted for _, emitted, _ in changed.values()):
             self.relay.wake()
-        return True
+        return outcomes
 
     # -- timers ------------------------------------------------------------------
 

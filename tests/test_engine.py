@@ -19,7 +19,7 @@ from engine.database import create_engine
 from engine.definition import Saga
 from engine.errors import InvalidInputError, SagaError, UnknownSagaError
 from engine.messages import Envelope, MessageKind, Outcome, decode, encode
-from engine.orchestrator import Engine
+from engine.orchestrator import Engine, ReplyOutcome
 from engine.registry import SagaRegistry
 from engine.relay import OutboxRelay
 from engine.states import SagaStatus, StepStatus
@@ -222,6 +222,57 @@ async def test_handle_reply_applies_a_message_id_once(system: EmbeddedSystem) ->
     assert after == before
     assert after.status is SagaStatus.COMPENSATED
     assert history_events(after, "reply_ignored") == []
+
+
+async def test_a_batch_of_replies_applies_each_in_order_in_one_transaction(
+    system: EmbeddedSystem,
+) -> None:
+    await system.stop_worker("inventory")
+    ids = [await system.start_order() for _ in range(3)]
+
+    async def dispatched() -> bool:
+        return system.broker.depth("saga.commands.inventory") == 3
+
+    await system.wait_for(dispatched, 5, "three commands")
+    commands = {c.saga_id: c for c in system.command_envelopes("inventory")}
+    a, b, c = (commands[saga_id] for saga_id in ids)
+    ok_a = a.reply(Outcome.SUCCESS, payload={"reservation": "r-a"})
+    late_a = a.reply(Outcome.FAILURE, error="too late: the saga moved on")
+    stranger = c.reply(Outcome.SUCCESS).model_copy(update={"saga_id": "no-such-saga"})
+    batch = [
+        ok_a,
+        b.reply(Outcome.FAILURE, error="out of stock"),
+        ok_a,  # the same message twice in one batch
+        late_a,
+        c.reply(Outcome.SUCCESS, payload={"reservation": "r-c"}),
+        stranger,
+    ]
+    assert system.engine is not None
+    outcomes = await system.engine.apply_replies(batch)
+    assert outcomes == [
+        ReplyOutcome.APPLIED,
+        ReplyOutcome.APPLIED,
+        ReplyOutcome.DUPLICATE,
+        ReplyOutcome.APPLIED,  # applied after ok_a, so it no longer matches: ignored
+        ReplyOutcome.APPLIED,
+        ReplyOutcome.NOT_VISIBLE,
+    ]
+    assert await system.engine.apply_replies([ok_a]) == [ReplyOutcome.DUPLICATE]
+    final = await system.wait_all_terminal(10, ids)
+    assert [final[s].status for s in ids] == [
+        SagaStatus.COMPLETED,
+        SagaStatus.COMPENSATED,
+        SagaStatus.COMPLETED,
+    ]
+    assert history_events(final[ids[0]], "reply_ignored") == ["reserve_inventory"]
+    assert history_events(final[ids[0]], "step_succeeded").count("reserve_inventory") == 1
+    async with system.db.connect() as conn:
+        claimed = await conn.scalar(
+            select(func.count())
+            .select_from(inbox)
+            .where(inbox.c.message_id.in_([m.message_id for m in batch]))
+        )
+    assert claimed == 4  # each applied message id once; the stranger's was not claimed
 
 
 # -- timeouts --------------------------------------------------------------------------

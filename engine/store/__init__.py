@@ -6,6 +6,14 @@ from engine.store.base import (
     SagaStore,
     StoreTransaction,
     write_transition,
+    write_transitions,
 )
 
-__all__ = ["DueTimer", "OutboxRecord", "SagaStore", "StoreTransaction", "write_transition"]
+__all__ = [
+    "DueTimer",
+    "OutboxRecord",
+    "SagaStore",
+    "StoreTransaction",
+    "write_transition",
+    "write_transitions",
+]

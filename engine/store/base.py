@@ -7,7 +7,7 @@ one transaction is what makes "advance and emit" atomic.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
@@ -55,16 +55,33 @@ class StoreTransaction(Protocol):
 
     async def load_saga(self, saga_id: str) -> SagaState | None: ...
 
+    async def lock_sagas(self, saga_ids: Iterable[str]) -> dict[str, SagaState]:
+        """Images of the sagas that exist, locked until the end of the transaction
+        where the database has row locks (always taken in one order)."""
+        ...
+
     async def save_saga(self, state: SagaState) -> None:
         """Write a changed image; raises ConcurrencyConflict if another writer won."""
+        ...
+
+    async def save_sagas(self, states: Sequence[SagaState]) -> None:
+        """:meth:`save_saga` for many, in a fixed number of statements."""
         ...
 
     async def add_outbox(self, messages: Sequence[OutboxMessage]) -> None: ...
 
     async def add_history(self, saga_id: str, entries: Sequence[HistoryEntry]) -> None: ...
 
+    async def add_histories(self, entries: Sequence[tuple[str, HistoryEntry]]) -> None:
+        """History of several sagas, as ``(saga_id, entry)`` pairs."""
+        ...
+
     async def claim_inbox(self, message_id: str, consumer: str) -> bool:
         """Record a processed message id; False if it was processed before."""
+        ...
+
+    async def claim_inboxes(self, message_ids: Iterable[str], consumer: str) -> set[str]:
+        """:meth:`claim_inbox` for many: the ids that were not processed before."""
         ...
 
     async def due_timers(self, now: datetime, limit: int) -> list[DueTimer]:
@@ -141,3 +158,14 @@ async def write_transition(
         await tx.save_saga(state)
     await tx.add_outbox(messages)
     await tx.add_history(state.id, entries)
+
+
+async def write_transitions(
+    tx: StoreTransaction,
+    changed: Sequence[tuple[SagaState, Sequence[OutboxMessage], Sequence[HistoryEntry]]],
+) -> None:
+    """:func:`write_transition` for several sagas at once: a batch of replies costs the
+    database a few statements, not a few per reply."""
+    await tx.save_sagas([state for state, _, _ in changed])
+    await tx.add_outbox([m for _, messages, _ in changed for m in messages])
+    await tx.add_histories([(state.id, e) for state, _, entries in changed for e in entries])

@@ -6,13 +6,13 @@ the database has it (PostgreSQL); SQLite serialises writers instead.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import astuple
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import bindparam, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -97,6 +97,8 @@ class SqlStoreTransaction:
     def __init__(self, conn: AsyncConnection) -> None:
         self.conn = conn
         self._loaded: dict[str, tuple[dict[str, tuple[Any, ...]], Timer | None]] = {}
+        #: Sagas whose rows this transaction holds locked (:meth:`lock_sagas`).
+        self._locked: set[str] = set()
 
     async def insert_saga(self, state: SagaState) -> None:
         await self.conn.execute(
@@ -120,26 +122,56 @@ class SqlStoreTransaction:
         row = (await self.conn.execute(select(sagas).where(sagas.c.id == saga_id))).first()
         if row is None:
             return None
-        state = SagaState(
-            id=row.id,
-            name=row.name,
-            version=row.version,
-            input=row.input,
-            created_at=row.created_at,
-            updated_at=row.updated_at,
-            status=SagaStatus(row.status),
-            error=row.error,
-            trace_id=row.trace_id,
-            trace_context=dict(row.trace_context or {}),
-            row_version=row.row_version,
-            awaiting=(
-                Awaiting(row.awaiting_step, MessageKind(row.awaiting_kind), row.awaiting_attempt)
-                if row.awaiting_step is not None
-                else None
-            ),
+        return (await self._images([row]))[saga_id]
+
+    async def lock_sagas(self, saga_ids: Iterable[str]) -> dict[str, SagaState]:
+        # Locked in id order, so two replicas locking overlapping sets cannot
+        # deadlock; NO KEY UPDATE, so inserts that only reference a saga don't wait.
+        ids = sorted(set(saga_ids))
+        if not ids:
+            return {}
+        rows = await self.conn.execute(
+            select(sagas)
+            .where(sagas.c.id.in_(ids))
+            .order_by(sagas.c.id)
+            .with_for_update(key_share=True)
         )
-        for s in await self.conn.execute(select(steps).where(steps.c.saga_id == saga_id)):
-            state.steps[s.name] = StepState(
+        states = await self._images(list(rows))
+        if self.conn.dialect.name == "postgresql":
+            self._locked.update(states)
+        return states
+
+    async def _images(self, rows: Sequence[Any]) -> dict[str, SagaState]:
+        """Saga images with their steps and timers, three queries for any number."""
+        states: dict[str, SagaState] = {}
+        for row in rows:
+            states[row.id] = SagaState(
+                id=row.id,
+                name=row.name,
+                version=row.version,
+                input=row.input,
+                created_at=row.created_at,
+                updated_at=row.updated_at,
+                status=SagaStatus(row.status),
+                error=row.error,
+                trace_id=row.trace_id,
+                trace_context=dict(row.trace_context or {}),
+                row_version=row.row_version,
+                awaiting=(
+                    Awaiting(
+                        row.awaiting_step, MessageKind(row.awaiting_kind), row.awaiting_attempt
+                    )
+                    if row.awaiting_step is not None
+                    else None
+                ),
+            )
+        if not states:
+            return states
+        ids = list(states)
+        one = len(ids) == 1
+        step_filter = steps.c.saga_id == ids[0] if one else steps.c.saga_id.in_(ids)
+        for s in await self.conn.execute(select(steps).where(step_filter)):
+            states[s.saga_id].steps[s.name] = StepState(
                 name=s.name,
                 position=s.position,
                 status=StepStatus(s.status),
@@ -152,46 +184,97 @@ class SqlStoreTransaction:
                 attempt_base=s.attempt_base,
                 compensation_attempt_base=s.compensation_attempt_base,
             )
-        t = (await self.conn.execute(select(timers).where(timers.c.saga_id == saga_id))).first()
-        state.timer = _timer_of(t) if t is not None else None
-        self._loaded[saga_id] = ({n: astuple(s) for n, s in state.steps.items()}, state.timer)
-        return state
+        timer_filter = timers.c.saga_id == ids[0] if one else timers.c.saga_id.in_(ids)
+        for t in await self.conn.execute(select(timers).where(timer_filter)):
+            states[t.saga_id].timer = _timer_of(t)
+        for state in states.values():
+            self._loaded[state.id] = (
+                {n: astuple(s) for n, s in state.steps.items()},
+                state.timer,
+            )
+        return states
 
     async def save_saga(self, state: SagaState) -> None:
-        result = await self.conn.execute(
-            update(sagas)
-            .where(sagas.c.id == state.id, sagas.c.row_version == state.row_version)
-            .values(row_version=state.row_version + 1, **_saga_values(state))
+        await self.save_sagas([state])
+
+    async def save_sagas(self, states: Sequence[SagaState]) -> None:
+        """Write changed sagas, a fixed number of statements however many there are."""
+        if not states:
+            return
+        update_sagas = update(sagas).where(
+            sagas.c.id == bindparam("b_id"), sagas.c.row_version == bindparam("b_row_version")
         )
-        if result.rowcount != 1:
-            raise ConcurrencyConflict(f"saga {state.id} was advanced by another writer")
-        state.row_version += 1
-        loaded = self._loaded.get(state.id)
-        old_steps, old_timer = loaded if loaded is not None else ({}, None)
-        for name, st in state.steps.items():
-            if old_steps.get(name) != astuple(st):
-                await self.conn.execute(
-                    update(steps)
-                    .where(steps.c.saga_id == state.id, steps.c.name == name)
-                    .values(_step_row(state.id, st))
-                )
-        if loaded is None:
-            # An image from another transaction: what its timer row holds is unknown.
-            await self.conn.execute(delete(timers).where(timers.c.saga_id == state.id))
-            if state.timer is not None:
-                await self.conn.execute(insert(timers).values(_timer_row(state.id, state.timer)))
-        elif state.timer != old_timer:
-            if state.timer is None:
-                await self.conn.execute(delete(timers).where(timers.c.saga_id == state.id))
-            elif old_timer is None:
-                await self.conn.execute(insert(timers).values(_timer_row(state.id, state.timer)))
-            else:
-                await self.conn.execute(
-                    update(timers)
-                    .where(timers.c.saga_id == state.id)
-                    .values(_timer_row(state.id, state.timer))
-                )
-        self._loaded[state.id] = ({n: astuple(s) for n, s in state.steps.items()}, state.timer)
+        rows = [
+            {
+                "b_id": s.id,
+                "b_row_version": s.row_version,
+                "row_version": s.row_version + 1,
+                **_saga_values(s),
+            }
+            for s in states
+        ]
+        if len(rows) == 1:
+            result = await self.conn.execute(update_sagas, rows[0])
+            if result.rowcount != 1:
+                raise ConcurrencyConflict(f"saga {states[0].id} was advanced by another writer")
+        elif self.conn.dialect.supports_sane_multi_rowcount:
+            result = await self.conn.execute(update_sagas, rows)
+            if result.rowcount != len(rows):
+                raise ConcurrencyConflict("a saga of the batch was advanced by another writer")
+        elif all(s.id in self._locked for s in states):
+            # Rows this transaction holds locked cannot have moved since they were read.
+            await self.conn.execute(update_sagas, rows)
+        else:
+            for state, row in zip(states, rows, strict=True):
+                result = await self.conn.execute(update_sagas, row)
+                if result.rowcount != 1:
+                    raise ConcurrencyConflict(f"saga {state.id} was advanced by another writer")
+        step_rows: list[dict[str, Any]] = []
+        timer_deletes: list[str] = []
+        timer_inserts: list[dict[str, Any]] = []
+        timer_updates: list[dict[str, Any]] = []
+        for state in states:
+            state.row_version += 1
+            loaded = self._loaded.get(state.id)
+            old_steps, old_timer = loaded if loaded is not None else ({}, None)
+            for name, st in state.steps.items():
+                if old_steps.get(name) != astuple(st):
+                    row = _step_row(state.id, st)
+                    del row["saga_id"], row["name"]
+                    step_rows.append({"b_saga_id": state.id, "b_name": name, **row})
+            if loaded is None:
+                # An image from another transaction: what its timer row holds is unknown.
+                timer_deletes.append(state.id)
+                if state.timer is not None:
+                    timer_inserts.append(_timer_row(state.id, state.timer))
+            elif state.timer != old_timer:
+                if state.timer is None:
+                    timer_deletes.append(state.id)
+                elif old_timer is None:
+                    timer_inserts.append(_timer_row(state.id, state.timer))
+                else:
+                    timer_updates.append(
+                        {"b_saga_id": state.id, **_timer_row(state.id, state.timer)}
+                    )
+            self._loaded[state.id] = (
+                {n: astuple(s) for n, s in state.steps.items()},
+                state.timer,
+            )
+        if step_rows:
+            await self.conn.execute(
+                update(steps).where(
+                    steps.c.saga_id == bindparam("b_saga_id"), steps.c.name == bindparam("b_name")
+                ),
+                step_rows,
+            )
+        if timer_deletes:
+            await self.conn.execute(delete(timers).where(timers.c.saga_id.in_(timer_deletes)))
+        if timer_inserts:
+            await self.conn.execute(insert(timers), timer_inserts)
+        if timer_updates:
+            await self.conn.execute(
+                update(timers).where(timers.c.saga_id == bindparam("b_saga_id")), timer_updates
+            )
 
     async def add_outbox(self, messages: Sequence[OutboxMessage]) -> None:
         if not messages:
@@ -213,6 +296,9 @@ class SqlStoreTransaction:
         )
 
     async def add_history(self, saga_id: str, entries: Sequence[HistoryEntry]) -> None:
+        await self.add_histories([(saga_id, e) for e in entries])
+
+    async def add_histories(self, entries: Sequence[tuple[str, HistoryEntry]]) -> None:
         if not entries:
             return
         await self.conn.execute(
@@ -226,7 +312,7 @@ class SqlStoreTransaction:
                     "detail": e.detail,
                     "actor": e.actor,
                 }
-                for e in entries
+                for saga_id, e in entries
             ],
         )
 
@@ -251,6 +337,20 @@ class SqlStoreTransaction:
         except IntegrityError:
             return False  # a concurrent transaction claimed it between our read and write
         return True
+
+    async def claim_inboxes(self, message_ids: Iterable[str], consumer: str) -> set[str]:
+        # Sorted: two transactions claiming overlapping ids take the keys in one order.
+        ids = sorted(set(message_ids))
+        dialect = self.conn.dialect.name
+        if not ids or dialect not in ("postgresql", "sqlite"):
+            return {m for m in ids if await self.claim_inbox(m, consumer)}
+        module = postgresql if dialect == "postgresql" else sqlite
+        now = utc_now()
+        result = await self.conn.execute(
+            module.insert(inbox).on_conflict_do_nothing().returning(inbox.c.message_id),
+            [{"message_id": m, "consumer": consumer, "processed_at": now} for m in ids],
+        )
+        return {row.message_id for row in result}
 
     async def due_timers(self, now: datetime, limit: int) -> list[DueTimer]:
         # Each timer is locked together with its saga row, and skipped if either is
