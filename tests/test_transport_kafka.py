@@ -26,6 +26,10 @@ def kafka_servers() -> str:
 @pytest.mark.integration
 class TestKafkaTransport(TransportContract):
     @pytest.fixture
+    def broker_url(self) -> str:
+        return service_url("SAGA_TEST_KAFKA_URL")
+
+    @pytest.fixture
     def make_transport(self, kafka_servers: str) -> MakeTransport:
         def make(dead_letters: str) -> Transport:
             return KafkaTransport(kafka_servers, dead_letter_topic=dead_letters)
@@ -93,6 +97,33 @@ class TestKafkaTransport(TransportContract):
         got = await second.take_many(3, self.receive_timeout)
 
         assert bodies(got) == [b"saga-1:2", b"saga-1:3", b"saga-1:4"]
+
+    async def test_acks_share_commits_and_the_last_ack_is_committed(
+        self, connect: Connect, names: Names, inboxes: list[Inbox]
+    ) -> None:
+        first_transport = await connect()
+        first = await self.consume(first_transport, names.destination, names.group, inboxes)
+        subscription: Any = first.subscription
+        commits = 0
+        commit = subscription._consumer.commit
+
+        async def counting(*args: Any, **kwargs: Any) -> None:
+            nonlocal commits
+            commits += 1
+            await commit(*args, **kwargs)
+
+        subscription._consumer.commit = counting
+        await first_transport.publish([names.message("saga-1", n) for n in range(40)])
+        for delivery in await first.take_many(40, self.receive_timeout):
+            await delivery.ack()
+        await first.close()
+        # Acks made while a commit was in flight ride on the next one.
+        assert 1 <= commits < 40, commits
+
+        await first_transport.publish([names.message("saga-1", 99)])
+        second = await self.consume(await connect(), names.destination, names.group, inboxes)
+        (got,) = await second.take_many(1, self.receive_timeout)
+        assert bodies([got]) == [b"saga-1:99"]  # every acked one stayed committed
 
     async def test_a_silent_broker_fails_within_the_connect_timeout(self) -> None:
         async with silent_server() as port:

@@ -191,6 +191,9 @@ class KafkaSubscription:
         self._partitions: dict[Any, _Partition] = {}
         self._ready: deque[tuple[Any, _Partition, int]] = deque()
         self._commit_lock = asyncio.Lock()
+        #: Partitions with acks not yet committed, and the task committing them.
+        self._dirty: set[_Partition] = set()
+        self._committer: asyncio.Task[None] | None = None
         self._fetch: asyncio.Future[Any] | None = None
         self._closed = False
 
@@ -282,7 +285,19 @@ class KafkaSubscription:
     async def _acked(self, partition: _Partition, offset: int) -> None:
         partition.pending.discard(offset)
         partition.settled.add(offset)
-        await self._commit([partition])
+        # Committed in the background, one request at a time: acks that come while a
+        # commit is in flight share the next one. A commit per ack cost the broker a
+        # write and the consumer a round trip per message; a crash before the commit
+        # only means redelivery, which the inbox and the barrier absorb.
+        self._dirty.add(partition)
+        if self._committer is None or self._committer.done():
+            self._committer = asyncio.create_task(self._commit_dirty())
+
+    async def _commit_dirty(self) -> None:
+        while self._dirty and not self._closed:
+            partitions = list(self._dirty)
+            self._dirty.clear()
+            await self._commit(partitions)
 
     def _nacked(self, partition: _Partition, offset: int) -> None:
         if partition.revoked or self._closed:
@@ -333,6 +348,9 @@ class KafkaSubscription:
         self._closed = True
         if self._fetch is not None:
             self._fetch.cancel()
+        if self._committer is not None:
+            await asyncio.wait([self._committer])
+        self._dirty.clear()
         await self._commit(list(self._partitions.values()))
         for partition in self._partitions.values():
             partition.revoked = True
