@@ -468,3 +468,89 @@ async def test_runner_consumes_from_its_destination(pay: Participant) -> None:
         await asyncio.wait_for(task, 5)
         await sender.close()
     assert await balance(pay.db) == 4700
+
+
+# -- batches: one transaction, one barrier query, one publish -------------------------
+
+
+async def deliver_batch(
+    p: Participant, batch: list[Envelope]
+) -> tuple[list[list[str]], list[Envelope]]:
+    deliveries = [
+        FakeDelivery(Message(TOPOLOGY.commands(p.runner.worker.name), e.saga_id, encode(e)))
+        for e in batch
+    ]
+    await p.runner.handle_deliveries(deliveries)
+    return [d.settled for d in deliveries], envelopes(p.broker.drain(TOPOLOGY.replies))
+
+
+async def test_a_batch_is_handled_in_order_with_the_barrier_of_each(
+    seeded: AsyncEngine, broker: MemoryBroker
+) -> None:
+    worker, calls = counting(payment.worker)
+    pay = await participant(worker, seeded, broker)
+    await pay.one_reply(charge("done"))  # handled before: the batch re-sends its outcome
+    batch = [
+        charge("o1"),
+        charge("broke", customer="poor"),  # a business failure: only its writes undone
+        charge("done"),
+        charge("o2"),
+        refund("o2"),  # the compensation of a command earlier in the same batch
+        refund("never"),  # a null compensation, and then its hanging action
+        charge("never"),
+    ]
+    settled, replies = await deliver_batch(pay, batch)
+    assert settled == [["ack"]] * len(batch)
+    assert [(r.saga_id, r.in_reply_to, r.outcome) for r in replies] == [
+        ("o1", MessageKind.COMMAND, Outcome.SUCCESS),
+        ("broke", MessageKind.COMMAND, Outcome.FAILURE),
+        ("done", MessageKind.COMMAND, Outcome.SUCCESS),
+        ("o2", MessageKind.COMMAND, Outcome.SUCCESS),
+        ("o2", MessageKind.COMPENSATION, Outcome.SUCCESS),
+        ("never", MessageKind.COMPENSATION, Outcome.SUCCESS),
+        ("never", MessageKind.COMMAND, Outcome.FAILURE),
+    ]
+    assert replies[-1].error == REFUSED
+    assert calls == Counter({"charge_payment": 4, "refund_payment": 1})  # "done" ran once
+    assert await ledger_rows(seeded) == [
+        ("done", "charge", 700),
+        ("o1", "charge", 700),
+        ("o2", "charge", 700),
+        ("o2", "refund", 700),
+    ]
+    # And again, as a redelivery of the whole batch: nothing runs a second time.
+    settled, again = await deliver_batch(pay, batch)
+    assert settled == [["ack"]] * len(batch)
+    assert [(r.saga_id, r.outcome) for r in again] == [(r.saga_id, r.outcome) for r in replies]
+    assert calls == Counter({"charge_payment": 4, "refund_payment": 1})
+    await pay.transport.close()
+
+
+async def test_a_batch_with_a_raising_handler_falls_back_to_one_by_one(
+    seeded: AsyncEngine, broker: MemoryBroker
+) -> None:
+    worker, _ = counting(payment.worker)
+    broken = Worker("payment")
+    broken.handlers = dict(worker.handlers)
+    reg = worker.registration(MessageKind.COMMAND, "charge_payment")
+    assert reg is not None
+
+    async def flaky(command: ChargePayment, context: HandlerContext) -> Any:
+        if command.order_id == "bad":
+            raise RuntimeError("the payment provider is down")
+        return await reg.handler(command, context)
+
+    broken.handlers[(MessageKind.COMMAND, "charge_payment")] = Registration(
+        reg.name, reg.kind, reg.model, flaky
+    )
+    pay = await participant(broken, seeded, broker)
+    settled, replies = await deliver_batch(pay, [charge("o1"), charge("bad"), charge("o2")])
+    assert settled == [["ack"]] * 3
+    assert [(r.saga_id, r.outcome) for r in replies] == [
+        ("o1", Outcome.SUCCESS),
+        ("bad", Outcome.ERROR),
+        ("o2", Outcome.SUCCESS),
+    ]
+    # o1 ran in the rolled-back batch and again on its own: charged once all the same.
+    assert await ledger_rows(seeded) == [("o1", "charge", 700), ("o2", "charge", 700)]
+    await pay.transport.close()

@@ -14,6 +14,8 @@ A concurrent duplicate loses on the primary key and its transaction rolls back.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -50,28 +52,72 @@ def _payload(result: HandlerResult) -> dict[str, Any]:
     return dict(result)
 
 
-async def _record(
-    session: AsyncSession,
-    participant: str,
-    envelope: Envelope,
-    op: str,
-    outcome: Outcome | str,
-    reply: dict[str, Any] | None = None,
-    error: str | None = None,
-) -> None:
-    await session.execute(
-        insert(barrier).values(
-            participant=participant,
-            saga_id=envelope.saga_id,
-            step=envelope.step,
-            op=op,
-            origin=envelope.kind.value,
-            outcome=str(outcome),
-            reply=reply,
-            error=error,
-            created_at=utc_now(),
+@dataclass(frozen=True)
+class _Row:
+    origin: str
+    outcome: str
+    reply: dict[str, Any] | None
+    error: str | None
+
+
+class BarrierBook:
+    """The barrier rows of a batch of messages: read in one query, consulted and
+    extended in memory as the batch is handled in order (a command and its
+    compensation may share a batch), and written in one statement before the commit."""
+
+    def __init__(self, session: AsyncSession, participant: str) -> None:
+        self.session = session
+        self.participant = participant
+        self._rows: dict[tuple[str, str, str], _Row] = {}
+        self._new: list[dict[str, Any]] = []
+
+    async def load(self, envelopes: Sequence[Envelope]) -> None:
+        saga_ids = sorted({e.saga_id for e in envelopes})
+        if not saga_ids:
+            return
+        where = (
+            barrier.c.saga_id == saga_ids[0]
+            if len(saga_ids) == 1
+            else barrier.c.saga_id.in_(saga_ids)
         )
-    )
+        for r in await self.session.execute(
+            select(barrier).where(barrier.c.participant == self.participant, where)
+        ):
+            self._rows[(r.saga_id, r.step, r.op)] = _Row(r.origin, r.outcome, r.reply, r.error)
+
+    def get(self, envelope: Envelope, op: str) -> _Row | None:
+        return self._rows.get((envelope.saga_id, envelope.step, op))
+
+    def record(
+        self,
+        envelope: Envelope,
+        op: str,
+        outcome: Outcome | str,
+        reply: dict[str, Any] | None = None,
+        error: str | None = None,
+    ) -> None:
+        row = _Row(envelope.kind.value, str(outcome), reply, error)
+        self._rows[(envelope.saga_id, envelope.step, op)] = row
+        self._new.append(
+            {
+                "participant": self.participant,
+                "saga_id": envelope.saga_id,
+                "step": envelope.step,
+                "op": op,
+                "origin": row.origin,
+                "outcome": row.outcome,
+                "reply": reply,
+                "error": error,
+                "created_at": utc_now(),
+            }
+        )
+
+    async def flush(self) -> None:
+        """Write the new rows; a concurrent duplicate's row makes this raise
+        IntegrityError, and the whole transaction rolls back."""
+        if self._new:
+            new, self._new = self._new, []
+            await self.session.execute(insert(barrier), new)
 
 
 async def _run(
@@ -104,42 +150,45 @@ async def _run(
 
 
 async def guarded(
-    session: AsyncSession, participant: str, registration: Registration, envelope: Envelope
+    session: AsyncSession,
+    participant: str,
+    registration: Registration,
+    envelope: Envelope,
+    book: BarrierBook | None = None,
 ) -> Envelope:
-    """Handle ``envelope`` once, in ``session``'s transaction; return the reply to send."""
-    rows = {
-        r.op: r
-        for r in await session.execute(
-            select(barrier).where(
-                barrier.c.participant == participant,
-                barrier.c.saga_id == envelope.saga_id,
-                barrier.c.step == envelope.step,
-            )
-        )
-    }
-    action = rows.get(ACTION)
+    """Handle ``envelope`` once, in ``session``'s transaction; return the reply to send.
+
+    With a ``book`` (a batch), the caller loaded it and flushes it before committing.
+    """
+    if book is None:
+        single = BarrierBook(session, participant)
+        await single.load([envelope])
+        reply = await guarded(session, participant, registration, envelope, single)
+        await single.flush()
+        return reply
+    action = book.get(envelope, ACTION)
     if envelope.kind is MessageKind.COMMAND:
         if action is not None:
             if action.origin == COMPENSATION:
                 return envelope.reply(Outcome.FAILURE, error=REFUSED)
             return envelope.reply(Outcome(action.outcome), action.reply, action.error)
         outcome, payload, error = await _run(session, registration, envelope)
-        await _record(session, participant, envelope, ACTION, outcome, payload, error)
+        book.record(envelope, ACTION, outcome, payload, error)
         return envelope.reply(outcome, payload, error)
 
-    done = rows.get(COMPENSATION)
+    done = book.get(envelope, COMPENSATION)
     if done is not None:
         return envelope.reply(Outcome(done.outcome), done.reply, done.error)
     if action is None:
         # Null compensation: nothing to undo, and the action must never run now.
-        await _record(session, participant, envelope, ACTION, "skipped")
-        await _record(session, participant, envelope, COMPENSATION, Outcome.SUCCESS)
+        book.record(envelope, ACTION, "skipped")
+        book.record(envelope, COMPENSATION, Outcome.SUCCESS)
         return envelope.reply(Outcome.SUCCESS)
     if action.outcome != Outcome.SUCCESS:
         # The action failed and rolled its writes back: nothing to undo either.
-        await _record(session, participant, envelope, COMPENSATION, Outcome.SUCCESS)
+        book.record(envelope, COMPENSATION, Outcome.SUCCESS)
         return envelope.reply(Outcome.SUCCESS)
     outcome, payload, error = await _run(session, registration, envelope)
     if outcome is Outcome.SUCCESS:
-        await _record(session, participant, envelope, COMPENSATION, outcome, payload)
+        book.record(envelope, COMPENSATION, outcome, payload)
     return envelope.reply(outcome, payload, error)

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
-from engine._aio import wait_either
+from engine._aio import batched, wait_either
 from engine.errors import DecodeError, SagaError
 from engine.faults import crashpoint
 from engine.messages import Envelope, MessageKind, Outcome, decode, encode, last_attempt
@@ -23,8 +26,8 @@ from engine.telemetry.logs import saga_context
 from engine.telemetry.tracing import inject, process_span
 from engine.topology import Topology
 from engine.transport.base import Delivery, Message, Transport
-from engine.worker.barrier import guarded
-from engine.worker.worker import Worker
+from engine.worker.barrier import BarrierBook, guarded
+from engine.worker.worker import Registration, Worker
 
 log = logging.getLogger("saga.worker")
 
@@ -38,6 +41,7 @@ class WorkerRunner:
         *,
         topology: Topology | None = None,
         concurrency: int = 1,
+        batch_size: int = 100,
         messaging_system: str = "memory",
     ) -> None:
         self.worker = worker
@@ -45,6 +49,8 @@ class WorkerRunner:
         self.topology = topology or Topology()
         self.sessions = async_sessionmaker(database, expire_on_commit=False)
         self.concurrency = concurrency
+        #: Most commands handled in one transaction.
+        self.batch_size = batch_size
         #: ``messaging.system`` trace attribute of the transport.
         self.messaging_system = messaging_system
         self.handled = 0
@@ -82,9 +88,9 @@ class WorkerRunner:
         slots = asyncio.Semaphore(self.concurrency)
         in_flight: set[asyncio.Task[None]] = set()
 
-        async def one(delivery: Delivery) -> None:
+        async def one(batch: list[Delivery]) -> None:
             try:
-                await self.handle_delivery(delivery)
+                await self.handle_deliveries(batch)
             except SagaError as exc:
                 # e.g. the dead-letter destination refused: the broker redelivers.
                 log.error("worker %s: delivery not settled: %s", self.worker.name, exc)
@@ -93,9 +99,11 @@ class WorkerRunner:
                 slots.release()
 
         async def consume() -> None:
-            async for delivery in subscription:
+            # What arrived while every slot was busy is handled as one batch: one
+            # transaction, one barrier query, one publish of the replies.
+            async for batch in batched(subscription, self.batch_size):
                 await slots.acquire()
-                task = asyncio.create_task(one(delivery))
+                task = asyncio.create_task(one(batch))
                 in_flight.add(task)
                 task.add_done_callback(in_flight.discard)
 
@@ -113,25 +121,97 @@ class WorkerRunner:
                 await asyncio.wait(in_flight, timeout=30)
             await subscription.close()
 
+    async def handle_deliveries(self, deliveries: Sequence[Delivery]) -> None:
+        """Handle a batch in one transaction; anything unusual (a handler that raised,
+        a concurrent duplicate) rolls it back and each is handled on its own."""
+        batch: list[tuple[Delivery, Envelope, Registration]] = []
+        for delivery in deliveries:
+            envelope = await self._decode(delivery)
+            if envelope is None:
+                continue
+            registration = self.worker.registration(envelope.kind, envelope.name)
+            if registration is None:
+                await self._handle_one(delivery, envelope)
+                continue
+            batch.append((delivery, envelope, registration))
+        if len(batch) == 1:
+            await self._handle_one(batch[0][0], batch[0][1])
+            return
+        if not batch:
+            return
+        try:
+            replies = await self._handle_together(batch)
+        except Exception as exc:
+            log.warning(
+                "worker %s: a batch of %d failed, handling one by one: %r",
+                self.worker.name,
+                len(batch),
+                exc,
+            )
+            for delivery, envelope, _ in batch:
+                await self._handle_one(delivery, envelope)
+            return
+        for _ in batch:
+            crashpoint("worker.after_commit")
+        try:
+            await self.transport.publish(replies)
+        except SagaError as exc:
+            log.warning("worker %s could not send replies, will redo: %s", self.worker.name, exc)
+            for delivery, _, _ in batch:
+                await delivery.nack()
+            await self._pause()
+            return
+        for delivery, envelope, _ in batch:
+            crashpoint("worker.after_reply")
+            self.handled += 1
+            self._failures = 0
+            metrics.handled.add(
+                1, {"saga.participant": self.worker.name, "saga.kind": envelope.kind}
+            )
+            await delivery.ack()
+
+    async def _handle_together(
+        self, batch: Sequence[tuple[Delivery, Envelope, Registration]]
+    ) -> list[Message]:
+        replies: list[Message] = []
+        async with self.sessions() as session, session.begin():
+            book = BarrierBook(session, self.worker.name)
+            await book.load([envelope for _, envelope, _ in batch])
+            for _, envelope, registration in batch:
+                with saga_context(envelope.saga_id, envelope.step), self._span(envelope):
+                    reply = await guarded(session, self.worker.name, registration, envelope, book)
+                    replies.append(self._reply_message(reply))
+            await book.flush()
+        return replies
+
     async def handle_delivery(self, delivery: Delivery) -> None:
+        envelope = await self._decode(delivery)
+        if envelope is not None:
+            await self._handle_one(delivery, envelope)
+
+    async def _decode(self, delivery: Delivery) -> Envelope | None:
+        """The command in ``delivery``, or None when it was dead-lettered."""
         try:
             envelope = decode(delivery.message.body)
         except DecodeError as exc:
             log.error("worker %s dead-letters a message: %s", self.worker.name, exc)
             await delivery.dead_letter(str(exc))
-            return
+            return None
         if envelope.kind is MessageKind.REPLY:
             await delivery.dead_letter(f"worker {self.worker.name!r} takes commands, not replies")
-            return
-        with (
-            saga_context(envelope.saga_id, envelope.step),
-            process_span(
-                envelope,
-                system=self.messaging_system,
-                destination=self.destination,
-                group=self.group,
-            ),
-        ):
+            return None
+        return envelope
+
+    def _span(self, envelope: Envelope) -> AbstractContextManager[Any]:
+        return process_span(
+            envelope,
+            system=self.messaging_system,
+            destination=self.destination,
+            group=self.group,
+        )
+
+    async def _handle_one(self, delivery: Delivery, envelope: Envelope) -> None:
+        with saga_context(envelope.saga_id, envelope.step), self._span(envelope):
             await self._handle(delivery, envelope)
         metrics.handled.add(1, {"saga.participant": self.worker.name, "saga.kind": envelope.kind})
 
@@ -196,8 +276,9 @@ class WorkerRunner:
         await wait_either(self._stop, None, delay)
 
     async def _reply(self, reply: Envelope) -> None:
+        await self.transport.publish([self._reply_message(reply)])
+
+    def _reply_message(self, reply: Envelope) -> Message:
         # The reply continues the trace from this worker's span, not the sender's.
         reply = reply.model_copy(update={"headers": inject(reply.headers)})
-        await self.transport.publish(
-            [Message(self.topology.replies, reply.saga_id, encode(reply), reply.headers)]
-        )
+        return Message(self.topology.replies, reply.saga_id, encode(reply), reply.headers)
