@@ -2,7 +2,7 @@
 handful of sagas, over Kafka and RabbitMQ.
 
 Nothing here is timed: performance is what the benchmark reports, never what a test
-asserts. Needs the ``bench`` extra (psutil) besides the real services.
+asserts. Needs psutil (in the ``test`` extra) besides the real services.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ SAGAS = 10  # one of them (every tenth) fails at the last step in the failing ru
 
 
 def test_quick_saga_engine_half_runs(tmp_path: Path) -> None:
-    pytest.importorskip("psutil", reason="the benchmark needs saga-engine[bench]")
     for variable in ("SAGA_TEST_POSTGRES_URL", "SAGA_TEST_KAFKA_URL", "SAGA_TEST_AMQP_URL"):
         service_url(variable)
     out = tmp_path / "result.json"
