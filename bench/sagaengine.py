@@ -9,7 +9,6 @@ transition, so the poll interval never enters a latency.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import subprocess
@@ -33,6 +32,7 @@ from engine.database import create_engine, upgrade
 from engine.registry import SagaRegistry
 from engine.store.sql import SqlSagaStore
 from engine.topology import Topology
+from tests.brokers import drop_topology
 
 ROOT = Path(__file__).resolve().parent.parent
 PARTICIPANTS = ("inventory", "payment", "shipment")
@@ -243,42 +243,18 @@ class SagaEngineSystem:
                 d.process.kill()
                 await asyncio.to_thread(d.process.wait)
             d.log_file.close()
-        if self._client is not None:
-            await self._client.close()
-        if self._pool is not None:
-            await self._pool.close()
-        if self._admin is not None:
-            await self._admin.execute(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)')
-            await self._admin.close()
-        with contextlib.suppress(Exception):
-            await self._delete_destinations()
-
-    async def _delete_destinations(self) -> None:
-        """Leave the shared broker as it was: drop this run's topics / queues."""
-        topology = Topology(self.prefix)
-        names = [topology.commands(p) for p in PARTICIPANTS]
-        names += [topology.replies, topology.dead_letters]
-        if self.broker_url.startswith("kafka"):
-            from aiokafka.admin import AIOKafkaAdminClient
-
-            servers = self.broker_url.split("://", 1)[1].split("/", 1)[0]
-            admin = AIOKafkaAdminClient(bootstrap_servers=servers.split(","))
-            await admin.start()
-            try:
-                await admin.delete_topics(names)
-            finally:
-                await admin.close()
-        else:
-            import aiormq
-
-            connection = await aiormq.connect(self.broker_url)
-            try:
-                channel = await connection.channel()
-                for name in names:
-                    await channel.queue_delete(name)
-                await channel.exchange_delete(self.prefix)
-            finally:
-                await connection.close()
+        try:
+            if self._client is not None:
+                await self._client.close()
+            if self._pool is not None:
+                await self._pool.close()
+            if self._admin is not None:
+                await self._admin.execute(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)')
+                await self._admin.close()
+        finally:
+            # Leave the shared broker as it was: drop this run's topics / queues (a
+            # broker that cannot be reached is a warning; they stay behind).
+            await drop_topology(self.broker_url, self.prefix, PARTICIPANTS)
 
     # -- the System protocol ---------------------------------------------------------
 

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -8,7 +8,19 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from engine.database import create_engine, upgrade
 from engine.store.sql import SqlSagaStore
+from tests.brokers import drop_queued
 from tests.helpers import EmbeddedSystem
+
+
+@pytest.fixture(autouse=True)
+def _drop_broker_objects() -> Iterator[None]:
+    """Drop the Kafka topics and RabbitMQ queues the test created (tests/brokers.py).
+
+    Autouse, so set up first and torn down last: after the test's own fixtures closed
+    their transports and daemons, none of which could re-create a dropped topic.
+    """
+    yield
+    drop_queued()
 
 
 @pytest.fixture

@@ -1,7 +1,8 @@
 """Engine and workers as separate OS processes on real PostgreSQL and brokers.
 
 Each test gets a fresh PostgreSQL database and a fresh topic/queue prefix, so runs
-never see each other's data or messages.
+never see each other's data or messages. Both are dropped when the test ends (the
+topics / queues by ``tests/brokers.py``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from engine.database import create_engine, upgrade
+from tests.brokers import BrokerObjects, drop_after_test, saga_participants, topology_objects
 
 
 def service_url(variable: str) -> str:
@@ -80,7 +82,11 @@ class Daemon:
 
 @dataclass
 class Cluster:
-    """Starts ``sagactl engine`` and ``sagactl worker`` processes and stops them."""
+    """Starts ``sagactl engine`` and ``sagactl worker`` processes and stops them.
+
+    When the test ends, whatever daemon still runs is killed and the prefix's topics /
+    queues are dropped from the broker (``tests/brokers.py``).
+    """
 
     database_url: str
     broker_url: str
@@ -101,6 +107,23 @@ class Cluster:
             "PYTHONUNBUFFERED": "1",
             **self.extra_env,
         }
+
+    def __post_init__(self) -> None:
+        drop_after_test(self.leftovers)
+
+    def broker_objects(self) -> BrokerObjects:
+        """The topics / queues of this cluster's prefix, for the sagas it serves."""
+        modules = self.env.get("SAGA_SAGAS", "").split(",")
+        return topology_objects(self.broker_url, self.prefix, saga_participants(modules))
+
+    def leftovers(self) -> BrokerObjects:
+        """At the end of the test: no daemon outlives it (a live consumer would re-create
+        a dropped topic), and what is left on the broker goes."""
+        for d in self.daemons:
+            if d.process.poll() is None:
+                d.process.kill()
+                d.process.wait()
+        return self.broker_objects()
 
     def spawn(self, name: str, *args: str) -> Daemon:
         log_path = self.log_dir / f"{name}-{len(self.daemons)}.log"

@@ -24,6 +24,10 @@ def amqp_url() -> str:
 
 class TestRabbitTransport(TransportContract):
     @pytest.fixture
+    def broker_url(self, amqp_url: str) -> str:
+        return amqp_url
+
+    @pytest.fixture
     def make_transport(self, amqp_url: str) -> MakeTransport:
         def make(dead_letters: str) -> Transport:
             return RabbitTransport(amqp_url, dead_letter_queue=dead_letters)

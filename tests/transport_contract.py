@@ -2,9 +2,11 @@
 
 A test module subclasses :class:`TransportContract` and provides two fixtures:
 ``make_transport`` (a factory of unconnected transports on one broker, given the
-dead-letter destination) and ``unreachable_transport`` (one pointed at no broker).
-Every test uses fresh destination, dead-letter and group names, so tests (and runs)
-never see each other's messages.
+dead-letter destination) and ``unreachable_transport`` (one pointed at no broker); a
+module on a real broker also provides ``broker_url``, so that each test's topics /
+queues are dropped when it ends (``tests/brokers.py``). Every test uses fresh
+destination, dead-letter and group names, so tests (and runs) never see each other's
+messages.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from engine.transport.base import (
     Subscription,
     Transport,
 )
+from tests.brokers import BrokerObjects, drop_after_test
 
 MakeTransport = Callable[[str], Transport]
 Connect = Callable[[], Awaitable[Transport]]
@@ -104,16 +107,26 @@ class TransportContract:
     def unreachable_transport(self) -> Transport:
         raise NotImplementedError("a transport test module provides unreachable_transport")
 
+    @pytest.fixture
+    def broker_url(self) -> str | None:
+        """The real broker the destinations live on; None: nothing outlives the test."""
+        return None
+
     # -- shared fixtures ------------------------------------------------------------
 
     @pytest.fixture
-    def names(self) -> Names:
+    def names(self, broker_url: str | None) -> Names:
         suffix = uuid.uuid4().hex[:12]
-        return Names(
+        names = Names(
             destination=f"contract.{suffix}",
             dead_letters=f"contract.{suffix}.dead-letters",
             group=f"contract-{suffix}",
         )
+        if broker_url is not None:
+            # The exchange is the transports' default one, shared: it stays.
+            queues = (names.destination, names.dead_letters)
+            drop_after_test(BrokerObjects(broker_url, names.destination, queues))
+        return names
 
     @pytest.fixture
     async def connect(self, make_transport: MakeTransport, names: Names) -> AsyncIterator[Connect]:

@@ -1,8 +1,9 @@
 """The shared harness of the fault-injection suite (``pytest -m faults``).
 
 Every scenario runs ``sagactl engine`` and ``sagactl worker NAME`` as separate OS
-processes on a fresh PostgreSQL database and a unique topic/queue prefix, over Kafka
-or RabbitMQ; kills them for real (SIGKILL, either from the test or at a deterministic
+processes on a fresh PostgreSQL database and a unique topic/queue prefix (both dropped
+when the test ends, the topics / queues by ``tests/brokers.py``), over Kafka or
+RabbitMQ; kills them for real (SIGKILL, either from the test or at a deterministic
 crash point named in ``SAGA_CRASH``, see ``engine/faults.py``); and judges the outcome
 by the participants' ledgers:
 
@@ -447,10 +448,31 @@ class Run:
             await transport.publish([Message(destination, key, body)])
 
 
+def broker_address(broker: Broker) -> tuple[str, int]:
+    url = urlsplit(broker.url.split(",")[0])
+    return url.hostname or "127.0.0.1", url.port or (9092 if url.scheme == "kafka" else 5672)
+
+
+async def reachable(broker: Broker, timeout: float = 60) -> None:
+    """Wait for the broker's port: a scenario of a parallel session may be restarting
+    it (daemons started meanwhile would exit at once, as they should)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            _, writer = await asyncio.open_connection(*broker_address(broker))
+        except OSError:
+            assert time.monotonic() < deadline, f"{broker.url} is unreachable"
+            await asyncio.sleep(0.5)
+            continue
+        writer.close()
+        return
+
+
 @asynccontextmanager
 async def scenario(broker: Broker, tmp_path: Path) -> AsyncIterator[Run]:
     """A fresh database (seeded ledgers), a unique prefix, and no daemons yet."""
     postgres_url = service_url("SAGA_TEST_POSTGRES_URL")
+    await reachable(broker)
     async with fresh_database(postgres_url) as db_url:
         database = create_engine(db_url)
         await ledger.seed(database, stock_by_sku=STOCK, balances=BALANCES)
@@ -523,12 +545,10 @@ class BrokerControl:
         """The broker's port refuses connections: it really is down. If it still
         answers, this checkout does not run it (another checkout's broker on the same
         port): the scenario is skipped, or failed in CI."""
-        url = urlsplit(self.broker.url.split(",")[0])
-        port = url.port or (9092 if url.scheme == "kafka" else 5672)
         deadline = time.monotonic() + timeout
         while True:
             try:
-                _, writer = await asyncio.open_connection(url.hostname or "127.0.0.1", port)
+                _, writer = await asyncio.open_connection(*broker_address(self.broker))
             except OSError:
                 return
             writer.close()
