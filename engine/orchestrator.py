@@ -45,6 +45,15 @@ class _NotVisible(Exception):
     """The reply's saga row is not (yet) visible to this transaction."""
 
 
+def _log_duplicate(reply: Envelope) -> None:
+    with saga_context(reply.saga_id, reply.step):
+        log.info(
+            "reply %s of saga %s was applied before: a duplicate, acknowledged",
+            reply.message_id,
+            reply.saga_id,
+        )
+
+
 class ReplyOutcome(enum.Enum):
     APPLIED = "applied"
     #: Its message id was processed before: acknowledged, nothing changes.
@@ -201,6 +210,8 @@ class Engine:
                 )
             else:
                 for (delivery, envelope), outcome in zip(decoded, outcomes, strict=True):
+                    if outcome is ReplyOutcome.DUPLICATE:
+                        _log_duplicate(envelope)
                     if outcome in (ReplyOutcome.APPLIED, ReplyOutcome.DUPLICATE):
                         await self._acknowledge(delivery)
                     else:  # not visible yet, or no definition: the single path decides
@@ -236,11 +247,7 @@ class Engine:
         while True:
             try:
                 if not await self.handle_reply(envelope):
-                    log.info(
-                        "reply %s of saga %s was applied before: a duplicate, acknowledged",
-                        envelope.message_id,
-                        envelope.saga_id,
-                    )
+                    _log_duplicate(envelope)
                 break
             except ConcurrencyConflict:
                 conflicts += 1
