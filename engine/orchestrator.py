@@ -235,7 +235,7 @@ class Engine:
             ),
         ):
             async with self.store.transaction() as tx:
-                if not await tx.claim_inbox(reply.message_id, self.settings.group):
+                if not await tx.claim_inbox(reply.message_id, self.settings.group, reply.saga_id):
                     return False
                 state = await tx.load_saga(reply.saga_id)
                 if state is None:
