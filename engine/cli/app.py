@@ -541,7 +541,8 @@ def engine_cmd(
     log_format: str | None,
     log_level: str,
 ) -> None:
-    """Run the orchestrator: reply consumer, timer scanner and outbox relay."""
+    """Run the orchestrator: reply consumer, timer scanner, outbox relay, and scheduled
+    pruning of sent outbox and inbox rows (SAGA_OUTBOX_RETENTION, SAGA_INBOX_RETENTION)."""
     from engine.daemon import run_engine
 
     settings = _daemon_settings(options, broker_url, metrics_port, log_format, log_level)
@@ -575,7 +576,8 @@ def worker_cmd(
     log_format: str | None,
     log_level: str,
 ) -> None:
-    """Run participant NAME (inventory, payment, shipment, or module:object)."""
+    """Run participant NAME (inventory, payment, shipment, or module:object); prunes
+    its barrier rows older than SAGA_BARRIER_RETENTION on a schedule."""
     from engine.daemon import run_worker
 
     settings = _daemon_settings(options, broker_url, metrics_port, log_format, log_level)
