@@ -62,9 +62,9 @@ def parse_age(text: str, *, bare_seconds: bool = False) -> timedelta:
 
 
 def format_age(age: timedelta) -> str:
-    """The shortest exact spelling :func:`parse_age` reads back (``7d``, ``90m``)."""
+    """An exact spelling :func:`parse_age` reads back, in days at most (``7d``, ``90m``)."""
     seconds = age.total_seconds()
-    for unit in ("w", "d", "h", "m"):
+    for unit in ("d", "h", "m"):
         if seconds and seconds % _UNITS[unit] == 0:
             return f"{int(seconds // _UNITS[unit])}{unit}"
     return f"{seconds:g}s"

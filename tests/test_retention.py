@@ -152,7 +152,7 @@ async def test_the_daemons_build_their_pruners_from_the_settings(
             ("inbox", 7 * DAY),
         ]
         assert pruner.describe() == (
-            "pruning outbox after 1h, inbox after 1w, every 60s in batches of 5000"
+            "pruning outbox after 1h, inbox after 7d, every 60s in batches of 5000"
         )
         only_inbox = daemon.engine_pruner(store, Settings(outbox_retention=0))
         assert only_inbox is not None and [r.table for r in only_inbox.rules] == ["inbox"]
