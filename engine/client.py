@@ -9,6 +9,7 @@ import builtins
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
+from datetime import timedelta
 from types import TracebackType
 from typing import Any
 
@@ -45,6 +46,8 @@ from engine.views import (
     OldestRunning,
     OperatorResult,
     OutboxStats,
+    PruneCounts,
+    PruneResult,
     ReplayResult,
     SagaDetail,
     SagaSummary,
@@ -53,6 +56,9 @@ from engine.views import (
 
 #: How often an operator action is re-applied when the engine advanced the saga first.
 OPERATOR_CONFLICT_RETRIES = 10
+#: Finished sagas removed per transaction by :meth:`SagaClient.prune` (each takes its
+#: steps, history and messages along: some tens of rows).
+PRUNE_BATCH = 500
 
 
 class SagaClient:
@@ -347,6 +353,57 @@ class SagaClient:
             dead_letters=DeadLetterStats(
                 not_replayed=raw.dead_letters_pending, total=raw.dead_letters_total
             ),
+        )
+
+    # -- retention --------------------------------------------------------------------
+
+    async def prune(
+        self,
+        older_than: timedelta,
+        *,
+        dry_run: bool = False,
+        batch: int = PRUNE_BATCH,
+        progress: Callable[[PruneCounts], None] | None = None,
+    ) -> PruneResult:
+        """Remove finished sagas (completed or compensated) last changed more than
+        ``older_than`` ago, with their steps, history, timers, sent outbox rows and
+        inbox rows; ``dry_run`` only counts them. Running, compensating and parked
+        sagas are never removed, nor one with a message still waiting in the outbox.
+
+        Works in transactions of ``batch`` sagas, calling ``progress`` with the running
+        totals after each. A late duplicate reply to a removed saga is dead-lettered as
+        a reply for no saga (after the engine's patience for an unknown saga).
+        """
+        if older_than < timedelta(0):
+            raise SagaError("the age of sagas to prune must not be negative")
+        if batch < 1:
+            raise SagaError("the prune batch must hold at least one saga")
+        cutoff = self.clock() - older_than
+        if dry_run:
+            counts = await self.store.count_finished(cutoff)
+            return PruneResult(
+                dry_run=True,
+                older_than_seconds=older_than.total_seconds(),
+                cutoff=cutoff,
+                batches=0,
+                rows=counts,
+            )
+        total = PruneCounts()
+        batches = 0
+        while True:
+            removed = await self.store.prune_finished(cutoff, batch)
+            batches += 1
+            total += removed
+            if progress is not None:
+                progress(total)
+            if removed.sagas < batch:
+                break
+        return PruneResult(
+            dry_run=False,
+            older_than_seconds=older_than.total_seconds(),
+            cutoff=cutoff,
+            batches=batches,
+            rows=total,
         )
 
     async def counts(self) -> dict[SagaStatus, int]:

@@ -8,11 +8,13 @@ commit what is in flight, close the broker and database, within a grace period.
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import text
@@ -22,7 +24,9 @@ from engine.database import check_schema, create_engine, upgrade
 from engine.errors import ConfigError, SagaError
 from engine.orchestrator import Engine
 from engine.registry import SagaRegistry
+from engine.retention import Pruner, PruneRule
 from engine.settings import Settings
+from engine.store.base import SagaStore
 from engine.store.sql import SqlSagaStore
 from engine.telemetry.http import Readiness, TelemetryServer
 from engine.telemetry.monitor import watch
@@ -30,6 +34,7 @@ from engine.telemetry.setup import configure_metrics, configure_tracing
 from engine.topology import Topology
 from engine.transport.base import Transport
 from engine.transport.factory import messaging_system, transport_from_url
+from engine.worker import barrier
 from engine.worker.runner import WorkerRunner
 from engine.worker.worker import Worker
 
@@ -145,6 +150,65 @@ async def _observed(
             provider.shutdown()  # flush spans still in the batch
 
 
+#: A barrier retention shorter than this is almost surely a mistake (see barrier.prune).
+SHORT_BARRIER_RETENTION = timedelta(days=1)
+
+
+def _pruner(settings: Settings, rules: list[PruneRule]) -> Pruner | None:
+    rules = [r for r in rules if r.keep > timedelta(0)]
+    interval = settings.prune_interval.total_seconds()
+    if not rules or interval <= 0:
+        log.info("scheduled pruning is off")
+        return None
+    pruner = Pruner(rules, interval=interval, batch=settings.prune_batch)
+    log.info("%s", pruner.describe())
+    return pruner
+
+
+def engine_pruner(store: SagaStore, settings: Settings) -> Pruner | None:
+    """The engine's scheduled pruning: sent outbox rows and inbox rows by age."""
+    return _pruner(
+        settings,
+        [
+            PruneRule("outbox", settings.outbox_retention, store.prune_sent_outbox),
+            PruneRule("inbox", settings.inbox_retention, store.prune_inbox),
+        ],
+    )
+
+
+def barrier_pruner(database: AsyncEngine, participant: str, settings: Settings) -> Pruner | None:
+    """A worker's scheduled pruning: its participant's barrier rows by age."""
+    keep = settings.barrier_retention
+    if timedelta(0) < keep < SHORT_BARRIER_RETENTION:
+        log.warning(
+            "barrier retention %s is short: a duplicate command arriving later than that "
+            "runs its effect twice",
+            keep,
+        )
+    prune = functools.partial(barrier.prune, database, participant)
+    return _pruner(settings, [PruneRule("barrier", keep, prune)])
+
+
+def _alongside(
+    run: Callable[[], Coroutine[Any, Any, None]], pruner: Pruner | None
+) -> Callable[[], Coroutine[Any, Any, None]]:
+    """``run``, with the pruner's schedule going on for as long as it runs."""
+    if pruner is None:
+        return run
+
+    async def both() -> None:
+        stop = asyncio.Event()
+        pruning = asyncio.create_task(pruner.run(stop), name="pruner")
+        try:
+            await run()
+        finally:
+            stop.set()  # a batch in flight is one short transaction
+            await asyncio.wait([pruning], timeout=10)
+            pruning.cancel()
+
+    return both
+
+
 def _pinger(database: AsyncEngine) -> Callable[[], Awaitable[None]]:
     async def ping() -> None:
         async with database.connect() as conn:
@@ -181,7 +245,8 @@ async def run_engine(settings: Settings, *, migrate: bool, grace: float) -> None
             broker=lambda: engine.relay.healthy,
             store=store,
         ):
-            await _serve("engine", engine.run, engine.stop, grace, ready)
+            run = _alongside(engine.run, engine_pruner(store, settings))
+            await _serve("engine", run, engine.stop, grace, ready)
     finally:
         await transport.close()
         await database.dispose()
@@ -214,7 +279,8 @@ async def run_worker(
             ping=_pinger(database),
             consuming=lambda: runner.consuming,
         ):
-            await _serve(f"worker {worker.name}", runner.run, runner.stop, grace, ready)
+            run = _alongside(runner.run, barrier_pruner(database, worker.name, settings))
+            await _serve(f"worker {worker.name}", run, runner.stop, grace, ready)
     finally:
         await transport.close()
         await database.dispose()

@@ -318,7 +318,8 @@ class Engine:
                     continue
                 candidates.append(i)
             claimed = await tx.claim_inboxes(
-                (replies[i].message_id for i in candidates), self.settings.group
+                {replies[i].message_id: replies[i].saga_id for i in candidates},
+                self.settings.group,
             )
             now = self.clock()
             for i in candidates:

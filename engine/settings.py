@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from datetime import timedelta
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from engine.retention import parse_age
 
 DEFAULT_DATABASE_URL = "sqlite:///saga.db"
 
@@ -28,6 +31,32 @@ class Settings(BaseSettings):
     #: ``text`` or ``json`` (one object per line) on stderr.
     log_format: Literal["text", "json"] = "text"
 
+    # Retention (``30d``, ``12h``, ``90m``, ``3600s`` or seconds; 0 keeps rows forever).
+    # Why each is safe, and how long it must be: engine/retention.py and
+    # engine/worker/barrier.py.
+    #: Engine: sent outbox rows go this long after the broker confirmed them.
+    outbox_retention: timedelta = timedelta(hours=1)
+    #: Engine: ids of applied replies. Far longer than any redelivery can come late.
+    inbox_retention: timedelta = timedelta(days=7)
+    #: Worker: participant barrier rows. Longer than the broker keeps a command (Kafka:
+    #: 7 days by default), or a late duplicate runs its effect twice.
+    barrier_retention: timedelta = timedelta(days=30)
+    #: How often the daemons prune; 0 turns scheduled pruning off.
+    prune_interval: timedelta = timedelta(seconds=60)
+    #: Rows per delete statement (each its own short transaction).
+    prune_batch: int = Field(default=5000, ge=1, le=100_000)
+
+    @field_validator(
+        "outbox_retention", "inbox_retention", "barrier_retention", "prune_interval", mode="before"
+    )
+    @classmethod
+    def _age(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = parse_age(value, bare_seconds=True)
+        if isinstance(value, timedelta | int | float) and _seconds(value) < 0:
+            raise ValueError("must not be negative")
+        return value
+
     @field_validator("sagas")
     @classmethod
     def _strip(cls, value: str) -> str:
@@ -36,3 +65,7 @@ class Settings(BaseSettings):
     @property
     def saga_modules(self) -> list[str]:
         return [p for p in self.sagas.split(",") if p]
+
+
+def _seconds(value: timedelta | float) -> float:
+    return value.total_seconds() if isinstance(value, timedelta) else float(value)

@@ -173,3 +173,36 @@ class StatsView(BaseModel):
     oldest_running: OldestRunning | None
     outbox: OutboxStats
     dead_letters: DeadLetterStats
+
+
+class PruneCounts(BaseModel):
+    """Rows of finished sagas that ``sagactl prune`` removed (or, dry, would remove)."""
+
+    sagas: int = 0
+    steps: int = 0
+    history: int = 0
+    timers: int = 0
+    #: Sent outbox rows (unsent ones are never removed: their saga is skipped).
+    outbox: int = 0
+    #: The engine's inbox rows of the sagas' replies.
+    inbox: int = 0
+
+    def __add__(self, other: PruneCounts) -> PruneCounts:
+        return PruneCounts(
+            **{
+                name: getattr(self, name) + getattr(other, name)
+                for name in PruneCounts.model_fields
+            }
+        )
+
+
+class PruneResult(BaseModel):
+    """``sagactl prune``: what went (or would go), and the cut-off it was judged by."""
+
+    dry_run: bool
+    older_than_seconds: float
+    #: Finished sagas last changed before this instant were pruned.
+    cutoff: datetime
+    #: Transactions it took (0 for a dry run).
+    batches: int
+    rows: PruneCounts

@@ -6,12 +6,15 @@ import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from engine.clock import utc_now
+from engine.database import create_engine
 from engine.errors import BusinessFailure
 from engine.messages import Envelope, MessageKind, Outcome, encode
 from engine.store.schema import barrier
@@ -19,10 +22,13 @@ from engine.topology import Topology
 from engine.transport.base import Message
 from engine.transport.memory import MemoryBroker, MemoryTransport
 from engine.worker.barrier import REFUSED
+from engine.worker.barrier import prune as barrier_prune
 from engine.worker.runner import WorkerRunner
 from engine.worker.worker import HandlerContext, Registration, Worker
 from sagas.order import ChargePayment
+from tests.e2e import fresh_database
 from tests.helpers import envelopes, wait_until
+from tests.services import service_url
 from workers import inventory, ledger, payment
 
 TOPOLOGY = Topology()
@@ -554,3 +560,130 @@ async def test_a_batch_with_a_raising_handler_falls_back_to_one_by_one(
     # o1 ran in the rolled-back batch and again on its own: charged once all the same.
     assert await ledger_rows(seeded) == [("o1", "charge", 700), ("o2", "charge", 700)]
     await pay.transport.close()
+
+
+# -- pruning ---------------------------------------------------------------------------
+
+
+async def age_rows(db: AsyncEngine, age: timedelta, **where: str) -> None:
+    """Backdate barrier rows (all, or those matching ``where``) by ``age``."""
+    condition = [barrier.c[k] == v for k, v in where.items()]
+    async with db.begin() as conn:
+        await conn.execute(update(barrier).where(*condition).values(created_at=utc_now() - age))
+
+
+async def keys(db: AsyncEngine) -> list[tuple[str, str, str]]:
+    async with db.connect() as conn:
+        rows = await conn.execute(
+            select(barrier.c.participant, barrier.c.saga_id, barrier.c.op).order_by(
+                barrier.c.participant, barrier.c.saga_id, barrier.c.op
+            )
+        )
+        return [tuple(r) for r in rows]  # type: ignore[misc]
+
+
+async def test_prune_removes_only_old_rows_of_its_participant(pay: Participant) -> None:
+    await pay.one_reply(charge("old"))
+    await pay.one_reply(refund("old"))
+    await pay.one_reply(charge("charged"))
+    await pay.one_reply(refund("unrun"))  # null compensation: both rows at once
+    await age_rows(pay.db, timedelta(days=40))
+    await pay.one_reply(charge("young2"))
+    async with pay.db.begin() as conn:  # another participant's old row in the same table
+        await conn.execute(
+            insert(barrier).values(
+                participant="inventory",
+                saga_id="old",
+                step="reserve_inventory",
+                op="action",
+                origin="command",
+                outcome="success",
+                created_at=utc_now() - timedelta(days=40),
+            )
+        )
+    before = utc_now() - timedelta(days=30)
+    assert await barrier_prune(pay.db, "payment", before, 2) >= 2
+    while await barrier_prune(pay.db, "payment", before, 2):
+        pass
+    assert await keys(pay.db) == [
+        ("inventory", "old", "action"),
+        ("payment", "young2", "action"),
+    ]
+
+
+async def test_a_step_whose_compensation_is_young_keeps_its_old_action_row(
+    pay: Participant,
+) -> None:
+    """The action's row is what refuses a hanging action: it goes with the step's
+    youngest row, never before it."""
+    await pay.one_reply(charge())
+    await age_rows(pay.db, timedelta(days=40))
+    await pay.one_reply(refund())
+    assert await barrier_prune(pay.db, "payment", utc_now() - timedelta(days=30), 100) == 0
+    assert [op for _, _, op in await keys(pay.db)] == ["action", "compensation"]
+    await age_rows(pay.db, timedelta(days=31), op="compensation")
+    assert await barrier_prune(pay.db, "payment", utc_now() - timedelta(days=30), 100) == 2
+    assert await keys(pay.db) == []
+
+
+async def test_an_action_whose_row_is_gone_but_whose_compensation_is_known_is_refused(
+    pay: Participant,
+) -> None:
+    await pay.one_reply(charge())
+    await pay.one_reply(refund())
+    async with pay.db.begin() as conn:
+        await conn.execute(delete(barrier).where(barrier.c.op == "action"))
+    late = await pay.one_reply(charge(attempt=2))
+    assert (late.outcome, late.error) == (Outcome.FAILURE, REFUSED)
+    assert await ledger_rows(pay.db) == [("o1", "charge", 700), ("o1", "refund", 700)]
+
+
+async def test_past_the_retention_a_duplicate_runs_again_the_documented_limit(
+    pay: Participant,
+) -> None:
+    """Why the barrier retention must outlive every copy of a command: once a step's
+    rows are pruned, a duplicate of its command is new to the barrier."""
+    await pay.one_reply(charge())
+    await age_rows(pay.db, timedelta(days=40))
+    assert await barrier_prune(pay.db, "payment", utc_now() - timedelta(days=30), 100) == 1
+    await pay.one_reply(charge())
+    assert await ledger_rows(pay.db) == [("o1", "charge", 700), ("o1", "charge", 700)]
+
+
+@pytest.mark.integration
+async def test_workers_pruning_at_once_on_postgresql_share_the_rows() -> None:
+    async with fresh_database(service_url("SAGA_TEST_POSTGRES_URL")) as url:
+        databases = [create_engine(url) for _ in range(3)]
+        try:
+            old = utc_now() - timedelta(days=40)
+            async with databases[0].begin() as conn:
+                await conn.execute(
+                    insert(barrier),
+                    [
+                        {
+                            "participant": "payment",
+                            "saga_id": f"s{i}",
+                            "step": "charge_payment",
+                            "op": op,
+                            "origin": "command",
+                            "outcome": "success",
+                            "created_at": old,
+                        }
+                        for i in range(50)
+                        for op in ("action", "compensation")
+                    ],
+                )
+            before = utc_now() - timedelta(days=30)
+
+            async def prune_all(db: AsyncEngine) -> int:
+                total = 0
+                while removed := await barrier_prune(db, "payment", before, 7):
+                    total += removed
+                return total
+
+            counts = await asyncio.gather(*(prune_all(d) for d in databases))
+            assert sum(counts) == 100
+            assert await keys(databases[0]) == []
+        finally:
+            for d in databases:
+                await d.dispose()

@@ -10,12 +10,14 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
 from engine.database import create_engine, upgrade
 from engine.errors import ConcurrencyConflict
 from engine.model import HistoryEntry, Timer, TimerKind
 from engine.states import SagaStatus, StepStatus
 from engine.store.base import write_transitions
+from engine.store.schema import inbox
 from engine.store.sql import SqlSagaStore
 from tests.e2e import fresh_database, service_url
 from tests.test_store_sql import T0, insert, load
@@ -109,10 +111,13 @@ async def test_save_sagas_of_stale_images_conflicts_and_writes_nothing(
 
 async def test_claim_inboxes_returns_only_the_new_ids(store: SqlSagaStore) -> None:
     async with store.transaction() as tx:
-        assert await tx.claim_inboxes(["m1", "m2"], "engine") == {"m1", "m2"}
+        assert await tx.claim_inboxes({"m1": "s1", "m2": "s1"}, "engine") == {"m1", "m2"}
     async with store.transaction() as tx:
-        assert await tx.claim_inboxes(["m2", "m3", "m3", "m1"], "engine") == {"m3"}
-        assert await tx.claim_inboxes([], "engine") == set()
+        assert await tx.claim_inboxes({"m2": "s1", "m3": "s2", "m1": "s1"}, "engine") == {"m3"}
+        assert await tx.claim_inboxes({}, "engine") == set()
+    async with store.engine.connect() as conn:
+        rows = await conn.execute(select(inbox.c.message_id, inbox.c.saga_id))
+        assert sorted(rows) == [("m1", "s1"), ("m2", "s1"), ("m3", "s2")]
 
 
 async def test_locked_sagas_make_a_second_writer_wait(store: SqlSagaStore) -> None:

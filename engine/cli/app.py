@@ -11,22 +11,26 @@ import getpass
 import json
 import sys
 from collections.abc import Callable, Coroutine
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from sqlalchemy.exc import DBAPIError
 
-from engine.client import SagaClient
+from engine.client import PRUNE_BATCH, SagaClient
 from engine.database import create_engine, upgrade
 from engine.errors import SagaError
+from engine.retention import parse_age
 from engine.settings import Settings
 from engine.states import SagaStatus
 from engine.telemetry.logs import configure_logging
 from engine.telemetry.setup import configure_tracing
 from engine.topology import Topology
 from engine.transport.factory import messaging_system
+from engine.views import PruneResult
 
 from . import render
 
@@ -324,6 +328,62 @@ def stats(options: Options) -> None:
     _output(options, result, render.stats)
 
 
+def _age_option(ctx: click.Context, param: click.Parameter, value: str) -> timedelta:
+    """``--older-than``: an age with its unit (``30d``, ``12h``, ``90m``, ``3600s``)."""
+    try:
+        return parse_age(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+
+
+@cli.command()
+@click.option(
+    "--older-than",
+    "older_than",
+    callback=_age_option,
+    required=True,
+    metavar="AGE",
+    help="finished sagas last changed longer ago than this: 30d, 12h, 90m, 3600s",
+)
+@click.option("--dry-run", is_flag=True, help="only count what would be removed")
+@click.option(
+    "--batch",
+    type=click.IntRange(1, 5000),
+    default=PRUNE_BATCH,
+    show_default=True,
+    help="sagas removed per transaction",
+)
+@_json_option
+@pass_options
+def prune(options: Options, older_than: timedelta, dry_run: bool, batch: int) -> None:
+    """Remove finished sagas (completed, compensated) older than AGE with their steps,
+    history, timers, sent outbox rows and inbox rows. Running, compensating and parked
+    sagas are never removed."""
+    age = older_than
+
+    async def go() -> PruneResult:
+        async with await _client(options) as client:
+            if dry_run or options.as_json:
+                return await client.prune(age, dry_run=dry_run, batch=batch)
+            expected = await client.prune(age, dry_run=True)
+            columns = (
+                TextColumn("pruning finished sagas"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+            )
+            with Progress(*columns, console=stderr, transient=True) as bar:
+                task = bar.add_task("prune", total=expected.rows.sagas)
+                return await client.prune(
+                    age,
+                    batch=batch,
+                    progress=lambda done: bar.update(task, completed=done.sagas),
+                )
+
+    result = run(go())
+    _output(options, result, render.prune_result)
+
+
 @cli.group()
 def db() -> None:
     """Database schema."""
@@ -481,7 +541,8 @@ def engine_cmd(
     log_format: str | None,
     log_level: str,
 ) -> None:
-    """Run the orchestrator: reply consumer, timer scanner and outbox relay."""
+    """Run the orchestrator: reply consumer, timer scanner, outbox relay, and scheduled
+    pruning of sent outbox and inbox rows (SAGA_OUTBOX_RETENTION, SAGA_INBOX_RETENTION)."""
     from engine.daemon import run_engine
 
     settings = _daemon_settings(options, broker_url, metrics_port, log_format, log_level)
@@ -515,7 +576,8 @@ def worker_cmd(
     log_format: str | None,
     log_level: str,
 ) -> None:
-    """Run participant NAME (inventory, payment, shipment, or module:object)."""
+    """Run participant NAME (inventory, payment, shipment, or module:object); prunes
+    its barrier rows older than SAGA_BARRIER_RETENTION on a schedule."""
     from engine.daemon import run_worker
 
     settings = _daemon_settings(options, broker_url, metrics_port, log_format, log_level)

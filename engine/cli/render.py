@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 
+from engine.retention import format_age
 from engine.states import SagaStatus, StepStatus
 from engine.views import (
     DeadLetterView,
     OperatorResult,
+    PruneResult,
     ReplayResult,
     SagaDetail,
     SagaSummary,
@@ -220,3 +222,31 @@ def stats(console: Console, view: StatsView) -> None:
         f"({view.dead_letters.total} archived)",
         soft_wrap=True,
     )
+
+
+#: Rows of ``sagactl prune``, in the order they are shown.
+PRUNED_TABLES = {
+    "sagas": "sagas",
+    "steps": "steps",
+    "history": "history entries",
+    "timers": "timers",
+    "outbox": "sent outbox rows",
+    "inbox": "inbox rows",
+}
+
+
+def prune_result(console: Console, result: PruneResult) -> None:
+    verb = "would remove (dry run)" if result.dry_run else "removed"
+    console.print(
+        f"finished sagas last changed before {when(result.cutoff)} "
+        f"(older than {format_age(timedelta(seconds=result.older_than_seconds))})",
+        soft_wrap=True,
+    )
+    table = Table(title=verb, title_justify="left")
+    table.add_column("rows", no_wrap=True)
+    table.add_column("count", justify="right")
+    for field, label in PRUNED_TABLES.items():
+        table.add_row(label, str(getattr(result.rows, field)))
+    console.print(table)
+    if not result.dry_run:
+        console.print(f"{result.batches} batch(es)", soft_wrap=True)

@@ -7,7 +7,7 @@ one transaction is what makes "advance and emit" atomic.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
@@ -15,7 +15,7 @@ from typing import Protocol
 
 from engine.model import HistoryEntry, OutboxMessage, SagaState, Timer
 from engine.states import SagaStatus
-from engine.views import DeadLetterView, SagaDetail, SagaSummary, StoreStats
+from engine.views import DeadLetterView, PruneCounts, SagaDetail, SagaSummary, StoreStats
 
 
 @dataclass(frozen=True)
@@ -76,12 +76,14 @@ class StoreTransaction(Protocol):
         """History of several sagas, as ``(saga_id, entry)`` pairs."""
         ...
 
-    async def claim_inbox(self, message_id: str, consumer: str) -> bool:
-        """Record a processed message id; False if it was processed before."""
+    async def claim_inbox(self, message_id: str, consumer: str, saga_id: str | None = None) -> bool:
+        """Record a processed message id (of a reply to ``saga_id``); False if it was
+        processed before."""
         ...
 
-    async def claim_inboxes(self, message_ids: Iterable[str], consumer: str) -> set[str]:
-        """:meth:`claim_inbox` for many: the ids that were not processed before."""
+    async def claim_inboxes(self, messages: Mapping[str, str], consumer: str) -> set[str]:
+        """:meth:`claim_inbox` for many (message id -> saga id): the ids that were not
+        processed before."""
         ...
 
     async def due_timers(self, now: datetime, limit: int) -> list[DueTimer]:
@@ -139,6 +141,28 @@ class SagaStore(Protocol):
     ) -> list[DeadLetterView]: ...
 
     async def stats(self) -> StoreStats: ...
+
+    # -- retention: every prune is one short transaction; replicas may run it at once.
+
+    async def prune_sent_outbox(self, before: datetime, limit: int) -> int:
+        """Delete up to ``limit`` outbox rows the broker confirmed before ``before``;
+        returns how many. Unsent rows are never touched."""
+        ...
+
+    async def prune_inbox(self, before: datetime, limit: int) -> int:
+        """Delete up to ``limit`` inbox rows processed before ``before``."""
+        ...
+
+    async def count_finished(self, before: datetime) -> PruneCounts:
+        """What :meth:`prune_finished` would remove, all batches together."""
+        ...
+
+    async def prune_finished(self, before: datetime, limit: int) -> PruneCounts:
+        """Delete up to ``limit`` finished sagas (completed or compensated) last changed
+        before ``before``, with their steps, history, timers, sent outbox rows and inbox
+        rows. A saga with an unsent outbox row, or locked by another writer, is left
+        for later."""
+        ...
 
     async def close(self) -> None: ...
 

@@ -73,6 +73,7 @@ sagas = Table(
     Index("ix_saga_instances_status_created", "status", "created_at"),
     Index("ix_saga_instances_name_created", "name", "created_at"),
     Index("ix_saga_instances_created", "created_at"),
+    Index("ix_saga_instances_status_updated", "status", "updated_at"),
 )
 
 steps = Table(
@@ -144,6 +145,7 @@ outbox = Table(
     Column("created_at", UTCDateTime, nullable=False),
     Column("sent_at", UTCDateTime),
     Index("ix_saga_outbox_unsent", "sent_at", "id"),
+    Index("ix_saga_outbox_key", "key"),
 )
 
 inbox = Table(
@@ -152,7 +154,11 @@ inbox = Table(
     Column("message_id", String(36), primary_key=True),
     Column("consumer", String(100), nullable=False),
     Column("processed_at", UTCDateTime, nullable=False),
+    #: The saga the reply was for, so ``sagactl prune`` removes a saga's inbox rows
+    #: with it (NULL on rows from before migration 0006).
+    Column("saga_id", String(36)),
     Index("ix_saga_inbox_processed_at", "processed_at"),
+    Index("ix_saga_inbox_saga_id", "saga_id"),
 )
 
 #: Every message that reached the dead-letter destination, kept for ``sagactl dlq``.
@@ -193,4 +199,5 @@ barrier = Table(
     Column("reply", JSON),
     Column("error", Text),
     Column("created_at", UTCDateTime, nullable=False),
+    Index("ix_participant_barrier_created", "participant", "created_at"),
 )

@@ -6,13 +6,13 @@ the database has it (PostgreSQL); SQLite serialises writers instead.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import astuple
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, delete, func, insert, select, update
+from sqlalchemy import ColumnElement, bindparam, delete, exists, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -35,6 +35,7 @@ from engine.store.schema import dead_letters, history, inbox, outbox, sagas, ste
 from engine.views import (
     DeadLetterView,
     HistoryView,
+    PruneCounts,
     SagaCount,
     SagaDetail,
     SagaSummary,
@@ -44,6 +45,10 @@ from engine.views import (
 
 #: Sagas still in progress, for the "oldest running" figure of the stats.
 _IN_PROGRESS = (SagaStatus.RUNNING.value, SagaStatus.COMPENSATING.value)
+#: Sagas ``sagactl prune`` may remove. Never running, compensating or parked ones.
+_FINISHED = (SagaStatus.COMPLETED.value, SagaStatus.COMPENSATED.value)
+#: Longest saga id there can be (the saga_instances key).
+_SAGA_ID_LENGTH = 36
 
 
 def _step_row(saga_id: str, st: StepState) -> dict[str, Any]:
@@ -316,8 +321,15 @@ class SqlStoreTransaction:
             ],
         )
 
-    async def claim_inbox(self, message_id: str, consumer: str) -> bool:
-        row = {"message_id": message_id, "consumer": consumer, "processed_at": utc_now()}
+    async def claim_inbox(self, message_id: str, consumer: str, saga_id: str | None = None) -> bool:
+        if saga_id is not None and len(saga_id) > _SAGA_ID_LENGTH:
+            saga_id = None  # no saga row can have it; the reply will be dead-lettered
+        row = {
+            "message_id": message_id,
+            "consumer": consumer,
+            "processed_at": utc_now(),
+            "saga_id": saga_id,
+        }
         dialect = self.conn.dialect.name
         if dialect in ("postgresql", "sqlite"):
             # One round trip; a concurrent claim waits on the key and then does nothing.
@@ -338,17 +350,26 @@ class SqlStoreTransaction:
             return False  # a concurrent transaction claimed it between our read and write
         return True
 
-    async def claim_inboxes(self, message_ids: Iterable[str], consumer: str) -> set[str]:
+    async def claim_inboxes(self, messages: Mapping[str, str], consumer: str) -> set[str]:
         # Sorted: two transactions claiming overlapping ids take the keys in one order.
-        ids = sorted(set(message_ids))
+        ids = sorted(messages)
         dialect = self.conn.dialect.name
         if not ids or dialect not in ("postgresql", "sqlite"):
-            return {m for m in ids if await self.claim_inbox(m, consumer)}
+            return {m for m in ids if await self.claim_inbox(m, consumer, messages[m])}
         module = postgresql if dialect == "postgresql" else sqlite
         now = utc_now()
+        rows = [
+            {
+                "message_id": m,
+                "consumer": consumer,
+                "processed_at": now,
+                # Longer than any saga row's id: no saga has it (see claim_inbox).
+                "saga_id": messages[m] if len(messages[m]) <= _SAGA_ID_LENGTH else None,
+            }
+            for m in ids
+        ]
         result = await self.conn.execute(
-            module.insert(inbox).on_conflict_do_nothing().returning(inbox.c.message_id),
-            [{"message_id": m, "consumer": consumer, "processed_at": now} for m in ids],
+            module.insert(inbox).on_conflict_do_nothing().returning(inbox.c.message_id), rows
         )
         return {row.message_id for row in result}
 
@@ -568,8 +589,88 @@ class SqlSagaStore:
             dead_letters_total=letters or 0,
         )
 
+    # -- retention -----------------------------------------------------------------
+
+    async def prune_sent_outbox(self, before: datetime, limit: int) -> int:
+        # SKIP LOCKED (PostgreSQL): replicas pruning at once take disjoint rows and
+        # never wait on each other; SQLite serialises writers anyway.
+        chosen = (
+            select(outbox.c.id)
+            .where(outbox.c.sent_at < before)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        async with self.engine.begin() as conn:
+            result = await conn.execute(delete(outbox).where(outbox.c.id.in_(chosen)))
+            return int(result.rowcount)
+
+    async def prune_inbox(self, before: datetime, limit: int) -> int:
+        chosen = (
+            select(inbox.c.message_id)
+            .where(inbox.c.processed_at < before)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        async with self.engine.begin() as conn:
+            result = await conn.execute(delete(inbox).where(inbox.c.message_id.in_(chosen)))
+            return int(result.rowcount)
+
+    async def count_finished(self, before: datetime) -> PruneCounts:
+        ids = select(sagas.c.id).where(_prunable(before))
+
+        async def count(table: Any, condition: ColumnElement[bool]) -> int:
+            found = await conn.scalar(select(func.count()).select_from(table).where(condition))
+            return int(found or 0)
+
+        async with self.engine.connect() as conn:
+            return PruneCounts(
+                sagas=await count(sagas, _prunable(before)),
+                steps=await count(steps, steps.c.saga_id.in_(ids)),
+                history=await count(history, history.c.saga_id.in_(ids)),
+                timers=await count(timers, timers.c.saga_id.in_(ids)),
+                outbox=await count(outbox, outbox.c.key.in_(ids) & outbox.c.sent_at.is_not(None)),
+                inbox=await count(inbox, inbox.c.saga_id.in_(ids)),
+            )
+
+    async def prune_finished(self, before: datetime, limit: int) -> PruneCounts:
+        async with self.engine.begin() as conn:
+            # Lock the chosen saga rows: a late reply or a dead-letter replay writing to
+            # one of them either finished first (and the saga is re-judged next batch)
+            # or waits and then finds it gone. Locked ones are skipped, not waited for.
+            chosen = await conn.execute(
+                select(sagas.c.id)
+                .where(_prunable(before))
+                .order_by(sagas.c.updated_at)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            )
+            ids = [r.id for r in chosen]
+            if not ids:
+                return PruneCounts()
+
+            async def gone(statement: Any) -> int:
+                return int((await conn.execute(statement)).rowcount)
+
+            # Children first: correct without ON DELETE CASCADE, and counted.
+            return PruneCounts(
+                history=await gone(delete(history).where(history.c.saga_id.in_(ids))),
+                steps=await gone(delete(steps).where(steps.c.saga_id.in_(ids))),
+                timers=await gone(delete(timers).where(timers.c.saga_id.in_(ids))),
+                outbox=await gone(
+                    delete(outbox).where(outbox.c.key.in_(ids), outbox.c.sent_at.is_not(None))
+                ),
+                inbox=await gone(delete(inbox).where(inbox.c.saga_id.in_(ids))),
+                sagas=await gone(delete(sagas).where(sagas.c.id.in_(ids))),
+            )
+
     async def close(self) -> None:
         await self.engine.dispose()
+
+
+def _prunable(before: datetime) -> ColumnElement[bool]:
+    """A finished saga, last changed before ``before``, with nothing left to publish."""
+    unsent = exists().where(outbox.c.key == sagas.c.id, outbox.c.sent_at.is_(None))
+    return sagas.c.status.in_(_FINISHED) & (sagas.c.updated_at < before) & ~unsent
 
 
 def _dead_letter_of(row: Any) -> DeadLetterRecord:

@@ -10,18 +10,22 @@ op) that makes the three delivery anomalies harmless:
   refused.
 
 A concurrent duplicate loses on the primary key and its transaction rolls back.
+
+The rows are pruned by age (:func:`prune`); a row must outlive every copy of its
+message, or the anomaly it guards against comes back.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
-from sqlalchemy import insert, select
+from sqlalchemy import delete, exists, insert, select, tuple_
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from engine.clock import utc_now
 from engine.errors import BusinessFailure
@@ -168,6 +172,10 @@ async def guarded(
         return reply
     action = book.get(envelope, ACTION)
     if envelope.kind is MessageKind.COMMAND:
+        if action is None and book.get(envelope, COMPENSATION) is not None:
+            # Only pruning leaves a compensation without its action's row; the step
+            # was compensated, so the action is refused like any hanging one.
+            return envelope.reply(Outcome.FAILURE, error=REFUSED)
         if action is not None:
             if action.origin == COMPENSATION:
                 return envelope.reply(Outcome.FAILURE, error=REFUSED)
@@ -192,3 +200,39 @@ async def guarded(
     if outcome is Outcome.SUCCESS:
         book.record(envelope, COMPENSATION, outcome, payload)
     return envelope.reply(outcome, payload, error)
+
+
+async def prune(database: AsyncEngine, participant: str, before: datetime, limit: int) -> int:
+    """Delete up to about ``limit`` of ``participant``'s barrier rows; returns how many.
+
+    A step's rows go together, once all of them are older than ``before``: never an
+    action's row while its compensation's is young (the hanging-action guard is that
+    row). Pruning is safe only if no copy of the step's messages can arrive any more:
+    once the rows are gone, a duplicate command runs its effect a second time and an
+    action arriving after its compensation is no longer refused. So the retention must
+    be longer than the longest a command can come back: redelivery after a crash
+    (seconds), a consumer group that lost its offsets re-reading a Kafka topic from the
+    oldest message it retains (7 days by default, and up to a segment longer), a dead
+    letter replayed with ``--force``. Hence a default of 30 days; see the README.
+
+    Other workers of the same participant may prune at once: on PostgreSQL the rows are
+    picked with ``FOR UPDATE SKIP LOCKED``, so they take disjoint ones.
+    """
+    newer = barrier.alias("newer")
+    young_sibling = exists().where(
+        newer.c.participant == barrier.c.participant,
+        newer.c.saga_id == barrier.c.saga_id,
+        newer.c.step == barrier.c.step,
+        newer.c.created_at >= before,
+    )
+    chosen = (
+        select(barrier.c.participant, barrier.c.saga_id, barrier.c.step)
+        .where(barrier.c.participant == participant, barrier.c.created_at < before)
+        .where(~young_sibling)
+        .limit(limit)
+        .with_for_update(skip_locked=True, of=barrier)
+    )
+    key = tuple_(barrier.c.participant, barrier.c.saga_id, barrier.c.step)
+    async with database.begin() as conn:
+        result = await conn.execute(delete(barrier).where(key.in_(chosen)))
+        return int(result.rowcount)
