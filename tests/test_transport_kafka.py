@@ -82,6 +82,22 @@ class TestKafkaTransport(TransportContract):
         assert bodies(got) == [b"saga-1:1", b"saga-1:2", b"saga-1:3"]
         assert [d.redelivered for d in got] == [True, False, False]
 
+    async def test_nacks_in_a_row_replay_from_the_lowest(
+        self, connect: Connect, names: Names, inboxes: list[Inbox]
+    ) -> None:
+        # A worker hands back a whole batch when its replies cannot be published: each
+        # nack must leave the earlier ones to be delivered again, not seek past them.
+        transport = await connect()
+        inbox = await self.consume(transport, names.destination, names.group, inboxes)
+        await transport.publish([names.message("saga-1", n) for n in (1, 2, 3)])
+        one, two, three = await inbox.take_many(3, self.receive_timeout)
+        await one.nack()
+        await two.nack()
+        await three.ack()
+        again = await inbox.take_many(2, self.receive_timeout)
+        assert bodies(again) == [b"saga-1:1", b"saga-1:2"]
+        assert [d.redelivered for d in again] == [True, True]
+
     async def test_only_the_contiguous_acked_prefix_is_committed(
         self, connect: Connect, names: Names, inboxes: list[Inbox]
     ) -> None:

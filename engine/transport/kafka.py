@@ -304,8 +304,13 @@ class KafkaSubscription:
             return  # the next owner starts from the committed offset anyway
         partition.epoch += 1
         self._ready = deque(entry for entry in self._ready if entry[1] is not partition)
+        # Back to the lowest unsettled offset, not to this one: when a batch is handed
+        # back offset by offset, seeking to each in turn would leave the partition
+        # past the earlier ones, unsettled and never delivered again. What is refetched
+        # and still in flight or already settled is skipped.
+        target = min(partition.pending, default=offset)
         try:
-            self._consumer.seek(partition.tp, offset)
+            self._consumer.seek(partition.tp, min(target, offset))
         except (KafkaError, ValueError) as exc:
             log.warning("cannot seek %s back to %d: %s", partition.tp, offset, exc)
 

@@ -26,5 +26,13 @@ def _variant(name: str, **changes: object) -> Saga:
     return Saga(name=name, version=1, input=order.OrderInput, steps=steps)
 
 
+#: The step timeout of ``patient_order``: longer than a broker restart takes here
+#: (Kafka: ~17 s to lead its partitions again, then ~10 s for the consumer groups to
+#: rejoin), so a restart under load must lose nothing and compensate nothing. A
+#: shorter outage than the timeout is what that scenario is about; an outage longer
+#: than it compensates, as the unknown-outcome scenarios show.
+PATIENT_TIMEOUT = 120.0
+
 quick_order = _variant("quick_order", timeout=timedelta(seconds=QUICK_TIMEOUT))
 fragile_order = _variant("fragile_order", compensation_retry=FRAGILE_COMPENSATION)
+patient_order = _variant("patient_order", timeout=timedelta(seconds=PATIENT_TIMEOUT))

@@ -71,7 +71,9 @@ async def test_broker_restarted_under_load(
         for name in ("inventory", "payment", "shipment"):
             cluster.start_worker(name)
         await run.warm_up()
-        ids = await run.start_many(80)
+        # Step timeouts longer than the restart: every order must complete or be
+        # refused by the shipment, none compensated for a reply the restart delayed.
+        ids = await run.start_many(80, saga="patient_order")
 
         async def under_way() -> bool:
             statuses = await run.client.statuses(ids)
