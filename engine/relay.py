@@ -84,8 +84,7 @@ class OutboxRelay:
         try:
             await self._run(stop)
         finally:
-            if listener is not None:  # it ends with ``stop``; cancelled if it lingers
-                await asyncio.wait([listener], timeout=5)
+            if listener is not None:  # it closes its connection on the way out
                 listener.cancel()
                 await asyncio.gather(listener, return_exceptions=True)
 
