@@ -46,12 +46,16 @@ async def measure(broker: str, samples: int, gap: float) -> list[dict[str, Any]]
         broker=broker, broker_url=url, postgres_url=postgres, log_dir=RESULTS / "hops"
     ) as system:
         await warmup(system, 20, timeout=120)
+        cpu_before = await system.monitor.cpu()
         for i in range(samples):
             began = time.time()
             key = await system.start_saga(i, fail_last=False)
             await system.wait_one(key, 60)
             out.append(await _timeline(system, key, began))
             await asyncio.sleep(gap)
+        cpu = system.monitor.cpu_delta(cpu_before, await system.monitor.cpu())
+    # CPU per saga of each process group (the reading of timelines included: small).
+    out.append({"cpu_ms_per_saga": {g: 1000 * s / samples for g, s in cpu.items()}})
     return out
 
 
@@ -90,6 +94,8 @@ async def _timeline(system: SagaEngineSystem, saga_id: str, began: float) -> dic
 
 
 def report(rows: list[dict[str, Any]]) -> None:
+    cpu = rows.pop()["cpu_ms_per_saga"]
+
     def med(values: list[float]) -> str:
         return f"{1000 * statistics.median(values):6.1f}"
 
@@ -105,6 +111,9 @@ def report(rows: list[dict[str, Any]]) -> None:
             f"back to engine {med(back)}"
         )
     print(f"  end to end                       {med([r['total'] for r in rows])}")
+    print("CPU ms per saga (the idle run, polling loops included):")
+    for group, ms in sorted(cpu.items(), key=lambda kv: -kv[1]):
+        print(f"  {group:<28} {ms:6.2f}")
 
 
 @click.command()
