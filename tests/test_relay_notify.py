@@ -12,6 +12,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from sqlalchemy import text
@@ -25,7 +26,7 @@ from engine.store.postgres import CHANNEL, PgOutboxSignal, outbox_signal
 from engine.store.sql import SqlSagaStore
 from engine.transport.base import Message
 from sagas.order import place_order
-from tests.e2e import fresh_database, service_url
+from tests.e2e import Cluster, fresh_database, service_url, wait_until
 from tests.helpers import order_input
 
 pytestmark = pytest.mark.integration
@@ -192,3 +193,28 @@ async def terminate_listeners(database: AsyncEngine) -> int:
 def test_only_postgresql_has_a_signal() -> None:
     sqlite = SqlSagaStore(create_engine("sqlite:///:memory:"))
     assert outbox_signal(sqlite) is None
+
+
+async def test_the_engine_daemon_listens(pg_url: str, tmp_path: Path) -> None:
+    """``sagactl engine`` on PostgreSQL keeps a LISTEN connection (the wiring)."""
+    cluster = Cluster(pg_url, "memory://", tmp_path)
+    cluster.start_engine()
+    admin = create_engine(pg_url)
+    try:
+
+        async def listening() -> bool:
+            cluster.assert_running()
+            async with admin.connect() as conn:
+                found = await conn.scalar(
+                    text(
+                        "SELECT count(*) FROM pg_stat_activity "
+                        "WHERE datname = current_database() AND query = :listen"
+                    ),
+                    {"listen": f'LISTEN "{CHANNEL}"'},
+                )
+            return bool(found)
+
+        assert await wait_until(listening, timeout=30), cluster.logs()
+    finally:
+        cluster.stop_all()
+        await admin.dispose()
