@@ -83,6 +83,12 @@ def save(result: dict[str, Any], path: Path) -> None:
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--quick", is_flag=True, help="smoke run: 1 run each, small and short (~2 min)")
 @click.option(
+    "--only",
+    type=click.Choice(["idle"]),
+    help="only this phase: idle = warm-up, then the idle-latency run (no saturation, "
+    "half-rate, 10%-failing, 2-engine or growth runs)",
+)
+@click.option(
     "--systems",
     default=",".join(SYSTEMS),
     show_default=True,
@@ -145,6 +151,7 @@ def save(result: dict[str, Any], path: Path) -> None:
 )
 def cli(
     quick: bool,
+    only: str | None,
     systems: str,
     reps: int | None,
     sagas: int | None,
@@ -216,6 +223,8 @@ def cli(
         overrides["scale"] = count(scale_text)
     if engines2 is not None:
         overrides["engines2"] = engines2
+    if only == "idle":
+        overrides |= {"idle_only": True, "engines2": False, "scale": 0, "profile": False}
     cfg = dataclasses.replace(cfg, **overrides)
     result = asyncio.run(main(cfg, json_path, console))
     save(result, json_path)

@@ -51,6 +51,8 @@ class Config:
     profile: bool = False
     profile_seconds: float = 20.0
     timeout: float = 300.0
+    #: Only the warm-up and the idle-latency phase (``--only idle``).
+    idle_only: bool = False
 
     def url(self, broker: str) -> str:
         return self.kafka_url if broker == "kafka" else self.amqp_url
@@ -113,6 +115,10 @@ async def one_run(cfg: Config, system: System, sagas: int | None) -> tuple[int, 
     run: dict[str, Any] = {}
     began = time.perf_counter()
     await warmup(system, cfg.warmup, timeout=timeout)
+    if cfg.idle_only:
+        run["idle"] = await idle(system, cfg.idle_samples, gap=cfg.idle_gap, timeout=60)
+        run["wall_s"] = time.perf_counter() - began
+        return sagas or 0, run
     if sagas is None:
         # Throughput can depend on the backlog (Temporal's falls as it grows), so a
         # probe far from the size it suggests is repeated once at that size.
@@ -155,7 +161,14 @@ async def system_runs(cfg: Config, name: str, console: Console) -> dict[str, Any
             run["incidents"] = incident_summary(system.incidents())
             label = system.label
         runs.append(run)
-        sat, half, idle_ = run["saturation"], run["half_rate"], run["idle"]["latency"]
+        idle_ = run["idle"]["latency"]
+        if cfg.idle_only:
+            console.log(
+                f"{label} run {rep}/{cfg.reps}: idle p50 {idle_['p50']:.1f} ms, "
+                f"p95 {idle_['p95']:.1f} ms, p99 {idle_['p99']:.1f} ms"
+            )
+            continue
+        sat, half = run["saturation"], run["half_rate"]
         console.log(
             f"{label} run {rep}/{cfg.reps}: {sat['throughput']:.1f} sagas/s "
             f"({sagas} sagas), half rate p50 {half['latency']['p50']:.1f} ms, "

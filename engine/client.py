@@ -34,7 +34,8 @@ from engine.model import Awaiting, HistoryEntry
 from engine.registry import SagaRegistry
 from engine.statemachine import Transition, new_saga
 from engine.states import SagaStatus
-from engine.store.base import SagaStore, write_transition
+from engine.store.base import OutboxSignal, SagaStore, StoreTransaction, write_transition
+from engine.store.postgres import outbox_signal
 from engine.store.sql import SqlSagaStore, dead_letter_view
 from engine.telemetry import metrics
 from engine.telemetry.tracing import saga_span, trace_transition, tracer
@@ -71,6 +72,7 @@ class SagaClient:
         clock: Clock = utc_now,
         on_commit: Callable[[], None] | None = None,
         messaging_system: str = "memory",
+        signal: OutboxSignal | None = None,
     ) -> None:
         self.store = store
         self.registry = registry or SagaRegistry()
@@ -78,6 +80,9 @@ class SagaClient:
         self.clock = clock
         #: Called after a start committed (the embedded engine wakes its relay).
         self.on_commit = on_commit
+        #: Wakes relays in other processes when this client's outbox rows commit
+        #: (PostgreSQL: NOTIFY); by default the store's own, if its database has one.
+        self.signal = signal if signal is not None else outbox_signal(store)
         #: ``messaging.system`` of the broker the relay will publish to (trace attribute).
         self.messaging_system = messaging_system
 
@@ -141,12 +146,18 @@ class SagaClient:
             try:
                 async with self.store.transaction() as tx:
                     await write_transition(tx, state, messages, transition.history, new=True)
+                    await self._announce(tx)
             except IntegrityError:
                 raise SagaError(f"a saga with id {saga_id!r} already exists") from None
         metrics.record_transition(state, transition.history)
         if self.on_commit is not None:
             self.on_commit()
         return saga_id
+
+    async def _announce(self, tx: StoreTransaction) -> None:
+        """Inside a transaction that wrote outbox rows: wake the relays on commit."""
+        if self.signal is not None:
+            await self.signal.announce(tx)
 
     async def get(self, saga_id: str) -> SagaDetail:
         detail = await self.store.get_saga(saga_id)
@@ -217,6 +228,8 @@ class SagaClient:
                             system=self.messaging_system,
                         )
                         await write_transition(tx, state, messages, transition.history)
+                    if messages:
+                        await self._announce(tx)
             except ConcurrencyConflict:
                 continue
             metrics.record_transition(state, transition.history)
@@ -296,6 +309,7 @@ class SagaClient:
             )
             if not await tx.mark_replayed(letter, now, actor):
                 raise OperationRefused(f"dead letter {letter} was replayed concurrently")
+            await self._announce(tx)
             if envelope is not None and saga is not None:
                 why = f"reason: {reason}" if reason else "no reason given"
                 detail = (

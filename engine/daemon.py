@@ -24,9 +24,11 @@ from engine.database import check_schema, create_engine, upgrade
 from engine.errors import ConfigError, SagaError
 from engine.orchestrator import Engine
 from engine.registry import SagaRegistry
+from engine.relay import OutboxRelay
 from engine.retention import Pruner, PruneRule
 from engine.settings import Settings
 from engine.store.base import SagaStore
+from engine.store.postgres import outbox_signal
 from engine.store.sql import SqlSagaStore
 from engine.telemetry.http import Readiness, TelemetryServer
 from engine.telemetry.monitor import watch
@@ -233,6 +235,8 @@ async def run_engine(settings: Settings, *, migrate: bool, grace: float) -> None
             transport,
             registry,
             topology=topology,
+            # Woken by the clients' NOTIFY on PostgreSQL, not only by its poll.
+            relay=OutboxRelay(store, transport, signal=outbox_signal(store)),
             messaging_system=messaging_system(settings.broker_url),
         )
         names = ", ".join(f"{s.name} v{s.version}" for s in registry)

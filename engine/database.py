@@ -12,7 +12,7 @@ from typing import Any
 
 from sqlalchemy import event, inspect
 from sqlalchemy.engine import URL, Connection, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
+from sqlalchemy.exc import ArgumentError, DBAPIError, DisconnectionError, NoSuchModuleError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from engine.errors import ConfigError, DatabaseError
@@ -54,7 +54,6 @@ def create_engine(url: str, *, must_exist: bool = False, **kwargs: Any) -> Async
         kwargs.setdefault("connect_args", {"timeout": 30})
     else:
         kwargs.setdefault("pool_size", 10)
-        kwargs.setdefault("pool_pre_ping", True)
     try:
         engine = create_async_engine(parsed, **kwargs)
     except (NoSuchModuleError, ModuleNotFoundError) as exc:
@@ -63,7 +62,27 @@ def create_engine(url: str, *, must_exist: bool = False, **kwargs: Any) -> Async
         ) from None
     if parsed.get_backend_name() == "sqlite":
         _tune_sqlite(engine)
+    elif not kwargs.get("pool_pre_ping"):
+        _drop_closed_connections(engine)
     return engine
+
+
+def _drop_closed_connections(engine: AsyncEngine) -> None:
+    """Replace a pooled connection the server closed (a restart, a terminated backend)
+    when it is checked out, instead of failing the transaction that gets it.
+
+    ``pool_pre_ping`` does the same with a round trip per checkout (three on asyncpg:
+    BEGIN, an empty query, ROLLBACK), on the path of every message; asyncpg already
+    knows a connection whose server hung up, so asking it costs nothing.
+    """
+
+    @event.listens_for(engine.sync_engine, "checkout")
+    def _on_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+        driver = getattr(dbapi_connection, "driver_connection", None)
+        is_closed = getattr(driver, "is_closed", None)
+        if is_closed is not None and is_closed():
+            # The pool discards this connection and checks out (or opens) another.
+            raise DisconnectionError("the server closed this pooled connection")
 
 
 def _tune_sqlite(engine: AsyncEngine) -> None:

@@ -15,7 +15,7 @@ from engine._aio import wait_either
 from engine.clock import Clock, utc_now
 from engine.errors import PublishError, TransportError
 from engine.faults import crashpoint
-from engine.store.base import SagaStore
+from engine.store.base import OutboxSignal, SagaStore
 from engine.transport.base import Message, Transport
 
 log = logging.getLogger("saga.relay")
@@ -32,6 +32,7 @@ class OutboxRelay:
         poll_interval: float = 0.05,
         publish_timeout: float = 10.0,
         max_backoff: float = 5.0,
+        signal: OutboxSignal | None = None,
     ) -> None:
         self.store = store
         self.transport = transport
@@ -40,13 +41,16 @@ class OutboxRelay:
         self.poll_interval = poll_interval
         self.publish_timeout = publish_timeout
         self.max_backoff = max_backoff
+        #: Wakes this relay when another process commits outbox rows (PostgreSQL:
+        #: LISTEN / NOTIFY); without one, such rows wait for the next poll.
+        self.signal = signal
         self._wake = asyncio.Event()
         self.published = 0
         #: False after a failed publish, until one succeeds (the daemon's readiness check).
         self.healthy = True
 
     def wake(self) -> None:
-        """New rows were committed in this process: publish without waiting to poll."""
+        """New rows were committed: publish without waiting to poll."""
         self._wake.set()
 
     async def relay_once(self) -> int:
@@ -72,6 +76,19 @@ class OutboxRelay:
         return len(rows)
 
     async def run(self, stop: asyncio.Event) -> None:
+        listener = None
+        if self.signal is not None:
+            listener = asyncio.create_task(
+                self.signal.listen(self.wake, stop), name="saga-relay-listener"
+            )
+        try:
+            await self._run(stop)
+        finally:
+            if listener is not None:  # it closes its connection on the way out
+                listener.cancel()
+                await asyncio.gather(listener, return_exceptions=True)
+
+    async def _run(self, stop: asyncio.Event) -> None:
         backoff = self.poll_interval
         while not stop.is_set():
             self._wake.clear()

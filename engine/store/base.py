@@ -7,7 +7,8 @@ one transaction is what makes "advance and emit" atomic.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import asyncio
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
@@ -165,6 +166,28 @@ class SagaStore(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+class OutboxSignal(Protocol):
+    """Wakes outbox relays in other processes when new outbox rows commit.
+
+    A process with its own relay wakes it directly after a commit; a process without
+    one (an application starting sagas, ``sagactl``) announces its rows through this
+    seam instead, so a relay elsewhere publishes them without waiting for its poll.
+    The announcement is only a hint: it carries no rows, and relays keep polling as
+    a fallback. Stores without such a mechanism (SQLite) have no signal.
+    """
+
+    async def announce(self, tx: StoreTransaction) -> None:
+        """Inside ``tx``: listening relays are woken once it commits, never if it
+        rolls back (so a relay never looks for rows that are not visible yet)."""
+        ...
+
+    async def listen(self, wake: Callable[[], None], stop: asyncio.Event) -> None:
+        """Call ``wake`` for every announcement (and after every (re)connect, for
+        what was announced while disconnected) until ``stop`` is set; survives
+        connection loss by reconnecting with backoff."""
+        ...
 
 
 async def write_transition(
