@@ -120,9 +120,19 @@ async def test_claim_inboxes_returns_only_the_new_ids(store: SqlSagaStore) -> No
         assert sorted(rows) == [("m1", "s1"), ("m2", "s1"), ("m3", "s2")]
 
 
-async def test_locked_sagas_make_a_second_writer_wait(store: SqlSagaStore) -> None:
-    if store.engine.dialect.name != "postgresql":
-        pytest.skip("row locks are PostgreSQL's; SQLite serialises whole write transactions")
+@pytest.fixture
+async def pg_store() -> AsyncIterator[SqlSagaStore]:
+    async with fresh_database(service_url("SAGA_TEST_POSTGRES_URL")) as url:
+        engine = create_engine(url)
+        try:
+            yield SqlSagaStore(engine)
+        finally:
+            await engine.dispose()
+
+
+async def test_locked_sagas_make_a_second_writer_wait(pg_store: SqlSagaStore) -> None:
+    """Row locks are PostgreSQL's (SQLite serialises whole write transactions)."""
+    store = pg_store
     await insert(store, "s1")
     released = asyncio.Event()
     order: list[str] = []
