@@ -108,8 +108,9 @@ def save(result: dict[str, Any], path: Path) -> None:
 @click.option(
     "--clients",
     type=click.IntRange(1, 256),
-    default=8,
+    default=32,
     show_default=True,
+    # 8 could not start sagas as fast as saga-engine finished them over Kafka.
     help="client coroutines starting sagas at saturation",
 )
 @click.option(
