@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from engine.database import create_engine, upgrade
 from engine.store.sql import SqlSagaStore
 from tests.brokers import drop_queued
+from tests.e2e import fresh_database, service_url
 from tests.helpers import EmbeddedSystem
 
 
@@ -44,3 +46,35 @@ async def system(tmp_path: Path) -> AsyncIterator[EmbeddedSystem]:
     """Engine and the three example workers running on SQLite + MemoryBroker."""
     async with EmbeddedSystem(tmp_path / "system.db") as running:
         yield running
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
+async def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[SqlSagaStore]:
+    """A migrated store on SQLite, then on a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        db = create_engine(f"sqlite:///{tmp_path / 'any.db'}")
+        await upgrade(db)
+        try:
+            yield SqlSagaStore(db)
+        finally:
+            await db.dispose()
+        return
+    async with pg_database() as store:
+        yield store
+
+
+@pytest.fixture
+async def pg_store() -> AsyncIterator[SqlSagaStore]:
+    """A migrated store on a fresh PostgreSQL database."""
+    async with pg_database() as store:
+        yield store
+
+
+@asynccontextmanager
+async def pg_database() -> AsyncIterator[SqlSagaStore]:
+    async with fresh_database(service_url("SAGA_TEST_POSTGRES_URL")) as url:
+        db = create_engine(url)
+        try:
+            yield SqlSagaStore(db)
+        finally:
+            await db.dispose()

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 from sqlalchemy import func, insert, select, update
 
 from engine.client import SagaClient
-from engine.database import create_engine, upgrade
+from engine.database import create_engine
 from engine.definition import RetryPolicy, Saga
 from engine.errors import SagaError
 from engine.messages import Envelope, Outcome, decode
@@ -134,25 +132,6 @@ async def total_rows(store: SqlSagaStore) -> dict[str, int]:
             name: int(await conn.scalar(select(func.count()).select_from(table)) or 0)
             for name, table in TABLES.items()
         }
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
-async def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[SqlSagaStore]:
-    """A migrated store on SQLite, then on a fresh PostgreSQL database."""
-    if request.param == "sqlite":
-        db = create_engine(f"sqlite:///{tmp_path / 'prune.db'}")
-        await upgrade(db)
-        try:
-            yield SqlSagaStore(db)
-        finally:
-            await db.dispose()
-        return
-    async with fresh_database(service_url("SAGA_TEST_POSTGRES_URL")) as url:
-        db = create_engine(url)
-        try:
-            yield SqlSagaStore(db)
-        finally:
-            await db.dispose()
 
 
 async def test_only_finished_sagas_older_than_the_age_go_with_all_their_rows(

@@ -5,45 +5,24 @@ detection, and row locks on PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
-from engine.database import create_engine, upgrade
 from engine.errors import ConcurrencyConflict
 from engine.model import HistoryEntry, Timer, TimerKind
 from engine.states import SagaStatus, StepStatus
 from engine.store.base import write_transitions
 from engine.store.schema import inbox
 from engine.store.sql import SqlSagaStore
-from tests.e2e import fresh_database, service_url
 from tests.test_store_sql import T0, insert, load
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[SqlSagaStore]:
-    if request.param == "sqlite":
-        engine = create_engine(f"sqlite:///{tmp_path / 'batch.db'}")
-        await upgrade(engine)
-        try:
-            yield SqlSagaStore(engine)
-        finally:
-            await engine.dispose()
-        return
-    async with fresh_database(service_url("SAGA_TEST_POSTGRES_URL")) as url:
-        engine = create_engine(url)
-        try:
-            yield SqlSagaStore(engine)
-        finally:
-            await engine.dispose()
-
-
 async def test_lock_sagas_returns_the_existing_ones_with_steps_and_timers(
-    store: SqlSagaStore,
+    any_store: SqlSagaStore,
 ) -> None:
+    store = any_store
     for saga_id in ("b", "a", "c"):
         await insert(store, saga_id)
     async with store.transaction() as tx:
@@ -54,7 +33,8 @@ async def test_lock_sagas_returns_the_existing_ones_with_steps_and_timers(
         assert image == single
 
 
-async def test_save_sagas_writes_each_change_like_save_saga(store: SqlSagaStore) -> None:
+async def test_save_sagas_writes_each_change_like_save_saga(any_store: SqlSagaStore) -> None:
+    store = any_store
     for saga_id in ("s1", "s2", "s3"):
         await insert(store, saga_id)
     async with store.transaction() as tx:
@@ -87,8 +67,9 @@ async def test_save_sagas_writes_each_change_like_save_saga(store: SqlSagaStore)
 
 
 async def test_save_sagas_of_stale_images_conflicts_and_writes_nothing(
-    store: SqlSagaStore,
+    any_store: SqlSagaStore,
 ) -> None:
+    store = any_store
     for saga_id in ("s1", "s2"):
         await insert(store, saga_id)
     stale = [await load(store, "s1"), await load(store, "s2")]
@@ -109,7 +90,8 @@ async def test_save_sagas_of_stale_images_conflicts_and_writes_nothing(
     assert (s2.error, s2.row_version) == ("winner", 1)
 
 
-async def test_claim_inboxes_returns_only_the_new_ids(store: SqlSagaStore) -> None:
+async def test_claim_inboxes_returns_only_the_new_ids(any_store: SqlSagaStore) -> None:
+    store = any_store
     async with store.transaction() as tx:
         assert await tx.claim_inboxes({"m1": "s1", "m2": "s1"}, "engine") == {"m1", "m2"}
     async with store.transaction() as tx:
@@ -118,16 +100,6 @@ async def test_claim_inboxes_returns_only_the_new_ids(store: SqlSagaStore) -> No
     async with store.engine.connect() as conn:
         rows = await conn.execute(select(inbox.c.message_id, inbox.c.saga_id))
         assert sorted(rows) == [("m1", "s1"), ("m2", "s1"), ("m3", "s2")]
-
-
-@pytest.fixture
-async def pg_store() -> AsyncIterator[SqlSagaStore]:
-    async with fresh_database(service_url("SAGA_TEST_POSTGRES_URL")) as url:
-        engine = create_engine(url)
-        try:
-            yield SqlSagaStore(engine)
-        finally:
-            await engine.dispose()
 
 
 async def test_locked_sagas_make_a_second_writer_wait(pg_store: SqlSagaStore) -> None:
