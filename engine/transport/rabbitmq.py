@@ -180,7 +180,10 @@ class RabbitTransport:
         *,
         exchange: str = "saga",
         dead_letter_queue: str = "saga.dead-letters",
-        prefetch: int = 32,
+        # Unacknowledged deliveries per consumer: the engine and the workers apply what
+        # arrived together as one batch, and 32 kept the batches small (RabbitMQ+PG
+        # went from ~122 to ~150 sagas/s at 128 in the benchmark; 256 did no better).
+        prefetch: int = 128,
         publish_timeout: float = 10.0,
         connect_timeout: float = 10.0,
         reconnect_interval: float = 1.0,
