@@ -33,6 +33,7 @@ from engine.registry import SagaRegistry
 from engine.store.sql import SqlSagaStore
 from engine.topology import Topology
 from tests.brokers import drop_topology
+from tests.pg import drop_database
 
 ROOT = Path(__file__).resolve().parent.parent
 PARTICIPANTS = ("inventory", "payment", "shipment")
@@ -249,7 +250,7 @@ class SagaEngineSystem:
             if self._pool is not None:
                 await self._pool.close()
             if self._admin is not None:
-                await self._admin.execute(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)')
+                await drop_database(self._admin, self.database)
                 await self._admin.close()
         finally:
             # Leave the shared broker as it was: drop this run's topics / queues (a

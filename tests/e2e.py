@@ -26,6 +26,7 @@ from sqlalchemy.engine import make_url
 
 from engine.database import create_engine, upgrade
 from tests.brokers import BrokerObjects, drop_after_test, saga_participants, topology_objects
+from tests.pg import drop_database
 
 
 def service_url(variable: str) -> str:
@@ -63,8 +64,10 @@ async def fresh_database(base_url: str) -> AsyncIterator[str]:
         await engine.dispose()
         yield db_url
     finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+        try:
+            await drop_database(admin, name)
+        finally:
+            await admin.close()
 
 
 @dataclass
