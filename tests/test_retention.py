@@ -22,7 +22,7 @@ from engine.store.schema import inbox, outbox
 from engine.store.sql import SqlSagaStore
 from tests.e2e import fresh_database
 from tests.services import service_url
-from tests.test_prune import Script, any_store  # noqa: F401  (a fixture)
+from tests.test_prune import Script
 
 DAY = timedelta(days=1)
 
@@ -208,7 +208,7 @@ async def _count(store: SqlSagaStore, table: object, condition: object = None) -
 
 
 async def test_sent_outbox_rows_go_after_their_retention_unsent_ones_never(
-    any_store: SqlSagaStore,  # noqa: F811
+    any_store: SqlSagaStore,
 ) -> None:
     script = Script(any_store)
     for _ in range(3):
@@ -228,7 +228,7 @@ async def test_sent_outbox_rows_go_after_their_retention_unsent_ones_never(
     assert await _count(any_store, outbox) == 4
 
 
-async def test_inbox_rows_go_after_their_retention(any_store: SqlSagaStore) -> None:  # noqa: F811
+async def test_inbox_rows_go_after_their_retention(any_store: SqlSagaStore) -> None:
     script = Script(any_store)
     await script.saga(SagaStatus.COMPLETED)  # 3 replies, processed "now" (real time)
     async with any_store.engine.begin() as conn:
@@ -243,7 +243,7 @@ async def test_inbox_rows_go_after_their_retention(any_store: SqlSagaStore) -> N
 
 
 async def test_a_duplicate_reply_after_its_inbox_row_was_pruned_changes_nothing(
-    any_store: SqlSagaStore,  # noqa: F811
+    any_store: SqlSagaStore,
 ) -> None:
     """The documented limit of the inbox retention: past it, a duplicate is no longer
     recognised by its id, but its attempt token no longer matches what the saga waits
