@@ -62,6 +62,18 @@ async def test_timers_due_while_the_engine_is_down_fire_once_after_restart(
         restarted = time.monotonic()
         cluster.start_engine()
         cluster.start_engine()
+
+        async def timed_out() -> bool:
+            for saga_id in waiting:
+                history = (await run.client.get(saga_id)).history
+                if not any(h.event == "step_timed_out" for h in history):
+                    return False
+            return True
+
+        # The shipment worker comes back only once the due timeouts fired: started
+        # together with the engines, its replies could win the race (a reply applied
+        # first is a completed saga, and then there is no timer left to judge).
+        await run.wait_for("the due timeouts to fire after the restart", timed_out, 30)
         cluster.start_worker("shipment")
         details = await run.settle(timeout=60)
         print(f"settled {time.monotonic() - restarted:.1f}s after the restart")
