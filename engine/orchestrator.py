@@ -15,6 +15,7 @@ import socket
 import uuid
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from engine._aio import batched, wait_either
 from engine.clock import Clock, utc_now
@@ -64,6 +65,12 @@ class ReplyOutcome(enum.Enum):
     UNKNOWN = "unknown definition"
 
 
+class ReplyResult(NamedTuple):
+    outcome: ReplyOutcome
+    #: Why, for UNKNOWN: the registry's error, which names what is missing.
+    reason: str | None = None
+
+
 @dataclass(frozen=True)
 class EngineSettings:
     group: str = "saga-engine"
@@ -109,8 +116,6 @@ class Engine:
         self.replies_handled = 0
         #: Sagas whose due timers this engine skipped for want of their definition.
         self._foreign: set[str] = set()
-        #: Why a reply's saga has no definition here (its message id -> the error).
-        self._unknown: dict[str, str] = {}
         self.timers_fired = 0
         #: True while the reply consumer is attached (the daemon's readiness check).
         self.consuming = False
@@ -209,7 +214,7 @@ class Engine:
                     "batch of %d replies failed, applying one by one: %s", len(decoded), exc
                 )
             else:
-                for (delivery, envelope), outcome in zip(decoded, outcomes, strict=True):
+                for (delivery, envelope), (outcome, _) in zip(decoded, outcomes, strict=True):
                     if outcome is ReplyOutcome.DUPLICATE:
                         _log_duplicate(envelope)
                     if outcome in (ReplyOutcome.APPLIED, ReplyOutcome.DUPLICATE):
@@ -287,20 +292,20 @@ class Engine:
 
     async def handle_reply(self, reply: Envelope) -> bool:
         """Apply one reply in one transaction; False if it was a duplicate."""
-        (outcome,) = await self.apply_replies([reply])
+        ((outcome, reason),) = await self.apply_replies([reply])
         if outcome is ReplyOutcome.NOT_VISIBLE:
             raise _NotVisible(reply.saga_id)
         if outcome is ReplyOutcome.UNKNOWN:
-            raise UnknownSagaError(self._unknown.pop(reply.message_id, "no definition"))
+            raise UnknownSagaError(reason or f"no definition of saga {reply.saga_name}")
         return outcome is ReplyOutcome.APPLIED
 
-    async def apply_replies(self, replies: Sequence[Envelope]) -> list[ReplyOutcome]:
+    async def apply_replies(self, replies: Sequence[Envelope]) -> list[ReplyResult]:
         """Apply replies in one transaction, in order; what became of each.
 
         The sagas are locked first (in id order), then the message ids claimed in the
         inbox: every engine takes the two in that order, so replicas cannot deadlock.
         """
-        outcomes = [ReplyOutcome.NOT_VISIBLE] * len(replies)
+        outcomes = [ReplyResult(ReplyOutcome.NOT_VISIBLE)] * len(replies)
         changed: dict[str, tuple[SagaState, list[OutboxMessage], list[HistoryEntry]]] = {}
         async with self.store.transaction() as tx:
             states = await tx.lock_sagas(r.saga_id for r in replies)
@@ -313,8 +318,7 @@ class Engine:
                 try:
                     definitions[state.id] = self.registry.get(state.name, state.version)
                 except UnknownSagaError as exc:
-                    outcomes[i] = ReplyOutcome.UNKNOWN
-                    self._unknown[reply.message_id] = str(exc)
+                    outcomes[i] = ReplyResult(ReplyOutcome.UNKNOWN, str(exc))
                     continue
                 candidates.append(i)
             claimed = await tx.claim_inboxes(
@@ -325,7 +329,7 @@ class Engine:
             for i in candidates:
                 reply = replies[i]
                 if reply.message_id not in claimed:
-                    outcomes[i] = ReplyOutcome.DUPLICATE
+                    outcomes[i] = ReplyResult(ReplyOutcome.DUPLICATE)
                     continue
                 claimed.discard(reply.message_id)  # a second copy in this batch: duplicate
                 state = states[reply.saga_id]
@@ -348,7 +352,7 @@ class Engine:
                 _, emitted, entries = changed.setdefault(state.id, (state, [], []))
                 emitted.extend(messages)
                 entries.extend(transition.history)
-                outcomes[i] = ReplyOutcome.APPLIED
+                outcomes[i] = ReplyResult(ReplyOutcome.APPLIED)
             await write_transitions(tx, list(changed.values()))
         for state, _, entries in changed.values():
             metrics.record_transition(state, entries)

@@ -19,7 +19,7 @@ from engine.database import create_engine
 from engine.definition import Saga
 from engine.errors import InvalidInputError, SagaError, UnknownSagaError
 from engine.messages import Envelope, MessageKind, Outcome, decode, encode
-from engine.orchestrator import Engine, ReplyOutcome
+from engine.orchestrator import Engine, ReplyOutcome, ReplyResult
 from engine.registry import SagaRegistry
 from engine.relay import OutboxRelay
 from engine.states import SagaStatus, StepStatus
@@ -248,7 +248,7 @@ async def test_a_batch_of_replies_applies_each_in_order_in_one_transaction(
         stranger,
     ]
     assert system.engine is not None
-    outcomes = await system.engine.apply_replies(batch)
+    outcomes = [result.outcome for result in await system.engine.apply_replies(batch)]
     assert outcomes == [
         ReplyOutcome.APPLIED,
         ReplyOutcome.APPLIED,
@@ -257,7 +257,7 @@ async def test_a_batch_of_replies_applies_each_in_order_in_one_transaction(
         ReplyOutcome.APPLIED,
         ReplyOutcome.NOT_VISIBLE,
     ]
-    assert await system.engine.apply_replies([ok_a]) == [ReplyOutcome.DUPLICATE]
+    assert await system.engine.apply_replies([ok_a]) == [ReplyResult(ReplyOutcome.DUPLICATE)]
     final = await system.wait_all_terminal(10, ids)
     assert [final[s].status for s in ids] == [
         SagaStatus.COMPLETED,

@@ -82,7 +82,7 @@ class StoreTransaction(Protocol):
         processed before."""
         ...
 
-    async def claim_inboxes(self, messages: Mapping[str, str], consumer: str) -> set[str]:
+    async def claim_inboxes(self, messages: Mapping[str, str | None], consumer: str) -> set[str]:
         """:meth:`claim_inbox` for many (message id -> saga id): the ids that were not
         processed before."""
         ...

@@ -8,11 +8,22 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import astuple
+from dataclasses import fields
 from datetime import datetime
+from operator import attrgetter
 from typing import Any
 
-from sqlalchemy import ColumnElement, bindparam, delete, exists, func, insert, select, update
+from sqlalchemy import (
+    Column,
+    ColumnElement,
+    bindparam,
+    delete,
+    exists,
+    func,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -49,6 +60,12 @@ _IN_PROGRESS = (SagaStatus.RUNNING.value, SagaStatus.COMPENSATING.value)
 _FINISHED = (SagaStatus.COMPLETED.value, SagaStatus.COMPENSATED.value)
 #: Longest saga id there can be (the saga_instances key).
 _SAGA_ID_LENGTH = 36
+
+
+#: A step's fields as a tuple, to tell which steps a transition changed. Shallow (not
+#: ``dataclasses.astuple``, which deep-copies and was a fifth of the engine's CPU):
+#: the state machine replaces a step's reply, it never edits one in place.
+_step_snapshot = attrgetter(*(f.name for f in fields(StepState)))
 
 
 def _step_row(saga_id: str, st: StepState) -> dict[str, Any]:
@@ -194,7 +211,7 @@ class SqlStoreTransaction:
             states[t.saga_id].timer = _timer_of(t)
         for state in states.values():
             self._loaded[state.id] = (
-                {n: astuple(s) for n, s in state.steps.items()},
+                {n: _step_snapshot(s) for n, s in state.steps.items()},
                 state.timer,
             )
         return states
@@ -242,8 +259,9 @@ class SqlStoreTransaction:
             state.row_version += 1
             loaded = self._loaded.get(state.id)
             old_steps, old_timer = loaded if loaded is not None else ({}, None)
+            new_steps = {n: _step_snapshot(st) for n, st in state.steps.items()}
             for name, st in state.steps.items():
-                if old_steps.get(name) != astuple(st):
+                if old_steps.get(name) != new_steps[name]:
                     row = _step_row(state.id, st)
                     del row["saga_id"], row["name"]
                     step_rows.append({"b_saga_id": state.id, "b_name": name, **row})
@@ -261,10 +279,7 @@ class SqlStoreTransaction:
                     timer_updates.append(
                         {"b_saga_id": state.id, **_timer_row(state.id, state.timer)}
                     )
-            self._loaded[state.id] = (
-                {n: astuple(s) for n, s in state.steps.items()},
-                state.timer,
-            )
+            self._loaded[state.id] = (new_steps, state.timer)
         if step_rows:
             await self.conn.execute(
                 update(steps).where(
@@ -322,24 +337,38 @@ class SqlStoreTransaction:
         )
 
     async def claim_inbox(self, message_id: str, consumer: str, saga_id: str | None = None) -> bool:
-        if saga_id is not None and len(saga_id) > _SAGA_ID_LENGTH:
-            saga_id = None  # no saga row can have it; the reply will be dead-lettered
-        row = {
-            "message_id": message_id,
-            "consumer": consumer,
-            "processed_at": utc_now(),
-            "saga_id": saga_id,
-        }
+        return message_id in await self.claim_inboxes({message_id: saga_id}, consumer)
+
+    async def claim_inboxes(self, messages: Mapping[str, str | None], consumer: str) -> set[str]:
+        now = utc_now()
+        rows = [
+            {
+                "message_id": m,
+                "consumer": consumer,
+                "processed_at": now,
+                # Longer than any saga row's id: no saga has it, and the reply will be
+                # dead-lettered; the column could not hold it either.
+                "saga_id": saga_id if saga_id and len(saga_id) <= _SAGA_ID_LENGTH else None,
+            }
+            # Sorted: two transactions claiming overlapping ids take the keys in one order.
+            for m, saga_id in sorted(messages.items())
+        ]
+        if not rows:
+            return set()
         dialect = self.conn.dialect.name
         if dialect in ("postgresql", "sqlite"):
             # One round trip; a concurrent claim waits on the key and then does nothing.
             module = postgresql if dialect == "postgresql" else sqlite
             result = await self.conn.execute(
-                module.insert(inbox).values(row).on_conflict_do_nothing()
+                module.insert(inbox).on_conflict_do_nothing().returning(inbox.c.message_id), rows
             )
-            return bool(result.rowcount == 1)
+            return {row.message_id for row in result}
+        return {str(row["message_id"]) for row in rows if await self._claim_portably(row)}
+
+    async def _claim_portably(self, row: dict[str, Any]) -> bool:
+        """One claim without ON CONFLICT: read, then insert in a savepoint."""
         seen = await self.conn.execute(
-            select(inbox.c.message_id).where(inbox.c.message_id == message_id)
+            select(inbox.c.message_id).where(inbox.c.message_id == row["message_id"])
         )
         if seen.first() is not None:
             return False
@@ -349,29 +378,6 @@ class SqlStoreTransaction:
         except IntegrityError:
             return False  # a concurrent transaction claimed it between our read and write
         return True
-
-    async def claim_inboxes(self, messages: Mapping[str, str], consumer: str) -> set[str]:
-        # Sorted: two transactions claiming overlapping ids take the keys in one order.
-        ids = sorted(messages)
-        dialect = self.conn.dialect.name
-        if not ids or dialect not in ("postgresql", "sqlite"):
-            return {m for m in ids if await self.claim_inbox(m, consumer, messages[m])}
-        module = postgresql if dialect == "postgresql" else sqlite
-        now = utc_now()
-        rows = [
-            {
-                "message_id": m,
-                "consumer": consumer,
-                "processed_at": now,
-                # Longer than any saga row's id: no saga has it (see claim_inbox).
-                "saga_id": messages[m] if len(messages[m]) <= _SAGA_ID_LENGTH else None,
-            }
-            for m in ids
-        ]
-        result = await self.conn.execute(
-            module.insert(inbox).on_conflict_do_nothing().returning(inbox.c.message_id), rows
-        )
-        return {row.message_id for row in result}
 
     async def due_timers(self, now: datetime, limit: int) -> list[DueTimer]:
         # Each timer is locked together with its saga row, and skipped if either is
@@ -592,27 +598,21 @@ class SqlSagaStore:
     # -- retention -----------------------------------------------------------------
 
     async def prune_sent_outbox(self, before: datetime, limit: int) -> int:
-        # SKIP LOCKED (PostgreSQL): replicas pruning at once take disjoint rows and
-        # never wait on each other; SQLite serialises writers anyway.
-        chosen = (
-            select(outbox.c.id)
-            .where(outbox.c.sent_at < before)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
-        async with self.engine.begin() as conn:
-            result = await conn.execute(delete(outbox).where(outbox.c.id.in_(chosen)))
-            return int(result.rowcount)
+        return await self._delete_older(outbox.c.id, outbox.c.sent_at, before, limit)
 
     async def prune_inbox(self, before: datetime, limit: int) -> int:
-        chosen = (
-            select(inbox.c.message_id)
-            .where(inbox.c.processed_at < before)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
+        return await self._delete_older(inbox.c.message_id, inbox.c.processed_at, before, limit)
+
+    async def _delete_older(
+        self, key: Column[Any], stamp: Column[Any], before: datetime, limit: int
+    ) -> int:
+        """Delete up to ``limit`` rows whose ``stamp`` is before ``before`` (a NULL
+        stamp, an unsent outbox row, never is). SKIP LOCKED (PostgreSQL): replicas
+        pruning at once take disjoint rows and never wait on each other; SQLite
+        serialises writers anyway."""
+        chosen = select(key).where(stamp < before).limit(limit).with_for_update(skip_locked=True)
         async with self.engine.begin() as conn:
-            result = await conn.execute(delete(inbox).where(inbox.c.message_id.in_(chosen)))
+            result = await conn.execute(delete(key.table).where(key.in_(chosen)))
             return int(result.rowcount)
 
     async def count_finished(self, before: datetime) -> PruneCounts:

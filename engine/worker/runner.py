@@ -151,24 +151,14 @@ class WorkerRunner:
             for delivery, envelope, _ in batch:
                 await self._handle_one(delivery, envelope)
             return
-        for _ in batch:
+        handled: list[tuple[Delivery, Message, str | None]] = []
+        for (delivery, envelope, _), reply in zip(batch, replies, strict=True):
             crashpoint("worker.after_commit")
-        try:
-            await self.transport.publish(replies)
-        except SagaError as exc:
-            log.warning("worker %s could not send replies, will redo: %s", self.worker.name, exc)
-            for delivery, _, _ in batch:
-                await delivery.nack()
-            await self._pause()
-            return
-        for delivery, envelope, _ in batch:
-            crashpoint("worker.after_reply")
-            self.handled += 1
-            self._failures = 0
             metrics.handled.add(
                 1, {"saga.participant": self.worker.name, "saga.kind": envelope.kind}
             )
-            await delivery.ack()
+            handled.append((delivery, reply, None))
+        await self._send_and_settle(handled)
 
     async def _handle_together(
         self, batch: Sequence[tuple[Delivery, Envelope, Registration]]
@@ -254,21 +244,31 @@ class WorkerRunner:
                 )
         else:
             crashpoint("worker.after_commit")
+        await self._send_and_settle([(delivery, self._reply_message(reply), poison)])
+
+    async def _send_and_settle(
+        self, handled: Sequence[tuple[Delivery, Message, str | None]]
+    ) -> None:
+        """Publish the replies in one go, then settle each delivery: ack it, or park
+        it when it is poison. If the broker refused the replies, every delivery goes
+        back to it (the barrier re-sends their stored outcomes) after a pause."""
         try:
-            await self._reply(reply)
+            await self.transport.publish([reply for _, reply, _ in handled])
         except SagaError as exc:
-            log.warning("worker %s could not send a reply, will redo: %s", self.worker.name, exc)
-            await delivery.nack()
+            log.warning("worker %s could not send replies, will redo: %s", self.worker.name, exc)
+            for delivery, _, _ in handled:
+                await delivery.nack()
             await self._pause()
             return
-        crashpoint("worker.after_reply")
-        self.handled += 1
-        self._failures = 0
-        if poison is not None:
+        for delivery, _, poison in handled:
+            crashpoint("worker.after_reply")
+            self.handled += 1
+            self._failures = 0
+            if poison is None:
+                await delivery.ack()
+                continue
             log.error("worker %s dead-letters a message: %s", self.worker.name, poison)
             await delivery.dead_letter(poison)
-            return
-        await delivery.ack()
 
     async def _pause(self) -> None:
         delay = min(self.max_error_backoff, self.error_backoff * 2**self._failures)
