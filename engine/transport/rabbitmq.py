@@ -22,13 +22,14 @@ from aio_pika.abc import (
     AbstractExchange,
     AbstractIncomingMessage,
     AbstractQueue,
+    AbstractRobustChannel,
     AbstractRobustConnection,
 )
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, ChannelPreconditionFailed
 from aio_pika.exceptions import PublishError as Unroutable
 from yarl import URL
 
-from engine.errors import PublishError, TransportError
+from engine.errors import MessagesRefused, PublishError, TransportError
 from engine.transport.base import (
     Message,
     dead_letter_copy,
@@ -289,39 +290,66 @@ class RabbitTransport:
     async def publish(self, messages: Sequence[Message]) -> None:
         if not messages:
             return
-        exchange = self._exchange
-        if exchange is None:
+        exchange, channel = self._exchange, self._channel
+        if exchange is None or channel is None:
             raise TransportError("RabbitMQ transport is not connected")
-        # One key's messages go one after the other (each confirmed before the next),
-        # which keeps them in order; different keys go concurrently.
-        by_key: dict[str, list[Message]] = defaultdict(list)
-        for message in messages:
-            by_key[message.key].append(message)
-
-        async def in_order(chain: list[Message]) -> None:
-            for message in chain:
-                await exchange.publish(
-                    _outgoing(message), routing_key=message.destination, mandatory=True
-                )
-
+        confirmed: set[int] = set()
+        refused: dict[int, str] = {}
         try:
             async with asyncio.timeout(self.publish_timeout):
                 await self._ensure_queues({m.destination for m in messages})
-                results = await asyncio.gather(
-                    *(in_order(chain) for chain in by_key.values()), return_exceptions=True
-                )
+                failure = await self._publish_by_key(exchange, messages, confirmed)
+                if isinstance(failure, ChannelPreconditionFailed):
+                    # The broker closed the channel over a message it will never take
+                    # (e.g. over its max_message_size) without saying which, and every
+                    # publish in flight went with it. The unconfirmed ones go again one
+                    # at a time on the restored channel: the one it closes again on is
+                    # refused, in order, so each key keeps its order.
+                    for i, message in enumerate(messages):
+                        if i in confirmed:
+                            continue
+                        await _restored(channel)
+                        try:
+                            await _publish_one(exchange, message)
+                        except ChannelPreconditionFailed as exc:
+                            refused[i] = " ".join(str(exc).split())
+                elif failure is not None:
+                    raise failure
         except TimeoutError:
             raise PublishError(
                 f"{self.where} did not confirm {len(messages)} messages "
                 f"within {self.publish_timeout:g}s"
             ) from None
+        except Unroutable as exc:
+            raise PublishError(f"{self.where} could not route a message: {exc}") from exc
         except _FAILURES as exc:
             raise PublishError(f"{self.where} refused a publish: {exc}") from exc
-        for result in results:
-            if isinstance(result, Unroutable):
-                raise PublishError(f"{self.where} could not route a message: {result}")
-            if isinstance(result, BaseException):
-                raise PublishError(f"{self.where} refused a publish: {result}") from result
+        if refused:
+            raise MessagesRefused(refused, len(messages), self.where)
+
+    @staticmethod
+    async def _publish_by_key(
+        exchange: AbstractExchange, messages: Sequence[Message], confirmed: set[int]
+    ) -> BaseException | None:
+        """Publish, adding each confirmed message's index to ``confirmed``; the failure
+        that stopped a key's messages (a refusal that closed the channel first)."""
+        # One key's messages go one after the other (each confirmed before the next),
+        # which keeps them in order; different keys go concurrently.
+        by_key: dict[str, list[int]] = defaultdict(list)
+        for i, message in enumerate(messages):
+            by_key[message.key].append(i)
+
+        async def in_order(chain: list[int]) -> None:
+            for i in chain:
+                await _publish_one(exchange, messages[i])
+                confirmed.add(i)
+
+        results = await asyncio.gather(
+            *(in_order(chain) for chain in by_key.values()), return_exceptions=True
+        )
+        failures = [r for r in results if isinstance(r, BaseException)]
+        refusals = [f for f in failures if isinstance(f, ChannelPreconditionFailed)]
+        return (refusals or failures or [None])[0]
 
     async def subscribe(self, destination: str, *, group: str) -> RabbitSubscription:
         if self._connection is None:
@@ -330,6 +358,31 @@ class RabbitTransport:
         await subscription.start(self._connection)
         self._subscriptions.append(subscription)
         return subscription
+
+
+async def _publish_one(exchange: AbstractExchange, message: Message) -> None:
+    """Publish and wait for the confirm; mandatory: an unroutable message raises."""
+    await exchange.publish(_outgoing(message), routing_key=message.destination, mandatory=True)
+
+
+async def _restored(channel: AbstractChannel) -> None:
+    """Wait until a robust channel the broker closed is open again, its exchange and
+    queues declared (the caller bounds the wait)."""
+    if not channel.is_closed:
+        return
+    if not isinstance(channel, AbstractRobustChannel):
+        raise TransportError("the publishing channel was closed")
+    reopened = asyncio.Event()
+
+    def on_reopen(_: AbstractRobustChannel | None, /) -> None:
+        reopened.set()
+
+    channel.reopen_callbacks.add(on_reopen)
+    try:
+        if channel.is_closed:
+            await reopened.wait()
+    finally:
+        channel.reopen_callbacks.discard(on_reopen)
 
 
 def _outgoing(message: Message) -> aio_pika.Message:
