@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections import defaultdict
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
@@ -41,6 +42,9 @@ log = logging.getLogger("saga.transport.rabbitmq")
 KEY_HEADER = "x-saga-key"
 
 _FAILURES = (AMQPError, ChannelInvalidStateError, ConnectionError, OSError)
+
+#: How RabbitMQ words a refusal over its max_message_size (the size of the body).
+_MAX_SIZE = re.compile(r"larger than configured max size (\d+)")
 
 
 def _header_text(value: Any) -> str:
@@ -295,25 +299,30 @@ class RabbitTransport:
             raise TransportError("RabbitMQ transport is not connected")
         confirmed: set[int] = set()
         refused: dict[int, str] = {}
+        todo = list(range(len(messages)))
         try:
             async with asyncio.timeout(self.publish_timeout):
                 await self._ensure_queues({m.destination for m in messages})
-                failure = await self._publish_by_key(exchange, messages, confirmed)
-                if isinstance(failure, ChannelPreconditionFailed):
-                    # The broker closed the channel over a message it will never take
-                    # (e.g. over its max_message_size) without saying which, and every
-                    # publish in flight went with it. The unconfirmed ones go again one
-                    # at a time on the restored channel: the one it closes again on is
-                    # refused, in order, so each key keeps its order.
-                    for i, message in enumerate(messages):
-                        if i in confirmed:
-                            continue
-                        await _restored(channel)
-                        try:
-                            await _publish_one(exchange, message)
-                        except ChannelPreconditionFailed as exc:
-                            refused[i] = " ".join(str(exc).split())
-                elif failure is not None:
+                failure = await _publish_by_key(exchange, messages, todo, confirmed)
+                while isinstance(failure, ChannelPreconditionFailed):
+                    # The broker closed the channel over a message it will never take,
+                    # and every publish in flight went with it; the unconfirmed ones go
+                    # again on the restored channel. Over its max_message_size (the
+                    # limit is in its words) the culprits are known; otherwise they are
+                    # found by sending one at a time, in order.
+                    reason = " ".join(str(failure).split())
+                    todo = [i for i in todo if i not in confirmed]
+                    limit = _size_limit(reason)
+                    over = [i for i in todo if limit is not None and len(messages[i].body) > limit]
+                    refused |= dict.fromkeys(over, reason)
+                    todo = [i for i in todo if i not in refused]
+                    await _restored(channel)
+                    if over:
+                        failure = await _publish_by_key(exchange, messages, todo, confirmed)
+                    else:
+                        await _publish_one_by_one(channel, exchange, messages, todo, refused)
+                        failure = None
+                if failure is not None:
                     raise failure
         except TimeoutError:
             raise PublishError(
@@ -327,30 +336,6 @@ class RabbitTransport:
         if refused:
             raise MessagesRefused(refused, len(messages), self.where)
 
-    @staticmethod
-    async def _publish_by_key(
-        exchange: AbstractExchange, messages: Sequence[Message], confirmed: set[int]
-    ) -> BaseException | None:
-        """Publish, adding each confirmed message's index to ``confirmed``; the failure
-        that stopped a key's messages (a refusal that closed the channel first)."""
-        # One key's messages go one after the other (each confirmed before the next),
-        # which keeps them in order; different keys go concurrently.
-        by_key: dict[str, list[int]] = defaultdict(list)
-        for i, message in enumerate(messages):
-            by_key[message.key].append(i)
-
-        async def in_order(chain: list[int]) -> None:
-            for i in chain:
-                await _publish_one(exchange, messages[i])
-                confirmed.add(i)
-
-        results = await asyncio.gather(
-            *(in_order(chain) for chain in by_key.values()), return_exceptions=True
-        )
-        failures = [r for r in results if isinstance(r, BaseException)]
-        refusals = [f for f in failures if isinstance(f, ChannelPreconditionFailed)]
-        return (refusals or failures or [None])[0]
-
     async def subscribe(self, destination: str, *, group: str) -> RabbitSubscription:
         if self._connection is None:
             raise TransportError("RabbitMQ transport is not connected")
@@ -363,6 +348,56 @@ class RabbitTransport:
 async def _publish_one(exchange: AbstractExchange, message: Message) -> None:
     """Publish and wait for the confirm; mandatory: an unroutable message raises."""
     await exchange.publish(_outgoing(message), routing_key=message.destination, mandatory=True)
+
+
+async def _publish_by_key(
+    exchange: AbstractExchange,
+    messages: Sequence[Message],
+    indexes: Sequence[int],
+    confirmed: set[int],
+) -> BaseException | None:
+    """Publish ``messages[i]`` for each index, adding each confirmed one to
+    ``confirmed``; the failure that stopped a key's messages, a refusal that closed
+    the channel first."""
+    # One key's messages go one after the other (each confirmed before the next),
+    # which keeps them in order; different keys go concurrently.
+    by_key: dict[str, list[int]] = defaultdict(list)
+    for i in indexes:
+        by_key[messages[i].key].append(i)
+
+    async def in_order(chain: list[int]) -> None:
+        for i in chain:
+            await _publish_one(exchange, messages[i])
+            confirmed.add(i)
+
+    results = await asyncio.gather(
+        *(in_order(chain) for chain in by_key.values()), return_exceptions=True
+    )
+    failures = [r for r in results if isinstance(r, BaseException)]
+    refusals = [f for f in failures if isinstance(f, ChannelPreconditionFailed)]
+    return (refusals or failures or [None])[0]
+
+
+async def _publish_one_by_one(
+    channel: AbstractChannel,
+    exchange: AbstractExchange,
+    messages: Sequence[Message],
+    indexes: Sequence[int],
+    refused: dict[int, str],
+) -> None:
+    """Publish each alone; one the broker closes the channel over goes to ``refused``."""
+    for i in indexes:
+        await _restored(channel)
+        try:
+            await _publish_one(exchange, messages[i])
+        except ChannelPreconditionFailed as exc:
+            refused[i] = " ".join(str(exc).split())
+
+
+def _size_limit(reason: str) -> int | None:
+    """The broker's max_message_size, if that is what its refusal names."""
+    found = _MAX_SIZE.search(reason)
+    return int(found.group(1)) if found else None
 
 
 async def _restored(channel: AbstractChannel) -> None:
