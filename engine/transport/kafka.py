@@ -564,7 +564,7 @@ class KafkaTransport:
             failures = await self._send(producer, messages, todo, deadline)
             for i, exc in failures.items():
                 if isinstance(exc, _REFUSED_FOR_GOOD):
-                    refused[i] = _reason(exc)
+                    refused[i] = _reason(exc, messages[i])
             broken = [i for i, exc in failures.items() if isinstance(exc, _PRODUCER_BROKEN)]
             others = [e for i, e in failures.items() if i not in refused and i not in broken]
             if broken:
@@ -661,11 +661,13 @@ class KafkaTransport:
         return subscription
 
 
-def _reason(error: BaseException) -> str:
-    """A refusal in one line: what the broker (or the client) said, by name."""
+def _reason(error: BaseException, message: Message) -> str:
+    """A refusal in one line: what the broker (or the client) said, by name, and the
+    size of what it refused (the broker's answer does not say)."""
     text = " ".join(str(error).split())
     name = type(error).__name__
-    return text if name in text else f"{name}: {text}" if text else name
+    said = text if name in text else f"{name}: {text}" if text else name
+    return f"{said} (a body of {len(message.body)} bytes to {message.destination})"
 
 
 def _abandon(futures: Iterable[asyncio.Future[Any]]) -> None:

@@ -44,25 +44,28 @@ patient_order = _variant("patient_order", timeout=timedelta(seconds=PATIENT_TIME
 #: ``message.max.bytes`` (1 MiB), far under the message size limit the scenario gives
 #: the engine, so that it is the broker that refuses it.
 BULK = 2_000_000
+#: The same for ``huge_order``, over RabbitMQ's default ``max_message_size`` (128 MiB).
+HUGE = 128 * 1024 * 1024 + 1024
 
 
-def _padded(builder: Builder) -> Builder:
+def _padded(builder: Builder, size: int) -> Builder:
     def build(ctx: StepContext) -> dict[str, Any]:
-        return {**build_payload(builder, ctx), "padding": "x" * BULK}
+        return {**build_payload(builder, ctx), "padding": "x" * size}
 
     return build
 
 
-#: The order saga whose charge_payment command no broker with default limits takes:
-#: reserve_inventory succeeds, the charge is refused, the stock is released.
-bulky_order = Saga(
-    name="bulky_order",
-    version=1,
-    input=order.OrderInput,
-    steps=[
-        dataclasses.replace(step, command=_padded(step.command))
+def _charging_too_much(name: str, size: int) -> Saga:
+    """The order saga whose charge_payment command the broker refuses: reserve_inventory
+    succeeds, the charge is refused, the stock is released."""
+    steps = [
+        dataclasses.replace(step, command=_padded(step.command, size))
         if step.name == "charge_payment"
         else step
         for step in order.place_order.steps
-    ],
-)
+    ]
+    return Saga(name=name, version=1, input=order.OrderInput, steps=steps)
+
+
+bulky_order = _charging_too_much("bulky_order", BULK)
+huge_order = _charging_too_much("huge_order", HUGE)
