@@ -8,14 +8,16 @@ with a message size limit; ``tests/faults/test_refused.py`` does it on real brok
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from engine.client import SagaClient
 from engine.messages import MessageKind, Outcome
+from engine.model import HistoryEntry
 from engine.orchestrator import Engine
 from engine.registry import SagaRegistry
 from engine.relay import OutboxRelay
@@ -33,6 +35,7 @@ from tests.helpers import (
     fast_order_saga,
     history_events,
     order_input,
+    wait_until,
 )
 
 LIMIT = 100_000
@@ -58,15 +61,9 @@ async def test_the_rows_around_a_refused_one_are_sent_and_its_saga_compensates(
 ) -> None:
     assert BULK > LIMIT
     broker = MemoryBroker(max_message_bytes=LIMIT)
-    registry = SagaRegistry([place_order, bulky_order])
-    engine = Engine(any_store, await _connected(broker), registry, topology=TOPOLOGY)
-    client = SagaClient(any_store, registry)
+    engine, bulky = await _at_charge(any_store, broker)
+    client = SagaClient(any_store, engine.registry)
     inventory, payment = TOPOLOGY.commands("inventory"), TOPOLOGY.commands("payment")
-
-    bulky = await client.start("bulky_order", order_input())
-    assert await engine.relay.relay_once() == 1
-    (reserve,) = envelopes(broker.drain(inventory))
-    assert await engine.handle_reply(reserve.reply(Outcome.SUCCESS, {"left": 1}))
     good = [await client.start("place_order", order_input()) for _ in range(3)]
 
     # The oversized charge is the oldest unsent row; the three orders wait behind it.
@@ -97,6 +94,52 @@ async def test_the_rows_around_a_refused_one_are_sent_and_its_saga_compensates(
     assert (letter.source, letter.saga_id, letter.step) == (payment, bulky, "charge_payment")
     assert letter.kind is MessageKind.COMMAND
     assert "over the limit of 100000 bytes" in letter.reason
+
+
+async def _at_charge(store: SqlSagaStore, broker: MemoryBroker) -> tuple[Engine, str]:
+    """An engine (not running) and a bulky order whose oversized charge is unsent."""
+    registry = SagaRegistry([place_order, bulky_order])
+    engine = Engine(store, await _connected(broker), registry, topology=TOPOLOGY)
+    bulky = await SagaClient(store, registry).start("bulky_order", order_input())
+    assert await engine.relay.relay_once() == 1
+    (reserve,) = envelopes(broker.drain(TOPOLOGY.commands("inventory")))
+    assert await engine.handle_reply(reserve.reply(Outcome.SUCCESS, {"left": 1}))
+    return engine, bulky
+
+
+@pytest.mark.integration
+async def test_the_relay_waits_for_a_saga_the_reply_path_holds_and_never_blocks_it(
+    pg_store: SqlSagaStore,
+) -> None:
+    # The relay holds the outbox rows it claimed, then locks the refused row's saga.
+    # The reply path (and the timer scan) hold a saga's lock and then only insert
+    # outbox rows: they never wait for the relay's, so the two cannot deadlock.
+    engine, bulky = await _at_charge(pg_store, MemoryBroker(max_message_bytes=LIMIT))
+    async with pg_store.transaction() as tx:
+        state = (await tx.lock_sagas([bulky]))[bulky]
+        relay = asyncio.create_task(engine.relay.relay_once())
+
+        async def relay_waits_for_the_saga() -> bool:
+            assert not relay.done(), relay
+            async with pg_store.engine.connect() as conn:
+                waiting = await conn.scalar(
+                    text(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                        "current_database() AND wait_event_type = 'Lock'"
+                    )
+                )
+            return bool(waiting)
+
+        await wait_until(relay_waits_for_the_saga, 10, "the relay to wait for the saga lock")
+        async with asyncio.timeout(10):  # what the reply path writes, under the lock
+            state.updated_at = engine.clock()
+            await tx.save_saga(state)
+            await tx.add_raw_outbox("elsewhere", bulky, "next", {}, engine.clock())
+            await tx.add_history(bulky, [HistoryEntry(engine.clock(), "noted")])
+    assert await asyncio.wait_for(relay, 10) == 1
+    detail = await engine.store.get_saga(bulky)
+    assert detail is not None and detail.status is SagaStatus.COMPENSATING
+    assert history_events(detail, "noted") == [None]
 
 
 async def test_a_relay_without_an_engine_still_takes_a_refused_row_out(
