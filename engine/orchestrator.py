@@ -397,7 +397,11 @@ class Engine:
             except UnknownSagaError as exc:
                 log.warning("refused message of saga %s not applied: %s", state.id, exc)
                 continue
-            with saga_context(state.id, envelope.step):
+            with (
+                saga_context(state.id, envelope.step),
+                saga_span("saga message undeliverable", state) as span,
+            ):
+                span.set_attribute("saga.step", envelope.step)
                 transition = Transition(
                     definition, state, now=now, topology=self.topology, rng=self.rng
                 )
