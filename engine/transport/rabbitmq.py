@@ -300,6 +300,7 @@ class RabbitTransport:
         confirmed: set[int] = set()
         refused: dict[int, str] = {}
         todo = list(range(len(messages)))
+        failure: BaseException | None = None
         try:
             async with asyncio.timeout(self.publish_timeout):
                 await self._ensure_queues({m.destination for m in messages})
@@ -322,8 +323,6 @@ class RabbitTransport:
                     else:
                         await _publish_one_by_one(channel, exchange, messages, todo, refused)
                         failure = None
-                if failure is not None:
-                    raise failure
         except TimeoutError:
             raise PublishError(
                 f"{self.where} did not confirm {len(messages)} messages "
@@ -333,6 +332,10 @@ class RabbitTransport:
             raise PublishError(f"{self.where} could not route a message: {exc}") from exc
         except _FAILURES as exc:
             raise PublishError(f"{self.where} refused a publish: {exc}") from exc
+        if isinstance(failure, Unroutable):
+            raise PublishError(f"{self.where} could not route a message: {failure}")
+        if failure is not None:
+            raise PublishError(f"{self.where} refused a publish: {failure}") from failure
         if refused:
             raise MessagesRefused(refused, len(messages), self.where)
 
