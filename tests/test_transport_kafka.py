@@ -172,6 +172,20 @@ class TestKafkaTransport(TransportContract):
         finally:
             await transport.close()
 
+    async def test_the_publish_after_a_refusal_of_the_last_message_goes_through(
+        self, transport: Transport, names: Names, inboxes: list[Inbox], oversized: int
+    ) -> None:
+        # The refused batch left a gap in the producer's sequence of its partition:
+        # without a fresh producer the next publish there would fail.
+        inbox = await self.consume(transport, names.destination, names.group, inboxes)
+        big = Message(names.destination, "saga-1", b"x" * oversized)
+        with pytest.raises(MessagesRefused) as caught:
+            await transport.publish([names.message("saga-1", 1), big])
+        assert list(caught.value.refused) == [1]
+        await transport.publish([names.message("saga-1", 2)])
+        got = await inbox.take_many(2, self.receive_timeout)
+        assert bodies(got) == [b"saga-1:1", b"saga-1:2"]
+
     async def test_a_silent_broker_fails_within_the_connect_timeout(self) -> None:
         async with silent_server() as port:
             transport = KafkaTransport(f"127.0.0.1:{port}", connect_timeout=1.0)

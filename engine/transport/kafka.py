@@ -557,37 +557,46 @@ class KafkaTransport:
                 f"{self._where} did not take {len(messages)} messages "
                 f"within {self.publish_timeout:g}s"
             ) from None
+        gap = False
         while todo:
             producer = self._producer
             if producer is None:
                 raise TransportError("Kafka transport is not connected")
-            failures = await self._send(producer, messages, todo, deadline)
+            declined, failures = await self._send(producer, messages, todo, deadline)
+            for i, exc in declined.items():
+                refused[i] = _reason(exc, messages[i])
             for i, exc in failures.items():
                 if isinstance(exc, _REFUSED_FOR_GOOD):
                     refused[i] = _reason(exc, messages[i])
+                    gap = True
             broken = [i for i, exc in failures.items() if isinstance(exc, _PRODUCER_BROKEN)]
             others = [e for i, e in failures.items() if i not in refused and i not in broken]
-            if broken:
-                # A batch the broker refused leaves a gap in the idempotent producer's
-                # sequence of its partition: the broker answers every later batch there
-                # with OutOfOrderSequenceNumber. A fresh producer sends those again.
-                await self._replace_if_broken(producer, failures[broken[0]])
-            if others or (broken and (not refused or self._producer is producer)):
+            if others or (broken and not gap):
+                await self._replace_if_broken(producer, failures[broken[0]] if broken else None)
                 error = others[0] if others else failures[broken[0]]
                 raise PublishError(f"{self._where} refused a publish: {error}")
+            if gap:
+                # A batch the broker refused leaves a gap in the idempotent producer's
+                # sequence of its partition: the broker answers every later batch there
+                # with OutOfOrderSequenceNumber, in this call (sent again below) or the
+                # next. A fresh producer starts its sequences from zero.
+                await self._replace(producer, "the broker refused a batch of its sequence")
+                if broken and self._producer is producer:
+                    raise PublishError(f"{self._where} refused a publish: {failures[broken[0]]}")
             todo = broken
         if refused:
             raise MessagesRefused(refused, len(messages), self._where)
 
     async def _send(
         self, producer: Any, messages: Sequence[Message], indexes: Sequence[int], deadline: float
-    ) -> dict[int, BaseException]:
-        """Send ``messages[i]`` for each index and wait for their delivery; what failed,
-        by index. A refusal of the client itself (over ``max_request_size``) is one of
-        them; an unconfirmed delivery or any other error of the client raises."""
+    ) -> tuple[dict[int, BaseException], dict[int, BaseException]]:
+        """Send ``messages[i]`` for each index and wait for their delivery. Returns the
+        refusals of the client itself (over ``max_request_size``: never sent) and the
+        failed deliveries, by index; an unconfirmed delivery or any other error of the
+        client raises."""
         loop = asyncio.get_running_loop()
         futures: dict[int, asyncio.Future[Any]] = {}
-        failures: dict[int, BaseException] = {}
+        declined: dict[int, BaseException] = {}
         try:
             async with asyncio.timeout_at(deadline):
                 for i in indexes:
@@ -599,8 +608,8 @@ class KafkaTransport:
                             key=m.key.encode(),
                             headers=[(k, v.encode()) for k, v in m.headers.items()],
                         )
-                    except _REFUSED_FOR_GOOD as exc:  # never left this process
-                        failures[i] = exc
+                    except _REFUSED_FOR_GOOD as exc:
+                        declined[i] = exc
         except TimeoutError:
             _abandon(futures.values())
             raise PublishError(
@@ -622,18 +631,25 @@ class KafkaTransport:
                     f"{self._where} did not confirm {len(not_done)} of {len(messages)} "
                     f"messages within {self.publish_timeout:g}s"
                 )
+        failures: dict[int, BaseException] = {}
         for i, future in futures.items():
             error = future.exception()
             if error is not None:
                 failures[i] = error
-        return failures
+        return declined, failures
 
     async def _replace_if_broken(self, producer: Any, error: BaseException | None) -> None:
-        """Swap in a fresh producer (new producer id, sequences from zero) when
-        ``producer`` can never send again; the caller's retry then goes through."""
-        if producer is not self._producer or not isinstance(error, _PRODUCER_BROKEN):
+        """Swap in a fresh producer when ``producer`` can never send again; the
+        caller's retry then goes through."""
+        if isinstance(error, _PRODUCER_BROKEN):
+            await self._replace(producer, f"the producer is unusable ({error!r})")
+
+    async def _replace(self, producer: Any, why: str) -> None:
+        """Swap in a fresh producer (new producer id, sequences from zero) for
+        ``producer``, unless another call did already."""
+        if producer is not self._producer:
             return
-        log.warning("%s: the producer is unusable (%r); starting a new one", self._where, error)
+        log.warning("%s: %s; starting a new one", self._where, why)
         fresh = self._new_producer()
         try:
             async with asyncio.timeout(self.connect_timeout):
@@ -645,11 +661,11 @@ class KafkaTransport:
             )
             return
         self._producer = fresh
-        try:  # its sender is dead, so stopping it flushes nothing and returns at once
+        try:  # a dead sender flushes nothing, a live one what others sent meanwhile
             async with asyncio.timeout(self.connect_timeout):
                 await producer.stop()
         except (KafkaError, OSError, TimeoutError) as exc:
-            log.warning("%s: closing the broken producer: %s", self._where, exc)
+            log.warning("%s: closing the replaced producer: %s", self._where, exc)
 
     async def subscribe(self, destination: str, *, group: str) -> KafkaSubscription:
         if self._producer is None:
