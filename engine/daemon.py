@@ -223,7 +223,9 @@ async def run_engine(settings: Settings, *, migrate: bool, grace: float) -> None
     registry = SagaRegistry.from_modules(settings.saga_modules)
     topology = Topology(settings.topic_prefix)
     database = create_engine(settings.database_url)
-    transport = transport_from_url(settings.broker_url, topology)
+    transport = transport_from_url(
+        settings.broker_url, topology, kafka_max_request_size=settings.kafka_max_request_size
+    )
     try:
         if migrate:
             await upgrade(database)
@@ -262,7 +264,9 @@ async def run_worker(
     worker = load_worker(spec)
     topology = Topology(settings.topic_prefix)
     database = create_engine(settings.database_url)
-    transport = transport_from_url(settings.broker_url, topology)
+    transport = transport_from_url(
+        settings.broker_url, topology, kafka_max_request_size=settings.kafka_max_request_size
+    )
     try:
         if migrate:
             await upgrade(database)

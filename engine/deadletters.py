@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import datetime
 
 from engine._aio import wait_either
 from engine.clock import Clock, utc_now
 from engine.errors import DecodeError, SagaError
 from engine.messages import Envelope, decode
 from engine.model import HistoryEntry
-from engine.store.base import DeadLetterRecord, SagaStore
+from engine.store.base import DeadLetterRecord, SagaStore, StoreTransaction
 from engine.transport.base import (
     DEAD_LETTER_ID,
     DEAD_LETTER_REASON,
@@ -56,40 +57,11 @@ class DeadLetterArchive:
     async def archive(self, message: Message) -> int | None:
         """Keep one dead letter; returns its archive id, or None if it was kept before
         (a redelivery after a crash between commit and acknowledgement)."""
-        headers = dict(message.headers)
-        letter_id = headers.get(DEAD_LETTER_ID) or new_dead_letter_id()
-        reason = headers.get(DEAD_LETTER_REASON) or headers.get(_BROKER_REASON) or "no reason given"
-        source = headers.get(DEAD_LETTER_SOURCE) or headers.get(_BROKER_SOURCE) or ""
-        try:
-            envelope: Envelope | None = decode(message.body)
-        except DecodeError:
-            envelope = None
-        now = self.clock()
-        record = DeadLetterRecord(
-            letter_id=letter_id[:64],
-            source=source[:255],
-            reason=reason,
-            key=message.key[:255],
-            body=message.body,
-            headers=headers,
-            saga_id=envelope.saga_id[:255] if envelope is not None else None,
-            received_at=now,
-        )
         async with self.store.transaction() as tx:
-            archived = await tx.add_dead_letter(record)
-            if (
-                archived is not None
-                and envelope is not None
-                and await tx.saga_exists(envelope.saga_id)
-            ):
-                detail = (
-                    f"{describe(envelope)} dead-lettered from {source or 'an unknown source'}: "
-                    f"{reason} (dead letter #{archived})"
-                )
-                entry = HistoryEntry(now, "dead_lettered", envelope.step[:200], detail)
-                await tx.add_history(envelope.saga_id, [entry])
+            archived = await archive_in(tx, message, self.clock())
         if archived is not None:
             self.archived += 1
+            reason, source = _why(message)
             log.warning("archived dead letter #%d from %s: %s", archived, source or "?", reason)
         return archived
 
@@ -116,3 +88,42 @@ class DeadLetterArchive:
             return False
         await delivery.ack()
         return True
+
+
+async def archive_in(tx: StoreTransaction, message: Message, now: datetime) -> int | None:
+    """Keep one dead letter (a message as ``dead_letter_copy`` parks it) in ``tx``,
+    noted in its saga's history; its archive id, or None if it was kept before."""
+    headers = dict(message.headers)
+    letter_id = headers.get(DEAD_LETTER_ID) or new_dead_letter_id()
+    reason, source = _why(message)
+    try:
+        envelope: Envelope | None = decode(message.body)
+    except DecodeError:
+        envelope = None
+    record = DeadLetterRecord(
+        letter_id=letter_id[:64],
+        source=source[:255],
+        reason=reason,
+        key=message.key[:255],
+        body=message.body,
+        headers=headers,
+        saga_id=envelope.saga_id[:255] if envelope is not None else None,
+        received_at=now,
+    )
+    archived = await tx.add_dead_letter(record)
+    if archived is not None and envelope is not None and await tx.saga_exists(envelope.saga_id):
+        detail = (
+            f"{describe(envelope)} dead-lettered from {source or 'an unknown source'}: "
+            f"{reason} (dead letter #{archived})"
+        )
+        entry = HistoryEntry(now, "dead_lettered", envelope.step[:200], detail)
+        await tx.add_history(envelope.saga_id, [entry])
+    return archived
+
+
+def _why(message: Message) -> tuple[str, str]:
+    """A dead letter's reason and source destination, as its headers say."""
+    headers = message.headers
+    reason = headers.get(DEAD_LETTER_REASON) or headers.get(_BROKER_REASON) or "no reason given"
+    source = headers.get(DEAD_LETTER_SOURCE) or headers.get(_BROKER_SOURCE) or ""
+    return reason, source

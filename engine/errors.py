@@ -6,6 +6,8 @@ CLI can turn it into one line on stderr instead of a traceback.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 
 class SagaError(Exception):
     """Base class of every error saga-engine raises on purpose."""
@@ -49,6 +51,23 @@ class ConcurrencyConflict(SagaError):
 
 class PublishError(SagaError):
     """The broker did not confirm a message within the bound; it stays in the outbox."""
+
+
+class MessagesRefused(PublishError):
+    """The broker refused some messages of a publish for good and confirmed all the
+    others.
+
+    For good: sending them again cannot succeed (too large, an invalid destination, not
+    authorised for it). ``refused`` maps each such message's index in the sequence
+    given to ``publish`` to the broker's reason; every other message was confirmed.
+    """
+
+    def __init__(self, refused: Mapping[int, str], total: int, where: str = "the broker") -> None:
+        self.refused = dict(sorted(refused.items()))
+        first, reason = next(iter(self.refused.items()))
+        super().__init__(
+            f"{where} refused {len(self.refused)} of {total} messages for good (#{first}: {reason})"
+        )
 
 
 class TransportError(SagaError):

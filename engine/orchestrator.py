@@ -13,7 +13,7 @@ import logging
 import random
 import socket
 import uuid
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -26,9 +26,14 @@ from engine.faults import crashpoint
 from engine.messages import Envelope, MessageKind, decode
 from engine.model import HistoryEntry, OutboxMessage, SagaState, TimerKind
 from engine.registry import SagaRegistry
-from engine.relay import OutboxRelay
+from engine.relay import OutboxRelay, Undeliverable
 from engine.statemachine import Transition
-from engine.store.base import SagaStore, write_transition, write_transitions
+from engine.store.base import (
+    SagaStore,
+    StoreTransaction,
+    write_transition,
+    write_transitions,
+)
 from engine.telemetry import metrics
 from engine.telemetry.logs import saga_context
 from engine.telemetry.tracing import process_span, saga_span, trace_transition
@@ -109,6 +114,8 @@ class Engine:
         self.clock = clock
         self.settings = settings or EngineSettings()
         self.relay = relay or OutboxRelay(store, transport, clock=clock)
+        if self.relay.on_undeliverable is None:
+            self.relay.on_undeliverable = self.apply_undeliverable
         self.archive = DeadLetterArchive(store, clock=clock)
         self.rng = rng or random.Random()
         self.instance_id = instance_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
@@ -359,6 +366,59 @@ class Engine:
         if any(emitted for _, emitted, _ in changed.values()):
             self.relay.wake()
         return outcomes
+
+    # -- messages the broker refused ---------------------------------------------
+
+    async def apply_undeliverable(
+        self, tx: StoreTransaction, refused: Sequence[Undeliverable]
+    ) -> Callable[[], None] | None:
+        """Advance the sagas of outbox rows the broker refused for good, in the relay's
+        transaction (:meth:`Transition.on_undeliverable`); what to do once it committed.
+
+        The relay holds those rows' locks; it locks the sagas now, in id order, as the
+        reply path does. Nothing that holds a saga's lock waits for an outbox row's
+        (replies and timers only insert new rows), so the two cannot deadlock.
+        """
+        found: list[tuple[Envelope, str]] = []
+        for item in refused:
+            try:
+                found.append((decode(item.record.body), item.reason))
+            except DecodeError:
+                continue  # not one of ours (a replayed dead letter): archived only
+        states = await tx.lock_sagas(envelope.saga_id for envelope, _ in found)
+        changed: dict[str, tuple[SagaState, list[OutboxMessage], list[HistoryEntry]]] = {}
+        now = self.clock()
+        for envelope, reason in found:
+            state = states.get(envelope.saga_id)
+            if state is None:
+                continue
+            try:
+                definition = self.registry.get(state.name, state.version)
+            except UnknownSagaError as exc:
+                log.warning("refused message of saga %s not applied: %s", state.id, exc)
+                continue
+            with (
+                saga_context(state.id, envelope.step),
+                saga_span("saga message undeliverable", state) as span,
+            ):
+                span.set_attribute("saga.step", envelope.step)
+                transition = Transition(
+                    definition, state, now=now, topology=self.topology, rng=self.rng
+                )
+                transition.on_undeliverable(envelope, reason)
+                messages = trace_transition(
+                    state, transition.messages, transition.history, system=self.messaging_system
+                )
+            _, emitted, entries = changed.setdefault(state.id, (state, [], []))
+            emitted.extend(messages)
+            entries.extend(transition.history)
+        await write_transitions(tx, list(changed.values()))
+
+        def committed() -> None:
+            for state, _, entries in changed.values():
+                metrics.record_transition(state, entries)
+
+        return committed
 
     # -- timers ------------------------------------------------------------------
 

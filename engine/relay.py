@@ -4,21 +4,46 @@ Rows are claimed (locked, skipped by other replicas), published, and marked sent
 the same transaction only after the broker confirmed them. A crash between publish
 and mark means the rows are published again: duplicates are expected downstream and
 absorbed by the inbox and the participant barrier.
+
+A row the broker refuses for good (too large, an invalid destination, not authorised)
+must not hold up the rows behind it: in that same transaction it leaves the outbox
+(marked sent: publishing it again cannot succeed), is archived as a dead letter, and
+is handed to the engine, which advances its saga (the step fails, or the saga parks).
+A failure that is not a refusal of particular messages keeps every row pending, in
+order, for the next attempt.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 
 from engine._aio import wait_either
 from engine.clock import Clock, utc_now
-from engine.errors import PublishError, TransportError
+from engine.deadletters import archive_in
+from engine.errors import MessagesRefused, PublishError, TransportError
 from engine.faults import crashpoint
-from engine.store.base import OutboxSignal, SagaStore
-from engine.transport.base import Message, Transport
+from engine.store.base import OutboxRecord, OutboxSignal, SagaStore, StoreTransaction
+from engine.transport.base import Message, Transport, dead_letter_copy
 
 log = logging.getLogger("saga.relay")
+
+
+@dataclass(frozen=True)
+class Undeliverable:
+    """An outbox row the broker refused for good, and its reason."""
+
+    record: OutboxRecord
+    reason: str
+
+
+#: What the engine does about refused rows, inside the relay's transaction (the
+#: rows are taken out of the outbox there); returns what to do once it committed.
+UndeliverableHandler = Callable[
+    [StoreTransaction, Sequence[Undeliverable]], Awaitable[Callable[[], None] | None]
+]
 
 
 class OutboxRelay:
@@ -33,6 +58,7 @@ class OutboxRelay:
         publish_timeout: float = 10.0,
         max_backoff: float = 5.0,
         signal: OutboxSignal | None = None,
+        on_undeliverable: UndeliverableHandler | None = None,
     ) -> None:
         self.store = store
         self.transport = transport
@@ -45,7 +71,12 @@ class OutboxRelay:
         #: LISTEN / NOTIFY); without one, such rows wait for the next poll.
         self.signal = signal
         self._wake = asyncio.Event()
+        #: Advances the sagas of refused rows (the engine's); without one, a refused
+        #: row is still taken out, archived and logged.
+        self.on_undeliverable = on_undeliverable
         self.published = 0
+        #: Rows the broker refused for good, taken out of the outbox.
+        self.refused = 0
         #: False after a failed publish, until one succeeds (the daemon's readiness check).
         self.healthy = True
 
@@ -54,7 +85,9 @@ class OutboxRelay:
         self._wake.set()
 
     async def relay_once(self) -> int:
-        """Publish one batch; returns how many rows were sent."""
+        """Publish one batch; returns how many rows left the outbox (sent or refused)."""
+        refused: list[Undeliverable] = []
+        after: Callable[[], None] | None = None
         async with self.store.transaction() as tx:
             rows = await tx.claim_outbox(self.batch_size)
             if not rows:
@@ -65,6 +98,8 @@ class OutboxRelay:
                 await asyncio.wait_for(
                     self.transport.publish(messages), timeout=self.publish_timeout
                 )
+            except MessagesRefused as exc:  # every other message was confirmed
+                refused = [Undeliverable(rows[i], why) for i, why in exc.refused.items()]
             except TimeoutError:
                 raise PublishError(
                     f"broker did not confirm {len(messages)} messages "
@@ -72,8 +107,39 @@ class OutboxRelay:
                 ) from None
             crashpoint("relay.after_publish")
             await tx.mark_sent([r.id for r in rows], self.clock())
-        self.published += len(rows)
+            if refused:
+                after = await self._set_aside(tx, refused)
+        if after is not None:
+            after()
+        for item in refused:
+            log.error(
+                "outbox row %d (key %s) to %s refused by the broker for good, dead-lettered: %s",
+                item.record.id,
+                item.record.key,
+                item.record.destination,
+                item.reason,
+            )
+        if refused:
+            self.wake()  # the sagas' next messages (compensations) are waiting
+        self.published += len(rows) - len(refused)
+        self.refused += len(refused)
         return len(rows)
+
+    async def _set_aside(
+        self, tx: StoreTransaction, refused: Sequence[Undeliverable]
+    ) -> Callable[[], None] | None:
+        """Hand the refused rows to the engine (which locks their sagas first) and
+        archive them as dead letters, in the relay's transaction."""
+        after = None
+        if self.on_undeliverable is not None:
+            after = await self.on_undeliverable(tx, refused)
+        now = self.clock()
+        for item in refused:
+            r = item.record
+            original = Message(r.destination, r.key, r.body, r.headers)
+            # Archived here, never published: the copy's own destination does not matter.
+            await archive_in(tx, dead_letter_copy(original, r.destination, item.reason), now)
+        return after
 
     async def run(self, stop: asyncio.Event) -> None:
         listener = None

@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     #: Address that endpoint listens on (0.0.0.0 in a container).
     metrics_host: str = "127.0.0.1"
+    #: Kafka: the producer refuses messages larger than this itself. Raise it with the
+    #: topics' ``max.message.bytes`` (the broker refuses what is over that one).
+    kafka_max_request_size: int = Field(default=1_048_576, ge=1024)
     #: ``text`` or ``json`` (one object per line) on stderr.
     log_format: Literal["text", "json"] = "text"
 

@@ -109,6 +109,48 @@ class Transition:
             self._on_compensation_reply(step, reply)
         return True
 
+    def on_undeliverable(self, message: Envelope, reason: str) -> bool:
+        """The broker refused one of this saga's messages for good (too large, ...);
+        False if the saga was not waiting for it (only its history records it).
+
+        The participant never saw it, and sending it again cannot succeed. An awaited
+        command fails its step, which is therefore not compensated itself: the saga
+        compensates the steps before it (or, past the pivot, parks with this cause).
+        An awaited compensation parks the saga: retrying cannot make it smaller.
+        """
+        token = self.state.awaiting
+        what = f"{message.kind} {message.name} (attempt {message.attempt})"
+        awaited = (
+            token is not None
+            and message.kind in (MessageKind.COMMAND, MessageKind.COMPENSATION)
+            and (message.step, message.kind, message.attempt)
+            == (token.step, token.kind, token.attempt)
+        )
+        self._record(
+            "undeliverable",
+            message.step if message.step in self.state.steps else None,
+            f"{what} refused by the broker: {reason}"
+            + ("" if awaited else "; the saga was not waiting for it"),
+        )
+        if not awaited:
+            return False
+        self.state.awaiting = None
+        self.state.timer = None
+        st = self.state.steps[message.step]
+        if message.kind is MessageKind.COMPENSATION:
+            st.error = f"compensation could not be delivered: {reason}"
+            self._park(f"compensation of step {st.name!r} could not be delivered: {reason}")
+            return True
+        st.status = StepStatus.FAILED
+        st.finished_at = self.now
+        st.error = f"command could not be delivered: {reason}"
+        self._record("step_failed", st.name, st.error)
+        cause = f"step {st.name!r} failed: {st.error}"
+        self._fail(cause)
+        if self.state.status is SagaStatus.PARKED:  # past the pivot: keep the cause
+            self.state.error = f"{cause}; {self.state.error}"
+        return True
+
     def postpone(self, timer: Timer) -> bool:
         """A timeout fell due while the message it times still waits in the outbox (the
         broker is unreachable). The participant cannot have seen it, so its outcome is

@@ -581,3 +581,104 @@ def test_compensation_builder_bug_parks() -> None:
     assert run.state.status is SagaStatus.PARKED
     assert run.state.error == "compensation of step 'a' could not be built: ValueError('nope')"
     assert run.state.timer is None and run.state.awaiting is None
+
+
+# -- a message the broker refused for good ---------------------------------------------
+
+
+def _refuse(run: Run, message: Envelope, reason: str = "message too large") -> Transition:
+    run.now += timedelta(seconds=1)
+    tr = run.transition()
+    tr.on_undeliverable(message, reason)
+    return run._keep(tr)
+
+
+def test_a_refused_command_fails_its_step_and_compensates_the_steps_before_it() -> None:
+    run = Run()
+    run.succeed_through(1)
+    command = run.last
+    tr = _refuse(run, command)
+
+    assert run.statuses()["b"] is StepStatus.FAILED
+    assert run.state.steps["b"].error == "command could not be delivered: message too large"
+    # The participant never saw it: only "a" is undone, and the saga waits for that.
+    assert run.sent()[-1] == comp("a")
+    assert [h.event for h in tr.history] == ["undeliverable", "step_failed", "compensating"]
+    assert "command b (attempt 1) refused by the broker" in (tr.history[0].detail or "")
+    assert run.state.status is SagaStatus.COMPENSATING
+    assert run.state.error == "step 'b' failed: command could not be delivered: message too large"
+    assert run.state.timer is not None and run.state.timer.kind is TimerKind.COMPENSATION_TIMEOUT
+    assert run.reply(Outcome.SUCCESS)
+    assert run.state.status is SagaStatus.COMPENSATED
+    assert run.statuses() == {
+        "a": StepStatus.COMPENSATED,
+        "b": StepStatus.FAILED,
+        "c": StepStatus.PENDING,
+    }
+
+
+def test_a_refused_first_command_compensates_nothing() -> None:
+    run = Run()
+    run.start()
+    _refuse(run, run.last)
+    assert run.state.status is SagaStatus.COMPENSATED
+    assert [k for _, k, _, _ in run.sent()] == [MessageKind.COMMAND]
+
+
+def test_a_refused_command_past_the_pivot_parks_with_the_real_cause() -> None:
+    run = Run(PIVOTED)
+    run.succeed_through(2)
+    _refuse(run, run.last, "MessageSizeTooLargeError")
+
+    assert run.state.status is SagaStatus.PARKED
+    assert run.state.error == (
+        "step 'ship' failed: command could not be delivered: MessageSizeTooLargeError; "
+        "step 'pay' is a pivot (succeeded) and cannot be compensated"
+    )
+    assert run.statuses()["ship"] is StepStatus.FAILED
+    assert run.state.awaiting is None and run.state.timer is None
+    assert [k for _, k, _, _ in run.sent()].count(MessageKind.COMPENSATION) == 0
+
+
+def test_a_refused_compensation_parks_the_saga() -> None:
+    run = Run()
+    run.succeed_through(1)
+    run.reply(Outcome.FAILURE, error="declined")
+    undo = run.last
+    assert (undo.step, undo.kind) == ("a", MessageKind.COMPENSATION)
+    tr = _refuse(run, undo)
+
+    assert run.state.status is SagaStatus.PARKED
+    assert run.state.error == "compensation of step 'a' could not be delivered: message too large"
+    assert run.state.steps["a"].status is StepStatus.COMPENSATING  # an operator may retry it
+    assert run.state.awaiting is None and run.state.timer is None
+    assert tr.messages == []
+
+
+@pytest.mark.parametrize("which", ["stale attempt", "reply", "finished saga"])
+def test_a_refused_message_the_saga_does_not_wait_for_is_only_recorded(which: str) -> None:
+    run = Run()
+    run.start()
+    first = run.last
+    if which == "stale attempt":
+        run.reply(Outcome.ERROR, error="db down")
+        run.fire()  # attempt 2 is out; attempt 1 was dispatched again before, say
+        message = first
+    elif which == "reply":
+        message = first.reply(Outcome.SUCCESS)
+    else:
+        run.reply(Outcome.SUCCESS)
+        run.reply(Outcome.SUCCESS)
+        run.reply(Outcome.SUCCESS)
+        assert run.state.status is SagaStatus.COMPLETED
+        message = first
+    before = copy.deepcopy(run.state)
+    run.now += timedelta(seconds=1)
+    tr = run.transition()
+
+    assert tr.on_undeliverable(message, "too large") is False
+    assert tr.messages == []
+    assert [(h.event, h.step) for h in tr.history] == [("undeliverable", "a")]
+    assert "the saga was not waiting for it" in (tr.history[0].detail or "")
+    before.updated_at = run.state.updated_at
+    assert run.state == before

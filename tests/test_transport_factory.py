@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from engine.errors import ConfigError
+from engine.settings import Settings
 from engine.topology import Topology
 from engine.transport.factory import transport_from_url
 from engine.transport.kafka import KafkaTransport
@@ -39,6 +40,17 @@ def test_kafka_url_names_the_bootstrap_servers() -> None:
     default_port = transport_from_url("kafka://broker", TOPOLOGY)
     assert isinstance(default_port, KafkaTransport)
     assert default_port.bootstrap_servers == ["broker:9092"]
+
+
+def test_the_kafka_producers_message_limit_comes_from_the_settings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert Settings().kafka_max_request_size == 1_048_576  # aiokafka's default
+    monkeypatch.setenv("SAGA_KAFKA_MAX_REQUEST_SIZE", "8388608")
+    limit = Settings().kafka_max_request_size
+    transport = transport_from_url("kafka://k1:9092", TOPOLOGY, kafka_max_request_size=limit)
+    assert isinstance(transport, KafkaTransport)
+    assert transport.max_request_size == 8_388_608
 
 
 @pytest.mark.parametrize(

@@ -10,11 +10,15 @@ from typing import Any
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
-from engine.errors import PublishError, TransportError
+from engine.errors import MessagesRefused, PublishError, TransportError
 from engine.transport.base import Message, Transport
 from engine.transport.kafka import KafkaTransport
 from tests.services import closed_port, service_url, silent_server
 from tests.transport_contract import Connect, Inbox, MakeTransport, Names, TransportContract, bodies
+
+#: The broker's default message.max.bytes (the topics here do not change it).
+BROKER_LIMIT = 1_048_588
+PRODUCER_LIMIT = 8 * 1024 * 1024
 
 
 @pytest.fixture
@@ -32,9 +36,17 @@ class TestKafkaTransport(TransportContract):
     @pytest.fixture
     def make_transport(self, kafka_servers: str) -> MakeTransport:
         def make(dead_letters: str) -> Transport:
-            return KafkaTransport(kafka_servers, dead_letter_topic=dead_letters)
+            # Above the broker's own limit, so that over-sized messages reach the
+            # broker and it is the broker that refuses them.
+            return KafkaTransport(
+                kafka_servers, dead_letter_topic=dead_letters, max_request_size=PRODUCER_LIMIT
+            )
 
         return make
+
+    @pytest.fixture
+    def oversized(self) -> int:
+        return BROKER_LIMIT + 1024
 
     @pytest.fixture
     def unreachable_transport(self) -> Transport:
@@ -141,6 +153,39 @@ class TestKafkaTransport(TransportContract):
         (got,) = await second.take_many(1, self.receive_timeout)
         assert bodies([got]) == [b"saga-1:99"]  # every acked one stayed committed
 
+    async def test_the_producer_refuses_a_message_over_its_max_request_size(
+        self, kafka_servers: str, names: Names, inboxes: list[Inbox]
+    ) -> None:
+        transport = KafkaTransport(kafka_servers, max_request_size=64 * 1024)
+        await transport.connect()
+        try:
+            inbox = await self.consume(transport, names.destination, names.group, inboxes)
+            big = Message(names.destination, "saga-1", b"x" * 100_000)
+            with pytest.raises(MessagesRefused) as caught:
+                await transport.publish(
+                    [names.message("saga-1", 1), big, names.message("saga-1", 2)]
+                )
+            assert list(caught.value.refused) == [1]
+            assert "max_request_size" in caught.value.refused[1]
+            got = await inbox.take_many(2, self.receive_timeout)
+            assert bodies(got) == [b"saga-1:1", b"saga-1:2"]
+        finally:
+            await transport.close()
+
+    async def test_the_publish_after_a_refusal_of_the_last_message_goes_through(
+        self, transport: Transport, names: Names, inboxes: list[Inbox], oversized: int
+    ) -> None:
+        # The refused batch left a gap in the producer's sequence of its partition:
+        # without a fresh producer the next publish there would fail.
+        inbox = await self.consume(transport, names.destination, names.group, inboxes)
+        big = Message(names.destination, "saga-1", b"x" * oversized)
+        with pytest.raises(MessagesRefused) as caught:
+            await transport.publish([names.message("saga-1", 1), big])
+        assert list(caught.value.refused) == [1]
+        await transport.publish([names.message("saga-1", 2)])
+        got = await inbox.take_many(2, self.receive_timeout)
+        assert bodies(got) == [b"saga-1:1", b"saga-1:2"]
+
     async def test_a_silent_broker_fails_within_the_connect_timeout(self) -> None:
         async with silent_server() as port:
             transport = KafkaTransport(f"127.0.0.1:{port}", connect_timeout=1.0)
@@ -205,6 +250,18 @@ async def test_publish_returns_once_every_delivery_is_confirmed() -> None:
     transport = _stubbed(None, timeout=5)
     await transport.publish([Message("t", "k", b"1"), Message("t", "k", b"2")])
     assert all(f.done() for f in transport._producer.futures)
+    await transport.close()
+
+
+async def test_an_invalid_topic_name_is_refused_and_the_rest_is_published() -> None:
+    transport = _stubbed(None, timeout=5)
+    sent = [Message("t", "k", b"1"), Message("no such topic!", "k", b"2"), Message("t", "k", b"3")]
+    with pytest.raises(MessagesRefused) as caught:
+        await transport.publish(sent)
+    assert caught.value.refused == {1: "invalid topic name 'no such topic!'"}
+    assert len(transport._producer.futures) == 2 and all(
+        f.done() for f in transport._producer.futures
+    )
     await transport.close()
 
 

@@ -9,6 +9,9 @@ from engine.transport.base import Transport
 from engine.transport.memory import MemoryBroker, MemoryTransport
 from tests.transport_contract import MakeTransport, Names, TransportContract
 
+#: The message size limit of the contract's in-process broker.
+LIMIT = 64 * 1024
+
 
 class TestMemoryTransport(TransportContract):
     receive_timeout = 2.0
@@ -18,10 +21,16 @@ class TestMemoryTransport(TransportContract):
         brokers: dict[str, MemoryBroker] = {}
 
         def make(dead_letters: str) -> Transport:
-            broker = brokers.setdefault(dead_letters, MemoryBroker(dead_letters=dead_letters))
+            broker = brokers.setdefault(
+                dead_letters, MemoryBroker(dead_letters=dead_letters, max_message_bytes=LIMIT)
+            )
             return MemoryTransport(broker)
 
         return make
+
+    @pytest.fixture
+    def oversized(self) -> int:
+        return LIMIT + 1
 
     @pytest.fixture
     def unreachable_transport(self) -> Transport:

@@ -7,8 +7,9 @@ import time
 
 import aio_pika
 import pytest
+from aio_pika.exceptions import ChannelPreconditionFailed
 
-from engine.errors import PublishError, TransportError
+from engine.errors import MessagesRefused, PublishError, TransportError
 from engine.transport.base import Message, Transport
 from engine.transport.rabbitmq import RabbitTransport
 from tests.services import closed_port, rabbitmqctl, run, service_url, silent_server
@@ -33,6 +34,12 @@ class TestRabbitTransport(TransportContract):
             return RabbitTransport(amqp_url, dead_letter_queue=dead_letters)
 
         return make
+
+    @pytest.fixture
+    def oversized(self) -> int:
+        # The broker's default max_message_size (128 MiB), which a shared broker's
+        # configuration cannot be lowered for without affecting everyone on it.
+        return 128 * 1024 * 1024 + 1024
 
     @pytest.fixture
     def unreachable_transport(self) -> Transport:
@@ -141,3 +148,44 @@ def test_message_keys_travel_in_a_header_that_consumers_do_not_see() -> None:
     out = _outgoing(Message("d", "saga-1", b"x", {"a": "b"}))
     assert out.headers == {"a": "b", KEY_HEADER: "saga-1"}
     assert out.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+
+
+class _Channel:
+    is_closed = False
+
+
+class _Exchange:
+    """Stands in for a publisher-confirm exchange: the broker closes the channel over
+    any message whose body starts with ``bad`` (with a reason that names no limit)."""
+
+    def __init__(self) -> None:
+        self.published: list[bytes] = []
+
+    async def publish(self, message: aio_pika.Message, routing_key: str, mandatory: bool) -> None:
+        await asyncio.sleep(0)
+        if message.body.startswith(b"bad"):
+            raise ChannelPreconditionFailed("PRECONDITION_FAILED - not for this queue")
+        self.published.append(message.body)
+
+
+async def test_a_refusal_that_names_no_culprit_is_found_by_publishing_one_at_a_time() -> None:
+    transport = RabbitTransport("amqp://saga:saga@127.0.0.1:9/")
+    transport._exchange = exchange = _Exchange()  # type: ignore[assignment]
+    transport._channel = _Channel()  # type: ignore[assignment]
+    transport._declared = {"d"}
+    sent = [
+        Message("d", "k1", b"1"),
+        Message("d", "k2", b"bad 2"),
+        Message("d", "k2", b"3"),
+        Message("d", "k3", b"4"),
+        Message("d", "k2", b"bad 5"),
+    ]
+    with pytest.raises(MessagesRefused) as caught:
+        await transport.publish(sent)
+    assert caught.value.refused == {
+        1: "PRECONDITION_FAILED - not for this queue",
+        4: "PRECONDITION_FAILED - not for this queue",
+    }
+    # Each good one confirmed once (none was confirmed and then sent again), and the
+    # messages of k2 kept their order.
+    assert sorted(exchange.published) == [b"1", b"3", b"4"]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from engine.errors import PublishError, TransportError
+from engine.errors import MessagesRefused, PublishError, TransportError
 from engine.transport.base import (
     DEAD_LETTER_ID,
     DEAD_LETTER_REASON,
@@ -106,6 +106,12 @@ class TransportContract:
     @pytest.fixture
     def unreachable_transport(self) -> Transport:
         raise NotImplementedError("a transport test module provides unreachable_transport")
+
+    @pytest.fixture
+    def oversized(self) -> int:
+        """A body size the broker of ``make_transport`` refuses for good (over its
+        message size limit), while the client still sends it."""
+        raise NotImplementedError("a transport test module provides oversized")
 
     @pytest.fixture
     def broker_url(self) -> str | None:
@@ -303,6 +309,35 @@ class TransportContract:
             DEAD_LETTER_SOURCE: names.destination,
         }
         await letter.ack()
+
+    async def test_a_message_the_broker_refuses_does_not_hold_up_the_others(
+        self, transport: Transport, names: Names, inboxes: list[Inbox], oversized: int
+    ) -> None:
+        inbox = await self.consume(transport, names.destination, names.group, inboxes)
+        big = Message(names.destination, "saga-2", b"x" * oversized)
+        good = [names.message("saga-1", 1), names.message("saga-2", 1)]
+        after = [names.message("saga-2", 2), names.message("saga-3", 1)]
+
+        with pytest.raises(MessagesRefused) as caught:
+            await transport.publish([*good, big, *after])
+
+        # Only the big one is named; every other message was confirmed, and the
+        # publisher goes on (a Kafka producer or RabbitMQ channel may be replaced).
+        assert list(caught.value.refused) == [2]
+        assert caught.value.refused[2] and "\n" not in str(caught.value)
+        later = names.message("saga-2", 3)
+        await transport.publish([later])
+        expected = {m.body for m in [*good, *after, later]}
+        seen: list[bytes] = []
+        while not expected <= set(seen):
+            delivery = await inbox.take(self.receive_timeout)
+            seen.append(delivery.message.body)
+            await delivery.ack()
+        # The refused message was never delivered: it would have come before the next
+        # message of its key. Its key's other messages kept their order.
+        assert len(big.body) not in {len(b) for b in seen}
+        firsts = [b for b in dict.fromkeys(seen) if b.startswith(b"saga-2:")]
+        assert firsts == [b"saga-2:1", b"saga-2:2", b"saga-2:3"]
 
     async def test_unreachable_broker_raises_within_a_bound(
         self, unreachable_transport: Transport, names: Names

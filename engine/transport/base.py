@@ -80,7 +80,15 @@ class Transport(Protocol):
     async def close(self) -> None: ...
 
     async def publish(self, messages: Sequence[Message]) -> None:
-        """Return only once the broker has confirmed every message (or raise)."""
+        """Return only once the broker has confirmed every message (or raise).
+
+        A message the broker refuses for good (too large, an invalid destination, not
+        authorised) must not hold up the others: they are still published, and the
+        call raises :class:`~engine.errors.MessagesRefused` naming the refused ones
+        (by index) once every other message is confirmed. Any other failure (broker
+        down, timeouts, no leader) raises PublishError / TransportError for the whole
+        call: nothing is known to be confirmed, and all of it is published again.
+        """
         ...
 
     async def subscribe(self, destination: str, *, group: str) -> Subscription:

@@ -68,8 +68,14 @@ def messaging_system(url: str) -> str:
     return {"kafka": "kafka", "amqp": "rabbitmq", "amqps": "rabbitmq"}.get(scheme, scheme)
 
 
-def transport_from_url(url: str, topology: Topology) -> Transport:
-    """``memory://``, ``kafka://…`` or ``amqp(s)://…``; anything else is a ConfigError."""
+def transport_from_url(
+    url: str, topology: Topology, *, kafka_max_request_size: int | None = None
+) -> Transport:
+    """``memory://``, ``kafka://…`` or ``amqp(s)://…``; anything else is a ConfigError.
+
+    ``kafka_max_request_size``: the Kafka producer's own message size limit
+    (``SAGA_KAFKA_MAX_REQUEST_SIZE``; aiokafka's 1 MiB when None).
+    """
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     if scheme == "memory":
         if url.rstrip("/") != "memory:":
@@ -81,7 +87,13 @@ def transport_from_url(url: str, topology: Topology) -> Transport:
             from engine.transport.kafka import KafkaTransport
         except ImportError as exc:
             raise _missing(exc, "aiokafka", "kafka", "kafka://") or exc from None
-        return KafkaTransport(servers, dead_letter_topic=topology.dead_letters)
+        if kafka_max_request_size is None:
+            return KafkaTransport(servers, dead_letter_topic=topology.dead_letters)
+        return KafkaTransport(
+            servers,
+            dead_letter_topic=topology.dead_letters,
+            max_request_size=kafka_max_request_size,
+        )
     if scheme in ("amqp", "amqps"):
         try:
             parts = urlsplit(url)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -20,15 +21,20 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import (
     InvalidProducerEpoch,
+    InvalidTopicError,
     KafkaError,
+    MessageSizeTooLargeError,
     OutOfOrderSequenceNumber,
     ProducerFenced,
+    RecordListTooLargeError,
+    RecordTooLargeError,
     TopicAlreadyExistsError,
+    TopicAuthorizationFailedError,
     UnknownProducerId,
     for_code,
 )
 
-from engine.errors import PublishError, TransportError
+from engine.errors import MessagesRefused, PublishError, TransportError
 from engine.transport.base import (
     Message,
     dead_letter_copy,
@@ -45,6 +51,22 @@ _PRODUCER_BROKEN = (
     InvalidProducerEpoch,
     ProducerFenced,
 )
+
+#: Refusals no retry can overcome: the message (or its topic) is the problem, not the
+#: broker's health. A message over ``max_request_size`` is refused by the client; one
+#: over the topic's ``max.message.bytes`` by the broker. (The producer's batches of
+#: small messages stay under its ``max_batch_size``, 16 KiB, so a refused batch holds
+#: the one large message.) Anything else fails the whole publish, to be sent again.
+_REFUSED_FOR_GOOD = (
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+    InvalidTopicError,
+    TopicAuthorizationFailedError,
+)
+
+#: Kafka's legal topic names; others are refused without asking the broker.
+_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
 
 #: Committed-offset metadata prefix recording how far a partition was handed out.
 _DELIVERED = "delivered="
@@ -383,6 +405,9 @@ class KafkaTransport:
         linger_ms: int = 0,
         max_poll_records: int = 100,
         client_id: str = "saga-engine",
+        # The producer refuses larger messages itself; the broker enforces its own
+        # limit (the topic's max.message.bytes, 1 MiB by default) on what it is sent.
+        max_request_size: int = 1_048_576,
     ) -> None:
         if isinstance(bootstrap_servers, str):
             bootstrap_servers = bootstrap_servers.split(",")
@@ -396,6 +421,7 @@ class KafkaTransport:
         self.linger_ms = linger_ms
         self.max_poll_records = max_poll_records
         self.client_id = client_id
+        self.max_request_size = max_request_size
         self._producer: Any = None
         self._admin: Any = None
         self._topics: set[str] = set()
@@ -414,6 +440,7 @@ class KafkaTransport:
             acks="all",
             linger_ms=self.linger_ms,
             request_timeout_ms=self.request_timeout_ms,
+            max_request_size=self.max_request_size,
         )
 
     async def connect(self) -> None:
@@ -512,52 +539,117 @@ class KafkaTransport:
     async def publish(self, messages: Sequence[Message]) -> None:
         if not messages:
             return
-        producer = self._producer
-        if producer is None:
+        if self._producer is None:
             raise TransportError("Kafka transport is not connected")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.publish_timeout
+        refused = {
+            i: f"invalid topic name {m.destination!r}"
+            for i, m in enumerate(messages)
+            if not _TOPIC_NAME.fullmatch(m.destination) or m.destination in (".", "..")
+        }
+        todo = [i for i in range(len(messages)) if i not in refused]
         try:
             async with asyncio.timeout_at(deadline):
-                await self.ensure_topics(m.destination for m in messages)
-                futures = [
-                    await producer.send(
-                        m.destination,
-                        m.body,
-                        key=m.key.encode(),
-                        headers=[(k, v.encode()) for k, v in m.headers.items()],
-                    )
-                    for m in messages
-                ]
+                await self.ensure_topics({messages[i].destination for i in todo})
         except TimeoutError:
             raise PublishError(
                 f"{self._where} did not take {len(messages)} messages "
                 f"within {self.publish_timeout:g}s"
             ) from None
+        gap = False
+        while todo:
+            producer = self._producer
+            if producer is None:
+                raise TransportError("Kafka transport is not connected")
+            declined, failures = await self._send(producer, messages, todo, deadline)
+            for i, exc in declined.items():
+                refused[i] = _reason(exc, messages[i])
+            for i, exc in failures.items():
+                if isinstance(exc, _REFUSED_FOR_GOOD):
+                    refused[i] = _reason(exc, messages[i])
+                    gap = True
+            broken = [i for i, exc in failures.items() if isinstance(exc, _PRODUCER_BROKEN)]
+            others = [e for i, e in failures.items() if i not in refused and i not in broken]
+            if others or (broken and not gap):
+                await self._replace_if_broken(producer, failures[broken[0]] if broken else None)
+                error = others[0] if others else failures[broken[0]]
+                raise PublishError(f"{self._where} refused a publish: {error}")
+            if gap:
+                # A batch the broker refused leaves a gap in the idempotent producer's
+                # sequence of its partition: the broker answers every later batch there
+                # with OutOfOrderSequenceNumber, in this call (sent again below) or the
+                # next. A fresh producer starts its sequences from zero.
+                await self._replace(producer, "the broker refused a batch of its sequence")
+                if broken and self._producer is producer:
+                    raise PublishError(f"{self._where} refused a publish: {failures[broken[0]]}")
+            todo = broken
+        if refused:
+            raise MessagesRefused(refused, len(messages), self._where)
+
+    async def _send(
+        self, producer: Any, messages: Sequence[Message], indexes: Sequence[int], deadline: float
+    ) -> tuple[dict[int, BaseException], dict[int, BaseException]]:
+        """Send ``messages[i]`` for each index and wait for their delivery. Returns the
+        refusals of the client itself (over ``max_request_size``: never sent) and the
+        failed deliveries, by index; an unconfirmed delivery or any other error of the
+        client raises."""
+        loop = asyncio.get_running_loop()
+        futures: dict[int, asyncio.Future[Any]] = {}
+        declined: dict[int, BaseException] = {}
+        try:
+            async with asyncio.timeout_at(deadline):
+                for i in indexes:
+                    m = messages[i]
+                    try:
+                        futures[i] = await producer.send(
+                            m.destination,
+                            m.body,
+                            key=m.key.encode(),
+                            headers=[(k, v.encode()) for k, v in m.headers.items()],
+                        )
+                    except _REFUSED_FOR_GOOD as exc:
+                        declined[i] = exc
+        except TimeoutError:
+            _abandon(futures.values())
+            raise PublishError(
+                f"{self._where} did not take {len(messages)} messages "
+                f"within {self.publish_timeout:g}s"
+            ) from None
         except KafkaError as exc:
+            _abandon(futures.values())
             await self._replace_if_broken(producer, exc)
             raise PublishError(f"{self._where} refused a publish: {exc}") from exc
-        # Waiting on the delivery futures without cancelling them: a late ack is
-        # harmless (the outbox re-sends, the inbox absorbs the duplicate).
-        done, not_done = await asyncio.wait(futures, timeout=max(0.0, deadline - loop.time()))
-        failures = [f.exception() for f in done if f.exception() is not None]
-        for future in not_done:
-            future.add_done_callback(_consume_result)
-        if failures:
-            await self._replace_if_broken(producer, failures[0])
-            raise PublishError(f"{self._where} refused a publish: {failures[0]}")
-        if not_done:
-            raise PublishError(
-                f"{self._where} did not confirm {len(not_done)} of {len(messages)} "
-                f"messages within {self.publish_timeout:g}s"
-            )
+        if futures:
+            # Waiting on the delivery futures without cancelling them: a late ack is
+            # harmless (the outbox re-sends, the inbox absorbs the duplicate).
+            remaining = max(0.0, deadline - loop.time())
+            _, not_done = await asyncio.wait(futures.values(), timeout=remaining)
+            if not_done:
+                _abandon(not_done)
+                raise PublishError(
+                    f"{self._where} did not confirm {len(not_done)} of {len(messages)} "
+                    f"messages within {self.publish_timeout:g}s"
+                )
+        failures: dict[int, BaseException] = {}
+        for i, future in futures.items():
+            error = future.exception()
+            if error is not None:
+                failures[i] = error
+        return declined, failures
 
     async def _replace_if_broken(self, producer: Any, error: BaseException | None) -> None:
-        """Swap in a fresh producer (new producer id, sequences from zero) when
-        ``producer`` can never send again; the caller's retry then goes through."""
-        if producer is not self._producer or not isinstance(error, _PRODUCER_BROKEN):
+        """Swap in a fresh producer when ``producer`` can never send again; the
+        caller's retry then goes through."""
+        if isinstance(error, _PRODUCER_BROKEN):
+            await self._replace(producer, f"the producer is unusable ({error!r})")
+
+    async def _replace(self, producer: Any, why: str) -> None:
+        """Swap in a fresh producer (new producer id, sequences from zero) for
+        ``producer``, unless another call did already."""
+        if producer is not self._producer:
             return
-        log.warning("%s: the producer is unusable (%r); starting a new one", self._where, error)
+        log.warning("%s: %s; starting a new one", self._where, why)
         fresh = self._new_producer()
         try:
             async with asyncio.timeout(self.connect_timeout):
@@ -569,11 +661,11 @@ class KafkaTransport:
             )
             return
         self._producer = fresh
-        try:  # its sender is dead, so stopping it flushes nothing and returns at once
+        try:  # a dead sender flushes nothing, a live one what others sent meanwhile
             async with asyncio.timeout(self.connect_timeout):
                 await producer.stop()
         except (KafkaError, OSError, TimeoutError) as exc:
-            log.warning("%s: closing the broken producer: %s", self._where, exc)
+            log.warning("%s: closing the replaced producer: %s", self._where, exc)
 
     async def subscribe(self, destination: str, *, group: str) -> KafkaSubscription:
         if self._producer is None:
@@ -583,6 +675,21 @@ class KafkaTransport:
         await subscription.start()
         self._subscriptions.append(subscription)
         return subscription
+
+
+def _reason(error: BaseException, message: Message) -> str:
+    """A refusal in one line: what the broker (or the client) said, by name, and the
+    size of what it refused (the broker's answer does not say)."""
+    text = " ".join(str(error).split())
+    name = type(error).__name__
+    said = text if name in text else f"{name}: {text}" if text else name
+    return f"{said} (a body of {len(message.body)} bytes to {message.destination})"
+
+
+def _abandon(futures: Iterable[asyncio.Future[Any]]) -> None:
+    """No longer waited for: their results are retrieved whenever they come."""
+    for future in futures:
+        future.add_done_callback(_consume_result)
 
 
 def _consume_result(future: asyncio.Future[Any]) -> None:

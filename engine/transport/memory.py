@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
-from engine.errors import TransportError
+from engine.errors import MessagesRefused, TransportError
 from engine.transport.base import (
     Message,
     dead_letter_copy,
@@ -42,9 +42,21 @@ class _Queue:
 class MemoryBroker:
     """Shared by every :class:`MemoryTransport` of one process and event loop."""
 
-    def __init__(self, dead_letters: str = "saga.dead-letters") -> None:
+    def __init__(
+        self, dead_letters: str = "saga.dead-letters", *, max_message_bytes: int | None = None
+    ) -> None:
         self.dead_letters = dead_letters
+        #: Bodies longer than this are refused for good, as a real broker refuses
+        #: messages over its size limit (None: no limit).
+        self.max_message_bytes = max_message_bytes
         self._queues: dict[str, _Queue] = {}
+
+    def refusal(self, message: Message) -> str | None:
+        """Why this broker would never take ``message``, or None."""
+        limit = self.max_message_bytes
+        if limit is not None and len(message.body) > limit:
+            return f"message of {len(message.body)} bytes is over the limit of {limit} bytes"
+        return None
 
     def queue(self, destination: str) -> _Queue:
         q = self._queues.get(destination)
@@ -152,9 +164,16 @@ class MemoryTransport:
     async def publish(self, messages: Sequence[Message]) -> None:
         if not self._open:
             raise TransportError("memory transport is not connected")
-        for message in messages:
+        refused: dict[int, str] = {}
+        for i, message in enumerate(messages):
+            reason = self.broker.refusal(message)
+            if reason is not None:
+                refused[i] = reason
+                continue
             self.broker.queue(message.destination).put(_Entry(message))
         await asyncio.sleep(0)  # delivery is asynchronous, as on a real broker
+        if refused:
+            raise MessagesRefused(refused, len(messages), "the memory broker")
 
     async def subscribe(self, destination: str, *, group: str) -> MemorySubscription:
         if not self._open:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections import defaultdict
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
@@ -22,13 +23,14 @@ from aio_pika.abc import (
     AbstractExchange,
     AbstractIncomingMessage,
     AbstractQueue,
+    AbstractRobustChannel,
     AbstractRobustConnection,
 )
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, ChannelPreconditionFailed
 from aio_pika.exceptions import PublishError as Unroutable
 from yarl import URL
 
-from engine.errors import PublishError, TransportError
+from engine.errors import MessagesRefused, PublishError, TransportError
 from engine.transport.base import (
     Message,
     dead_letter_copy,
@@ -40,6 +42,9 @@ log = logging.getLogger("saga.transport.rabbitmq")
 KEY_HEADER = "x-saga-key"
 
 _FAILURES = (AMQPError, ChannelInvalidStateError, ConnectionError, OSError)
+
+#: How RabbitMQ words a refusal over its max_message_size (the size of the body).
+_MAX_SIZE = re.compile(r"larger than configured max size (\d+)")
 
 
 def _header_text(value: Any) -> str:
@@ -289,39 +294,50 @@ class RabbitTransport:
     async def publish(self, messages: Sequence[Message]) -> None:
         if not messages:
             return
-        exchange = self._exchange
-        if exchange is None:
+        exchange, channel = self._exchange, self._channel
+        if exchange is None or channel is None:
             raise TransportError("RabbitMQ transport is not connected")
-        # One key's messages go one after the other (each confirmed before the next),
-        # which keeps them in order; different keys go concurrently.
-        by_key: dict[str, list[Message]] = defaultdict(list)
-        for message in messages:
-            by_key[message.key].append(message)
-
-        async def in_order(chain: list[Message]) -> None:
-            for message in chain:
-                await exchange.publish(
-                    _outgoing(message), routing_key=message.destination, mandatory=True
-                )
-
+        confirmed: set[int] = set()
+        refused: dict[int, str] = {}
+        todo = list(range(len(messages)))
+        failure: BaseException | None = None
         try:
             async with asyncio.timeout(self.publish_timeout):
                 await self._ensure_queues({m.destination for m in messages})
-                results = await asyncio.gather(
-                    *(in_order(chain) for chain in by_key.values()), return_exceptions=True
-                )
+                failure = await _publish_by_key(exchange, messages, todo, confirmed)
+                while isinstance(failure, ChannelPreconditionFailed):
+                    # The broker closed the channel over a message it will never take,
+                    # and every publish in flight went with it; the unconfirmed ones go
+                    # again on the restored channel. Over its max_message_size (the
+                    # limit is in its words) the culprits are known; otherwise they are
+                    # found by sending one at a time, in order.
+                    reason = " ".join(str(failure).split())
+                    todo = [i for i in todo if i not in confirmed]
+                    limit = _size_limit(reason)
+                    over = [i for i in todo if limit is not None and len(messages[i].body) > limit]
+                    refused |= dict.fromkeys(over, reason)
+                    todo = [i for i in todo if i not in refused]
+                    await _restored(channel)
+                    if over:
+                        failure = await _publish_by_key(exchange, messages, todo, confirmed)
+                    else:
+                        await _publish_one_by_one(channel, exchange, messages, todo, refused)
+                        failure = None
         except TimeoutError:
             raise PublishError(
                 f"{self.where} did not confirm {len(messages)} messages "
                 f"within {self.publish_timeout:g}s"
             ) from None
+        except Unroutable as exc:
+            raise PublishError(f"{self.where} could not route a message: {exc}") from exc
         except _FAILURES as exc:
             raise PublishError(f"{self.where} refused a publish: {exc}") from exc
-        for result in results:
-            if isinstance(result, Unroutable):
-                raise PublishError(f"{self.where} could not route a message: {result}")
-            if isinstance(result, BaseException):
-                raise PublishError(f"{self.where} refused a publish: {result}") from result
+        if isinstance(failure, Unroutable):
+            raise PublishError(f"{self.where} could not route a message: {failure}")
+        if failure is not None:
+            raise PublishError(f"{self.where} refused a publish: {failure}") from failure
+        if refused:
+            raise MessagesRefused(refused, len(messages), self.where)
 
     async def subscribe(self, destination: str, *, group: str) -> RabbitSubscription:
         if self._connection is None:
@@ -330,6 +346,81 @@ class RabbitTransport:
         await subscription.start(self._connection)
         self._subscriptions.append(subscription)
         return subscription
+
+
+async def _publish_one(exchange: AbstractExchange, message: Message) -> None:
+    """Publish and wait for the confirm; mandatory: an unroutable message raises."""
+    await exchange.publish(_outgoing(message), routing_key=message.destination, mandatory=True)
+
+
+async def _publish_by_key(
+    exchange: AbstractExchange,
+    messages: Sequence[Message],
+    indexes: Sequence[int],
+    confirmed: set[int],
+) -> BaseException | None:
+    """Publish ``messages[i]`` for each index, adding each confirmed one to
+    ``confirmed``; the failure that stopped a key's messages, a refusal that closed
+    the channel first."""
+    # One key's messages go one after the other (each confirmed before the next),
+    # which keeps them in order; different keys go concurrently.
+    by_key: dict[str, list[int]] = defaultdict(list)
+    for i in indexes:
+        by_key[messages[i].key].append(i)
+
+    async def in_order(chain: list[int]) -> None:
+        for i in chain:
+            await _publish_one(exchange, messages[i])
+            confirmed.add(i)
+
+    results = await asyncio.gather(
+        *(in_order(chain) for chain in by_key.values()), return_exceptions=True
+    )
+    failures = [r for r in results if isinstance(r, BaseException)]
+    refusals = [f for f in failures if isinstance(f, ChannelPreconditionFailed)]
+    return (refusals or failures or [None])[0]
+
+
+async def _publish_one_by_one(
+    channel: AbstractChannel,
+    exchange: AbstractExchange,
+    messages: Sequence[Message],
+    indexes: Sequence[int],
+    refused: dict[int, str],
+) -> None:
+    """Publish each alone; one the broker closes the channel over goes to ``refused``."""
+    for i in indexes:
+        await _restored(channel)
+        try:
+            await _publish_one(exchange, messages[i])
+        except ChannelPreconditionFailed as exc:
+            refused[i] = " ".join(str(exc).split())
+
+
+def _size_limit(reason: str) -> int | None:
+    """The broker's max_message_size, if that is what its refusal names."""
+    found = _MAX_SIZE.search(reason)
+    return int(found.group(1)) if found else None
+
+
+async def _restored(channel: AbstractChannel) -> None:
+    """Wait until a robust channel the broker closed is open again, its exchange and
+    queues declared (the caller bounds the wait)."""
+    if not channel.is_closed:
+        return
+    if not isinstance(channel, AbstractRobustChannel):
+        raise TransportError("the publishing channel was closed")
+    reopened = asyncio.Event()
+
+    def on_reopen(_: AbstractRobustChannel | None, /) -> None:
+        reopened.set()
+
+    channel.reopen_callbacks.add(on_reopen)
+    try:
+        if channel.is_closed:
+            await reopened.wait()
+    finally:
+        channel.reopen_callbacks.discard(on_reopen)
 
 
 def _outgoing(message: Message) -> aio_pika.Message:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 from datetime import timedelta
+from typing import Any
 
-from engine import RetryPolicy, Saga
+from engine import RetryPolicy, Saga, StepContext
+from engine.definition import Builder, build_payload
 from sagas import order
 
 #: The step timeout of ``quick_order``: a lost reply is noticed this fast.
@@ -36,3 +38,34 @@ PATIENT_TIMEOUT = 120.0
 quick_order = _variant("quick_order", timeout=timedelta(seconds=QUICK_TIMEOUT))
 fragile_order = _variant("fragile_order", compensation_retry=FRAGILE_COMPENSATION)
 patient_order = _variant("patient_order", timeout=timedelta(seconds=PATIENT_TIMEOUT))
+
+
+#: The size of ``bulky_order``'s charge_payment command: over Kafka's default
+#: ``message.max.bytes`` (1 MiB), far under the message size limit the scenario gives
+#: the engine, so that it is the broker that refuses it.
+BULK = 2_000_000
+#: The same for ``huge_order``, over RabbitMQ's default ``max_message_size`` (128 MiB).
+HUGE = 128 * 1024 * 1024 + 1024
+
+
+def _padded(builder: Builder, size: int) -> Builder:
+    def build(ctx: StepContext) -> dict[str, Any]:
+        return {**build_payload(builder, ctx), "padding": "x" * size}
+
+    return build
+
+
+def _charging_too_much(name: str, size: int) -> Saga:
+    """The order saga whose charge_payment command the broker refuses: reserve_inventory
+    succeeds, the charge is refused, the stock is released."""
+    steps = [
+        dataclasses.replace(step, command=_padded(step.command, size))
+        if step.name == "charge_payment"
+        else step
+        for step in order.place_order.steps
+    ]
+    return Saga(name=name, version=1, input=order.OrderInput, steps=steps)
+
+
+bulky_order = _charging_too_much("bulky_order", BULK)
+huge_order = _charging_too_much("huge_order", HUGE)
