@@ -144,6 +144,12 @@ class SagaClient:
             check_saga_id(saga_id)
         parsed = definition.parse_input(input)
         data = parsed.model_dump(mode="json")
+        size = len(parsed.model_dump_json())
+        if size > self.limits.max_message_bytes:
+            raise LimitError(
+                f"input too large: it is {size:,} bytes as JSON, the limit is "
+                f"{self.limits.max_message_bytes:,} (SAGA_MAX_MESSAGE_BYTES)"
+            )
         where = nul_path(data)
         if where is not None:
             raise LimitError(
