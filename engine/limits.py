@@ -76,11 +76,12 @@ class MessageTooLarge(LimitError):
 
 
 def has_nul(body: bytes) -> bool:
-    """True if a JSON body holds a NUL, raw or as an unescaped ``\\u0000``
-    (PostgreSQL text cannot store it). Two substring scans on the common path."""
-    if b"\x00" in body:
-        return True
-    return b"\\u0000" in body and _ESCAPED_NUL.search(body) is not None
+    """True if a JSON body holds an unescaped ``\\u0000``: a NUL, which PostgreSQL text
+    cannot store. One scan for a backslash on the common path (most bodies have none).
+
+    A raw 0x00 byte is not valid JSON anywhere, so parsing refuses it on its own.
+    """
+    return b"\\" in body and b"\\u0000" in body and _ESCAPED_NUL.search(body) is not None
 
 
 def nul_path(value: Any, path: str = "") -> str | None:

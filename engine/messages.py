@@ -157,6 +157,11 @@ def decode(body: bytes, limits: Limits = DEFAULT_LIMITS) -> Envelope:
     try:
         envelope = Envelope.model_validate_json(body)
     except ValidationError as exc:
+        if b"\x00" in body:  # not JSON; said plainly, as for an escaped one
+            raise DecodeError(
+                "not a saga envelope: body: holds a NUL character, which PostgreSQL text "
+                "cannot store"
+            ) from None
         first = exc.errors()[0]
         # Clipped: a field name on the wire can be anything, and the reason travels
         # in a header and a column.
