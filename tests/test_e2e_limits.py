@@ -1,7 +1,8 @@
-"""Bounded input on the wire, end to end: engine and workers as separate processes on
-PostgreSQL, over Kafka and over RabbitMQ. A reply the database could not store (an
-over-long message id, a NUL in its text) is dead-lettered with a reason naming the
-field, and orders started afterwards keep completing."""
+"""Bounded input, end to end: engine and workers as separate processes on PostgreSQL,
+over Kafka and over RabbitMQ. A step whose command is over the limit (and over Kafka's
+own) fails and compensates while the orders after it complete; a reply the database
+could not store (an over-long message id, a NUL in its text) is dead-lettered with a
+reason naming the field, and orders started afterwards keep completing."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from engine.topology import Topology
 from engine.transport.base import Message
 from engine.transport.factory import transport_from_url
 from tests.e2e import Cluster, fresh_database, service_url, wait_until
+from tests.limit_sagas import BIG_CHARGE_PADDING
 from workers import ledger
 
 pytestmark = pytest.mark.integration
@@ -118,5 +120,51 @@ async def test_replies_the_database_cannot_store_are_dead_lettered(
                 if d.process.poll() is None:
                     d.process.kill()
             await transport.close()
+            await client.close()
+            await database.dispose()
+
+
+async def test_a_command_over_the_limit_fails_its_step_while_200_orders_complete(
+    broker_url: str, tmp_path: Path
+) -> None:
+    async with fresh_database(service_url("SAGA_TEST_POSTGRES_URL")) as db_url:
+        database = create_engine(db_url)
+        await ledger.seed(database, stock_by_sku=STOCK, balances=BALANCES)
+        modules = ["sagas.order", "tests.limit_sagas"]
+        cluster = Cluster(db_url, broker_url, tmp_path, extra_env={"SAGA_SAGAS": ",".join(modules)})
+        cluster.start_all()
+        client = await SagaClient.connect(db_url, modules)
+        client.topology = Topology(cluster.prefix)
+        try:
+            big = await client.start("big_charge", ORDER)
+            good = [await client.start("place_order", ORDER) for _ in range(200)]
+
+            async def finished() -> bool:
+                cluster.assert_running()
+                statuses = await client.statuses([big, *good])
+                return all(s.is_terminal for s in statuses.values())
+
+            assert await wait_until(finished, timeout=240), cluster.logs()
+            statuses = await client.statuses(good)
+            assert all(statuses[i] is SagaStatus.COMPLETED for i in good)
+            detail = await client.get(big)
+            assert detail.status is SagaStatus.COMPENSATED
+            charge = next(s for s in detail.steps if s.name == "charge_payment")
+            assert charge.error is not None
+            assert charge.error.startswith("command not sent: the message is 1,2")
+            assert "SAGA_MAX_MESSAGE_BYTES" in charge.error
+            assert BIG_CHARGE_PADDING > 1024 * 1024  # over Kafka's own limit too
+            stats = await client.stats()
+            assert stats.outbox.unsent == 0
+            effects = await ledger.effects(database)
+            undone = effects.get(big, ledger.OrderEffect())
+            assert undone.reserved == 0 and undone.charges == 0
+            totals = await ledger.totals(database)
+            assert totals.stock_conserved and totals.money_conserved
+            assert set(cluster.stop_all().values()) == {0}
+        finally:
+            for d in cluster.daemons:
+                if d.process.poll() is None:
+                    d.process.kill()
             await client.close()
             await database.dispose()

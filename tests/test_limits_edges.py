@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from engine.cli.app import cli
 from engine.client import SagaClient
 from engine.database import create_engine, upgrade
-from engine.definition import Saga, StepContext, build_payload
 from engine.embedded import EmbeddedSystem
 from engine.errors import LimitError
 from engine.limits import MIN_MESSAGE_BYTES, Limits
@@ -32,6 +30,7 @@ from engine.worker.barrier import guarded
 from engine.worker.worker import HandlerContext, Worker
 from sagas.order import OrderInput, ReleaseInventory, ReserveInventory, place_order
 from tests.e2e import fresh_database, sagactl, service_url, wait_until
+from tests.limit_sagas import with_big_charge
 from workers import inventory, ledger, payment, shipment
 
 SMALL = Limits(max_message_bytes=MIN_MESSAGE_BYTES)
@@ -115,24 +114,8 @@ async def test_start_refuses_before_storing_anything(database: AsyncEngine) -> N
 # -- a built command over the limit --------------------------------------------------
 
 
-def _padded(step_command: Any) -> Any:
-    def build(ctx: StepContext) -> dict[str, Any]:
-        return {**build_payload(step_command, ctx), "memo": "m" * MIN_MESSAGE_BYTES}
-
-    return build
-
-
 #: The order saga, except that its charge command comes out over the limit.
-BIG_CHARGE = Saga(
-    name="big_charge",
-    version=1,
-    input=OrderInput,
-    steps=[
-        place_order.steps[0],
-        replace(place_order.steps[1], command=_padded(place_order.steps[1].command)),
-        place_order.steps[2],
-    ],
-)
+BIG_CHARGE = with_big_charge("big_charge", MIN_MESSAGE_BYTES)
 
 
 async def test_a_command_over_the_limit_fails_its_step_and_compensates(
