@@ -33,7 +33,7 @@ HEADER_VALUE_LENGTH = 8_192
 DEFAULT_MAX_MESSAGE_BYTES = 1_000_000
 #: A smaller limit could refuse an ordinary command with its trace headers.
 MIN_MESSAGE_BYTES = 65_536
-#: RabbitMQ refuses bodies over 128 MiB whatever it is configured to.
+#: An upper bound: RabbitMQ 3.x refuses bodies over 128 MiB by default (4.x: 16 MiB).
 MAX_MESSAGE_BYTES = 128 * 1024 * 1024
 
 #: An unescaped JSON ``\u0000``: preceded by an even number of backslashes.
@@ -87,7 +87,7 @@ def has_nul(body: bytes) -> bool:
 def nul_path(value: Any, path: str = "") -> str | None:
     """Where in a JSON-like value the first NUL is (``payload.items[2].sku``), or None."""
     if isinstance(value, str):
-        return path or "value" if "\x00" in value else None
+        return (path or "value") if "\x00" in value else None
     if isinstance(value, Mapping):
         for key, item in value.items():
             where = f"{path}.{clip(str(key), 40)}" if path else clip(str(key), 40)
