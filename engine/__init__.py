@@ -11,10 +11,12 @@ from engine.errors import (
     DatabaseError,
     DefinitionError,
     InvalidInputError,
+    LimitError,
     SagaError,
     SagaNotFoundError,
     UnknownSagaError,
 )
+from engine.limits import Limits
 from engine.messages import Envelope, MessageKind, Outcome
 from engine.orchestrator import Engine, EngineSettings
 from engine.registry import SagaRegistry
@@ -34,6 +36,8 @@ __all__ = [
     "Envelope",
     "HandlerContext",
     "InvalidInputError",
+    "LimitError",
+    "Limits",
     "MessageKind",
     "Outcome",
     "RetryPolicy",

@@ -24,11 +24,13 @@ from engine.errors import (
     ConcurrencyConflict,
     DeadLetterNotFoundError,
     DecodeError,
+    LimitError,
     OperationRefused,
     SagaError,
     SagaNotFoundError,
     UnknownSagaError,
 )
+from engine.limits import DEFAULT_LIMITS, Limits, MessageTooLarge, check_saga_id, nul_path
 from engine.messages import Envelope, MessageKind, decode
 from engine.model import Awaiting, HistoryEntry
 from engine.registry import SagaRegistry
@@ -73,6 +75,7 @@ class SagaClient:
         on_commit: Callable[[], None] | None = None,
         messaging_system: str = "memory",
         signal: OutboxSignal | None = None,
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         self.store = store
         self.registry = registry or SagaRegistry()
@@ -85,6 +88,9 @@ class SagaClient:
         self.signal = signal if signal is not None else outbox_signal(store)
         #: ``messaging.system`` of the broker the relay will publish to (trace attribute).
         self.messaging_system = messaging_system
+        #: Sizes a start refuses beyond (the first command), and the operator's
+        #: retries build commands within.
+        self.limits = limits
 
     @classmethod
     async def connect(
@@ -94,6 +100,7 @@ class SagaClient:
         *,
         topology: Topology | None = None,
         messaging_system: str = "memory",
+        limits: Limits = DEFAULT_LIMITS,
     ) -> SagaClient:
         """A client over an existing, migrated database; clear errors otherwise."""
         registry = SagaRegistry.from_modules(sagas)
@@ -108,6 +115,7 @@ class SagaClient:
             registry,
             topology=topology,
             messaging_system=messaging_system,
+            limits=limits,
         )
 
     async def __aenter__(self) -> SagaClient:
@@ -126,14 +134,42 @@ class SagaClient:
 
     async def start(self, saga: str | Saga, input: Any, *, saga_id: str | None = None) -> str:
         """Validate the input, then persist the saga and its first command in one
-        transaction. Returns the saga id."""
+        transaction. Returns the saga id.
+
+        Refused before anything is stored: an id the columns cannot take, an input
+        holding a NUL, an input whose first command is over the limits.
+        """
         definition = saga if isinstance(saga, Saga) else self.registry.get(saga)
+        if saga_id is not None:
+            check_saga_id(saga_id)
         parsed = definition.parse_input(input)
+        data = parsed.model_dump(mode="json")
+        size = len(parsed.model_dump_json())
+        if size > self.limits.max_message_bytes:
+            raise LimitError(
+                f"input too large: it is {size:,} bytes as JSON, the limit is "
+                f"{self.limits.max_message_bytes:,} (SAGA_MAX_MESSAGE_BYTES)"
+            )
+        where = nul_path(data)
+        if where is not None:
+            raise LimitError(
+                f"input refused: {where} holds a NUL character, which PostgreSQL text cannot store"
+            )
         saga_id = saga_id or str(uuid.uuid4())
         now = self.clock()
-        state = new_saga(definition, saga_id, parsed.model_dump(mode="json"), now)
-        transition = Transition(definition, state, now=now, topology=self.topology)
+        state = new_saga(definition, saga_id, data, now)
+        transition = Transition(
+            definition, state, now=now, topology=self.topology, limits=self.limits
+        )
         transition.start()
+        refused = transition.refused
+        if isinstance(refused, MessageTooLarge):
+            raise LimitError(
+                f"input too large: the first command would be {refused.size:,} bytes, "
+                f"the limit is {refused.limit:,} (SAGA_MAX_MESSAGE_BYTES)"
+            )
+        if refused is not None:
+            raise LimitError(f"input refused: the first command: {refused}")
         # The saga's trace starts here (or inside the caller's span, if it has one).
         with tracer().start_as_current_span(
             f"saga start {definition.name}",
@@ -216,7 +252,11 @@ class SagaClient:
                         ) from None
                     previous = state.status
                     transition = Transition(
-                        definition, state, now=self.clock(), topology=self.topology
+                        definition,
+                        state,
+                        now=self.clock(),
+                        topology=self.topology,
+                        limits=self.limits,
                     )
                     summary = apply(transition)
                     with saga_span(f"saga {action}", state) as span:

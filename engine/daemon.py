@@ -240,6 +240,7 @@ async def run_engine(settings: Settings, *, migrate: bool, grace: float) -> None
             # Woken by the clients' NOTIFY on PostgreSQL, not only by its poll.
             relay=OutboxRelay(store, transport, signal=outbox_signal(store)),
             messaging_system=messaging_system(settings.broker_url),
+            limits=settings.limits,
         )
         names = ", ".join(f"{s.name} v{s.version}" for s in registry)
         ready = f"engine {engine.instance_id} consuming {topology.replies}, serving {names}"
@@ -279,6 +280,7 @@ async def run_worker(
             topology=topology,
             concurrency=concurrency,
             messaging_system=messaging_system(settings.broker_url),
+            limits=settings.limits,
         )
         ready = f"worker {worker.name} consuming {runner.destination}"
         async with _observed(

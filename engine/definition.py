@@ -16,8 +16,10 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from engine.errors import DefinitionError, InvalidInputError
+from engine.limits import NAME_LENGTH
 
-_NAME = re.compile(r"^[a-z][a-z0-9_.-]*$")
+#: Bounded by the name columns (engine/limits.py).
+_NAME = re.compile(rf"^[a-z][a-z0-9_.-]{{0,{NAME_LENGTH - 1}}}$")
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from types import TracebackType
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from engine.client import SagaClient
+from engine.limits import DEFAULT_LIMITS, Limits
 from engine.orchestrator import Engine, EngineSettings
 from engine.registry import SagaRegistry
 from engine.relay import OutboxRelay
@@ -35,6 +36,7 @@ class EmbeddedSystem:
         topology: Topology | None = None,
         engine_settings: EngineSettings | None = None,
         poll_interval: float = 0.05,
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         self.database = database
         self.topology = topology or Topology()
@@ -48,13 +50,20 @@ class EmbeddedSystem:
             topology=self.topology,
             settings=engine_settings,
             relay=OutboxRelay(self.store, transport, poll_interval=poll_interval),
+            limits=limits,
         )
         self.runners = [
-            WorkerRunner(w, MemoryTransport(self.broker), database, topology=self.topology)
+            WorkerRunner(
+                w, MemoryTransport(self.broker), database, topology=self.topology, limits=limits
+            )
             for w in workers
         ]
         self.client = SagaClient(
-            self.store, registry, topology=self.topology, on_commit=self.engine.relay.wake
+            self.store,
+            registry,
+            topology=self.topology,
+            on_commit=self.engine.relay.wake,
+            limits=limits,
         )
         self._tasks: list[asyncio.Task[None]] = []
 

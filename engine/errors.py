@@ -74,6 +74,11 @@ class TransportError(SagaError):
     """The broker is unreachable or refused an operation."""
 
 
+class LimitError(SagaError):
+    """An id, a text or a message is over its limit, or holds what the database cannot
+    store (NUL); see engine/limits.py."""
+
+
 class DecodeError(SagaError):
     """A message on the wire is not a valid envelope; it goes to the dead-letter queue."""
 

@@ -23,6 +23,7 @@ from engine.deadletters import DeadLetterArchive
 from engine.definition import Saga
 from engine.errors import ConcurrencyConflict, DecodeError, SagaError, UnknownSagaError
 from engine.faults import crashpoint
+from engine.limits import DEFAULT_LIMITS, Limits
 from engine.messages import Envelope, MessageKind, decode
 from engine.model import HistoryEntry, OutboxMessage, SagaState, TimerKind
 from engine.registry import SagaRegistry
@@ -106,6 +107,7 @@ class Engine:
         rng: random.Random | None = None,
         instance_id: str | None = None,
         messaging_system: str = "memory",
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         self.store = store
         self.transport = transport
@@ -128,6 +130,8 @@ class Engine:
         self.consuming = False
         #: ``messaging.system`` trace attribute of the transport.
         self.messaging_system = messaging_system
+        #: Replies over them are dead-lettered; built commands over them fail the step.
+        self.limits = limits
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -203,7 +207,7 @@ class Engine:
         decoded: list[tuple[Delivery, Envelope]] = []
         for delivery in deliveries:
             try:
-                envelope = decode(delivery.message.body)
+                envelope = decode(delivery.message.body, self.limits)
                 if envelope.kind is not MessageKind.REPLY:
                     raise DecodeError(f"the engine takes replies, not a {envelope.kind}")
             except DecodeError as exc:
@@ -350,7 +354,12 @@ class Engine:
                     ),
                 ):
                     transition = Transition(
-                        definitions[state.id], state, now=now, topology=self.topology, rng=self.rng
+                        definitions[state.id],
+                        state,
+                        now=now,
+                        topology=self.topology,
+                        rng=self.rng,
+                        limits=self.limits,
                     )
                     transition.on_reply(reply)
                     messages = trace_transition(
@@ -442,7 +451,12 @@ class Engine:
                         log.warning("leaving timer of saga %s alone: %s", state.id, exc)
                     continue
                 transition = Transition(
-                    definition, state, now=self.clock(), topology=self.topology, rng=self.rng
+                    definition,
+                    state,
+                    now=self.clock(),
+                    topology=self.topology,
+                    rng=self.rng,
+                    limits=self.limits,
                 )
                 with (
                     saga_context(state.id, due.timer.step),

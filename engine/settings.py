@@ -8,6 +8,12 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from engine.limits import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    MAX_MESSAGE_BYTES,
+    MIN_MESSAGE_BYTES,
+    Limits,
+)
 from engine.retention import parse_age
 
 DEFAULT_DATABASE_URL = "sqlite:///saga.db"
@@ -33,6 +39,11 @@ class Settings(BaseSettings):
     kafka_max_request_size: int = Field(default=1_048_576, ge=1024)
     #: ``text`` or ``json`` (one object per line) on stderr.
     log_format: Literal["text", "json"] = "text"
+    #: Largest message body sent or accepted (engine/limits.py); below the broker's
+    #: limit (Kafka: 1 MiB by default). Every process of a deployment should agree.
+    max_message_bytes: int = Field(
+        default=DEFAULT_MAX_MESSAGE_BYTES, ge=MIN_MESSAGE_BYTES, le=MAX_MESSAGE_BYTES
+    )
 
     # Retention (``30d``, ``12h``, ``90m``, ``3600s`` or seconds; 0 keeps rows forever).
     # Why each is safe, and how long it must be: engine/retention.py and
@@ -68,6 +79,10 @@ class Settings(BaseSettings):
     @property
     def saga_modules(self) -> list[str]:
         return [p for p in self.sagas.split(",") if p]
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(max_message_bytes=self.max_message_bytes)
 
 
 def _seconds(value: timedelta | float) -> float:

@@ -14,8 +14,9 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from engine.definition import Saga, Step, StepContext, build_payload
-from engine.errors import OperationRefused
-from engine.messages import LAST_ATTEMPT_HEADER, Envelope, MessageKind, Outcome
+from engine.errors import LimitError, OperationRefused
+from engine.limits import DEFAULT_LIMITS, Limits
+from engine.messages import LAST_ATTEMPT_HEADER, Envelope, MessageKind, Outcome, sized
 from engine.model import (
     Awaiting,
     HistoryEntry,
@@ -67,6 +68,7 @@ class Transition:
         topology: Topology,
         rng: random.Random | None = None,
         headers: Mapping[str, str] | None = None,
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         if definition.key != (state.name, state.version):
             raise ValueError(f"definition {definition.key} does not match saga {state.name}")
@@ -76,8 +78,12 @@ class Transition:
         self.topology = topology
         self.rng = rng or random.Random()
         self.headers = dict(headers or {})
+        self.limits = limits
         self.messages: list[OutboxMessage] = []
         self.history: list[HistoryEntry] = []
+        #: Why a built command or compensation was not emitted (over the size limit,
+        #: or holding a NUL), if one was not; ``start`` refuses such an input.
+        self.refused: LimitError | None = None
 
     # -- events ------------------------------------------------------------------
 
@@ -331,7 +337,14 @@ class Transition:
             self._record("step_failed", st.name, st.error)
             self._fail(f"step {st.name!r} could not build its command: {exc!r}")
             return
-        self._emit(step, MessageKind.COMMAND, step.action_name, st.attempt, payload)
+        refused = self._emit(step, MessageKind.COMMAND, step.action_name, st.attempt, payload)
+        if refused is not None:  # like a builder that raised: the step fails visibly
+            st.status = StepStatus.FAILED
+            st.finished_at = self.now
+            st.error = f"command not sent: {refused}"
+            self._record("step_failed", st.name, st.error)
+            self._fail(f"step {st.name!r} could not send its command: {refused}")
+            return
         self.state.timer = Timer(
             TimerKind.STEP_TIMEOUT, step.name, st.attempt, self.now + step.timeout
         )
@@ -414,9 +427,13 @@ class Transition:
             st.error = f"compensation builder raised {exc!r}"
             self._park(f"compensation of step {st.name!r} could not be built: {exc!r}")
             return
-        self._emit(
+        refused = self._emit(
             step, MessageKind.COMPENSATION, step.compensation.name, st.compensation_attempt, payload
         )
+        if refused is not None:  # retrying cannot shrink it either
+            st.error = f"compensation not sent: {refused}"
+            self._park(f"compensation of step {st.name!r} could not be sent: {refused}")
+            return
         self.state.timer = Timer(
             TimerKind.COMPENSATION_TIMEOUT,
             step.name,
@@ -471,7 +488,9 @@ class Transition:
 
     def _emit(
         self, step: Step, kind: MessageKind, name: str, attempt: int, payload: dict[str, Any]
-    ) -> None:
+    ) -> LimitError | None:
+        """Queue the message and await its reply; or, if it is over the limits, the
+        refusal (nothing is queued)."""
         st = self.state.steps[step.name]
         if kind is MessageKind.COMMAND:
             last = st.attempt_base + step.retry.max_attempts
@@ -489,10 +508,16 @@ class Transition:
             created_at=self.now,
             headers={**self.headers, LAST_ATTEMPT_HEADER: str(last)},
         )
+        try:
+            sized(envelope, self.limits)
+        except LimitError as exc:
+            self.refused = exc
+            return exc
         self.messages.append(
             OutboxMessage(self.topology.commands(step.participant), self.state.id, envelope)
         )
         self.state.awaiting = Awaiting(step.name, kind, attempt)
+        return None
 
     def _after(self, seconds: float) -> datetime:
         return self.now + timedelta(seconds=seconds)

@@ -443,6 +443,7 @@ def demo(options: Options, orders: int, seed: int, timeout: float) -> None:
             timeout=timeout,
             console=stderr if options.as_json else stdout,
             quiet=options.as_json,
+            limits=options.settings.limits,
         )
     )
     if options.as_json:
@@ -465,6 +466,7 @@ async def _client(options: Options, *, with_sagas: bool = False) -> SagaClient:
         settings.saga_modules if with_sagas else (),
         topology=Topology(settings.topic_prefix),
         messaging_system=messaging_system(settings.broker_url),
+        limits=settings.limits,
     )
 
 

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from engine.database import create_engine, upgrade
 from engine.embedded import EmbeddedSystem
+from engine.limits import DEFAULT_LIMITS, Limits
 from engine.registry import SagaRegistry
 from engine.states import SagaStatus
 
@@ -78,6 +79,7 @@ async def run_demo(
     timeout: float,
     console: Console,
     quiet: bool = False,
+    limits: Limits = DEFAULT_LIMITS,
 ) -> DemoResult:
     from sagas.order import place_order
     from workers import inventory, ledger, payment, shipment
@@ -88,7 +90,9 @@ async def run_demo(
         await ledger.restock(database, stock_by_sku=STOCK, balances=BALANCES)
         registry = SagaRegistry([place_order])
         workers = [inventory.worker, payment.worker, shipment.worker]
-        async with EmbeddedSystem(database, registry, workers, poll_interval=0.01) as system:
+        async with EmbeddedSystem(
+            database, registry, workers, poll_interval=0.01, limits=limits
+        ) as system:
             ids, seconds = await _place_and_wait(
                 system, plan_orders(orders, seed), timeout, console, quiet
             )

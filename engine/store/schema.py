@@ -26,6 +26,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Dialect
 
+from engine.limits import ID_LENGTH, NAME_LENGTH
+
 metadata = MetaData()
 
 #: SQLite has no 64-bit autoincrement type of its own; INTEGER PRIMARY KEY is it.
@@ -56,15 +58,15 @@ class UTCDateTime(TypeDecorator[datetime]):
 sagas = Table(
     "saga_instances",
     metadata,
-    Column("id", String(36), primary_key=True),
-    Column("name", String(200), nullable=False),
+    Column("id", String(ID_LENGTH), primary_key=True),
+    Column("name", String(NAME_LENGTH), nullable=False),
     Column("version", Integer, nullable=False),
     Column("status", String(20), nullable=False),
     Column("input", JSON, nullable=False),
     Column("error", Text),
     Column("trace_id", String(32)),
     Column("trace_context", JSON),
-    Column("awaiting_step", String(200)),
+    Column("awaiting_step", String(NAME_LENGTH)),
     Column("awaiting_kind", String(20)),
     Column("awaiting_attempt", Integer),
     Column("row_version", Integer, nullable=False),
@@ -81,11 +83,11 @@ steps = Table(
     metadata,
     Column(
         "saga_id",
-        String(36),
+        String(ID_LENGTH),
         ForeignKey("saga_instances.id", ondelete="CASCADE"),
         primary_key=True,
     ),
-    Column("name", String(200), primary_key=True),
+    Column("name", String(NAME_LENGTH), primary_key=True),
     Column("position", Integer, nullable=False),
     Column("status", String(20), nullable=False),
     Column("attempt", Integer, nullable=False),
@@ -104,12 +106,12 @@ timers = Table(
     metadata,
     Column(
         "saga_id",
-        String(36),
+        String(ID_LENGTH),
         ForeignKey("saga_instances.id", ondelete="CASCADE"),
         primary_key=True,
     ),
     Column("kind", String(30), nullable=False),
-    Column("step", String(200), nullable=False),
+    Column("step", String(NAME_LENGTH), nullable=False),
     Column("attempt", Integer, nullable=False),
     Column("due_at", UTCDateTime, nullable=False),
     Index("ix_saga_timers_due_at", "due_at"),
@@ -121,15 +123,15 @@ history = Table(
     Column("id", BigId, primary_key=True, autoincrement=True),
     Column(
         "saga_id",
-        String(36),
+        String(ID_LENGTH),
         ForeignKey("saga_instances.id", ondelete="CASCADE"),
         nullable=False,
     ),
     Column("at", UTCDateTime, nullable=False),
     Column("event", String(50), nullable=False),
-    Column("step", String(200)),
+    Column("step", String(NAME_LENGTH)),
     Column("detail", Text),
-    Column("actor", String(200), nullable=False),
+    Column("actor", String(NAME_LENGTH), nullable=False),
     Index("ix_saga_history_saga_id", "saga_id", "id"),
 )
 
@@ -137,7 +139,7 @@ outbox = Table(
     "saga_outbox",
     metadata,
     Column("id", BigId, primary_key=True, autoincrement=True),
-    Column("message_id", String(36), nullable=False, unique=True),
+    Column("message_id", String(ID_LENGTH), nullable=False, unique=True),
     Column("destination", String(255), nullable=False),
     Column("key", String(255), nullable=False),
     Column("body", Text, nullable=False),
@@ -151,12 +153,12 @@ outbox = Table(
 inbox = Table(
     "saga_inbox",
     metadata,
-    Column("message_id", String(36), primary_key=True),
+    Column("message_id", String(ID_LENGTH), primary_key=True),
     Column("consumer", String(100), nullable=False),
     Column("processed_at", UTCDateTime, nullable=False),
     #: The saga the reply was for, so ``sagactl prune`` removes a saga's inbox rows
     #: with it (NULL on rows from before migration 0006).
-    Column("saga_id", String(36)),
+    Column("saga_id", String(ID_LENGTH)),
     Index("ix_saga_inbox_processed_at", "processed_at"),
     Index("ix_saga_inbox_saga_id", "saga_id"),
 )
@@ -179,7 +181,7 @@ dead_letters = Table(
     Column("saga_id", String(255)),
     Column("received_at", UTCDateTime, nullable=False),
     Column("replayed_at", UTCDateTime),
-    Column("replayed_by", String(200)),
+    Column("replayed_by", String(NAME_LENGTH)),
     Index("ix_saga_dead_letters_received_at", "received_at"),
     Index("ix_saga_dead_letters_saga_id", "saga_id"),
 )
@@ -188,8 +190,8 @@ barrier = Table(
     "participant_barrier",
     metadata,
     Column("participant", String(100), primary_key=True),
-    Column("saga_id", String(36), primary_key=True),
-    Column("step", String(200), primary_key=True),
+    Column("saga_id", String(ID_LENGTH), primary_key=True),
+    Column("step", String(NAME_LENGTH), primary_key=True),
     #: "action" or "compensation": which half of the step this row guards.
     Column("op", String(20), primary_key=True),
     #: Who wrote the row: an action row written by a compensation marks a null

@@ -28,8 +28,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from engine.clock import utc_now
-from engine.errors import BusinessFailure
-from engine.messages import Envelope, MessageKind, Outcome
+from engine.errors import BusinessFailure, LimitError
+from engine.limits import DEFAULT_LIMITS, Limits
+from engine.messages import Envelope, MessageKind, Outcome, sized
 from engine.store.schema import barrier
 from engine.worker.worker import HandlerContext, HandlerResult, Registration
 
@@ -124,14 +125,21 @@ class BarrierBook:
             await self.session.execute(insert(barrier), new)
 
 
+class _ReplyRefused(Exception):
+    """The handler's reply is over the limits: its writes are undone like a failure's."""
+
+
 async def _run(
-    session: AsyncSession, registration: Registration, envelope: Envelope
-) -> tuple[Outcome, dict[str, Any], str | None]:
-    """Run the handler in a savepoint; a business failure undoes its writes."""
+    session: AsyncSession, registration: Registration, envelope: Envelope, limits: Limits
+) -> Envelope:
+    """Run the handler in a savepoint and return its reply; a business failure, or a
+    reply over the limits (too large, or holding a NUL), undoes its writes and is
+    replied as a failure."""
     try:
         command = registration.parse(envelope.payload)
     except ValidationError as exc:
-        return Outcome.FAILURE, {}, f"invalid {envelope.name} payload: {exc.errors()[0]['msg']}"
+        error = f"invalid {envelope.name} payload: {exc.errors()[0]['msg']}"
+        return envelope.reply(Outcome.FAILURE, error=error)
     context = HandlerContext(
         session=session,
         saga_id=envelope.saga_id,
@@ -145,12 +153,19 @@ async def _run(
             result = await registration.handler(command, context)
             # Flush inside the savepoint so a constraint violation is the handler's.
             await session.flush()
+            reply = envelope.reply(Outcome.SUCCESS, _payload(result))
+            try:
+                sized(reply, limits)
+            except LimitError as exc:
+                raise _ReplyRefused(f"reply not sent: {exc}") from None
     except BusinessFailure as failure:
-        return Outcome.FAILURE, {}, failure.reason
+        return envelope.reply(Outcome.FAILURE, error=failure.reason)
+    except _ReplyRefused as refused:
+        return envelope.reply(Outcome.FAILURE, error=str(refused))
     except IntegrityError as exc:
         orig = str(getattr(exc, "orig", None) or exc).strip().splitlines()
         raise HandlerIntegrityError(orig[0] if orig else type(exc).__name__) from exc
-    return Outcome.SUCCESS, _payload(result), None
+    return reply
 
 
 async def guarded(
@@ -159,15 +174,19 @@ async def guarded(
     registration: Registration,
     envelope: Envelope,
     book: BarrierBook | None = None,
+    *,
+    limits: Limits = DEFAULT_LIMITS,
 ) -> Envelope:
     """Handle ``envelope`` once, in ``session``'s transaction; return the reply to send.
 
     With a ``book`` (a batch), the caller loaded it and flushes it before committing.
+    A reply over ``limits`` is recorded and sent as the failure it becomes, so a
+    redelivery gets the same answer.
     """
     if book is None:
         single = BarrierBook(session, participant)
         await single.load([envelope])
-        reply = await guarded(session, participant, registration, envelope, single)
+        reply = await guarded(session, participant, registration, envelope, single, limits=limits)
         await single.flush()
         return reply
     action = book.get(envelope, ACTION)
@@ -180,9 +199,10 @@ async def guarded(
             if action.origin == COMPENSATION:
                 return envelope.reply(Outcome.FAILURE, error=REFUSED)
             return envelope.reply(Outcome(action.outcome), action.reply, action.error)
-        outcome, payload, error = await _run(session, registration, envelope)
-        book.record(envelope, ACTION, outcome, payload, error)
-        return envelope.reply(outcome, payload, error)
+        reply = await _run(session, registration, envelope, limits)
+        assert reply.outcome is not None
+        book.record(envelope, ACTION, reply.outcome, reply.payload, reply.error)
+        return reply
 
     done = book.get(envelope, COMPENSATION)
     if done is not None:
@@ -196,10 +216,10 @@ async def guarded(
         # The action failed and rolled its writes back: nothing to undo either.
         book.record(envelope, COMPENSATION, Outcome.SUCCESS)
         return envelope.reply(Outcome.SUCCESS)
-    outcome, payload, error = await _run(session, registration, envelope)
-    if outcome is Outcome.SUCCESS:
-        book.record(envelope, COMPENSATION, outcome, payload)
-    return envelope.reply(outcome, payload, error)
+    reply = await _run(session, registration, envelope, limits)
+    if reply.outcome is Outcome.SUCCESS:
+        book.record(envelope, COMPENSATION, reply.outcome, reply.payload)
+    return reply
 
 
 async def prune(database: AsyncEngine, participant: str, before: datetime, limit: int) -> int:

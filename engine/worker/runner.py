@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from engine._aio import batched, wait_either
 from engine.errors import DecodeError, SagaError
 from engine.faults import crashpoint
+from engine.limits import DEFAULT_LIMITS, Limits
 from engine.messages import Envelope, MessageKind, Outcome, decode, encode, last_attempt
 from engine.telemetry import metrics
 from engine.telemetry.logs import saga_context
@@ -43,6 +44,7 @@ class WorkerRunner:
         concurrency: int = 1,
         batch_size: int = 100,
         messaging_system: str = "memory",
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         self.worker = worker
         self.transport = transport
@@ -53,6 +55,8 @@ class WorkerRunner:
         self.batch_size = batch_size
         #: ``messaging.system`` trace attribute of the transport.
         self.messaging_system = messaging_system
+        #: Commands over them are dead-lettered; replies over them become failures.
+        self.limits = limits
         self.handled = 0
         #: True while attached to the command destination (the daemon's readiness check).
         self.consuming = False
@@ -169,7 +173,9 @@ class WorkerRunner:
             await book.load([envelope for _, envelope, _ in batch])
             for _, envelope, registration in batch:
                 with saga_context(envelope.saga_id, envelope.step), self._span(envelope):
-                    reply = await guarded(session, self.worker.name, registration, envelope, book)
+                    reply = await guarded(
+                        session, self.worker.name, registration, envelope, book, limits=self.limits
+                    )
                     replies.append(self._reply_message(reply))
             await book.flush()
         return replies
@@ -182,7 +188,7 @@ class WorkerRunner:
     async def _decode(self, delivery: Delivery) -> Envelope | None:
         """The command in ``delivery``, or None when it was dead-lettered."""
         try:
-            envelope = decode(delivery.message.body)
+            envelope = decode(delivery.message.body, self.limits)
         except DecodeError as exc:
             log.error("worker %s dead-letters a message: %s", self.worker.name, exc)
             await delivery.dead_letter(str(exc))
@@ -217,7 +223,9 @@ class WorkerRunner:
         poison: str | None = None
         try:
             async with self.sessions() as session, session.begin():
-                reply = await guarded(session, self.worker.name, registration, envelope)
+                reply = await guarded(
+                    session, self.worker.name, registration, envelope, limits=self.limits
+                )
         except IntegrityError:
             # A concurrent delivery of the same message won the barrier row: try later,
             # when this one will find the row and just re-send the reply.
