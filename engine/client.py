@@ -30,7 +30,14 @@ from engine.errors import (
     SagaNotFoundError,
     UnknownSagaError,
 )
-from engine.limits import DEFAULT_LIMITS, Limits, MessageTooLarge, check_saga_id, nul_path
+from engine.limits import (
+    ANY_SIZE,
+    DEFAULT_LIMITS,
+    Limits,
+    MessageTooLarge,
+    check_saga_id,
+    nul_path,
+)
 from engine.messages import Envelope, MessageKind, decode
 from engine.model import Awaiting, HistoryEntry
 from engine.registry import SagaRegistry
@@ -338,7 +345,7 @@ class SagaClient:
                     "(it is binary or holds NUL bytes)"
                 )
             try:
-                envelope: Envelope | None = decode(record.body)
+                envelope: Envelope | None = decode(record.body, ANY_SIZE)
             except DecodeError:
                 envelope = None
             saga = await tx.load_saga(envelope.saga_id) if envelope is not None else None

@@ -16,6 +16,7 @@ from datetime import datetime
 from engine._aio import wait_either
 from engine.clock import Clock, utc_now
 from engine.errors import DecodeError, SagaError
+from engine.limits import ANY_SIZE
 from engine.messages import Envelope, decode
 from engine.model import HistoryEntry
 from engine.store.base import DeadLetterRecord, SagaStore, StoreTransaction
@@ -97,7 +98,7 @@ async def archive_in(tx: StoreTransaction, message: Message, now: datetime) -> i
     letter_id = headers.get(DEAD_LETTER_ID) or new_dead_letter_id()
     reason, source = _why(message)
     try:
-        envelope: Envelope | None = decode(message.body)
+        envelope: Envelope | None = decode(message.body, ANY_SIZE)
     except DecodeError:
         envelope = None
     record = DeadLetterRecord(

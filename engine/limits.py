@@ -61,6 +61,9 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+#: For reading what was sent already (a dead letter, a row the broker refused): its
+#: size is not the reader's to judge, only which saga it belongs to.
+ANY_SIZE = Limits(MAX_MESSAGE_BYTES)
 
 
 class MessageTooLarge(LimitError):

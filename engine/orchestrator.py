@@ -23,7 +23,7 @@ from engine.deadletters import DeadLetterArchive
 from engine.definition import Saga
 from engine.errors import ConcurrencyConflict, DecodeError, SagaError, UnknownSagaError
 from engine.faults import crashpoint
-from engine.limits import DEFAULT_LIMITS, Limits
+from engine.limits import ANY_SIZE, DEFAULT_LIMITS, Limits
 from engine.messages import Envelope, MessageKind, decode
 from engine.model import HistoryEntry, OutboxMessage, SagaState, TimerKind
 from engine.registry import SagaRegistry
@@ -391,7 +391,7 @@ class Engine:
         found: list[tuple[Envelope, str]] = []
         for item in refused:
             try:
-                found.append((decode(item.record.body), item.reason))
+                found.append((decode(item.record.body, ANY_SIZE), item.reason))
             except DecodeError:
                 continue  # not one of ours (a replayed dead letter): archived only
         states = await tx.lock_sagas(envelope.saga_id for envelope, _ in found)

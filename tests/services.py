@@ -96,3 +96,26 @@ async def silent_server() -> AsyncIterator[int]:
         for writer in held:
             writer.close()
         await server.wait_closed()
+
+
+#: RabbitMQ's message size limit lowered by :func:`rabbit_message_limit` (1 MiB, as
+#: Kafka's), so a test sends megabytes over it instead of RabbitMQ's 128 MiB default.
+RABBIT_TEST_MESSAGE_LIMIT = 1024 * 1024
+
+
+@asynccontextmanager
+async def rabbit_message_limit(size: int = RABBIT_TEST_MESSAGE_LIMIT) -> AsyncIterator[int]:
+    """Lower RabbitMQ's ``max_message_size`` while the block runs, then restore it.
+
+    The broker reads it when a channel opens, so only channels opened inside the block
+    (connect after entering) are limited; other tests' messages are far smaller.
+    """
+    ctl = rabbitmqctl()
+    found = await run([*ctl, "eval", "application:get_env(rabbit, max_message_size)."])
+    digits = "".join(c for c in found if c.isdigit())
+    previous = int(digits) if found.strip().startswith("{ok,") and digits else 128 * 1024 * 1024
+    await run([*ctl, "eval", f"application:set_env(rabbit, max_message_size, {size})."])
+    try:
+        yield size
+    finally:
+        await run([*ctl, "eval", f"application:set_env(rabbit, max_message_size, {previous})."])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 
 import aio_pika
 import pytest
@@ -12,7 +13,14 @@ from aio_pika.exceptions import ChannelPreconditionFailed
 from engine.errors import MessagesRefused, PublishError, TransportError
 from engine.transport.base import Message, Transport
 from engine.transport.rabbitmq import RabbitTransport
-from tests.services import closed_port, rabbitmqctl, run, service_url, silent_server
+from tests.services import (
+    closed_port,
+    rabbit_message_limit,
+    rabbitmqctl,
+    run,
+    service_url,
+    silent_server,
+)
 from tests.transport_contract import Connect, Inbox, MakeTransport, Names, TransportContract, bodies
 
 pytestmark = pytest.mark.integration
@@ -36,10 +44,11 @@ class TestRabbitTransport(TransportContract):
         return make
 
     @pytest.fixture
-    def oversized(self) -> int:
-        # The broker's default max_message_size (128 MiB), which a shared broker's
-        # configuration cannot be lowered for without affecting everyone on it.
-        return 128 * 1024 * 1024 + 1024
+    async def oversized(self) -> AsyncIterator[int]:
+        # The broker's limit lowered for the channels this test opens (128 MiB by
+        # default: a body that size costs seconds and hundreds of MiB to send).
+        async with rabbit_message_limit() as limit:
+            yield limit + 1024
 
     @pytest.fixture
     def unreachable_transport(self) -> Transport:

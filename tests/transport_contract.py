@@ -311,7 +311,12 @@ class TransportContract:
         await letter.ack()
 
     async def test_a_message_the_broker_refuses_does_not_hold_up_the_others(
-        self, transport: Transport, names: Names, inboxes: list[Inbox], oversized: int
+        # ``oversized`` first: it may lower the broker's limit for connections made after.
+        self,
+        oversized: int,
+        transport: Transport,
+        names: Names,
+        inboxes: list[Inbox],
     ) -> None:
         inbox = await self.consume(transport, names.destination, names.group, inboxes)
         big = Message(names.destination, "saga-2", b"x" * oversized)
