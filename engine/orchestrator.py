@@ -14,12 +14,14 @@ import random
 import socket
 import uuid
 from collections.abc import Awaitable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
 from typing import NamedTuple
 
 from engine._aio import batched, wait_either
 from engine.clock import Clock, utc_now
-from engine.deadletters import DeadLetterArchive
+from engine.database import error_text, is_transient, storable
+from engine.deadletters import DeadLetterArchive, keep_dead_letter, letter_record
 from engine.definition import Saga
 from engine.errors import ConcurrencyConflict, DecodeError, SagaError, UnknownSagaError
 from engine.faults import crashpoint
@@ -28,12 +30,18 @@ from engine.model import HistoryEntry, OutboxMessage, SagaState, TimerKind
 from engine.registry import SagaRegistry
 from engine.relay import OutboxRelay
 from engine.statemachine import Transition
-from engine.store.base import SagaStore, write_transition, write_transitions
+from engine.store.base import (
+    DeferredReply,
+    SagaStore,
+    StoreTransaction,
+    write_transition,
+    write_transitions,
+)
 from engine.telemetry import metrics
 from engine.telemetry.logs import saga_context
 from engine.telemetry.tracing import process_span, saga_span, trace_transition
 from engine.topology import Topology
-from engine.transport.base import Delivery, Transport
+from engine.transport.base import Delivery, Message, Transport, new_dead_letter_id
 
 log = logging.getLogger("saga.engine")
 
@@ -55,6 +63,23 @@ def _log_duplicate(reply: Envelope) -> None:
         )
 
 
+#: A saga changed by applied replies: its new image, the messages and history it adds.
+_Change = tuple[SagaState, list[OutboxMessage], list[HistoryEntry]]
+
+
+def _deferral(message: Message, reply: Envelope, now: datetime) -> DeferredReply:
+    """The row that sets ``reply`` aside, tried again at once by the next scan."""
+    return DeferredReply(
+        message_id=reply.message_id,
+        saga_id=reply.saga_id,
+        key=storable(message.key)[:255],
+        body=message.body,
+        headers={storable(k): storable(v) for k, v in message.headers.items()},
+        first_seen_at=now,
+        next_attempt_at=now,
+    )
+
+
 class ReplyOutcome(enum.Enum):
     APPLIED = "applied"
     #: Its message id was processed before: acknowledged, nothing changes.
@@ -63,6 +88,8 @@ class ReplyOutcome(enum.Enum):
     NOT_VISIBLE = "not visible"
     #: The saga exists but this engine has no definition of its name and version.
     UNKNOWN = "unknown definition"
+    #: Not visible, and set aside in the store for the deferred-reply scan.
+    DEFERRED = "deferred"
 
 
 class ReplyResult(NamedTuple):
@@ -78,10 +105,22 @@ class EngineSettings:
     timer_batch: int = 100
     #: Most replies applied in one transaction.
     reply_batch: int = 100
-    #: How long a reply for an unknown saga is retried before it is dead-lettered.
+    #: How long a reply whose saga is not visible is kept and retried (set aside, never
+    #: holding the consumer) before it is dead-lettered.
     unknown_saga_patience: float = 10.0
+    #: First pause before a deferred reply is retried; it doubles up to the cap.
+    deferred_backoff: float = 0.05
+    deferred_backoff_max: float = 1.0
+    #: Pause of the deferred-reply scan when nothing was due, and most rows per scan.
+    deferred_interval: float = 0.1
+    deferred_batch: int = 100
     conflict_retries: int = 20
-    #: Pause after an unexpected error (e.g. the database is down) before going on.
+    #: Tries of a reply (or dead letter) that fails with an error that is not transient
+    #: (a value the database refuses, a bug) before it is dead-lettered with the error,
+    #: and the pause between them.
+    failure_attempts: int = 3
+    failure_backoff: float = 0.1
+    #: Pause after a transient error (e.g. the database is down) before going on.
     error_backoff: float = 1.0
     #: Consume the dead-letter destination into the saga_dead_letters table.
     archive_dead_letters: bool = True
@@ -109,7 +148,12 @@ class Engine:
         self.clock = clock
         self.settings = settings or EngineSettings()
         self.relay = relay or OutboxRelay(store, transport, clock=clock)
-        self.archive = DeadLetterArchive(store, clock=clock)
+        self.archive = DeadLetterArchive(
+            store,
+            clock=clock,
+            failure_attempts=self.settings.failure_attempts,
+            failure_backoff=self.settings.failure_backoff,
+        )
         self.rng = rng or random.Random()
         self.instance_id = instance_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         self._stop = asyncio.Event()
@@ -117,6 +161,8 @@ class Engine:
         #: Sagas whose due timers this engine skipped for want of their definition.
         self._foreign: set[str] = set()
         self.timers_fired = 0
+        #: Deferred replies settled: applied, found duplicate, or dead-lettered.
+        self.deferred_settled = 0
         #: True while the reply consumer is attached (the daemon's readiness check).
         self.consuming = False
         #: ``messaging.system`` trace attribute of the transport.
@@ -165,6 +211,7 @@ class Engine:
             consumer,
             asyncio.create_task(self.relay.run(self._stop), name="saga-engine-relay"),
             asyncio.create_task(self._timer_loop(), name="saga-engine-timers"),
+            asyncio.create_task(self._deferred_loop(), name="saga-engine-deferred-replies"),
         ]
         if letters is not None:
             archive = self.archive.consume(letters, self._stop, self.settings.error_backoff)
@@ -192,7 +239,11 @@ class Engine:
         await self.handle_deliveries([delivery])
 
     async def handle_deliveries(self, deliveries: Sequence[Delivery]) -> None:
-        """Apply a batch of deliveries, then settle each (ack after the commit)."""
+        """Apply a batch of deliveries, then settle each (ack after the commit).
+
+        Nothing here waits for anything but the database: a reply whose saga is not
+        visible is set aside in the same transaction (see :meth:`retry_deferred_replies`).
+        """
         decoded: list[tuple[Delivery, Envelope]] = []
         for delivery in deliveries:
             try:
@@ -206,21 +257,22 @@ class Engine:
             decoded.append((delivery, envelope))
         if len(decoded) > 1:
             try:
-                outcomes = await self.apply_replies([envelope for _, envelope in decoded])
+                outcomes = await self.apply_replies(
+                    [envelope for _, envelope in decoded],
+                    deliveries=[delivery.message for delivery, _ in decoded],
+                )
             except Exception as exc:
                 # A conflict, the database, or one bad reply failed the batch: each on
                 # its own now, with the retries and back-off of the single path.
                 log.warning(
-                    "batch of %d replies failed, applying one by one: %s", len(decoded), exc
+                    "batch of %d replies failed, applying one by one: %s",
+                    len(decoded),
+                    error_text(exc),
                 )
             else:
-                for (delivery, envelope), (outcome, _) in zip(decoded, outcomes, strict=True):
-                    if outcome is ReplyOutcome.DUPLICATE:
-                        _log_duplicate(envelope)
-                    if outcome in (ReplyOutcome.APPLIED, ReplyOutcome.DUPLICATE):
-                        await self._acknowledge(delivery)
-                    else:  # not visible yet, or no definition: the single path decides
-                        await self._apply_delivery(delivery, envelope)
+                for (delivery, envelope), result in zip(decoded, outcomes, strict=True):
+                    with saga_context(envelope.saga_id, envelope.step):
+                        await self._settle(self._settle_reply(delivery, envelope, result))
                 return
         for delivery, envelope in decoded:
             await self._apply_delivery(delivery, envelope)
@@ -237,58 +289,75 @@ class Engine:
     async def _acknowledge(self, delivery: Delivery) -> None:
         crashpoint("engine.after_commit")
         self.replies_handled += 1
-        await self._settle(delivery.ack())
+        await delivery.ack()
+
+    async def _settle_reply(
+        self, delivery: Delivery, envelope: Envelope, result: ReplyResult
+    ) -> None:
+        """Settle a delivery whose reply's transaction committed, by its outcome."""
+        outcome, reason = result
+        if outcome is ReplyOutcome.UNKNOWN:
+            log.error("dead-lettering reply for saga %s: %s", envelope.saga_id, reason)
+            await delivery.dead_letter(reason or f"no definition of saga {envelope.saga_name}")
+            return
+        if outcome is ReplyOutcome.DUPLICATE:
+            _log_duplicate(envelope)
+        elif outcome is ReplyOutcome.DEFERRED:
+            log.warning(
+                "reply %s: saga %s is not visible (yet); set aside, retried for up to %gs",
+                envelope.message_id,
+                envelope.saga_id,
+                self.settings.unknown_saga_patience,
+            )
+        await self._acknowledge(delivery)
 
     async def _apply_delivery(self, delivery: Delivery, envelope: Envelope) -> None:
-        """Apply one reply, retrying conflicts and a saga row not yet visible."""
+        """Apply one reply, retrying conflicts and (a bounded number of times) errors
+        that are not transient."""
         with saga_context(envelope.saga_id, envelope.step):
             await self._settle(self._apply_one(delivery, envelope))
 
     async def _apply_one(self, delivery: Delivery, envelope: Envelope) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.unknown_saga_patience
         conflicts = 0
-        delay = 0.01
+        failures = 0
         while True:
             try:
-                if not await self.handle_reply(envelope):
-                    _log_duplicate(envelope)
+                (result,) = await self.apply_replies([envelope], deliveries=[delivery.message])
                 break
             except ConcurrencyConflict:
                 conflicts += 1
                 if conflicts > self.settings.conflict_retries:
                     await delivery.nack()
                     return
-            except _NotVisible:
-                if loop.time() >= deadline:
-                    patience = self.settings.unknown_saga_patience
-                    reason = f"no saga {envelope.saga_id} after {patience:g}s"
-                    log.error("dead-lettering reply: %s", reason)
+            except Exception as exc:
+                if is_transient(exc):
+                    # The database is away or busy: everyone's problem, nobody's dead
+                    # letter. The broker redelivers; back off so it is not a hot loop.
+                    log.error(
+                        "reply %s not applied, will be redelivered: %s",
+                        envelope.message_id,
+                        error_text(exc),
+                    )
+                    await delivery.nack()
+                    await wait_either(self._stop, None, self.settings.error_backoff)
+                    return
+                failures += 1
+                if failures >= self.settings.failure_attempts:
+                    reason = f"not applied after {failures} attempts: {error_text(exc)}"
+                    log.error(
+                        "dead-lettering reply %s: %s", envelope.message_id, reason, exc_info=exc
+                    )
                     await delivery.dead_letter(reason)
                     return
-                if delay == 0.01:
-                    log.warning(
-                        "reply %s: saga %s is not visible (yet); retrying for up to %gs",
-                        envelope.message_id,
-                        envelope.saga_id,
-                        self.settings.unknown_saga_patience,
-                    )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
-            except UnknownSagaError as exc:
-                log.error("dead-lettering reply for saga %s: %s", envelope.saga_id, exc)
-                await delivery.dead_letter(str(exc))
-                return
-            except Exception:
-                # The database (or a bug) failed us: let the broker redeliver, and
-                # back off so a database outage is not a hot loop.
-                log.exception("reply %s not applied, will be redelivered", envelope.message_id)
-                await delivery.nack()
-                await wait_either(self._stop, None, self.settings.error_backoff)
-                return
-        crashpoint("engine.after_commit")
-        self.replies_handled += 1
-        await delivery.ack()
+                log.warning(
+                    "reply %s not applied (try %d of %d): %s",
+                    envelope.message_id,
+                    failures,
+                    self.settings.failure_attempts,
+                    error_text(exc),
+                )
+                await wait_either(self._stop, None, self.settings.failure_backoff)
+        await self._settle_reply(delivery, envelope, result)
 
     async def handle_reply(self, reply: Envelope) -> bool:
         """Apply one reply in one transaction; False if it was a duplicate."""
@@ -299,66 +368,270 @@ class Engine:
             raise UnknownSagaError(reason or f"no definition of saga {reply.saga_name}")
         return outcome is ReplyOutcome.APPLIED
 
-    async def apply_replies(self, replies: Sequence[Envelope]) -> list[ReplyResult]:
+    async def apply_replies(
+        self, replies: Sequence[Envelope], *, deliveries: Sequence[Message] | None = None
+    ) -> list[ReplyResult]:
         """Apply replies in one transaction, in order; what became of each.
+
+        With ``deliveries`` (the messages the replies came in, in the same order), the
+        replies whose saga is not visible are set aside in the same transaction, in
+        one statement, and come back DEFERRED: the caller acknowledges them at once.
+        """
+        async with self.store.transaction() as tx:
+            outcomes, changed = await self._apply(tx, replies)
+            if deliveries is not None:
+                unseen = [
+                    i
+                    for i, (outcome, _) in enumerate(outcomes)
+                    if outcome is ReplyOutcome.NOT_VISIBLE
+                ]
+                now = self.clock()
+                await tx.defer_replies([_deferral(deliveries[i], replies[i], now) for i in unseen])
+                for i in unseen:
+                    outcomes[i] = ReplyResult(ReplyOutcome.DEFERRED)
+        self._committed(changed)
+        return outcomes
+
+    async def _apply(
+        self, tx: StoreTransaction, replies: Sequence[Envelope]
+    ) -> tuple[list[ReplyResult], list[_Change]]:
+        """Apply replies inside ``tx``; their outcomes and the sagas they changed.
 
         The sagas are locked first (in id order), then the message ids claimed in the
         inbox: every engine takes the two in that order, so replicas cannot deadlock.
         """
         outcomes = [ReplyResult(ReplyOutcome.NOT_VISIBLE)] * len(replies)
-        changed: dict[str, tuple[SagaState, list[OutboxMessage], list[HistoryEntry]]] = {}
-        async with self.store.transaction() as tx:
-            states = await tx.lock_sagas(r.saga_id for r in replies)
-            definitions: dict[str, Saga] = {}
-            candidates: list[int] = []
-            for i, reply in enumerate(replies):
-                state = states.get(reply.saga_id)
-                if state is None:
-                    continue
-                try:
-                    definitions[state.id] = self.registry.get(state.name, state.version)
-                except UnknownSagaError as exc:
-                    outcomes[i] = ReplyResult(ReplyOutcome.UNKNOWN, str(exc))
-                    continue
-                candidates.append(i)
-            claimed = await tx.claim_inboxes(
-                {replies[i].message_id: replies[i].saga_id for i in candidates},
-                self.settings.group,
-            )
-            now = self.clock()
-            for i in candidates:
-                reply = replies[i]
-                if reply.message_id not in claimed:
-                    outcomes[i] = ReplyResult(ReplyOutcome.DUPLICATE)
-                    continue
-                claimed.discard(reply.message_id)  # a second copy in this batch: duplicate
-                state = states[reply.saga_id]
-                with (
-                    saga_context(reply.saga_id, reply.step),
-                    process_span(
-                        reply,
-                        system=self.messaging_system,
-                        destination=self.topology.replies,
-                        group=self.settings.group,
-                    ),
-                ):
-                    transition = Transition(
-                        definitions[state.id], state, now=now, topology=self.topology, rng=self.rng
-                    )
-                    transition.on_reply(reply)
-                    messages = trace_transition(
-                        state, transition.messages, transition.history, system=self.messaging_system
-                    )
-                _, emitted, entries = changed.setdefault(state.id, (state, [], []))
-                emitted.extend(messages)
-                entries.extend(transition.history)
-                outcomes[i] = ReplyResult(ReplyOutcome.APPLIED)
-            await write_transitions(tx, list(changed.values()))
-        for state, _, entries in changed.values():
+        changed: dict[str, _Change] = {}
+        states = await tx.lock_sagas(r.saga_id for r in replies)
+        definitions: dict[str, Saga] = {}
+        candidates: list[int] = []
+        for i, reply in enumerate(replies):
+            state = states.get(reply.saga_id)
+            if state is None:
+                continue
+            try:
+                definitions[state.id] = self.registry.get(state.name, state.version)
+            except UnknownSagaError as exc:
+                outcomes[i] = ReplyResult(ReplyOutcome.UNKNOWN, str(exc))
+                continue
+            candidates.append(i)
+        claimed = await tx.claim_inboxes(
+            {replies[i].message_id: replies[i].saga_id for i in candidates},
+            self.settings.group,
+        )
+        now = self.clock()
+        for i in candidates:
+            reply = replies[i]
+            if reply.message_id not in claimed:
+                outcomes[i] = ReplyResult(ReplyOutcome.DUPLICATE)
+                continue
+            claimed.discard(reply.message_id)  # a second copy in this batch: duplicate
+            state = states[reply.saga_id]
+            with (
+                saga_context(reply.saga_id, reply.step),
+                process_span(
+                    reply,
+                    system=self.messaging_system,
+                    destination=self.topology.replies,
+                    group=self.settings.group,
+                ),
+            ):
+                transition = Transition(
+                    definitions[state.id], state, now=now, topology=self.topology, rng=self.rng
+                )
+                transition.on_reply(reply)
+                messages = trace_transition(
+                    state, transition.messages, transition.history, system=self.messaging_system
+                )
+            _, emitted, entries = changed.setdefault(state.id, (state, [], []))
+            emitted.extend(messages)
+            entries.extend(transition.history)
+            outcomes[i] = ReplyResult(ReplyOutcome.APPLIED)
+        await write_transitions(tx, list(changed.values()))
+        return outcomes, list(changed.values())
+
+    def _committed(self, changed: Sequence[_Change]) -> None:
+        """After the commit of applied replies: metrics, and the relay for their output."""
+        for state, _, entries in changed:
             metrics.record_transition(state, entries)
-        if any(emitted for _, emitted, _ in changed.values()):
+        if any(emitted for _, emitted, _ in changed):
             self.relay.wake()
-        return outcomes
+
+    # -- deferred replies --------------------------------------------------------
+
+    async def retry_deferred_replies(self) -> int:
+        """Retry the deferred replies that are due, in one transaction; how many it took.
+
+        Each goes through the same apply path as a live reply. Applied or duplicate, it
+        is deleted; still not visible, it is tried again later (backoff doubling up to
+        ``deferred_backoff_max``) until ``unknown_saga_patience`` after it first came,
+        then archived as a dead letter (source: the replies destination, so ``sagactl
+        dlq replay`` sends it back there) in the transaction that deletes it. Rows are
+        claimed with SKIP LOCKED: replicas share the work. If one row fails the batch
+        with an error that is not transient, each is retried on its own, and the
+        failing one is dead-lettered after ``failure_attempts``.
+        """
+        claimed: list[str] = []
+        try:
+            return await self._retry_deferred(self.settings.deferred_batch, claimed)
+        except ConcurrencyConflict:
+            raise
+        except Exception as exc:
+            if is_transient(exc) or not claimed:
+                raise
+            if len(claimed) == 1:
+                await self._fail_deferred(claimed[0], exc)
+                return 1
+            log.warning(
+                "batch of %d deferred replies failed, retrying one by one: %s",
+                len(claimed),
+                error_text(exc),
+            )
+        for message_id in claimed:
+            try:
+                await self._retry_deferred(1, [], message_id)
+            except ConcurrencyConflict:
+                continue  # re-read next scan
+            except Exception as exc:
+                if is_transient(exc):
+                    raise
+                await self._fail_deferred(message_id, exc)
+        return len(claimed)
+
+    async def _retry_deferred(
+        self, limit: int, claimed: list[str], message_id: str | None = None
+    ) -> int:
+        now = self.clock()
+        patience = self.settings.unknown_saga_patience
+        letters: list[tuple[DeferredReply, str]] = []
+        async with self.store.transaction() as tx:
+            rows = await tx.due_deferred_replies(now, limit, message_id)
+            claimed.extend(row.message_id for row in rows)
+            if not rows:
+                return 0
+            replies: list[Envelope] = []
+            pending: list[DeferredReply] = []
+            for row in rows:
+                try:
+                    replies.append(decode(row.body))
+                    pending.append(row)
+                except DecodeError as exc:  # it decoded when it came; a changed engine
+                    letters.append((row, str(exc)))
+            outcomes, changed = await self._apply(tx, replies)
+            done = [row.message_id for row, _ in letters]
+            later: list[DeferredReply] = []
+            for row, (outcome, reason) in zip(pending, outcomes, strict=True):
+                if outcome is ReplyOutcome.UNKNOWN:
+                    letters.append((row, reason or "no definition of its saga"))
+                elif outcome is ReplyOutcome.NOT_VISIBLE:
+                    if now >= row.first_seen_at + timedelta(seconds=patience):
+                        letters.append((row, f"no saga {row.saga_id} after {patience:g}s"))
+                    else:
+                        later.append(self._later(row, now))
+                        continue
+                done.append(row.message_id)
+            for row, reason in letters:
+                await self._dead_letter_deferred(tx, row, reason, now)
+            await tx.delete_deferred_replies(done)
+            await tx.update_deferred_replies(later)
+        self._committed(changed)
+        self.deferred_settled += len(done)
+        for row, reason in letters:
+            with saga_context(row.saga_id, None):
+                log.error("dead-lettering reply %s: %s", row.message_id, reason)
+        return len(rows)
+
+    def _later(self, row: DeferredReply, now: datetime) -> DeferredReply:
+        """``row`` with its next try: capped doubling, never past its patience."""
+        pause = min(
+            self.settings.deferred_backoff * 2 ** min(row.attempts, 30),
+            self.settings.deferred_backoff_max,
+        )
+        last = row.first_seen_at + timedelta(seconds=self.settings.unknown_saga_patience)
+        return replace(
+            row,
+            attempts=row.attempts + 1,
+            next_attempt_at=min(now + timedelta(seconds=pause), last),
+        )
+
+    async def _dead_letter_deferred(
+        self, tx: StoreTransaction, row: DeferredReply, reason: str, now: datetime
+    ) -> None:
+        """Archive a deferred reply as a dead letter from the replies destination."""
+        message = Message(self.topology.replies, row.key, row.body, row.headers)
+        record, envelope = letter_record(
+            message,
+            reason=reason,
+            source=self.topology.replies,
+            letter_id=new_dead_letter_id(),
+            received_at=now,
+        )
+        await keep_dead_letter(tx, record, envelope)
+
+    async def _fail_deferred(self, message_id: str, exc: BaseException) -> None:
+        """Count a failure of one deferred reply that is not transient; at the bound,
+        dead-letter it with the error (or, if the archive refuses it too, drop it with
+        an error line: it must not come back forever)."""
+        now = self.clock()
+        error = error_text(exc)
+        async with self.store.transaction() as tx:
+            rows = await tx.due_deferred_replies(now, 1, message_id)
+            if not rows:
+                return  # another replica has it, or it is gone
+            (row,) = rows
+            failures = row.failures + 1
+            if failures < self.settings.failure_attempts:
+                log.warning(
+                    "deferred reply %s not applied (try %d of %d): %s",
+                    message_id,
+                    failures,
+                    self.settings.failure_attempts,
+                    error,
+                )
+                pause = timedelta(seconds=self.settings.failure_backoff)
+                await tx.update_deferred_replies(
+                    [
+                        replace(
+                            row,
+                            failures=failures,
+                            last_error=storable(error),
+                            next_attempt_at=now + pause,
+                        )
+                    ]
+                )
+                return
+        reason = f"not applied after {failures} attempts: {error}"
+        log.error("dead-lettering reply %s: %s", message_id, reason)
+        try:
+            async with self.store.transaction() as tx:
+                if await tx.due_deferred_replies(now, 1, message_id):
+                    await self._dead_letter_deferred(tx, row, reason, now)
+                    await tx.delete_deferred_replies([message_id])
+        except Exception as refused:
+            if is_transient(refused):
+                raise
+            log.error(
+                "deferred reply %s dropped, the archive refused it too (%s); it was: %r",
+                message_id,
+                error_text(refused),
+                row.body[:200],
+            )
+            async with self.store.transaction() as tx:
+                await tx.delete_deferred_replies([message_id])
+        self.deferred_settled += 1
+
+    async def _deferred_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                taken = await self.retry_deferred_replies()
+            except ConcurrencyConflict:
+                continue  # a live reply won the race; the row is re-read next round
+            except Exception as exc:
+                log.error("deferred-reply scan failed, retrying: %s", error_text(exc))
+                await wait_either(self._stop, None, self.settings.error_backoff)
+                continue
+            if taken < self.settings.deferred_batch:
+                await wait_either(self._stop, None, self.settings.deferred_interval)
 
     # -- timers ------------------------------------------------------------------
 
