@@ -111,8 +111,9 @@ class EngineSettings:
     #: First pause before a deferred reply is retried; it doubles up to the cap.
     deferred_backoff: float = 0.05
     deferred_backoff_max: float = 1.0
-    #: Pause of the deferred-reply scan when nothing was due, and most rows per scan.
-    deferred_interval: float = 0.1
+    #: Pause of the deferred-reply scan when nothing was due (it is woken at once when
+    #: this engine sets a reply aside), and most rows per scan.
+    deferred_interval: float = 0.25
     deferred_batch: int = 100
     conflict_retries: int = 20
     #: Tries of a reply (or dead letter) that fails with an error that is not transient
@@ -157,6 +158,8 @@ class Engine:
         self.rng = rng or random.Random()
         self.instance_id = instance_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         self._stop = asyncio.Event()
+        #: Set when this engine set a reply aside: the deferred-reply scan looks at once.
+        self._deferred_wake = asyncio.Event()
         self.replies_handled = 0
         #: Sagas whose due timers this engine skipped for want of their definition.
         self._foreign: set[str] = set()
@@ -390,6 +393,8 @@ class Engine:
                 for i in unseen:
                     outcomes[i] = ReplyResult(ReplyOutcome.DEFERRED)
         self._committed(changed)
+        if any(outcome is ReplyOutcome.DEFERRED for outcome, _ in outcomes):
+            self._deferred_wake.set()
         return outcomes
 
     async def _apply(
@@ -631,7 +636,8 @@ class Engine:
                 await wait_either(self._stop, None, self.settings.error_backoff)
                 continue
             if taken < self.settings.deferred_batch:
-                await wait_either(self._stop, None, self.settings.deferred_interval)
+                await wait_either(self._stop, self._deferred_wake, self.settings.deferred_interval)
+                self._deferred_wake.clear()
 
     # -- timers ------------------------------------------------------------------
 
