@@ -156,6 +156,7 @@ async def test_a_batch_sets_unseen_replies_aside_and_acknowledges_everything(
     assert (row.saga_id, row.key, bytes(row.body)) == ("late", "late", encode(late.reply))
     assert row.headers == {"traceparent": "00-abc"}
     assert (row.attempts, row.failures) == (0, 0)
+    assert (await any_store.stats()).replies_deferred == 2
     # The same reply redelivered before the scan took it: kept once, as it was.
     again = delivery(late.reply)
     await engine.handle_deliveries([again])

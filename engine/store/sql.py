@@ -656,6 +656,7 @@ class SqlSagaStore:
                 .select_from(dead_letters)
                 .where(dead_letters.c.replayed_at.is_(None))
             )
+            deferred = await conn.scalar(select(func.count()).select_from(deferred_replies))
         return StoreStats(
             counts=[SagaCount(name=n, status=SagaStatus(s), count=c) for n, s, c in counts],
             oldest_running=SagaSummary(**_summary_fields(oldest)) if oldest is not None else None,
@@ -663,6 +664,7 @@ class SqlSagaStore:
             outbox_oldest_unsent_at=oldest_unsent,
             dead_letters_pending=pending or 0,
             dead_letters_total=letters or 0,
+            replies_deferred=deferred or 0,
         )
 
     # -- retention -----------------------------------------------------------------
