@@ -8,40 +8,33 @@ delivery is acknowledged only after that transaction committed.
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import random
 import socket
 import uuid
 from collections.abc import Awaitable, Sequence
-from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
-from typing import NamedTuple
+from dataclasses import dataclass
 
 from engine._aio import batched, wait_either
 from engine.clock import Clock, utc_now
-from engine.database import error_text, is_transient, storable
-from engine.deadletters import DeadLetterArchive, keep_dead_letter, letter_record
+from engine.database import error_text, is_transient
+from engine.deadletters import DeadLetterArchive
+from engine.deferred import DeferredReplyScan, deferral
 from engine.definition import Saga
 from engine.errors import ConcurrencyConflict, DecodeError, SagaError, UnknownSagaError
 from engine.faults import crashpoint
 from engine.messages import Envelope, MessageKind, decode
-from engine.model import HistoryEntry, OutboxMessage, SagaState, TimerKind
+from engine.model import HistoryEntry, SagaState, TimerKind
 from engine.registry import SagaRegistry
 from engine.relay import OutboxRelay
+from engine.replies import Change, ReplyOutcome, ReplyResult
 from engine.statemachine import Transition
-from engine.store.base import (
-    DeferredReply,
-    SagaStore,
-    StoreTransaction,
-    write_transition,
-    write_transitions,
-)
+from engine.store.base import SagaStore, StoreTransaction, write_transition, write_transitions
 from engine.telemetry import metrics
 from engine.telemetry.logs import saga_context
 from engine.telemetry.tracing import process_span, saga_span, trace_transition
 from engine.topology import Topology
-from engine.transport.base import Delivery, Message, Transport, new_dead_letter_id
+from engine.transport.base import Delivery, Message, Transport
 
 log = logging.getLogger("saga.engine")
 
@@ -61,41 +54,6 @@ def _log_duplicate(reply: Envelope) -> None:
             reply.message_id,
             reply.saga_id,
         )
-
-
-#: A saga changed by applied replies: its new image, the messages and history it adds.
-_Change = tuple[SagaState, list[OutboxMessage], list[HistoryEntry]]
-
-
-def _deferral(message: Message, reply: Envelope, now: datetime) -> DeferredReply:
-    """The row that sets ``reply`` aside, tried again at once by the next scan."""
-    return DeferredReply(
-        message_id=reply.message_id,
-        saga_id=reply.saga_id,
-        key=storable(message.key)[:255],
-        body=message.body,
-        headers={storable(k): storable(v) for k, v in message.headers.items()},
-        first_seen_at=now,
-        next_attempt_at=now,
-    )
-
-
-class ReplyOutcome(enum.Enum):
-    APPLIED = "applied"
-    #: Its message id was processed before: acknowledged, nothing changes.
-    DUPLICATE = "duplicate"
-    #: No saga row (yet): another engine's start may not have committed.
-    NOT_VISIBLE = "not visible"
-    #: The saga exists but this engine has no definition of its name and version.
-    UNKNOWN = "unknown definition"
-    #: Not visible, and set aside in the store for the deferred-reply scan.
-    DEFERRED = "deferred"
-
-
-class ReplyResult(NamedTuple):
-    outcome: ReplyOutcome
-    #: Why, for UNKNOWN: the registry's error, which names what is missing.
-    reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -158,14 +116,26 @@ class Engine:
         self.rng = rng or random.Random()
         self.instance_id = instance_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         self._stop = asyncio.Event()
-        #: Set when this engine set a reply aside: the deferred-reply scan looks at once.
-        self._deferred_wake = asyncio.Event()
         self.replies_handled = 0
         #: Sagas whose due timers this engine skipped for want of their definition.
         self._foreign: set[str] = set()
         self.timers_fired = 0
-        #: Deferred replies settled: applied, found duplicate, or dead-lettered.
-        self.deferred_settled = 0
+        settings = self.settings
+        self.deferred = DeferredReplyScan(
+            store,
+            self._apply,
+            self._committed,
+            source=self.topology.replies,
+            clock=clock,
+            patience=settings.unknown_saga_patience,
+            backoff=settings.deferred_backoff,
+            backoff_max=settings.deferred_backoff_max,
+            interval=settings.deferred_interval,
+            batch=settings.deferred_batch,
+            failure_attempts=settings.failure_attempts,
+            failure_backoff=settings.failure_backoff,
+            error_backoff=settings.error_backoff,
+        )
         #: True while the reply consumer is attached (the daemon's readiness check).
         self.consuming = False
         #: ``messaging.system`` trace attribute of the transport.
@@ -214,7 +184,7 @@ class Engine:
             consumer,
             asyncio.create_task(self.relay.run(self._stop), name="saga-engine-relay"),
             asyncio.create_task(self._timer_loop(), name="saga-engine-timers"),
-            asyncio.create_task(self._deferred_loop(), name="saga-engine-deferred-replies"),
+            asyncio.create_task(self.deferred.run(self._stop), name="saga-engine-deferred"),
         ]
         if letters is not None:
             archive = self.archive.consume(letters, self._stop, self.settings.error_backoff)
@@ -245,7 +215,7 @@ class Engine:
         """Apply a batch of deliveries, then settle each (ack after the commit).
 
         Nothing here waits for anything but the database: a reply whose saga is not
-        visible is set aside in the same transaction (see :meth:`retry_deferred_replies`).
+        visible is set aside in the same transaction (see :mod:`engine.deferred`).
         """
         decoded: list[tuple[Delivery, Envelope]] = []
         for delivery in deliveries:
@@ -389,24 +359,24 @@ class Engine:
                     if outcome is ReplyOutcome.NOT_VISIBLE
                 ]
                 now = self.clock()
-                await tx.defer_replies([_deferral(deliveries[i], replies[i], now) for i in unseen])
+                await tx.defer_replies([deferral(deliveries[i], replies[i], now) for i in unseen])
                 for i in unseen:
                     outcomes[i] = ReplyResult(ReplyOutcome.DEFERRED)
         self._committed(changed)
         if any(outcome is ReplyOutcome.DEFERRED for outcome, _ in outcomes):
-            self._deferred_wake.set()
+            self.deferred.wake.set()
         return outcomes
 
     async def _apply(
         self, tx: StoreTransaction, replies: Sequence[Envelope]
-    ) -> tuple[list[ReplyResult], list[_Change]]:
+    ) -> tuple[list[ReplyResult], list[Change]]:
         """Apply replies inside ``tx``; their outcomes and the sagas they changed.
 
         The sagas are locked first (in id order), then the message ids claimed in the
         inbox: every engine takes the two in that order, so replicas cannot deadlock.
         """
         outcomes = [ReplyResult(ReplyOutcome.NOT_VISIBLE)] * len(replies)
-        changed: dict[str, _Change] = {}
+        changed: dict[str, Change] = {}
         states = await tx.lock_sagas(r.saga_id for r in replies)
         definitions: dict[str, Saga] = {}
         candidates: list[int] = []
@@ -455,7 +425,7 @@ class Engine:
         await write_transitions(tx, list(changed.values()))
         return outcomes, list(changed.values())
 
-    def _committed(self, changed: Sequence[_Change]) -> None:
+    def _committed(self, changed: Sequence[Change]) -> None:
         """After the commit of applied replies: metrics, and the relay for their output."""
         for state, _, entries in changed:
             metrics.record_transition(state, entries)
@@ -465,179 +435,13 @@ class Engine:
     # -- deferred replies --------------------------------------------------------
 
     async def retry_deferred_replies(self) -> int:
-        """Retry the deferred replies that are due, in one transaction; how many it took.
+        """One scan of the deferred replies that are due (see :mod:`engine.deferred`)."""
+        return await self.deferred.scan()
 
-        Each goes through the same apply path as a live reply. Applied or duplicate, it
-        is deleted; still not visible, it is tried again later (backoff doubling up to
-        ``deferred_backoff_max``) until ``unknown_saga_patience`` after it first came,
-        then archived as a dead letter (source: the replies destination, so ``sagactl
-        dlq replay`` sends it back there) in the transaction that deletes it. Rows are
-        claimed with SKIP LOCKED: replicas share the work. If one row fails the batch
-        with an error that is not transient, each is retried on its own, and the
-        failing one is dead-lettered after ``failure_attempts``.
-        """
-        claimed: list[str] = []
-        try:
-            return await self._retry_deferred(self.settings.deferred_batch, claimed)
-        except ConcurrencyConflict:
-            raise
-        except Exception as exc:
-            if is_transient(exc) or not claimed:
-                raise
-            if len(claimed) == 1:
-                await self._fail_deferred(claimed[0], exc)
-                return 1
-            log.warning(
-                "batch of %d deferred replies failed, retrying one by one: %s",
-                len(claimed),
-                error_text(exc),
-            )
-        for message_id in claimed:
-            try:
-                await self._retry_deferred(1, [], message_id)
-            except ConcurrencyConflict:
-                continue  # re-read next scan
-            except Exception as exc:
-                if is_transient(exc):
-                    raise
-                await self._fail_deferred(message_id, exc)
-        return len(claimed)
-
-    async def _retry_deferred(
-        self, limit: int, claimed: list[str], message_id: str | None = None
-    ) -> int:
-        now = self.clock()
-        patience = self.settings.unknown_saga_patience
-        letters: list[tuple[DeferredReply, str]] = []
-        async with self.store.transaction() as tx:
-            rows = await tx.due_deferred_replies(now, limit, message_id)
-            claimed.extend(row.message_id for row in rows)
-            if not rows:
-                return 0
-            replies: list[Envelope] = []
-            pending: list[DeferredReply] = []
-            for row in rows:
-                try:
-                    replies.append(decode(row.body))
-                    pending.append(row)
-                except DecodeError as exc:  # it decoded when it came; a changed engine
-                    letters.append((row, str(exc)))
-            outcomes, changed = await self._apply(tx, replies)
-            done = [row.message_id for row, _ in letters]
-            later: list[DeferredReply] = []
-            for row, (outcome, reason) in zip(pending, outcomes, strict=True):
-                if outcome is ReplyOutcome.UNKNOWN:
-                    letters.append((row, reason or "no definition of its saga"))
-                elif outcome is ReplyOutcome.NOT_VISIBLE:
-                    if now >= row.first_seen_at + timedelta(seconds=patience):
-                        letters.append((row, f"no saga {row.saga_id} after {patience:g}s"))
-                    else:
-                        later.append(self._later(row, now))
-                        continue
-                done.append(row.message_id)
-            for row, reason in letters:
-                await self._dead_letter_deferred(tx, row, reason, now)
-            await tx.delete_deferred_replies(done)
-            await tx.update_deferred_replies(later)
-        self._committed(changed)
-        self.deferred_settled += len(done)
-        for row, reason in letters:
-            with saga_context(row.saga_id, None):
-                log.error("dead-lettering reply %s: %s", row.message_id, reason)
-        return len(rows)
-
-    def _later(self, row: DeferredReply, now: datetime) -> DeferredReply:
-        """``row`` with its next try: capped doubling, never past its patience."""
-        pause = min(
-            self.settings.deferred_backoff * 2 ** min(row.attempts, 30),
-            self.settings.deferred_backoff_max,
-        )
-        last = row.first_seen_at + timedelta(seconds=self.settings.unknown_saga_patience)
-        return replace(
-            row,
-            attempts=row.attempts + 1,
-            next_attempt_at=min(now + timedelta(seconds=pause), last),
-        )
-
-    async def _dead_letter_deferred(
-        self, tx: StoreTransaction, row: DeferredReply, reason: str, now: datetime
-    ) -> None:
-        """Archive a deferred reply as a dead letter from the replies destination."""
-        message = Message(self.topology.replies, row.key, row.body, row.headers)
-        record, envelope = letter_record(
-            message,
-            reason=reason,
-            source=self.topology.replies,
-            letter_id=new_dead_letter_id(),
-            received_at=now,
-        )
-        await keep_dead_letter(tx, record, envelope)
-
-    async def _fail_deferred(self, message_id: str, exc: BaseException) -> None:
-        """Count a failure of one deferred reply that is not transient; at the bound,
-        dead-letter it with the error (or, if the archive refuses it too, drop it with
-        an error line: it must not come back forever)."""
-        now = self.clock()
-        error = error_text(exc)
-        async with self.store.transaction() as tx:
-            rows = await tx.due_deferred_replies(now, 1, message_id)
-            if not rows:
-                return  # another replica has it, or it is gone
-            (row,) = rows
-            failures = row.failures + 1
-            if failures < self.settings.failure_attempts:
-                log.warning(
-                    "deferred reply %s not applied (try %d of %d): %s",
-                    message_id,
-                    failures,
-                    self.settings.failure_attempts,
-                    error,
-                )
-                pause = timedelta(seconds=self.settings.failure_backoff)
-                await tx.update_deferred_replies(
-                    [
-                        replace(
-                            row,
-                            failures=failures,
-                            last_error=storable(error),
-                            next_attempt_at=now + pause,
-                        )
-                    ]
-                )
-                return
-        reason = f"not applied after {failures} attempts: {error}"
-        log.error("dead-lettering reply %s: %s", message_id, reason)
-        try:
-            async with self.store.transaction() as tx:
-                if await tx.due_deferred_replies(now, 1, message_id):
-                    await self._dead_letter_deferred(tx, row, reason, now)
-                    await tx.delete_deferred_replies([message_id])
-        except Exception as refused:
-            if is_transient(refused):
-                raise
-            log.error(
-                "deferred reply %s dropped, the archive refused it too (%s); it was: %r",
-                message_id,
-                error_text(refused),
-                row.body[:200],
-            )
-            async with self.store.transaction() as tx:
-                await tx.delete_deferred_replies([message_id])
-        self.deferred_settled += 1
-
-    async def _deferred_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                taken = await self.retry_deferred_replies()
-            except ConcurrencyConflict:
-                continue  # a live reply won the race; the row is re-read next round
-            except Exception as exc:
-                log.error("deferred-reply scan failed, retrying: %s", error_text(exc))
-                await wait_either(self._stop, None, self.settings.error_backoff)
-                continue
-            if taken < self.settings.deferred_batch:
-                await wait_either(self._stop, self._deferred_wake, self.settings.deferred_interval)
-                self._deferred_wake.clear()
+    @property
+    def deferred_settled(self) -> int:
+        """Deferred replies settled: applied, found duplicate, or dead-lettered."""
+        return self.deferred.settled
 
     # -- timers ------------------------------------------------------------------
 
