@@ -414,6 +414,7 @@ class SagaClient:
             dead_letters=DeadLetterStats(
                 not_replayed=raw.dead_letters_pending, total=raw.dead_letters_total
             ),
+            replies_deferred=raw.replies_deferred,
         )
 
     # -- retention --------------------------------------------------------------------

@@ -12,12 +12,56 @@ from typing import Any
 
 from sqlalchemy import event, inspect
 from sqlalchemy.engine import URL, Connection, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, DisconnectionError, NoSuchModuleError
+from sqlalchemy.exc import (
+    ArgumentError,
+    DBAPIError,
+    DisconnectionError,
+    InterfaceError,
+    NoSuchModuleError,
+    OperationalError,
+)
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from engine.errors import ConfigError, DatabaseError
 
 _DRIVERS = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+asyncpg"}
+
+#: SQLSTATE classes of errors that pass: connection exception, transaction rollback
+#: (serialization failure, deadlock), insufficient resources, operator intervention
+#: (shutdown, query cancelled), system error.
+_TRANSIENT_SQLSTATE_CLASSES = frozenset({"08", "40", "53", "57", "58"})
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` may pass by itself (the database or the network is away or busy)
+    rather than being this message's own problem (a value the database refuses, a bug).
+
+    A transient error is everyone's: whoever meets it retries later and dead-letters
+    nothing. Anything else fails one message, which is retried a bounded number of
+    times and then set aside with the error as its reason.
+    """
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain:
+        chain.append(current)
+        orig = getattr(current, "orig", None)
+        current = orig if isinstance(orig, BaseException) else current.__cause__
+    for error in chain:  # the database's own word first
+        sqlstate = getattr(error, "sqlstate", None) or getattr(error, "pgcode", None)
+        if isinstance(sqlstate, str) and len(sqlstate) == 5:
+            return sqlstate[:2] in _TRANSIENT_SQLSTATE_CLASSES
+    for error in chain:
+        if isinstance(error, DBAPIError) and error.connection_invalidated:
+            return True
+        if isinstance(error, OperationalError | InterfaceError | DisconnectionError | OSError):
+            return True
+    return False
+
+
+def error_text(exc: BaseException) -> str:
+    """One line saying what failed: the database's own message where there is one."""
+    orig = getattr(exc, "orig", None) or exc
+    return f"{type(orig).__name__}: {_reason(exc)}"
 
 
 def parse_url(url: str) -> URL:

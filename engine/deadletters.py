@@ -15,8 +15,9 @@ from datetime import datetime
 
 from engine._aio import wait_either
 from engine.clock import Clock, utc_now
+from engine.database import error_text, is_transient
 from engine.errors import DecodeError, SagaError
-from engine.limits import ANY_SIZE
+from engine.limits import ANY_SIZE, storable
 from engine.messages import Envelope, decode
 from engine.model import HistoryEntry
 from engine.store.base import DeadLetterRecord, SagaStore, StoreTransaction
@@ -49,10 +50,59 @@ def describe(envelope: Envelope) -> str:
     return f"{envelope.kind} {envelope.name} (attempt {envelope.attempt})"
 
 
+def letter_record(
+    message: Message, *, reason: str, source: str, letter_id: str, received_at: datetime
+) -> tuple[DeadLetterRecord, Envelope | None]:
+    """The archive row of a dead letter, every text made storable (a NUL shown as
+    ``\\x00``, lengths cut to their columns), and its envelope if the body is one."""
+    try:
+        envelope: Envelope | None = decode(message.body, ANY_SIZE)
+    except DecodeError:
+        envelope = None
+    record = DeadLetterRecord(
+        letter_id=storable(letter_id)[:64],
+        source=storable(source)[:255],
+        reason=storable(reason),
+        key=storable(message.key)[:255],
+        body=message.body,
+        headers={storable(k): storable(v) for k, v in message.headers.items()},
+        saga_id=storable(envelope.saga_id)[:255] if envelope is not None else None,
+        received_at=received_at,
+    )
+    return record, envelope
+
+
+async def keep_dead_letter(
+    tx: StoreTransaction, record: DeadLetterRecord, envelope: Envelope | None
+) -> int | None:
+    """Archive a dead letter in ``tx`` and, if its body names an existing saga, record
+    it in that saga's history; None if its letter id was archived before."""
+    archived = await tx.add_dead_letter(record)
+    if archived is not None and envelope is not None and await tx.saga_exists(envelope.saga_id):
+        detail = (
+            f"{describe(envelope)} dead-lettered from {record.source or 'an unknown source'}: "
+            f"{record.reason} (dead letter #{archived})"
+        )
+        entry = HistoryEntry(record.received_at, "dead_lettered", envelope.step[:200], detail)
+        await tx.add_history(envelope.saga_id, [entry])
+    return archived
+
+
 class DeadLetterArchive:
-    def __init__(self, store: SagaStore, *, clock: Clock = utc_now) -> None:
+    def __init__(
+        self,
+        store: SagaStore,
+        *,
+        clock: Clock = utc_now,
+        failure_attempts: int = 3,
+        failure_backoff: float = 0.1,
+    ) -> None:
         self.store = store
         self.clock = clock
+        #: Tries of a dead letter that fails with an error that is not transient,
+        #: before it is archived minimally (body kept).
+        self.failure_attempts = failure_attempts
+        self.failure_backoff = failure_backoff
         self.archived = 0
 
     async def archive(self, message: Message) -> int | None:
@@ -66,11 +116,33 @@ class DeadLetterArchive:
             log.warning("archived dead letter #%d from %s: %s", archived, source or "?", reason)
         return archived
 
+    async def archive_minimally(self, message: Message, error: BaseException) -> int | None:
+        """Keep a dead letter whose full record the database refused: its body, where it
+        came from, and why it could not be kept whole; no headers, no saga history."""
+        headers = message.headers
+        reason, source = _why(message)
+        record = DeadLetterRecord(
+            letter_id=storable(headers.get(DEAD_LETTER_ID) or new_dead_letter_id())[:64],
+            source=storable(source)[:255],
+            reason=storable(f"{reason[:1000]} (archived without headers: {error_text(error)})"),
+            key="",
+            body=message.body,
+            headers={},
+            saga_id=None,
+            received_at=self.clock(),
+        )
+        async with self.store.transaction() as tx:
+            archived = await tx.add_dead_letter(record)
+        if archived is not None:
+            self.archived += 1
+            log.warning("archived dead letter #%d minimally: %s", archived, record.reason)
+        return archived
+
     async def consume(
         self, subscription: Subscription, stop: asyncio.Event, error_backoff: float
     ) -> None:
-        """Archive each delivery, then acknowledge it; on a database error hand it back
-        to the broker and pause, so an outage is not a hot loop."""
+        """Archive each delivery, then acknowledge it; on a transient database error
+        hand it back to the broker and pause, so an outage is not a hot loop."""
         async for delivery in subscription:
             try:
                 settled = await self.handle(delivery)
@@ -81,12 +153,46 @@ class DeadLetterArchive:
                 await wait_either(stop, None, error_backoff)
 
     async def handle(self, delivery: Delivery) -> bool:
+        """Archive one delivery and acknowledge it; False if it was handed back.
+
+        A transient error (the database is away) hands it back to the broker. Any other
+        error is this message's own: after ``failure_attempts`` tries it is archived
+        minimally and, if even that is refused, acknowledged with an error line, so one
+        dead letter never stops the archive.
+        """
+        error: BaseException | None = None
+        for attempt in range(1, self.failure_attempts + 1):
+            try:
+                await self.archive(delivery.message)
+            except Exception as exc:
+                if is_transient(exc):
+                    log.error("dead letter not archived, the broker will redeliver it: %s", exc)
+                    await delivery.nack()
+                    return False
+                error = exc
+                log.warning(
+                    "dead letter not archived (try %d of %d): %s",
+                    attempt,
+                    self.failure_attempts,
+                    error_text(exc),
+                )
+                if attempt < self.failure_attempts:
+                    await asyncio.sleep(self.failure_backoff)
+                continue
+            await delivery.ack()
+            return True
+        assert error is not None
         try:
-            await self.archive(delivery.message)
-        except Exception:
-            log.exception("dead letter not archived, the broker will redeliver it")
-            await delivery.nack()
-            return False
+            await self.archive_minimally(delivery.message, error)
+        except Exception as exc:
+            if is_transient(exc):
+                await delivery.nack()
+                return False
+            log.error(
+                "dead letter dropped, the database refused even its body (%s); it was: %r",
+                error_text(exc),
+                delivery.message.body[:200],
+            )
         await delivery.ack()
         return True
 
@@ -94,32 +200,15 @@ class DeadLetterArchive:
 async def archive_in(tx: StoreTransaction, message: Message, now: datetime) -> int | None:
     """Keep one dead letter (a message as ``dead_letter_copy`` parks it) in ``tx``,
     noted in its saga's history; its archive id, or None if it was kept before."""
-    headers = dict(message.headers)
-    letter_id = headers.get(DEAD_LETTER_ID) or new_dead_letter_id()
     reason, source = _why(message)
-    try:
-        envelope: Envelope | None = decode(message.body, ANY_SIZE)
-    except DecodeError:
-        envelope = None
-    record = DeadLetterRecord(
-        letter_id=letter_id[:64],
-        source=source[:255],
+    record, envelope = letter_record(
+        message,
         reason=reason,
-        key=message.key[:255],
-        body=message.body,
-        headers=headers,
-        saga_id=envelope.saga_id[:255] if envelope is not None else None,
+        source=source,
+        letter_id=message.headers.get(DEAD_LETTER_ID) or new_dead_letter_id(),
         received_at=now,
     )
-    archived = await tx.add_dead_letter(record)
-    if archived is not None and envelope is not None and await tx.saga_exists(envelope.saga_id):
-        detail = (
-            f"{describe(envelope)} dead-lettered from {source or 'an unknown source'}: "
-            f"{reason} (dead letter #{archived})"
-        )
-        entry = HistoryEntry(now, "dead_lettered", envelope.step[:200], detail)
-        await tx.add_history(envelope.saga_id, [entry])
-    return archived
+    return await keep_dead_letter(tx, record, envelope)
 
 
 def _why(message: Message) -> tuple[str, str]:

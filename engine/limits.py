@@ -116,10 +116,16 @@ def nul_in_body(body: bytes) -> str:
         return "body"
 
 
+def storable(text: str) -> str:
+    """``text`` as any database can keep it: NUL (which PostgreSQL refuses in text and
+    JSON) shown as ``\\x00``."""
+    return text.replace("\x00", "\\x00")
+
+
 def clip(text: str, length: int) -> str:
     """``text`` made storable and short enough: NUL replaced, cut to ``length``
     characters with a marker. For text born from exceptions and user input."""
-    text = text.replace("\x00", "\\x00")
+    text = storable(text)
     if len(text) <= length:
         return text
     return text[: length - 1] + "…"

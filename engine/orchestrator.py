@@ -8,38 +8,34 @@ delivery is acknowledged only after that transaction committed.
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import random
 import socket
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
 
 from engine._aio import batched, wait_either
 from engine.clock import Clock, utc_now
+from engine.database import error_text, is_transient
 from engine.deadletters import DeadLetterArchive
+from engine.deferred import DeferredReplyScan, deferral
 from engine.definition import Saga
 from engine.errors import ConcurrencyConflict, DecodeError, SagaError, UnknownSagaError
 from engine.faults import crashpoint
 from engine.limits import ANY_SIZE, DEFAULT_LIMITS, Limits
 from engine.messages import Envelope, MessageKind, decode
-from engine.model import HistoryEntry, OutboxMessage, SagaState, TimerKind
+from engine.model import HistoryEntry, SagaState, TimerKind
 from engine.registry import SagaRegistry
 from engine.relay import OutboxRelay, Undeliverable
+from engine.replies import Change, ReplyOutcome, ReplyResult
 from engine.statemachine import Transition
-from engine.store.base import (
-    SagaStore,
-    StoreTransaction,
-    write_transition,
-    write_transitions,
-)
+from engine.store.base import SagaStore, StoreTransaction, write_transition, write_transitions
 from engine.telemetry import metrics
 from engine.telemetry.logs import saga_context
 from engine.telemetry.tracing import process_span, saga_span, trace_transition
 from engine.topology import Topology
-from engine.transport.base import Delivery, Transport
+from engine.transport.base import Delivery, Message, Transport
 
 log = logging.getLogger("saga.engine")
 
@@ -61,22 +57,6 @@ def _log_duplicate(reply: Envelope) -> None:
         )
 
 
-class ReplyOutcome(enum.Enum):
-    APPLIED = "applied"
-    #: Its message id was processed before: acknowledged, nothing changes.
-    DUPLICATE = "duplicate"
-    #: No saga row (yet): another engine's start may not have committed.
-    NOT_VISIBLE = "not visible"
-    #: The saga exists but this engine has no definition of its name and version.
-    UNKNOWN = "unknown definition"
-
-
-class ReplyResult(NamedTuple):
-    outcome: ReplyOutcome
-    #: Why, for UNKNOWN: the registry's error, which names what is missing.
-    reason: str | None = None
-
-
 @dataclass(frozen=True)
 class EngineSettings:
     group: str = "saga-engine"
@@ -84,10 +64,23 @@ class EngineSettings:
     timer_batch: int = 100
     #: Most replies applied in one transaction.
     reply_batch: int = 100
-    #: How long a reply for an unknown saga is retried before it is dead-lettered.
+    #: How long a reply whose saga is not visible is kept and retried (set aside, never
+    #: holding the consumer) before it is dead-lettered.
     unknown_saga_patience: float = 10.0
+    #: First pause before a deferred reply is retried; it doubles up to the cap.
+    deferred_backoff: float = 0.05
+    deferred_backoff_max: float = 1.0
+    #: Pause of the deferred-reply scan when nothing was due (it is woken at once when
+    #: this engine sets a reply aside), and most rows per scan.
+    deferred_interval: float = 0.25
+    deferred_batch: int = 100
     conflict_retries: int = 20
-    #: Pause after an unexpected error (e.g. the database is down) before going on.
+    #: Tries of a reply (or dead letter) that fails with an error that is not transient
+    #: (a value the database refuses, a bug) before it is dead-lettered with the error,
+    #: and the pause between them.
+    failure_attempts: int = 3
+    failure_backoff: float = 0.1
+    #: Pause after a transient error (e.g. the database is down) before going on.
     error_backoff: float = 1.0
     #: Consume the dead-letter destination into the saga_dead_letters table.
     archive_dead_letters: bool = True
@@ -118,7 +111,12 @@ class Engine:
         self.relay = relay or OutboxRelay(store, transport, clock=clock)
         if self.relay.on_undeliverable is None:
             self.relay.on_undeliverable = self.apply_undeliverable
-        self.archive = DeadLetterArchive(store, clock=clock)
+        self.archive = DeadLetterArchive(
+            store,
+            clock=clock,
+            failure_attempts=self.settings.failure_attempts,
+            failure_backoff=self.settings.failure_backoff,
+        )
         self.rng = rng or random.Random()
         self.instance_id = instance_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         self._stop = asyncio.Event()
@@ -126,6 +124,22 @@ class Engine:
         #: Sagas whose due timers this engine skipped for want of their definition.
         self._foreign: set[str] = set()
         self.timers_fired = 0
+        settings = self.settings
+        self.deferred = DeferredReplyScan(
+            store,
+            self._apply,
+            self._committed,
+            source=self.topology.replies,
+            clock=clock,
+            patience=settings.unknown_saga_patience,
+            backoff=settings.deferred_backoff,
+            backoff_max=settings.deferred_backoff_max,
+            interval=settings.deferred_interval,
+            batch=settings.deferred_batch,
+            failure_attempts=settings.failure_attempts,
+            failure_backoff=settings.failure_backoff,
+            error_backoff=settings.error_backoff,
+        )
         #: True while the reply consumer is attached (the daemon's readiness check).
         self.consuming = False
         #: ``messaging.system`` trace attribute of the transport.
@@ -176,6 +190,7 @@ class Engine:
             consumer,
             asyncio.create_task(self.relay.run(self._stop), name="saga-engine-relay"),
             asyncio.create_task(self._timer_loop(), name="saga-engine-timers"),
+            asyncio.create_task(self.deferred.run(self._stop), name="saga-engine-deferred"),
         ]
         if letters is not None:
             archive = self.archive.consume(letters, self._stop, self.settings.error_backoff)
@@ -203,7 +218,11 @@ class Engine:
         await self.handle_deliveries([delivery])
 
     async def handle_deliveries(self, deliveries: Sequence[Delivery]) -> None:
-        """Apply a batch of deliveries, then settle each (ack after the commit)."""
+        """Apply a batch of deliveries, then settle each (ack after the commit).
+
+        Nothing here waits for anything but the database: a reply whose saga is not
+        visible is set aside in the same transaction (see :mod:`engine.deferred`).
+        """
         decoded: list[tuple[Delivery, Envelope]] = []
         for delivery in deliveries:
             try:
@@ -217,21 +236,22 @@ class Engine:
             decoded.append((delivery, envelope))
         if len(decoded) > 1:
             try:
-                outcomes = await self.apply_replies([envelope for _, envelope in decoded])
+                outcomes = await self.apply_replies(
+                    [envelope for _, envelope in decoded],
+                    deliveries=[delivery.message for delivery, _ in decoded],
+                )
             except Exception as exc:
                 # A conflict, the database, or one bad reply failed the batch: each on
                 # its own now, with the retries and back-off of the single path.
                 log.warning(
-                    "batch of %d replies failed, applying one by one: %s", len(decoded), exc
+                    "batch of %d replies failed, applying one by one: %s",
+                    len(decoded),
+                    error_text(exc),
                 )
             else:
-                for (delivery, envelope), (outcome, _) in zip(decoded, outcomes, strict=True):
-                    if outcome is ReplyOutcome.DUPLICATE:
-                        _log_duplicate(envelope)
-                    if outcome in (ReplyOutcome.APPLIED, ReplyOutcome.DUPLICATE):
-                        await self._acknowledge(delivery)
-                    else:  # not visible yet, or no definition: the single path decides
-                        await self._apply_delivery(delivery, envelope)
+                for (delivery, envelope), result in zip(decoded, outcomes, strict=True):
+                    with saga_context(envelope.saga_id, envelope.step):
+                        await self._settle(self._settle_reply(delivery, envelope, result))
                 return
         for delivery, envelope in decoded:
             await self._apply_delivery(delivery, envelope)
@@ -248,58 +268,75 @@ class Engine:
     async def _acknowledge(self, delivery: Delivery) -> None:
         crashpoint("engine.after_commit")
         self.replies_handled += 1
-        await self._settle(delivery.ack())
+        await delivery.ack()
+
+    async def _settle_reply(
+        self, delivery: Delivery, envelope: Envelope, result: ReplyResult
+    ) -> None:
+        """Settle a delivery whose reply's transaction committed, by its outcome."""
+        outcome, reason = result
+        if outcome is ReplyOutcome.UNKNOWN:
+            log.error("dead-lettering reply for saga %s: %s", envelope.saga_id, reason)
+            await delivery.dead_letter(reason or f"no definition of saga {envelope.saga_name}")
+            return
+        if outcome is ReplyOutcome.DUPLICATE:
+            _log_duplicate(envelope)
+        elif outcome is ReplyOutcome.DEFERRED:
+            log.warning(
+                "reply %s: saga %s is not visible (yet); set aside, retried for up to %gs",
+                envelope.message_id,
+                envelope.saga_id,
+                self.settings.unknown_saga_patience,
+            )
+        await self._acknowledge(delivery)
 
     async def _apply_delivery(self, delivery: Delivery, envelope: Envelope) -> None:
-        """Apply one reply, retrying conflicts and a saga row not yet visible."""
+        """Apply one reply, retrying conflicts and (a bounded number of times) errors
+        that are not transient."""
         with saga_context(envelope.saga_id, envelope.step):
             await self._settle(self._apply_one(delivery, envelope))
 
     async def _apply_one(self, delivery: Delivery, envelope: Envelope) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.unknown_saga_patience
         conflicts = 0
-        delay = 0.01
+        failures = 0
         while True:
             try:
-                if not await self.handle_reply(envelope):
-                    _log_duplicate(envelope)
+                (result,) = await self.apply_replies([envelope], deliveries=[delivery.message])
                 break
             except ConcurrencyConflict:
                 conflicts += 1
                 if conflicts > self.settings.conflict_retries:
                     await delivery.nack()
                     return
-            except _NotVisible:
-                if loop.time() >= deadline:
-                    patience = self.settings.unknown_saga_patience
-                    reason = f"no saga {envelope.saga_id} after {patience:g}s"
-                    log.error("dead-lettering reply: %s", reason)
+            except Exception as exc:
+                if is_transient(exc):
+                    # The database is away or busy: everyone's problem, nobody's dead
+                    # letter. The broker redelivers; back off so it is not a hot loop.
+                    log.error(
+                        "reply %s not applied, will be redelivered: %s",
+                        envelope.message_id,
+                        error_text(exc),
+                    )
+                    await delivery.nack()
+                    await wait_either(self._stop, None, self.settings.error_backoff)
+                    return
+                failures += 1
+                if failures >= self.settings.failure_attempts:
+                    reason = f"not applied after {failures} attempts: {error_text(exc)}"
+                    log.error(
+                        "dead-lettering reply %s: %s", envelope.message_id, reason, exc_info=exc
+                    )
                     await delivery.dead_letter(reason)
                     return
-                if delay == 0.01:
-                    log.warning(
-                        "reply %s: saga %s is not visible (yet); retrying for up to %gs",
-                        envelope.message_id,
-                        envelope.saga_id,
-                        self.settings.unknown_saga_patience,
-                    )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
-            except UnknownSagaError as exc:
-                log.error("dead-lettering reply for saga %s: %s", envelope.saga_id, exc)
-                await delivery.dead_letter(str(exc))
-                return
-            except Exception:
-                # The database (or a bug) failed us: let the broker redeliver, and
-                # back off so a database outage is not a hot loop.
-                log.exception("reply %s not applied, will be redelivered", envelope.message_id)
-                await delivery.nack()
-                await wait_either(self._stop, None, self.settings.error_backoff)
-                return
-        crashpoint("engine.after_commit")
-        self.replies_handled += 1
-        await delivery.ack()
+                log.warning(
+                    "reply %s not applied (try %d of %d): %s",
+                    envelope.message_id,
+                    failures,
+                    self.settings.failure_attempts,
+                    error_text(exc),
+                )
+                await wait_either(self._stop, None, self.settings.failure_backoff)
+        await self._settle_reply(delivery, envelope, result)
 
     async def handle_reply(self, reply: Envelope) -> bool:
         """Apply one reply in one transaction; False if it was a duplicate."""
@@ -310,71 +347,112 @@ class Engine:
             raise UnknownSagaError(reason or f"no definition of saga {reply.saga_name}")
         return outcome is ReplyOutcome.APPLIED
 
-    async def apply_replies(self, replies: Sequence[Envelope]) -> list[ReplyResult]:
+    async def apply_replies(
+        self, replies: Sequence[Envelope], *, deliveries: Sequence[Message] | None = None
+    ) -> list[ReplyResult]:
         """Apply replies in one transaction, in order; what became of each.
+
+        With ``deliveries`` (the messages the replies came in, in the same order), the
+        replies whose saga is not visible are set aside in the same transaction, in
+        one statement, and come back DEFERRED: the caller acknowledges them at once.
+        """
+        async with self.store.transaction() as tx:
+            outcomes, changed = await self._apply(tx, replies)
+            if deliveries is not None:
+                unseen = [
+                    i
+                    for i, (outcome, _) in enumerate(outcomes)
+                    if outcome is ReplyOutcome.NOT_VISIBLE
+                ]
+                now = self.clock()
+                await tx.defer_replies([deferral(deliveries[i], replies[i], now) for i in unseen])
+                for i in unseen:
+                    outcomes[i] = ReplyResult(ReplyOutcome.DEFERRED)
+        self._committed(changed)
+        if any(outcome is ReplyOutcome.DEFERRED for outcome, _ in outcomes):
+            self.deferred.wake.set()
+        return outcomes
+
+    async def _apply(
+        self, tx: StoreTransaction, replies: Sequence[Envelope]
+    ) -> tuple[list[ReplyResult], list[Change]]:
+        """Apply replies inside ``tx``; their outcomes and the sagas they changed.
 
         The sagas are locked first (in id order), then the message ids claimed in the
         inbox: every engine takes the two in that order, so replicas cannot deadlock.
         """
         outcomes = [ReplyResult(ReplyOutcome.NOT_VISIBLE)] * len(replies)
-        changed: dict[str, tuple[SagaState, list[OutboxMessage], list[HistoryEntry]]] = {}
-        async with self.store.transaction() as tx:
-            states = await tx.lock_sagas(r.saga_id for r in replies)
-            definitions: dict[str, Saga] = {}
-            candidates: list[int] = []
-            for i, reply in enumerate(replies):
-                state = states.get(reply.saga_id)
-                if state is None:
-                    continue
-                try:
-                    definitions[state.id] = self.registry.get(state.name, state.version)
-                except UnknownSagaError as exc:
-                    outcomes[i] = ReplyResult(ReplyOutcome.UNKNOWN, str(exc))
-                    continue
-                candidates.append(i)
-            claimed = await tx.claim_inboxes(
-                {replies[i].message_id: replies[i].saga_id for i in candidates},
-                self.settings.group,
-            )
-            now = self.clock()
-            for i in candidates:
-                reply = replies[i]
-                if reply.message_id not in claimed:
-                    outcomes[i] = ReplyResult(ReplyOutcome.DUPLICATE)
-                    continue
-                claimed.discard(reply.message_id)  # a second copy in this batch: duplicate
-                state = states[reply.saga_id]
-                with (
-                    saga_context(reply.saga_id, reply.step),
-                    process_span(
-                        reply,
-                        system=self.messaging_system,
-                        destination=self.topology.replies,
-                        group=self.settings.group,
-                    ),
-                ):
-                    transition = Transition(
-                        definitions[state.id],
-                        state,
-                        now=now,
-                        topology=self.topology,
-                        rng=self.rng,
-                        limits=self.limits,
-                    )
-                    transition.on_reply(reply)
-                    messages = trace_transition(
-                        state, transition.messages, transition.history, system=self.messaging_system
-                    )
-                _, emitted, entries = changed.setdefault(state.id, (state, [], []))
-                emitted.extend(messages)
-                entries.extend(transition.history)
-                outcomes[i] = ReplyResult(ReplyOutcome.APPLIED)
-            await write_transitions(tx, list(changed.values()))
-        for state, _, entries in changed.values():
+        changed: dict[str, Change] = {}
+        states = await tx.lock_sagas(r.saga_id for r in replies)
+        definitions: dict[str, Saga] = {}
+        candidates: list[int] = []
+        for i, reply in enumerate(replies):
+            state = states.get(reply.saga_id)
+            if state is None:
+                continue
+            try:
+                definitions[state.id] = self.registry.get(state.name, state.version)
+            except UnknownSagaError as exc:
+                outcomes[i] = ReplyResult(ReplyOutcome.UNKNOWN, str(exc))
+                continue
+            candidates.append(i)
+        claimed = await tx.claim_inboxes(
+            {replies[i].message_id: replies[i].saga_id for i in candidates},
+            self.settings.group,
+        )
+        now = self.clock()
+        for i in candidates:
+            reply = replies[i]
+            if reply.message_id not in claimed:
+                outcomes[i] = ReplyResult(ReplyOutcome.DUPLICATE)
+                continue
+            claimed.discard(reply.message_id)  # a second copy in this batch: duplicate
+            state = states[reply.saga_id]
+            with (
+                saga_context(reply.saga_id, reply.step),
+                process_span(
+                    reply,
+                    system=self.messaging_system,
+                    destination=self.topology.replies,
+                    group=self.settings.group,
+                ),
+            ):
+                transition = Transition(
+                    definitions[state.id],
+                    state,
+                    now=now,
+                    topology=self.topology,
+                    rng=self.rng,
+                    limits=self.limits,
+                )
+                transition.on_reply(reply)
+                messages = trace_transition(
+                    state, transition.messages, transition.history, system=self.messaging_system
+                )
+            _, emitted, entries = changed.setdefault(state.id, (state, [], []))
+            emitted.extend(messages)
+            entries.extend(transition.history)
+            outcomes[i] = ReplyResult(ReplyOutcome.APPLIED)
+        await write_transitions(tx, list(changed.values()))
+        return outcomes, list(changed.values())
+
+    def _committed(self, changed: Sequence[Change]) -> None:
+        """After the commit of applied replies: metrics, and the relay for their output."""
+        for state, _, entries in changed:
             metrics.record_transition(state, entries)
-        if any(emitted for _, emitted, _ in changed.values()):
+        if any(emitted for _, emitted, _ in changed):
             self.relay.wake()
-        return outcomes
+
+    # -- deferred replies --------------------------------------------------------
+
+    async def retry_deferred_replies(self) -> int:
+        """One scan of the deferred replies that are due (see :mod:`engine.deferred`)."""
+        return await self.deferred.scan()
+
+    @property
+    def deferred_settled(self) -> int:
+        """Deferred replies settled: applied, found duplicate, or dead-lettered."""
+        return self.deferred.settled
 
     # -- messages the broker refused ---------------------------------------------
 
@@ -395,7 +473,7 @@ class Engine:
             except DecodeError:
                 continue  # not one of ours (a replayed dead letter): archived only
         states = await tx.lock_sagas(envelope.saga_id for envelope, _ in found)
-        changed: dict[str, tuple[SagaState, list[OutboxMessage], list[HistoryEntry]]] = {}
+        changed: dict[str, Change] = {}
         now = self.clock()
         for envelope, reason in found:
             state = states.get(envelope.saga_id)
@@ -412,7 +490,12 @@ class Engine:
             ):
                 span.set_attribute("saga.step", envelope.step)
                 transition = Transition(
-                    definition, state, now=now, topology=self.topology, rng=self.rng
+                    definition,
+                    state,
+                    now=now,
+                    topology=self.topology,
+                    rng=self.rng,
+                    limits=self.limits,
                 )
                 transition.on_undeliverable(envelope, reason)
                 messages = trace_transition(

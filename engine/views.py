@@ -142,6 +142,8 @@ class StoreStats(BaseModel):
     outbox_oldest_unsent_at: datetime | None
     dead_letters_pending: int
     dead_letters_total: int
+    #: Replies set aside because their saga was not visible (yet).
+    replies_deferred: int = 0
 
 
 class OldestRunning(BaseModel):
@@ -173,6 +175,9 @@ class StatsView(BaseModel):
     oldest_running: OldestRunning | None
     outbox: OutboxStats
     dead_letters: DeadLetterStats
+    #: Replies set aside because their saga was not visible (yet); each is applied or
+    #: dead-lettered within the engine's patience.
+    replies_deferred: int = 0
 
 
 class PruneCounts(BaseModel):

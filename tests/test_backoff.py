@@ -250,7 +250,7 @@ class FailingStore(SqlSagaStore):
             yield tx
 
 
-_LOOPS = ("handle_reply", "fire_due_timers", "relay_once", "archive")
+_LOOPS = ("_apply_one", "fire_due_timers", "relay_once", "archive", "scan")
 
 
 async def test_engine_loops_pause_while_the_database_fails_and_lose_nothing(
@@ -268,6 +268,7 @@ async def test_engine_loops_pause_while_the_database_fails_and_lose_nothing(
         engine = system.engine
         assert engine is not None
         engine.store = engine.relay.store = engine.archive.store = failing
+        engine.deferred.store = failing
         saga_id = await system.start_order()
 
         async def charge_waiting() -> bool:
@@ -285,8 +286,9 @@ async def test_engine_loops_pause_while_the_database_fails_and_lose_nothing(
         await asyncio.sleep(window)
         failing.down = False
         per_loop = window / backoff + 2
-        assert 1 <= failing.attempts["handle_reply"] <= per_loop, failing.attempts
+        assert 1 <= failing.attempts["_apply_one"] <= per_loop, failing.attempts
         assert 1 <= failing.attempts["fire_due_timers"] <= per_loop, failing.attempts
+        assert 1 <= failing.attempts["scan"] <= per_loop, failing.attempts
         assert 1 <= failing.attempts["archive"] <= per_loop, failing.attempts
         # The relay doubles its wait from its poll interval: 0.1, 0.2, 0.4, 0.8 ...
         assert failing.attempts["relay_once"] <= 6, failing.attempts

@@ -466,6 +466,7 @@ def test_stats_counts_states_oldest_running_backlog_and_dead_letters(
     assert stats["outbox"]["unsent"] == 1 + 3 + 2 + 8
     assert stats["outbox"]["oldest_unsent_age_seconds"] >= 0
     assert stats["dead_letters"] == {"not_replayed": 1, "total": 1}
+    assert stats["replies_deferred"] == 0
     assert parked != oldest
 
     table = sagactl(db, "stats")
@@ -475,6 +476,7 @@ def test_stats_counts_states_oldest_running_backlog_and_dead_letters(
     assert f"oldest running: {oldest} (place_order, running)" in table.stdout
     assert "outbox backlog: 14 unsent" in table.stdout
     assert "dead letters: 1 not replayed (1 archived)" in table.stdout
+    assert "replies set aside (saga not visible yet): 0" in table.stdout
 
 
 def test_stats_needs_a_migrated_database(tmp_path: Path) -> None:

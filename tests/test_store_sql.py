@@ -403,6 +403,7 @@ async def test_migrations_and_schema_metadata_do_not_drift(db: AsyncEngine) -> N
         "saga_inbox",
         "participant_barrier",
         "saga_dead_letters",
+        "saga_deferred_replies",
     } == ENGINE_TABLES
     assert diffs == []
 

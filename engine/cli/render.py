@@ -222,6 +222,7 @@ def stats(console: Console, view: StatsView) -> None:
         f"({view.dead_letters.total} archived)",
         soft_wrap=True,
     )
+    console.print(f"replies set aside (saga not visible yet): {view.replies_deferred}")
 
 
 #: Rows of ``sagactl prune``, in the order they are shown.

@@ -51,6 +51,25 @@ class DeadLetterRecord:
     replayed_by: str | None = None
 
 
+@dataclass(frozen=True)
+class DeferredReply:
+    """A reply set aside because its saga was not visible when it arrived."""
+
+    message_id: str
+    saga_id: str
+    #: The delivery as it came (broker key, body, headers), for the dead-letter archive.
+    key: str
+    body: bytes
+    headers: dict[str, str]
+    first_seen_at: datetime
+    next_attempt_at: datetime
+    #: Retries that found the saga still not visible.
+    attempts: int = 0
+    #: Retries that failed with an error that was not transient, and the last one.
+    failures: int = 0
+    last_error: str | None = None
+
+
 class StoreTransaction(Protocol):
     async def insert_saga(self, state: SagaState) -> None: ...
 
@@ -114,6 +133,23 @@ class StoreTransaction(Protocol):
         ...
 
     async def load_dead_letter(self, letter: int) -> DeadLetterRecord | None: ...
+
+    async def defer_replies(self, replies: Sequence[DeferredReply]) -> None:
+        """Set replies aside, in one statement; one already set aside is kept as it was."""
+        ...
+
+    async def due_deferred_replies(
+        self, now: datetime, limit: int, message_id: str | None = None
+    ) -> list[DeferredReply]:
+        """Deferred replies due by ``now`` (only ``message_id``'s if given), oldest
+        first, locked for this transaction; other replicas skip them."""
+        ...
+
+    async def update_deferred_replies(self, replies: Sequence[DeferredReply]) -> None:
+        """Write back the attempts, failures and next attempt time of deferred replies."""
+        ...
+
+    async def delete_deferred_replies(self, message_ids: Sequence[str]) -> None: ...
 
     async def mark_replayed(self, letter: int, at: datetime, by: str) -> bool:
         """Mark an archived dead letter replayed; False if it already was."""

@@ -186,6 +186,28 @@ dead_letters = Table(
     Index("ix_saga_dead_letters_saga_id", "saga_id"),
 )
 
+#: Replies whose saga was not (yet) visible when they arrived: kept here, acknowledged
+#: to the broker, and retried by the engine's deferred-reply scan until their saga
+#: appears or the patience runs out (then they become dead letters).
+deferred_replies = Table(
+    "saga_deferred_replies",
+    metadata,
+    Column("message_id", String(36), primary_key=True),
+    Column("saga_id", String(36), nullable=False),
+    #: The delivery as it came: broker key, body and headers (kept for the archive).
+    Column("key", String(255), nullable=False),
+    Column("body", LargeBinary, nullable=False),
+    Column("headers", JSON, nullable=False),
+    Column("first_seen_at", UTCDateTime, nullable=False),
+    #: Times it was tried again and its saga was still not visible.
+    Column("attempts", Integer, nullable=False),
+    #: Times applying it failed with an error that was not transient.
+    Column("failures", Integer, nullable=False),
+    Column("last_error", Text),
+    Column("next_attempt_at", UTCDateTime, nullable=False),
+    Index("ix_saga_deferred_replies_next_attempt", "next_attempt_at"),
+)
+
 barrier = Table(
     "participant_barrier",
     metadata,

@@ -41,8 +41,17 @@ from engine.model import (
     TimerKind,
 )
 from engine.states import SagaStatus, StepStatus
-from engine.store.base import DeadLetterRecord, DueTimer, OutboxRecord
-from engine.store.schema import dead_letters, history, inbox, outbox, sagas, steps, timers
+from engine.store.base import DeadLetterRecord, DeferredReply, DueTimer, OutboxRecord
+from engine.store.schema import (
+    dead_letters,
+    deferred_replies,
+    history,
+    inbox,
+    outbox,
+    sagas,
+    steps,
+    timers,
+)
 from engine.views import (
     DeadLetterView,
     HistoryView,
@@ -467,6 +476,67 @@ class SqlStoreTransaction:
         ).first()
         return _dead_letter_of(row) if row is not None else None
 
+    async def defer_replies(self, replies: Sequence[DeferredReply]) -> None:
+        if not replies:
+            return
+        module = postgresql if self.conn.dialect.name == "postgresql" else sqlite
+        await self.conn.execute(
+            module.insert(deferred_replies).on_conflict_do_nothing(),
+            [_deferred_row(r) for r in sorted(replies, key=attrgetter("message_id"))],
+        )
+
+    async def due_deferred_replies(
+        self, now: datetime, limit: int, message_id: str | None = None
+    ) -> list[DeferredReply]:
+        query = select(deferred_replies).where(deferred_replies.c.next_attempt_at <= now)
+        if message_id is not None:
+            query = query.where(deferred_replies.c.message_id == message_id)
+        rows = await self.conn.execute(
+            query.order_by(deferred_replies.c.next_attempt_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        return [
+            DeferredReply(
+                message_id=r.message_id,
+                saga_id=r.saga_id,
+                key=r.key,
+                body=bytes(r.body),
+                headers=dict(r.headers or {}),
+                first_seen_at=r.first_seen_at,
+                next_attempt_at=r.next_attempt_at,
+                attempts=r.attempts,
+                failures=r.failures,
+                last_error=r.last_error,
+            )
+            for r in rows
+        ]
+
+    async def update_deferred_replies(self, replies: Sequence[DeferredReply]) -> None:
+        if not replies:
+            return
+        await self.conn.execute(
+            update(deferred_replies).where(
+                deferred_replies.c.message_id == bindparam("b_message_id")
+            ),
+            [
+                {
+                    "b_message_id": r.message_id,
+                    "attempts": r.attempts,
+                    "failures": r.failures,
+                    "last_error": r.last_error,
+                    "next_attempt_at": r.next_attempt_at,
+                }
+                for r in replies
+            ],
+        )
+
+    async def delete_deferred_replies(self, message_ids: Sequence[str]) -> None:
+        if message_ids:
+            await self.conn.execute(
+                delete(deferred_replies).where(deferred_replies.c.message_id.in_(message_ids))
+            )
+
     async def mark_replayed(self, letter: int, at: datetime, by: str) -> bool:
         result = await self.conn.execute(
             update(dead_letters)
@@ -586,6 +656,7 @@ class SqlSagaStore:
                 .select_from(dead_letters)
                 .where(dead_letters.c.replayed_at.is_(None))
             )
+            deferred = await conn.scalar(select(func.count()).select_from(deferred_replies))
         return StoreStats(
             counts=[SagaCount(name=n, status=SagaStatus(s), count=c) for n, s, c in counts],
             oldest_running=SagaSummary(**_summary_fields(oldest)) if oldest is not None else None,
@@ -593,6 +664,7 @@ class SqlSagaStore:
             outbox_oldest_unsent_at=oldest_unsent,
             dead_letters_pending=pending or 0,
             dead_letters_total=letters or 0,
+            replies_deferred=deferred or 0,
         )
 
     # -- retention -----------------------------------------------------------------
@@ -671,6 +743,21 @@ def _prunable(before: datetime) -> ColumnElement[bool]:
     """A finished saga, last changed before ``before``, with nothing left to publish."""
     unsent = exists().where(outbox.c.key == sagas.c.id, outbox.c.sent_at.is_(None))
     return sagas.c.status.in_(_FINISHED) & (sagas.c.updated_at < before) & ~unsent
+
+
+def _deferred_row(reply: DeferredReply) -> dict[str, Any]:
+    return {
+        "message_id": reply.message_id,
+        "saga_id": reply.saga_id,
+        "key": reply.key,
+        "body": reply.body,
+        "headers": reply.headers,
+        "first_seen_at": reply.first_seen_at,
+        "attempts": reply.attempts,
+        "failures": reply.failures,
+        "last_error": reply.last_error,
+        "next_attempt_at": reply.next_attempt_at,
+    }
 
 
 def _dead_letter_of(row: Any) -> DeadLetterRecord:

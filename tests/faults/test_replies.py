@@ -3,8 +3,8 @@
 * The same reply delivered twice, to two engine replicas: replica A applies it and is
   killed before acknowledging (``engine.after_commit``); the broker hands it to
   replica B, whose inbox recognises it. The saga advances once.
-* A reply that arrives before the saga row it answers is visible: the engine retries
-  it until the row commits, and applies it then.
+* A reply that arrives before the saga row it answers is visible: the engine sets it
+  aside and retries it until the row commits, and applies it then.
 """
 
 from __future__ import annotations
@@ -98,3 +98,6 @@ async def test_a_reply_before_its_saga_row_is_visible_is_retried_not_dropped(
         reserve = next(s for s in details[saga_id].steps if s.name == "reserve_inventory")
         assert reserve.attempts == 1
         assert not [h for h in details[saga_id].history if h.event == "reply_ignored"]
+        # It was set aside (not held by the consumer) and deleted once applied.
+        assert "set aside" in engine.log_path.read_text()
+        assert await run.scalar("SELECT count(*) FROM saga_deferred_replies") == 0
