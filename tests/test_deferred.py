@@ -540,8 +540,11 @@ async def test_the_running_engine_applies_a_reply_whose_saga_commits_late(
     sender = MemoryTransport(broker)
     await sender.connect()
     try:
-        late = pending_saga("late", Clock())
-        late.state.created_at = late.state.updated_at = datetime.now(UTC)
+        # Started now (its step timeout in the future): a saga started at the test
+        # clock's epoch would time out before its reply's next scan.
+        now = Clock()
+        now.now = datetime.now(UTC)
+        late = pending_saga("late", now)
         await sender.publish([Message(TOPOLOGY.replies, "late", encode(late.reply))])
 
         async def deferred() -> bool:
