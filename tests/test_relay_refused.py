@@ -27,7 +27,7 @@ from engine.store.sql import SqlSagaStore
 from engine.topology import Topology
 from engine.transport.memory import MemoryBroker, MemoryTransport
 from sagas.order import place_order
-from tests.faults.sagas import BULK, bulky_order
+from tests.faults.sagas import PLUMP, plump_order
 from tests.helpers import (
     EmbeddedSystem,
     assert_books_balance,
@@ -59,7 +59,7 @@ async def _connected(broker: MemoryBroker) -> MemoryTransport:
 async def test_the_rows_around_a_refused_one_are_sent_and_its_saga_compensates(
     any_store: SqlSagaStore,
 ) -> None:
-    assert BULK > LIMIT
+    assert PLUMP > LIMIT
     broker = MemoryBroker(max_message_bytes=LIMIT)
     engine, bulky = await _at_charge(any_store, broker)
     client = SagaClient(any_store, engine.registry)
@@ -98,9 +98,9 @@ async def test_the_rows_around_a_refused_one_are_sent_and_its_saga_compensates(
 
 async def _at_charge(store: SqlSagaStore, broker: MemoryBroker) -> tuple[Engine, str]:
     """An engine (not running) and a bulky order whose oversized charge is unsent."""
-    registry = SagaRegistry([place_order, bulky_order])
+    registry = SagaRegistry([place_order, plump_order])
     engine = Engine(store, await _connected(broker), registry, topology=TOPOLOGY)
-    bulky = await SagaClient(store, registry).start("bulky_order", order_input())
+    bulky = await SagaClient(store, registry).start("plump_order", order_input())
     assert await engine.relay.relay_once() == 1
     (reserve,) = envelopes(broker.drain(TOPOLOGY.commands("inventory")))
     assert await engine.handle_reply(reserve.reply(Outcome.SUCCESS, {"left": 1}))
@@ -147,7 +147,7 @@ async def test_a_relay_without_an_engine_still_takes_a_refused_row_out(
 ) -> None:
     broker = MemoryBroker(max_message_bytes=LIMIT)
     relay = OutboxRelay(any_store, await _connected(broker))
-    client = SagaClient(any_store, SagaRegistry([place_order, bulky_order]))
+    client = SagaClient(any_store, SagaRegistry([place_order, plump_order]))
     async with any_store.transaction() as tx:
         await tx.add_raw_outbox("elsewhere", "k", "y" * (LIMIT + 1), {}, client.clock())
         await tx.add_raw_outbox("elsewhere", "k", "small", {}, client.clock())
@@ -164,10 +164,10 @@ async def test_a_relay_without_an_engine_still_takes_a_refused_row_out(
 
 async def test_one_oversized_order_among_many_fails_alone(tmp_path: Path) -> None:
     async with EmbeddedSystem(
-        tmp_path / "system.db", sagas=(fast_order_saga(), bulky_order)
+        tmp_path / "system.db", sagas=(fast_order_saga(), plump_order)
     ) as system:
         system.broker.max_message_bytes = LIMIT
-        bulky = await system.client.start("bulky_order", order_input())
+        bulky = await system.client.start("plump_order", order_input())
         good = [await system.start_order() for _ in range(20)]
 
         sagas = await system.wait_all_terminal(30, [bulky, *good])

@@ -66,3 +66,7 @@ def _charging_too_much(name: str, size: int) -> Saga:
 
 
 bulky_order = _charging_too_much("bulky_order", BULK)
+#: The same for the in-process broker of the unit tests, given a smaller limit: under
+#: the engine's own default limit (1 MB), which would refuse ``bulky_order`` first.
+PLUMP = 200_000
+plump_order = _charging_too_much("plump_order", PLUMP)
