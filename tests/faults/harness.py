@@ -287,7 +287,13 @@ class Run:
         ]
 
     async def feed_until(
-        self, daemon: Daemon, *, batch: int = 4, limit: int = 80, patience: float = 90
+        self,
+        daemon: Daemon,
+        saga: str = "place_order",
+        *,
+        batch: int = 4,
+        limit: int = 80,
+        patience: float = 90,
     ) -> list[str]:
         """Keep starting orders until ``daemon`` has exited (e.g. at its crash point):
         which replica gets which reply depends on the broker's assignment, so a fixed
@@ -298,7 +304,7 @@ class Run:
         ids: list[str] = []
         while daemon.process.poll() is None:
             assert len(ids) < limit, f"{daemon.name} still runs after {limit} orders"
-            started = await self.start_many(batch)
+            started = await self.start_many(batch, saga)
             ids += started
 
             async def moved_on(started: list[str] = started) -> bool:
