@@ -31,6 +31,7 @@ from engine.store.base import SagaStore
 from engine.store.postgres import outbox_signal
 from engine.store.sql import SqlSagaStore
 from engine.telemetry.http import Readiness, TelemetryServer
+from engine.telemetry.logs import started
 from engine.telemetry.monitor import watch
 from engine.telemetry.setup import configure_metrics, configure_tracing
 from engine.topology import Topology
@@ -88,6 +89,7 @@ async def _serve(
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+    started()  # the libraries' startup lines, held back in case the start failed
     log.info("%s", ready)  # only now: a signal from here on drains cleanly
     task = asyncio.create_task(run(), name=name)
     signalled = asyncio.create_task(stopping.wait())

@@ -45,8 +45,8 @@ def service_url(variable: str) -> str:
 
 
 @asynccontextmanager
-async def fresh_database(base_url: str) -> AsyncIterator[str]:
-    """A new, migrated PostgreSQL database; dropped afterwards."""
+async def fresh_database(base_url: str, *, migrate: bool = True) -> AsyncIterator[str]:
+    """A new PostgreSQL database, migrated unless told otherwise; dropped afterwards."""
     url = make_url(base_url)
     name = f"saga_test_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(
@@ -59,9 +59,10 @@ async def fresh_database(base_url: str) -> AsyncIterator[str]:
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')
         db_url = url.set(database=name).render_as_string(hide_password=False)
-        engine = create_engine(db_url)
-        await upgrade(engine)
-        await engine.dispose()
+        if migrate:
+            engine = create_engine(db_url)
+            await upgrade(engine)
+            await engine.dispose()
         yield db_url
     finally:
         try:

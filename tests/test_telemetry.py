@@ -20,7 +20,14 @@ from engine.messages import Envelope, MessageKind, Outcome
 from engine.model import OutboxMessage
 from engine.telemetry import setup
 from engine.telemetry.http import Readiness, TelemetryServer
-from engine.telemetry.logs import JsonFormatter, SagaContextFilter, saga_context
+from engine.telemetry.logs import (
+    LIBRARIES,
+    JsonFormatter,
+    SagaContextFilter,
+    configure_logging,
+    saga_context,
+    started,
+)
 from engine.telemetry.tracing import (
     extract,
     inject,
@@ -178,6 +185,44 @@ def test_json_log_lines_carry_saga_step_and_trace(spans: InMemorySpanExporter) -
     outside = logging.LogRecord("saga", logging.INFO, __file__, 1, "bare", (), None)
     SagaContextFilter().filter(outside)
     assert "saga_id" not in json.loads(JsonFormatter().format(outside))
+
+
+@pytest.fixture
+def restored_logging() -> Iterator[None]:
+    """configure_logging changes process-wide loggers: put them back afterwards."""
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level, {n: logging.getLogger(n).level for n in LIBRARIES}
+    yield
+    root.handlers[:], root.level = saved[0], saved[1]
+    for name, level in saved[2].items():
+        logging.getLogger(name).setLevel(level)
+
+
+def test_library_lines_wait_for_the_daemon_to_start(
+    restored_logging: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    configure_logging("info", starting=True)
+    logging.getLogger("alembic.runtime.plugins").info("setup plugin x")
+    logging.getLogger("aiokafka").error("Unable connect to broker")
+    logging.getLogger("saga.daemon").info("our own line")
+    assert [line.split(" ", 2)[2] for line in capsys.readouterr().err.splitlines()] == [
+        "INFO saga.daemon: our own line"
+    ]
+    started()  # up: what the libraries warned about while it started is shown now
+    logging.getLogger("aio_pika.robust_connection").info("reconnecting")
+    logging.getLogger("aiormq.connection").warning("connection lost")
+    assert [line.split(" ", 2)[2] for line in capsys.readouterr().err.splitlines()] == [
+        "ERROR aiokafka: Unable connect to broker",
+        "WARNING aiormq.connection: connection lost",
+    ]
+
+
+def test_debug_level_shows_the_libraries_from_the_start(
+    restored_logging: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    configure_logging("debug", starting=True)
+    logging.getLogger("alembic.runtime.plugins").info("setup plugin x")
+    assert "INFO alembic.runtime.plugins: setup plugin x" in capsys.readouterr().err
 
 
 def test_otlp_exporter_reaches_the_test_receiver() -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 from pydantic import BaseModel
-from sqlalchemy import Column, Integer, MetaData, String, Table, func, select, update
+from sqlalchemy import Column, CursorResult, Integer, MetaData, String, Table, func, select, update
 
 from engine import BusinessFailure, HandlerContext, Worker
 from sagas.order import ChargePayment, RefundPayment
@@ -57,13 +59,17 @@ async def charge(cmd: ChargePayment, ctx: HandlerContext) -> Charged:
         .where(accounts.c.customer_id == cmd.customer_id)
         .values(balance_cents=accounts.c.balance_cents - cmd.amount_cents)
     )
-    result = await ctx.session.execute(
-        ledger.insert().values(
-            order_id=cmd.order_id,
-            customer_id=cmd.customer_id,
-            kind="charge",
-            amount_cents=cmd.amount_cents,
-        )
+    # An INSERT's result is a CursorResult (SQLAlchemy 2.1 types execute() as Result).
+    result = cast(
+        CursorResult[Any],
+        await ctx.session.execute(
+            ledger.insert().values(
+                order_id=cmd.order_id,
+                customer_id=cmd.customer_id,
+                kind="charge",
+                amount_cents=cmd.amount_cents,
+            )
+        ),
     )
     (charge_id,) = result.inserted_primary_key or (0,)
     return Charged(charge_id=int(charge_id), amount_cents=cmd.amount_cents)

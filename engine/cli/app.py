@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from sqlalchemy.exc import DBAPIError
@@ -100,9 +101,19 @@ def cli(ctx: click.Context, database_url: str | None, sagas: str | None, as_json
         overrides["sagas"] = sagas
     try:
         settings = Settings(**overrides)
-    except ValueError as exc:
-        fail(f"bad setting: {exc}")
+    except ValidationError as exc:
+        fail(_bad_settings(exc))
     ctx.obj = Options(settings, as_json)
+
+
+def _bad_settings(exc: ValidationError) -> str:
+    """One line naming each bad variable and why; never the value, which may be a
+    secret (a URL with a password, a key)."""
+    problems = []
+    for error in exc.errors():
+        name = "SAGA_" + "_".join(str(part) for part in error["loc"]).upper()
+        problems.append(f"{name}: {error['msg'].removeprefix('Value error, ')}")
+    return "bad setting " + "; ".join(problems)
 
 
 def _json_option(func: Any) -> Any:
@@ -513,7 +524,8 @@ def _daemon_settings(
     log_format: str | None,
     log_level: str,
 ) -> Settings:
-    """Flags over environment; sets up logging as a side effect (it needs the format)."""
+    """Flags over environment; sets up logging as a side effect (it needs the format),
+    holding the libraries' lines back until the daemon is up (engine.telemetry.logs)."""
     updates: dict[str, Any] = {}
     if broker_url:
         updates["broker_url"] = broker_url
@@ -522,7 +534,7 @@ def _daemon_settings(
     if log_format:
         updates["log_format"] = log_format
     settings = options.settings.model_copy(update=updates)
-    configure_logging(log_level, settings.log_format)
+    configure_logging(log_level, settings.log_format, starting=True)
     return settings
 
 

@@ -3,6 +3,13 @@
 The saga and step come from a context variable the engine and the workers set while
 handling a message; the trace id from the current span. ``--log-format json`` gives
 one JSON object per line for log pipelines.
+
+The libraries under the daemons (Alembic, the broker clients, asyncio) log their own
+plumbing at INFO: Alembic's plugin setup and each migration step, every connection
+attempt and reconnect. Those are shown from WARNING up, or all of them with
+``--log-level debug``. While a daemon starts, their records are held back: a start
+that fails ends with one error line of saga-engine's own (the libraries' view of the
+same failure would only repeat it), and one that succeeds shows what they said.
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -71,11 +79,63 @@ class TextFormatter(logging.Formatter):
         return f"{line} [{' '.join(tags)}]" if tags and getattr(record, "saga_id", None) else line
 
 
-def configure_logging(level: str, fmt: str = "text") -> None:
-    """Root logging to stderr in ``text`` or ``json`` format, with saga context."""
+#: Loggers of the libraries whose INFO lines are plumbing, not the daemon's story.
+LIBRARIES = ("alembic", "aiokafka", "aio_pika", "aiormq", "asyncio", "sqlalchemy")
+#: Library records kept while a daemon starts; the oldest go first beyond this.
+HELD_AT_MOST = 200
+
+
+def _from_library(name: str) -> bool:
+    return any(name == lib or name.startswith(f"{lib}.") for lib in LIBRARIES)
+
+
+class _StartupHold(logging.Filter):
+    """Holds the libraries' records back until :func:`started` (see module doc)."""
+
+    def __init__(self, handler: logging.Handler) -> None:
+        super().__init__()
+        self.handler = handler
+        self.holding = False
+        self.held: deque[logging.LogRecord] = deque(maxlen=HELD_AT_MOST)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.holding and _from_library(record.name):
+            self.held.append(record)
+            return False
+        return True
+
+    def release(self) -> None:
+        self.holding = False
+        while self.held:
+            self.handler.handle(self.held.popleft())
+
+
+_hold: _StartupHold | None = None
+
+
+def configure_logging(level: str, fmt: str = "text", *, starting: bool = False) -> None:
+    """Root logging to stderr in ``text`` or ``json`` format, with saga context.
+
+    The libraries log from WARNING up unless ``level`` is debug; with ``starting``
+    (a daemon) their records wait for :func:`started`, and are dropped if it never
+    comes: a failed start says why in one line of its own.
+    """
+    global _hold
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(SagaContextFilter())
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    debug = root.level <= logging.DEBUG
+    for name in LIBRARIES:
+        logging.getLogger(name).setLevel(logging.NOTSET if debug else logging.WARNING)
+    _hold = _StartupHold(handler)
+    _hold.holding = starting and not debug
+    handler.addFilter(_hold)
+
+
+def started() -> None:
+    """The daemon is up: show what the libraries said while it started."""
+    if _hold is not None:
+        _hold.release()

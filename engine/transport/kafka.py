@@ -191,7 +191,16 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka i
         await self._subscription._revoke(revoked)
 
     async def on_partitions_assigned(self, assigned: Iterable[Any]) -> None:
-        return None
+        # aiokafka's own account of the group is INFO noise, hidden by default; which
+        # partitions a member got is what tells a stalled consumer from an idle one.
+        partitions = sorted(tp.partition for tp in assigned)
+        subscription = self._subscription
+        log.info(
+            "%s, group %s: assigned partitions %s",
+            subscription.topic,
+            subscription.group,
+            partitions,
+        )
 
 
 class KafkaSubscription:

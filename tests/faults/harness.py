@@ -155,7 +155,7 @@ class FaultCluster(Cluster):
         assert f"{faults.ENV}: {point} reached" in daemon.tail(400), daemon.tail()
         daemon.log_file.close()
 
-    async def ready(self, *daemons: Daemon, timeout: float = 30) -> None:
+    async def ready(self, *daemons: Daemon, timeout: float = 60) -> None:
         """Wait until each daemon says it consumes (its handlers are installed)."""
         deadline = time.monotonic() + timeout
         for daemon in daemons:
@@ -287,16 +287,35 @@ class Run:
         ]
 
     async def feed_until(
-        self, daemon: Daemon, *, batch: int = 4, interval: float = 0.25, limit: int = 80
+        self,
+        daemon: Daemon,
+        saga: str = "place_order",
+        *,
+        batch: int = 4,
+        limit: int = 80,
+        patience: float = 90,
     ) -> list[str]:
         """Keep starting orders until ``daemon`` has exited (e.g. at its crash point):
         which replica gets which reply depends on the broker's assignment, so a fixed
-        load may never reach the replica that is to crash."""
+        load may never reach the replica that is to crash. Each batch goes out once the
+        one before it settled (or the daemon exited), so the pace follows the daemons,
+        not a clock: on a busy machine, joining the groups alone can take longer than
+        a timed feed would last."""
         ids: list[str] = []
         while daemon.process.poll() is None:
             assert len(ids) < limit, f"{daemon.name} still runs after {limit} orders"
-            ids += await self.start_many(batch)
-            await asyncio.sleep(interval)
+            started = await self.start_many(batch, saga)
+            ids += started
+
+            async def moved_on(started: list[str] = started) -> bool:
+                if daemon.process.poll() is not None:
+                    return True
+                statuses = await self.client.statuses(started)
+                return all(statuses.get(saga_id) in SETTLED for saga_id in started)
+
+            await self.wait_for(
+                f"a batch of orders to settle or {daemon.name} to exit", moved_on, patience
+            )
         return ids
 
     # -- waiting -----------------------------------------------------------------------
@@ -349,13 +368,24 @@ class Run:
         await self.wait_for(f"{event} of {step} in saga {saga_id}", recorded, timeout)
 
     async def wait_dispatched(self, saga_id: str, step: str, timeout: float = 30) -> None:
-        """Wait until ``step``'s command is out (and its reply not yet in)."""
+        """Wait until ``step``'s command is out (and its reply not yet in).
 
-        async def dispatched() -> bool:
+        Out means on the broker, not only dispatched: the step turns DISPATCHED in the
+        transaction that writes its command to the outbox, and the relay publishes it
+        after that commit. An engine killed in between takes the command with it until
+        an engine runs again, so a scenario that kills the engine must wait for this.
+        """
+
+        async def out() -> bool:
             detail = await self.client.get(saga_id)
-            return any(s.name == step and s.status is StepStatus.DISPATCHED for s in detail.steps)
+            dispatched = any(
+                s.name == step and s.status is StepStatus.DISPATCHED for s in detail.steps
+            )
+            return dispatched and not await self.scalar(
+                "SELECT count(*) FROM saga_outbox WHERE key = :id AND sent_at IS NULL", id=saga_id
+            )
 
-        await self.wait_for(f"{step} of saga {saga_id} to be dispatched", dispatched, timeout)
+        await self.wait_for(f"the command of {step} of saga {saga_id} to be sent", out, timeout)
 
     # -- the books -----------------------------------------------------------------------
 

@@ -30,7 +30,10 @@ async def test_engine_killed_between_commit_publish_and_mark_sent(
         # The orders are committed before the engine starts, so its first publish is
         # every reserve command and its second one is charge commands, which the
         # engine's own reply transitions committed.
-        ids = await run.start_many(ORDERS)
+        # patient_order: the step timeouts run from these starts, before any engine
+        # runs; two engine starts on a busy machine must not eat them (a reply waiting
+        # in the broker would then lose to its timer: not what this scenario is about).
+        ids = await run.start_many(ORDERS, saga="patient_order")
         engine = cluster.start_engine(crash=f"{point}:2")
         await cluster.crashed(engine, point)
         pending = await run.rows(

@@ -38,7 +38,9 @@ async def test_a_reply_delivered_twice_to_two_replicas_advances_the_saga_once(
         first = cluster.start_engine(crash="engine.after_commit:2")
         second = cluster.start_engine()
         await cluster.ready(first, second)
-        await run.feed_until(first)
+        # patient_order: replica A's unacknowledged reply reaches B only once A's
+        # session expired, which on a busy machine may outlast place_order's timeout.
+        await run.feed_until(first, saga="patient_order")
         await cluster.crashed(first, "engine.after_commit")
 
         details = await run.settle(timeout=90)
