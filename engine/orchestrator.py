@@ -15,6 +15,7 @@ import socket
 import uuid
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import NamedTuple
 
 from engine._aio import batched, wait_either
@@ -24,7 +25,7 @@ from engine.definition import Saga
 from engine.errors import ConcurrencyConflict, DecodeError, SagaError, UnknownSagaError
 from engine.faults import crashpoint
 from engine.messages import Envelope, MessageKind, decode
-from engine.model import HistoryEntry, OutboxMessage, SagaState, TimerKind
+from engine.model import TIMEOUTS, HistoryEntry, OutboxMessage, SagaState
 from engine.registry import SagaRegistry
 from engine.relay import OutboxRelay
 from engine.statemachine import Transition
@@ -34,12 +35,9 @@ from engine.telemetry.logs import saga_context
 from engine.telemetry.tracing import process_span, saga_span, trace_transition
 from engine.topology import Topology
 from engine.transport.base import Delivery, Transport
+from engine.watermark import ReplyWatermark
 
 log = logging.getLogger("saga.engine")
-
-
-#: Timers that end a wait for a reply; postponed while their message is unpublished.
-TIMEOUTS = (TimerKind.STEP_TIMEOUT, TimerKind.COMPENSATION_TIMEOUT)
 
 
 class _NotVisible(Exception):
@@ -85,6 +83,15 @@ class EngineSettings:
     error_backoff: float = 1.0
     #: Consume the dead-letter destination into the saga_dead_letters table.
     archive_dead_letters: bool = True
+    # The reply watermark (engine/watermark.py): a step or compensation timeout fires
+    # only once every reply that was in the broker when it fell due is applied...
+    #: ...or once it is this overdue, whatever the reply consumer's lag.
+    timeout_hold: timedelta = timedelta(seconds=90)
+    #: After the engine starts or loses the broker, how long before marks count:
+    #: longer than a worker's backoff (5s at most) before it republishes a reply.
+    reply_settle: timedelta = timedelta(seconds=6)
+    #: How often the watermark takes a mark of the reply subscription (seconds).
+    watermark_interval: float = 0.5
 
 
 class Engine:
@@ -119,6 +126,9 @@ class Engine:
         self.timers_fired = 0
         #: True while the reply consumer is attached (the daemon's readiness check).
         self.consuming = False
+        #: Holds timeouts while replies may wait unapplied; None while not consuming
+        #: (then nothing could apply a reply, and timeouts go by their deadline).
+        self.watermark: ReplyWatermark | None = None
         #: ``messaging.system`` trace attribute of the transport.
         self.messaging_system = messaging_system
 
@@ -161,8 +171,16 @@ class Engine:
                 await self.handle_deliveries(batch)
 
         consumer = asyncio.create_task(consume(), name="saga-engine-replies")
+        self.watermark = ReplyWatermark(
+            subscription,
+            clock=self.clock,
+            interval=self.settings.watermark_interval,
+            settle=self.settings.reply_settle,
+            hold=self.settings.timeout_hold,
+        )
         loops = [
             consumer,
+            asyncio.create_task(self.watermark.run(self._stop), name="saga-engine-watermark"),
             asyncio.create_task(self.relay.run(self._stop), name="saga-engine-relay"),
             asyncio.create_task(self._timer_loop(), name="saga-engine-timers"),
         ]
@@ -177,6 +195,7 @@ class Engine:
                     raise task.exception()  # type: ignore[misc]
         finally:
             self.consuming = False
+            self.watermark = None
             self._stop.set()
             # Closing the subscriptions ends the consumers after their current message.
             for sub in subscriptions:
@@ -363,12 +382,21 @@ class Engine:
     # -- timers ------------------------------------------------------------------
 
     async def fire_due_timers(self) -> int:
-        """Fire the timers due now, in one transaction; returns how many fired."""
+        """Fire the timers due now, in one transaction; returns how many fired.
+
+        While replies are consumed, a timeout is due only once the reply watermark
+        says no reply for it can wait unapplied, or past the hold bound."""
         fired = 0
         emitted = False
         done: list[tuple[SagaState, list[HistoryEntry]]] = []
+        now = self.clock()
+        watermark = self.watermark
+        held_after = None if watermark is None else watermark.timeouts_due_by(now)
         async with self.store.transaction() as tx:
-            for due in await tx.due_timers(self.clock(), self.settings.timer_batch):
+            due_timers = await tx.due_timers(
+                now, self.settings.timer_batch, timeouts_due_by=held_after
+            )
+            for due in due_timers:
                 state = await tx.load_saga(due.saga_id)
                 if state is None:
                     continue

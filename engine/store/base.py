@@ -87,8 +87,14 @@ class StoreTransaction(Protocol):
         processed before."""
         ...
 
-    async def due_timers(self, now: datetime, limit: int) -> list[DueTimer]:
-        """Due timers, locked for this transaction; other replicas skip them."""
+    async def due_timers(
+        self, now: datetime, limit: int, *, timeouts_due_by: datetime | None = None
+    ) -> list[DueTimer]:
+        """Due timers, locked for this transaction; other replicas skip them.
+
+        With ``timeouts_due_by``, a timeout (:data:`~engine.model.TIMEOUTS`) counts as
+        due only if due by then: held timeouts are not returned at all, so they cannot
+        fill the batch and starve the timers behind them."""
         ...
 
     async def claim_outbox(self, limit: int) -> list[OutboxRecord]:

@@ -11,8 +11,10 @@ their group, as on the in-process broker.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
-from collections import defaultdict
+import uuid
+from collections import OrderedDict, defaultdict
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
@@ -30,6 +32,7 @@ from yarl import URL
 
 from engine.errors import PublishError, TransportError
 from engine.transport.base import (
+    Mark,
     Message,
     dead_letter_copy,
 )
@@ -38,6 +41,10 @@ log = logging.getLogger("saga.transport.rabbitmq")
 
 #: AMQP has no message key, so the ordering key travels as a header.
 KEY_HEADER = "x-saga-key"
+#: Header of a subscription's own marker message (see RabbitSubscription.mark).
+MARKER_HEADER = "x-saga-mark"
+#: Markers whose arrival a subscription remembers; older ones prove nothing any more.
+_MARKERS_KEPT = 256
 
 _FAILURES = (AMQPError, ChannelInvalidStateError, ConnectionError, OSError)
 
@@ -49,9 +56,12 @@ def _header_text(value: Any) -> str:
 
 
 class RabbitDelivery:
-    def __init__(self, subscription: RabbitSubscription, incoming: AbstractIncomingMessage):
+    def __init__(
+        self, subscription: RabbitSubscription, incoming: AbstractIncomingMessage, seq: int
+    ) -> None:
         self._subscription = subscription
         self._incoming = incoming
+        self.seq = seq
         headers = {k: _header_text(v) for k, v in (incoming.headers or {}).items()}
         key = headers.pop(KEY_HEADER, "")
         self._message = Message(subscription.destination, key, incoming.body, headers)
@@ -85,10 +95,13 @@ class RabbitDelivery:
 
     async def ack(self) -> None:
         if self._settle():
+            self._subscription._unsettled.discard(self.seq)
             await self._quietly("ack", self._incoming.ack())
 
     async def nack(self) -> None:
         if self._settle():
+            self._subscription._unsettled.discard(self.seq)
+            self._subscription._nacks += 1
             await self._quietly("nack", self._incoming.nack(requeue=True))
 
     async def dead_letter(self, reason: str) -> None:
@@ -118,6 +131,16 @@ class RabbitSubscription:
         self._queue: AbstractQueue | None = None
         self._tag: str | None = None
         self._closed = False
+        # Marks (see mark()): deliveries are numbered in arrival order per channel.
+        self._seq = itertools.count()
+        self._unsettled: set[int] = set()
+        self._nacks = 0
+        self._underlay: object = None
+        self._epoch = 0
+        self._marker_prefix = uuid.uuid4().hex
+        self._markers = itertools.count()
+        #: Marker id -> how many deliveries had arrived before it.
+        self._markers_seen: OrderedDict[str, int] = OrderedDict()
 
     async def start(self, connection: AbstractRobustConnection) -> None:
         transport = self.transport
@@ -146,12 +169,72 @@ class RabbitSubscription:
             if incoming is None or self._closed:
                 continue
             try:
-                incoming.channel  # noqa: B018  # raises once its channel is gone
+                underlay = incoming.channel  # raises once its channel is gone
             except ChannelInvalidStateError:
                 # Delivered before a reconnect: the broker requeued it already and
                 # will deliver it again on the restored channel.
                 continue
-            yield RabbitDelivery(self, incoming)
+            self._on_channel(underlay)
+            marker = (incoming.headers or {}).get(MARKER_HEADER)
+            if marker is not None:
+                await self._marker_arrived(incoming, _header_text(marker))
+                continue
+            seq = next(self._seq)
+            self._unsettled.add(seq)
+            yield RabbitDelivery(self, incoming, seq)
+
+    # -- marks ----------------------------------------------------------------------
+    #
+    # A queue has no offsets, so a mark is a marker message of this subscription's own,
+    # published (confirmed) to its queue: FIFO puts it behind every message the queue
+    # held, so once it arrives, what came before it is all that the mark covers. A
+    # passive declare's message count would be no proof: deliveries already on their
+    # way to this consumer are counted neither by the queue nor here yet.
+
+    def _on_channel(self, underlay: object) -> None:
+        """A new channel (the robust connection reopened it): the broker took back
+        every unacked delivery, so older marks prove nothing."""
+        if underlay is not self._underlay:
+            self._underlay = underlay
+            self._epoch += 1
+            self._unsettled.clear()
+
+    async def _marker_arrived(self, incoming: AbstractIncomingMessage, marker: str) -> None:
+        if marker.startswith(self._marker_prefix):
+            self._markers_seen[marker] = next(self._seq)
+            while len(self._markers_seen) > _MARKERS_KEPT:
+                self._markers_seen.popitem(last=False)
+        # Another replica's marker is dropped too: that replica's mark then never
+        # completes, and its timeouts wait for their hold bound instead.
+        try:
+            await incoming.ack()
+        except _FAILURES as exc:
+            log.debug("ack of a marker on %s: %s", self.destination, exc)
+
+    async def mark(self) -> Mark:
+        channel = self._channel
+        if channel is None or self._closed:
+            raise TransportError(f"not consuming {self.destination}")
+        try:
+            self._on_channel(await channel.get_underlay_channel())
+            epoch, nacks = self._epoch, self._nacks
+            marker = f"{self._marker_prefix}:{next(self._markers)}"
+            await self.transport.publish_marker(self.destination, MARKER_HEADER, marker)
+        except (*_FAILURES, Unroutable, TimeoutError) as exc:
+            raise TransportError(
+                f"cannot mark {self.destination}: {exc or type(exc).__name__}"
+            ) from exc
+        return Mark(epoch, (marker, nacks))
+
+    async def settled_past(self, mark: Mark) -> bool:
+        """The marker arrived on the same channel, nothing was handed back since it was
+        sent (a requeued message could come after it), and everything that arrived
+        before it is settled."""
+        marker, nacks = mark.position
+        arrived = self._markers_seen.get(marker)
+        if mark.epoch != self._epoch or nacks != self._nacks or arrived is None:
+            return False
+        return min(self._unsettled, default=arrived) >= arrived
 
     async def close(self) -> None:
         if self._closed:
@@ -322,6 +405,18 @@ class RabbitTransport:
                 raise PublishError(f"{self.where} could not route a message: {result}")
             if isinstance(result, BaseException):
                 raise PublishError(f"{self.where} refused a publish: {result}") from result
+
+    async def publish_marker(self, destination: str, header: str, marker: str) -> None:
+        """A transient empty message to ``destination`` (for marks), confirmed."""
+        exchange = self._exchange
+        if exchange is None:
+            raise TransportError("RabbitMQ transport is not connected")
+        async with asyncio.timeout(self.publish_timeout):
+            await exchange.publish(
+                aio_pika.Message(b"", headers={header: marker}),
+                routing_key=destination,
+                mandatory=True,
+            )
 
     async def subscribe(self, destination: str, *, group: str) -> RabbitSubscription:
         if self._connection is None:

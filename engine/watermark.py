@@ -1,0 +1,112 @@
+"""The reply watermark: evidence that no reply waits unapplied, for the timeout rule.
+
+A step timeout means "no answer came", not "the clock ran out while nobody was
+listening". So the engine keeps a horizon H: a time such that every reply that was in
+the broker for its reply subscription at H has been applied (acked or dead-lettered
+after its transaction committed). A timeout due at ``due_at`` fires only once
+``due_at <= H``, or, so that a consumer that never catches up cannot stop timeouts for
+ever, once it is ``hold`` overdue (:meth:`ReplyWatermark.timeouts_due_by`).
+
+H moves by marks: every ``interval`` the watermark takes a mark of the subscription at
+time t (a position past everything the broker holds), and when the subscription has
+settled past it, H becomes t. After an interruption (the engine starting, a mark that
+failed because the broker is unreachable, a new broker channel), marks count only
+from ``settle`` after it: a worker whose reply could not be published during the
+outage publishes it within its capped backoff, and the mark must be taken after that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from datetime import datetime, timedelta
+
+from engine._aio import wait_either
+from engine.clock import Clock
+from engine.errors import TransportError
+from engine.transport.base import Mark, Subscription
+
+log = logging.getLogger("saga.engine.watermark")
+
+#: Marks waiting to be settled past; while full, no new one is taken (H still moves
+#: as the old ones settle).
+MAX_PENDING_MARKS = 256
+
+
+class ReplyWatermark:
+    """Samples a reply subscription's marks and keeps the horizon H in memory."""
+
+    def __init__(
+        self,
+        subscription: Subscription,
+        *,
+        clock: Clock,
+        interval: float,
+        settle: timedelta,
+        hold: timedelta,
+    ) -> None:
+        self.subscription = subscription
+        self.clock = clock
+        self.interval = interval
+        self.settle = settle
+        self.hold = hold
+        #: None until the first mark was settled past.
+        self.horizon: datetime | None = None
+        self._pending: deque[tuple[datetime, Mark]] = deque()
+        self._epoch: int | None = None
+        #: When marks started to count again after the last interruption; None while
+        #: interrupted. Starting is an interruption.
+        self._resumed_at: datetime | None = None
+
+    def timeouts_due_by(self, now: datetime) -> datetime:
+        """Timeouts due at or before this may fire now: those the evidence covers, and
+        those overdue by the hold bound whatever the evidence."""
+        bound = now - self.hold
+        if self.horizon is not None and self.horizon > bound:
+            bound = self.horizon
+        return min(now, bound)
+
+    async def sample(self) -> None:
+        """Take a mark, and move H to the newest mark the subscription settled past."""
+        taken = self.clock()
+        try:
+            mark = await self.subscription.mark()
+        except TransportError as exc:
+            if self._resumed_at is not None:
+                log.warning("reply watermark frozen at %s: %s", self.horizon, exc)
+            self._interrupted()
+            return
+        if self._resumed_at is None or mark.epoch != self._epoch:
+            self._interrupted()
+            self._epoch = mark.epoch
+            self._resumed_at = taken
+        if taken >= self._resumed_at + self.settle and len(self._pending) < MAX_PENDING_MARKS:
+            self._pending.append((taken, mark))
+        await self._advance()
+
+    async def _advance(self) -> None:
+        # Oldest first: a later mark is never settled before an earlier one, so the
+        # first that is not settled ends the round.
+        while self._pending:
+            at, mark = self._pending[0]
+            if not await self.subscription.settled_past(mark):
+                return
+            self._pending.popleft()
+            if self.horizon is None or at > self.horizon:
+                self.horizon = at
+
+    def _interrupted(self) -> None:
+        self._pending.clear()
+        self._epoch = None
+        self._resumed_at = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Sample every ``interval`` until ``stop``."""
+        while not stop.is_set():
+            try:
+                await self.sample()
+            except Exception:
+                log.exception("reply watermark sample failed")
+                self._interrupted()
+            await wait_either(stop, None, self.interval)
