@@ -209,6 +209,28 @@ async def test_due_timers_returns_only_due_ones_earliest_first(store: SqlSagaSto
         assert len(await tx.due_timers(T0 + timedelta(hours=1), 10)) == 3
 
 
+async def test_held_timeouts_are_not_returned_and_do_not_fill_the_batch(
+    any_store: SqlSagaStore,
+) -> None:
+    # Three step timeouts due first, then a retry and a compensation timeout: the
+    # watermark holds every timeout due after T0+35s.
+    for n in range(3):
+        await insert(any_store, f"held-{n}", at=T0 + timedelta(seconds=10 + n))  # due T0+40s..
+    retry = Timer(TimerKind.RETRY, "first", 1, T0 + timedelta(seconds=50))
+    await insert(any_store, "retry", timer=retry)
+    undo = Timer(TimerKind.COMPENSATION_TIMEOUT, "first", 1, T0 + timedelta(seconds=55))
+    await insert(any_store, "undo", timer=undo)
+    await insert(any_store, "covered", at=T0)  # due T0+30s: the evidence covers it
+    now = T0 + timedelta(minutes=1)
+    async with any_store.transaction() as tx:
+        due = await tx.due_timers(now, 2, timeouts_due_by=T0 + timedelta(seconds=35))
+        assert [d.saga_id for d in due] == ["covered", "retry"]
+        due = await tx.due_timers(now, 10, timeouts_due_by=T0 + timedelta(seconds=40))
+        assert [d.saga_id for d in due] == ["covered", "held-0", "retry"]
+        # A bound at or past now holds nothing.
+        assert len(await tx.due_timers(now, 10, timeouts_due_by=now)) == 6
+
+
 async def test_outbox_is_claimed_in_order_and_marked_sent(store: SqlSagaStore) -> None:
     a = await insert(store, "a")
     b = await insert(store, "b")
