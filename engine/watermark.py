@@ -29,9 +29,9 @@ from engine.transport.base import Mark, Subscription
 
 log = logging.getLogger("saga.engine.watermark")
 
-#: Marks waiting to be settled past; while full, no new one is taken (H still moves
-#: as the old ones settle).
-MAX_PENDING_MARKS = 256
+#: Marks waiting to be settled past; while full, new ones are not kept (H still moves
+#: as the old ones settle). Marks older than the hold bound are let go.
+MAX_PENDING_MARKS = 16
 
 
 class ReplyWatermark:
@@ -83,18 +83,32 @@ class ReplyWatermark:
             self._resumed_at = taken
         if taken >= self._resumed_at + self.settle and len(self._pending) < MAX_PENDING_MARKS:
             self._pending.append((taken, mark))
-        await self._advance()
+        await self._advance(taken)
 
-    async def _advance(self) -> None:
-        # Oldest first: a later mark is never settled before an earlier one, so the
-        # first that is not settled ends the round.
-        while self._pending:
+    async def _advance(self, now: datetime) -> None:
+        # A mark the hold bound has overtaken proves nothing the bound does not.
+        while self._pending and self._pending[0][0] < now - self.hold:
+            self._pending.popleft()
+        if not self._pending:
+            return
+        # Caught up: the newest mark is settled past, and with it every older one (an
+        # older one may never be: a RabbitMQ marker dropped after a nack).
+        at, mark = self._pending[-1]
+        if await self.subscription.settled_past(mark):
+            self._pending.clear()
+            self._move_to(at)
+            return
+        # Behind: H follows the oldest marks as the backlog drains.
+        while len(self._pending) > 1:
             at, mark = self._pending[0]
             if not await self.subscription.settled_past(mark):
                 return
             self._pending.popleft()
-            if self.horizon is None or at > self.horizon:
-                self.horizon = at
+            self._move_to(at)
+
+    def _move_to(self, at: datetime) -> None:
+        if self.horizon is None or at > self.horizon:
+            self.horizon = at
 
     def _interrupted(self) -> None:
         self._pending.clear()
