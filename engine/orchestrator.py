@@ -86,9 +86,10 @@ class EngineSettings:
     # The reply watermark (engine/watermark.py): a step or compensation timeout fires
     # only once every reply that was in the broker when it fell due is applied...
     #: ...or once it is this overdue, whatever the reply consumer's lag.
-    timeout_hold: timedelta = timedelta(seconds=90)
-    #: After the engine starts or loses the broker, how long before marks count:
-    #: longer than a worker's backoff (5s at most) before it republishes a reply.
+    timeout_hold: timedelta = timedelta(seconds=120)
+    #: After the engine starts, how long before marks count: longer than a worker's
+    #: backoff (5s at most) before it republishes a reply. After the broker was
+    #: unreachable, as long as it was, and at least this.
     reply_settle: timedelta = timedelta(seconds=6)
     #: How often the watermark takes a mark of the reply subscription (seconds).
     watermark_interval: float = 0.5

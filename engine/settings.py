@@ -49,9 +49,10 @@ class Settings(BaseSettings):
     # Engine: the reply watermark (see README, Guarantees). A step timeout fires once
     # every reply that was waiting in the broker when it fell due is applied, or
     # once it is ``timeout_hold`` overdue, whatever the reply consumer's lag.
-    timeout_hold: timedelta = timedelta(seconds=90)
-    #: After the engine starts or loses the broker, replies count as caught up only
-    #: this long after: workers republish replies within their 5s backoff cap.
+    timeout_hold: timedelta = timedelta(seconds=120)
+    #: After the engine starts, replies count as caught up only this long after:
+    #: workers republish replies within their 5s backoff cap. After the broker was
+    #: unreachable, only as long after as the outage lasted, and at least this.
     reply_settle: timedelta = timedelta(seconds=6)
     #: How often the engine checks how far its reply consumer has caught up.
     watermark_interval: timedelta = timedelta(milliseconds=500)

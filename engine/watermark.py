@@ -9,10 +9,12 @@ ever, once it is ``hold`` overdue (:meth:`ReplyWatermark.timeouts_due_by`).
 
 H moves by marks: every ``interval`` the watermark takes a mark of the subscription at
 time t (a position past everything the broker holds), and when the subscription has
-settled past it, H becomes t. After an interruption (the engine starting, a mark that
-failed because the broker is unreachable, a new broker channel), marks count only
-from ``settle`` after it: a worker whose reply could not be published during the
-outage publishes it within its capped backoff, and the mark must be taken after that.
+settled past it, H becomes t. After an interruption, marks count only from a while
+after it: ``settle`` after the engine starts; after the broker was unreachable (marks
+failed, or a new broker channel), as long again as the outage lasted, and at least
+``settle``. Meanwhile workers come back: a reply that could not be published during
+the outage is published within the worker's capped backoff, a command the outage held
+up is consumed and answered, and the mark must be taken after that.
 """
 
 from __future__ import annotations
@@ -55,9 +57,12 @@ class ReplyWatermark:
         self.horizon: datetime | None = None
         self._pending: deque[tuple[datetime, Mark]] = deque()
         self._epoch: int | None = None
-        #: When marks started to count again after the last interruption; None while
+        #: From when marks count again after the last interruption; None while
         #: interrupted. Starting is an interruption.
-        self._resumed_at: datetime | None = None
+        self._counts_from: datetime | None = None
+        #: The last mark taken before the broker became unreachable.
+        self._last_mark: datetime | None = None
+        self._down_since: datetime | None = None
 
     def timeouts_due_by(self, now: datetime) -> datetime:
         """Timeouts due at or before this may fire now: those the evidence covers, and
@@ -73,15 +78,22 @@ class ReplyWatermark:
         try:
             mark = await self.subscription.mark()
         except TransportError as exc:
-            if self._resumed_at is not None:
+            if self._counts_from is not None:
                 log.warning("reply watermark frozen at %s: %s", self.horizon, exc)
             self._interrupted()
             return
-        if self._resumed_at is None or mark.epoch != self._epoch:
+        if self._counts_from is None or mark.epoch != self._epoch:
             self._interrupted()
             self._epoch = mark.epoch
-            self._resumed_at = taken
-        if taken >= self._resumed_at + self.settle and len(self._pending) < MAX_PENDING_MARKS:
+            # Back after an outage: the workers' consumers come back too, and answer
+            # the commands the outage held up; the longer it was, the longer that
+            # takes (a Kafka broker leads its partitions again, groups rejoin). So
+            # marks count again only after as long again, and at least the settle.
+            down = taken - self._down_since if self._down_since is not None else timedelta(0)
+            self._counts_from = taken + max(self.settle, down)
+            self._down_since = None
+        self._last_mark = taken
+        if taken >= self._counts_from and len(self._pending) < MAX_PENDING_MARKS:
             self._pending.append((taken, mark))
         await self._advance(taken)
 
@@ -113,7 +125,9 @@ class ReplyWatermark:
     def _interrupted(self) -> None:
         self._pending.clear()
         self._epoch = None
-        self._resumed_at = None
+        self._counts_from = None
+        if self._down_since is None:
+            self._down_since = self._last_mark
 
     async def run(self, stop: asyncio.Event) -> None:
         """Sample every ``interval`` until ``stop``."""

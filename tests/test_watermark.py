@@ -100,7 +100,7 @@ async def test_the_horizon_moves_only_past_marks_the_consumer_settled() -> None:
     assert watermark.timeouts_due_by(T0 + timedelta(seconds=100)) == T0 + timedelta(seconds=40)
 
 
-async def test_an_outage_freezes_the_horizon_until_the_settle_period_after_it() -> None:
+async def test_an_outage_freezes_the_horizon_until_as_long_again_after_it() -> None:
     clock, marks = _Clock(), _Marks()
     watermark = _watermark(marks, clock)
     await watermark.sample()
@@ -132,6 +132,20 @@ async def test_an_outage_freezes_the_horizon_until_the_settle_period_after_it() 
     clock.at(20)
     await watermark.sample()
     assert watermark.horizon == T0 + timedelta(seconds=20)
+
+    # A long outage: the broker is back at 60 after 40s away (the last mark was at
+    # 20), so the workers get as long again to come back and answer.
+    marks.down = True
+    clock.at(21)
+    await watermark.sample()
+    marks.down = False
+    for second in (60, 80, 99):
+        clock.at(second)
+        await watermark.sample()
+        assert watermark.horizon == T0 + timedelta(seconds=20)
+    clock.at(100)
+    await watermark.sample()
+    assert watermark.horizon == T0 + timedelta(seconds=100)
 
 
 async def test_the_horizon_follows_a_memory_subscription() -> None:
