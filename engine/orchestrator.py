@@ -29,7 +29,12 @@ from engine.model import TIMEOUTS, HistoryEntry, OutboxMessage, SagaState
 from engine.registry import SagaRegistry
 from engine.relay import OutboxRelay
 from engine.statemachine import Transition
-from engine.store.base import SagaStore, write_transition, write_transitions
+from engine.store.base import (
+    SagaStore,
+    StoreTransaction,
+    write_transition,
+    write_transitions,
+)
 from engine.telemetry import metrics
 from engine.telemetry.logs import saga_context
 from engine.telemetry.tracing import process_span, saga_span, trace_transition
@@ -418,7 +423,9 @@ class Engine:
                     saga_span(f"saga timer {due.timer.kind.value}", state) as span,
                 ):
                     span.set_attribute("saga.step", due.timer.step)
-                    if due.timer.kind in TIMEOUTS and await tx.has_unsent(state.id):
+                    if due.timer.kind in TIMEOUTS and await self._published_late(
+                        tx, state.id, definition.step(due.timer.step).timeout
+                    ):
                         transition.postpone(due.timer)
                     elif transition.on_timer(due.timer):
                         fired += 1
@@ -437,6 +444,12 @@ class Engine:
             self.relay.wake()
         self.timers_fired += fired
         return fired
+
+    async def _published_late(self, tx: StoreTransaction, saga_id: str, timeout: timedelta) -> bool:
+        """Whether the message a timeout times is unsent, or went out less than its
+        timeout ago: the deadline was set when the step was written, and an engine that
+        was down (or a broker that was) relayed it only now."""
+        return await tx.has_unsent(saga_id, sent_after=self.clock() - timeout)
 
     async def _timer_loop(self) -> None:
         while not self._stop.is_set():

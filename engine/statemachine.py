@@ -111,9 +111,10 @@ class Transition:
 
     def postpone(self, timer: Timer) -> bool:
         """A timeout fell due while the message it times still waits in the outbox (the
-        broker is unreachable). The participant cannot have seen it, so its outcome is
-        not unknown: the timeout starts over, instead of compensating (and, after a
-        long outage, parking) every saga that was in flight. False if stale."""
+        broker is unreachable), or went out less than a timeout ago (no engine ran to
+        relay it). The participant has not had its time, so its outcome is not
+        unknown: the timeout starts over, instead of compensating (and, after a long
+        outage, parking) every saga that was in flight. False if stale."""
         if self.state.timer != timer:
             return False
         step = self.definition.step(timer.step)
@@ -121,7 +122,7 @@ class Transition:
         self._record(
             "timeout_postponed",
             step.name,
-            f"attempt {timer.attempt} is not published yet; "
+            f"attempt {timer.attempt} is not published yet, or only just; "
             f"waiting {step.timeout.total_seconds():g}s more",
         )
         return True

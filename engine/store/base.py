@@ -103,8 +103,9 @@ class StoreTransaction(Protocol):
 
     async def mark_sent(self, ids: Sequence[int], at: datetime) -> None: ...
 
-    async def has_unsent(self, saga_id: str) -> bool:
-        """Whether a message of this saga still waits in the outbox for the broker."""
+    async def has_unsent(self, saga_id: str, *, sent_after: datetime | None = None) -> bool:
+        """Whether a message of this saga still waits in the outbox for the broker, or
+        (with ``sent_after``) the broker took one only after that."""
         ...
 
     async def saga_exists(self, saga_id: str) -> bool: ...

@@ -423,9 +423,12 @@ class SqlStoreTransaction:
             for r in rows
         ]
 
-    async def has_unsent(self, saga_id: str) -> bool:
+    async def has_unsent(self, saga_id: str, *, sent_after: datetime | None = None) -> bool:
+        waiting: ColumnElement[bool] = outbox.c.sent_at.is_(None)
+        if sent_after is not None:
+            waiting = or_(waiting, outbox.c.sent_at > sent_after)
         unsent = await self.conn.execute(
-            select(outbox.c.id).where(outbox.c.sent_at.is_(None), outbox.c.key == saga_id).limit(1)
+            select(outbox.c.id).where(outbox.c.key == saga_id, waiting).limit(1)
         )
         return unsent.first() is not None
 
