@@ -63,6 +63,8 @@ class ReplyWatermark:
         #: The last mark taken before the broker became unreachable.
         self._last_mark: datetime | None = None
         self._down_since: datetime | None = None
+        #: Whether H moved since the last interruption (logged once each time).
+        self._caught_up = False
 
     def timeouts_due_by(self, now: datetime) -> datetime:
         """Timeouts due at or before this may fire now: those the evidence covers, and
@@ -121,8 +123,12 @@ class ReplyWatermark:
     def _move_to(self, at: datetime) -> None:
         if self.horizon is None or at > self.horizon:
             self.horizon = at
+        if not self._caught_up:
+            self._caught_up = True
+            log.info("reply consumer caught up with the broker as of %s", at.isoformat())
 
     def _interrupted(self) -> None:
+        self._caught_up = False
         self._pending.clear()
         self._epoch = None
         self._counts_from = None
