@@ -15,7 +15,7 @@ import socket
 import uuid
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import NamedTuple
 
 from engine._aio import batched, wait_either
@@ -397,10 +397,10 @@ class Engine:
         done: list[tuple[SagaState, list[HistoryEntry]]] = []
         now = self.clock()
         watermark = self.watermark
-        held_after = None if watermark is None else watermark.timeouts_due_by(now)
+        timeouts_due_by = None if watermark is None else watermark.timeouts_due_by(now)
         async with self.store.transaction() as tx:
             due_timers = await tx.due_timers(
-                now, self.settings.timer_batch, timeouts_due_by=held_after
+                now, self.settings.timer_batch, timeouts_due_by=timeouts_due_by
             )
             for due in due_timers:
                 state = await tx.load_saga(due.saga_id)
@@ -423,10 +423,11 @@ class Engine:
                     saga_span(f"saga timer {due.timer.kind.value}", state) as span,
                 ):
                     span.set_attribute("saga.step", due.timer.step)
-                    if due.timer.kind in TIMEOUTS and await self._published_late(
+                    late = due.timer.kind in TIMEOUTS and await self._published_late(
                         tx, state.id, definition.step(due.timer.step).timeout
-                    ):
-                        transition.postpone(due.timer)
+                    )
+                    if late:
+                        transition.postpone(due.timer, None if late is True else late)
                     elif transition.on_timer(due.timer):
                         fired += 1
                     messages = trace_transition(
@@ -445,11 +446,19 @@ class Engine:
         self.timers_fired += fired
         return fired
 
-    async def _published_late(self, tx: StoreTransaction, saga_id: str, timeout: timedelta) -> bool:
-        """Whether the message a timeout times is unsent, or went out less than its
-        timeout ago: the deadline was set when the step was written, and an engine that
-        was down (or a broker that was) relayed it only now."""
-        return await tx.has_unsent(saga_id, sent_after=self.clock() - timeout)
+    async def _published_late(
+        self, tx: StoreTransaction, saga_id: str, timeout: timedelta
+    ) -> datetime | bool:
+        """True if the message a timeout times is still unsent; when it went out, if
+        that was less than its timeout ago (the deadline was set when the step was
+        written, and an engine or broker that was down relayed it only then); else
+        False."""
+        if await tx.has_unsent(saga_id):
+            return True
+        sent = await tx.last_sent(saga_id)
+        if sent is not None and sent + timeout > self.clock():
+            return sent
+        return False
 
     async def _timer_loop(self) -> None:
         while not self._stop.is_set():

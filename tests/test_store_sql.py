@@ -209,20 +209,20 @@ async def test_due_timers_returns_only_due_ones_earliest_first(store: SqlSagaSto
         assert len(await tx.due_timers(T0 + timedelta(hours=1), 10)) == 3
 
 
-async def test_a_message_sent_after_a_time_counts_as_not_yet_out(store: SqlSagaStore) -> None:
-    # A timeout restarts while its message is unsent, or went out less than the
-    # timeout ago (no engine ran to relay it when the step was written).
+async def test_last_sent_is_when_the_broker_took_the_sagas_latest_message(
+    store: SqlSagaStore,
+) -> None:
+    # A timeout runs from when its message went out, if no engine relayed it in time.
     await insert(store, "s1")
     async with store.transaction() as tx:
         assert await tx.has_unsent("s1")
-        assert await tx.has_unsent("s1", sent_after=T0)
+        assert await tx.last_sent("s1") is None
         (row,) = await tx.claim_outbox(10)
         await tx.mark_sent([row.id], T0 + timedelta(seconds=5))
     async with store.transaction() as tx:
         assert not await tx.has_unsent("s1")
-        assert await tx.has_unsent("s1", sent_after=T0 + timedelta(seconds=4))
-        assert not await tx.has_unsent("s1", sent_after=T0 + timedelta(seconds=5))
-        assert not await tx.has_unsent("other", sent_after=T0)
+        assert await tx.last_sent("s1") == T0 + timedelta(seconds=5)
+        assert await tx.last_sent("other") is None
 
 
 async def test_held_timeouts_are_not_returned_and_do_not_fill_the_batch(

@@ -103,9 +103,13 @@ class StoreTransaction(Protocol):
 
     async def mark_sent(self, ids: Sequence[int], at: datetime) -> None: ...
 
-    async def has_unsent(self, saga_id: str, *, sent_after: datetime | None = None) -> bool:
-        """Whether a message of this saga still waits in the outbox for the broker, or
-        (with ``sent_after``) the broker took one only after that."""
+    async def has_unsent(self, saga_id: str) -> bool:
+        """Whether a message of this saga still waits in the outbox for the broker."""
+        ...
+
+    async def last_sent(self, saga_id: str) -> datetime | None:
+        """When the broker took this saga's latest message (None: none sent, or
+        pruned)."""
         ...
 
     async def saga_exists(self, saga_id: str) -> bool: ...

@@ -423,14 +423,18 @@ class SqlStoreTransaction:
             for r in rows
         ]
 
-    async def has_unsent(self, saga_id: str, *, sent_after: datetime | None = None) -> bool:
-        waiting: ColumnElement[bool] = outbox.c.sent_at.is_(None)
-        if sent_after is not None:
-            waiting = or_(waiting, outbox.c.sent_at > sent_after)
+    async def has_unsent(self, saga_id: str) -> bool:
         unsent = await self.conn.execute(
-            select(outbox.c.id).where(outbox.c.key == saga_id, waiting).limit(1)
+            select(outbox.c.id).where(outbox.c.sent_at.is_(None), outbox.c.key == saga_id).limit(1)
         )
         return unsent.first() is not None
+
+    async def last_sent(self, saga_id: str) -> datetime | None:
+        sent = await self.conn.execute(
+            select(func.max(outbox.c.sent_at)).where(outbox.c.key == saga_id)
+        )
+        at: datetime | None = sent.scalar()
+        return at
 
     async def mark_sent(self, ids: Sequence[int], at: datetime) -> None:
         if ids:
