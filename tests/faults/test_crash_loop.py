@@ -1,9 +1,11 @@
 """Outages do not undo finished work: an engine in a crash loop.
 
-The engine is SIGKILLed two seconds after each start, for a minute, and started again
-two seconds later each time, while 2,000 orders go through; then one is left running.
-The workers keep answering, so their replies pile up in the broker while no engine
-applies them, and many steps' 30-second deadlines pass meanwhile. A reply waiting in
+The engine is SIGKILLed every two seconds for a minute (and started again each time)
+while 2,000 orders go through; then one is left running. The workers keep answering,
+so their replies pile up in the broker while no engine applies them, and the commands
+written meanwhile go out late, when an engine gets far enough to relay them: many
+steps' 30-second deadlines pass with their replies waiting, or before their commands
+even went out. A reply waiting in
 the broker must win over a timeout that fell due while nobody was listening (the
 reply watermark, engine/watermark.py): every order the participants completed must
 end COMPLETED, not charged and then refunded. A step may time out only where no reply
@@ -28,9 +30,7 @@ pytestmark = pytest.mark.faults
 ORDERS = 2_000
 #: How long the engine is crash-looped, and how long each engine lives once up.
 LOOP = 60.0
-LIFETIME = 2.0
-#: How long each killed engine stays dead before the next one starts.
-DOWN = 2.0
+KILL_EVERY = 2.0
 #: place_order's step timeout.
 STEP_TIMEOUT = 30.0
 #: A worker sends the replies of a batch of commands together, after committing them
@@ -82,13 +82,9 @@ async def test_an_engine_killed_every_2s_for_a_minute_undoes_no_finished_work(
         began = time.monotonic()
         kills = 0
         while time.monotonic() - began < LOOP:
-            # Killed once it is up: on a busy machine a 2s-old process may not have
-            # got as far as consuming, and would prove nothing.
-            await cluster.ready(engine, timeout=60)
-            await asyncio.sleep(LIFETIME)  # the cadence of the crash loop itself
+            await asyncio.sleep(KILL_EVERY)  # the cadence of the crash loop itself
             cluster.kill(engine)
             kills += 1
-            await asyncio.sleep(DOWN)  # replies pile up, deadlines pass
             engine = cluster.start_engine()
         await feeding
         print(f"{kills} engine kills in {time.monotonic() - began:.0f}s")
