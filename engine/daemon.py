@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from engine.database import check_schema, create_engine, upgrade
 from engine.errors import ConfigError, SagaError
-from engine.orchestrator import Engine
+from engine.orchestrator import Engine, EngineSettings
 from engine.registry import SagaRegistry
 from engine.relay import OutboxRelay
 from engine.retention import Pruner, PruneRule
@@ -221,6 +221,15 @@ def _pinger(database: AsyncEngine) -> Callable[[], Awaitable[None]]:
     return ping
 
 
+def engine_settings(settings: Settings) -> EngineSettings:
+    """The engine's tunables that the environment sets (``SAGA_TIMEOUT_HOLD``, ...)."""
+    return EngineSettings(
+        timeout_hold=settings.timeout_hold,
+        reply_settle=settings.reply_settle,
+        watermark_interval=settings.watermark_interval.total_seconds(),
+    )
+
+
 async def run_engine(settings: Settings, *, migrate: bool, grace: float) -> None:
     registry = SagaRegistry.from_modules(settings.saga_modules)
     topology = Topology(settings.topic_prefix)
@@ -243,6 +252,7 @@ async def run_engine(settings: Settings, *, migrate: bool, grace: float) -> None
             relay=OutboxRelay(store, transport, signal=outbox_signal(store)),
             messaging_system=messaging_system(settings.broker_url),
             limits=settings.limits,
+            settings=engine_settings(settings),
         )
         names = ", ".join(f"{s.name} v{s.version}" for s in registry)
         ready = f"engine {engine.instance_id} consuming {topology.replies}, serving {names}"

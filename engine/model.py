@@ -22,6 +22,11 @@ class TimerKind(StrEnum):
     COMPENSATION_RETRY = "compensation_retry"
 
 
+#: Timers that end a wait for a reply (the others end a backoff): postponed while
+#: their message is unpublished, held while a reply may wait unapplied.
+TIMEOUTS = (TimerKind.STEP_TIMEOUT, TimerKind.COMPENSATION_TIMEOUT)
+
+
 @dataclass(frozen=True)
 class Timer:
     """A saga's one pending timer; a saga never waits on two things at once."""

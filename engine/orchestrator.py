@@ -14,6 +14,7 @@ import socket
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 from engine._aio import batched, wait_either
 from engine.clock import Clock, utc_now
@@ -25,7 +26,7 @@ from engine.errors import ConcurrencyConflict, DecodeError, SagaError, UnknownSa
 from engine.faults import crashpoint
 from engine.limits import ANY_SIZE, DEFAULT_LIMITS, Limits
 from engine.messages import Envelope, MessageKind, decode
-from engine.model import HistoryEntry, SagaState, TimerKind
+from engine.model import TIMEOUTS, HistoryEntry, SagaState
 from engine.registry import SagaRegistry
 from engine.relay import OutboxRelay, Undeliverable
 from engine.replies import Change, ReplyOutcome, ReplyResult
@@ -36,12 +37,9 @@ from engine.telemetry.logs import saga_context
 from engine.telemetry.tracing import process_span, saga_span, trace_transition
 from engine.topology import Topology
 from engine.transport.base import Delivery, Message, Transport
+from engine.watermark import ReplyWatermark
 
 log = logging.getLogger("saga.engine")
-
-
-#: Timers that end a wait for a reply; postponed while their message is unpublished.
-TIMEOUTS = (TimerKind.STEP_TIMEOUT, TimerKind.COMPENSATION_TIMEOUT)
 
 
 class _NotVisible(Exception):
@@ -84,6 +82,16 @@ class EngineSettings:
     error_backoff: float = 1.0
     #: Consume the dead-letter destination into the saga_dead_letters table.
     archive_dead_letters: bool = True
+    # The reply watermark (engine/watermark.py): a step or compensation timeout fires
+    # only once every reply that was in the broker when it fell due is applied...
+    #: ...or once it is this overdue, whatever the reply consumer's lag.
+    timeout_hold: timedelta = timedelta(seconds=120)
+    #: After the engine starts, how long before marks count: longer than a worker's
+    #: backoff (5s at most) before it republishes a reply. After the broker was
+    #: unreachable, as long as it was, and at least this.
+    reply_settle: timedelta = timedelta(seconds=6)
+    #: How often the watermark takes a mark of the reply subscription (seconds).
+    watermark_interval: float = 0.5
 
 
 class Engine:
@@ -142,6 +150,9 @@ class Engine:
         )
         #: True while the reply consumer is attached (the daemon's readiness check).
         self.consuming = False
+        #: Holds timeouts while replies may wait unapplied; None while not consuming
+        #: (then nothing could apply a reply, and timeouts go by their deadline).
+        self.watermark: ReplyWatermark | None = None
         #: ``messaging.system`` trace attribute of the transport.
         self.messaging_system = messaging_system
         #: Replies over them are dead-lettered; built commands over them fail the step.
@@ -186,8 +197,16 @@ class Engine:
                 await self.handle_deliveries(batch)
 
         consumer = asyncio.create_task(consume(), name="saga-engine-replies")
+        self.watermark = ReplyWatermark(
+            subscription,
+            clock=self.clock,
+            interval=self.settings.watermark_interval,
+            settle=self.settings.reply_settle,
+            hold=self.settings.timeout_hold,
+        )
         loops = [
             consumer,
+            asyncio.create_task(self.watermark.run(self._stop), name="saga-engine-watermark"),
             asyncio.create_task(self.relay.run(self._stop), name="saga-engine-relay"),
             asyncio.create_task(self._timer_loop(), name="saga-engine-timers"),
             asyncio.create_task(self.deferred.run(self._stop), name="saga-engine-deferred"),
@@ -203,6 +222,7 @@ class Engine:
                     raise task.exception()  # type: ignore[misc]
         finally:
             self.consuming = False
+            self.watermark = None
             self._stop.set()
             # Closing the subscriptions ends the consumers after their current message.
             for sub in subscriptions:
@@ -515,12 +535,21 @@ class Engine:
     # -- timers ------------------------------------------------------------------
 
     async def fire_due_timers(self) -> int:
-        """Fire the timers due now, in one transaction; returns how many fired."""
+        """Fire the timers due now, in one transaction; returns how many fired.
+
+        While replies are consumed, a timeout is due only once the reply watermark
+        says no reply for it can wait unapplied, or past the hold bound."""
         fired = 0
         emitted = False
         done: list[tuple[SagaState, list[HistoryEntry]]] = []
+        now = self.clock()
+        watermark = self.watermark
+        timeouts_due_by = None if watermark is None else watermark.timeouts_due_by(now)
         async with self.store.transaction() as tx:
-            for due in await tx.due_timers(self.clock(), self.settings.timer_batch):
+            due_timers = await tx.due_timers(
+                now, self.settings.timer_batch, timeouts_due_by=timeouts_due_by
+            )
+            for due in due_timers:
                 state = await tx.load_saga(due.saga_id)
                 if state is None:
                     continue
@@ -546,8 +575,11 @@ class Engine:
                     saga_span(f"saga timer {due.timer.kind.value}", state) as span,
                 ):
                     span.set_attribute("saga.step", due.timer.step)
-                    if due.timer.kind in TIMEOUTS and await tx.has_unsent(state.id):
-                        transition.postpone(due.timer)
+                    late = due.timer.kind in TIMEOUTS and await self._published_late(
+                        tx, state.id, definition.step(due.timer.step).timeout
+                    )
+                    if late:
+                        transition.postpone(due.timer, None if late is True else late)
                     elif transition.on_timer(due.timer):
                         fired += 1
                     messages = trace_transition(
@@ -565,6 +597,20 @@ class Engine:
             self.relay.wake()
         self.timers_fired += fired
         return fired
+
+    async def _published_late(
+        self, tx: StoreTransaction, saga_id: str, timeout: timedelta
+    ) -> datetime | bool:
+        """True if the message a timeout times is still unsent; when it went out, if
+        that was less than its timeout ago (the deadline was set when the step was
+        written, and an engine or broker that was down relayed it only then); else
+        False."""
+        if await tx.has_unsent(saga_id):
+            return True
+        sent = await tx.last_sent(saga_id)
+        if sent is not None and sent + timeout > self.clock():
+            return sent
+        return False
 
     async def _timer_loop(self) -> None:
         while not self._stop.is_set():

@@ -60,8 +60,26 @@ class Settings(BaseSettings):
     #: Rows per delete statement (each its own short transaction).
     prune_batch: int = Field(default=5000, ge=1, le=100_000)
 
+    # Engine: the reply watermark (see README, Guarantees). A step timeout fires once
+    # every reply that was waiting in the broker when it fell due is applied, or
+    # once it is ``timeout_hold`` overdue, whatever the reply consumer's lag.
+    timeout_hold: timedelta = timedelta(seconds=120)
+    #: After the engine starts, replies count as caught up only this long after:
+    #: workers republish replies within their 5s backoff cap. After the broker was
+    #: unreachable, only as long after as the outage lasted, and at least this.
+    reply_settle: timedelta = timedelta(seconds=6)
+    #: How often the engine checks how far its reply consumer has caught up.
+    watermark_interval: timedelta = timedelta(milliseconds=500)
+
     @field_validator(
-        "outbox_retention", "inbox_retention", "barrier_retention", "prune_interval", mode="before"
+        "outbox_retention",
+        "inbox_retention",
+        "barrier_retention",
+        "prune_interval",
+        "timeout_hold",
+        "reply_settle",
+        "watermark_interval",
+        mode="before",
     )
     @classmethod
     def _age(cls, value: Any) -> Any:
@@ -69,6 +87,13 @@ class Settings(BaseSettings):
             value = parse_age(value, bare_seconds=True)
         if isinstance(value, timedelta | int | float) and _seconds(value) < 0:
             raise ValueError("must not be negative")
+        return value
+
+    @field_validator("watermark_interval")
+    @classmethod
+    def _positive(cls, value: timedelta) -> timedelta:
+        if value <= timedelta(0):
+            raise ValueError("must be positive")
         return value
 
     @field_validator("sagas")

@@ -157,20 +157,26 @@ class Transition:
             self.state.error = f"{cause}; {self.state.error}"
         return True
 
-    def postpone(self, timer: Timer) -> bool:
+    def postpone(self, timer: Timer, sent_at: datetime | None = None) -> bool:
         """A timeout fell due while the message it times still waits in the outbox (the
-        broker is unreachable). The participant cannot have seen it, so its outcome is
-        not unknown: the timeout starts over, instead of compensating (and, after a
-        long outage, parking) every saga that was in flight. False if stale."""
+        broker is unreachable), or it went out only at ``sent_at``, less than a timeout
+        before now (no engine ran to relay it). The participant has not had its time,
+        so its outcome is not unknown: the timeout runs again from now, or from
+        ``sent_at``, instead of compensating (and, after a long outage, parking) every
+        saga that was in flight. False if stale."""
         if self.state.timer != timer:
             return False
         step = self.definition.step(timer.step)
-        self.state.timer = Timer(timer.kind, timer.step, timer.attempt, self.now + step.timeout)
+        start = self.now if sent_at is None else sent_at
+        self.state.timer = Timer(timer.kind, timer.step, timer.attempt, start + step.timeout)
+        if sent_at is None:
+            why = f"attempt {timer.attempt} is not published yet"
+        else:
+            why = f"attempt {timer.attempt} was published only at {sent_at.isoformat()}"
         self._record(
             "timeout_postponed",
             step.name,
-            f"attempt {timer.attempt} is not published yet; "
-            f"waiting {step.timeout.total_seconds():g}s more",
+            f"{why}; waiting until {step.timeout.total_seconds():g}s after that",
         )
         return True
 

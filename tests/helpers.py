@@ -254,7 +254,13 @@ class EmbeddedSystem:
         self.stock = stock
         self.balances = balances
         self.transport_factory = transport_factory
-        self.settings = settings or EngineSettings(timer_interval=0.02, unknown_saga_patience=0.5)
+        # In one process nothing republishes replies after an outage: a short settle.
+        self.settings = settings or EngineSettings(
+            timer_interval=0.02,
+            unknown_saga_patience=0.5,
+            reply_settle=timedelta(seconds=0.1),
+            watermark_interval=0.02,
+        )
         self.rng = random.Random(seed)
         self.topology = Topology()
         self.broker = MemoryBroker(dead_letters=self.topology.dead_letters)

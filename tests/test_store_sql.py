@@ -209,6 +209,44 @@ async def test_due_timers_returns_only_due_ones_earliest_first(store: SqlSagaSto
         assert len(await tx.due_timers(T0 + timedelta(hours=1), 10)) == 3
 
 
+async def test_last_sent_is_when_the_broker_took_the_sagas_latest_message(
+    store: SqlSagaStore,
+) -> None:
+    # A timeout runs from when its message went out, if no engine relayed it in time.
+    await insert(store, "s1")
+    async with store.transaction() as tx:
+        assert await tx.has_unsent("s1")
+        assert await tx.last_sent("s1") is None
+        (row,) = await tx.claim_outbox(10)
+        await tx.mark_sent([row.id], T0 + timedelta(seconds=5))
+    async with store.transaction() as tx:
+        assert not await tx.has_unsent("s1")
+        assert await tx.last_sent("s1") == T0 + timedelta(seconds=5)
+        assert await tx.last_sent("other") is None
+
+
+async def test_held_timeouts_are_not_returned_and_do_not_fill_the_batch(
+    any_store: SqlSagaStore,
+) -> None:
+    # Three step timeouts due first, then a retry and a compensation timeout: the
+    # watermark holds every timeout due after T0+35s.
+    for n in range(3):
+        await insert(any_store, f"held-{n}", at=T0 + timedelta(seconds=10 + n))  # due T0+40s..
+    retry = Timer(TimerKind.RETRY, "first", 1, T0 + timedelta(seconds=50))
+    await insert(any_store, "retry", timer=retry)
+    undo = Timer(TimerKind.COMPENSATION_TIMEOUT, "first", 1, T0 + timedelta(seconds=55))
+    await insert(any_store, "undo", timer=undo)
+    await insert(any_store, "covered", at=T0)  # due T0+30s: the evidence covers it
+    now = T0 + timedelta(minutes=1)
+    async with any_store.transaction() as tx:
+        due = await tx.due_timers(now, 2, timeouts_due_by=T0 + timedelta(seconds=35))
+        assert [d.saga_id for d in due] == ["covered", "retry"]
+        due = await tx.due_timers(now, 10, timeouts_due_by=T0 + timedelta(seconds=40))
+        assert [d.saga_id for d in due] == ["covered", "held-0", "retry"]
+        # A bound at or past now holds nothing.
+        assert len(await tx.due_timers(now, 10, timeouts_due_by=now)) == 6
+
+
 async def test_outbox_is_claimed_in_order_and_marked_sent(store: SqlSagaStore) -> None:
     a = await insert(store, "a")
     b = await insert(store, "b")

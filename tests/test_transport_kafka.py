@@ -186,6 +186,39 @@ class TestKafkaTransport(TransportContract):
         got = await inbox.take_many(2, self.receive_timeout)
         assert bodies(got) == [b"saga-1:1", b"saga-1:2"]
 
+    async def test_a_mark_covers_the_partitions_other_members_of_the_group_own(
+        self, connect: Connect, names: Names, inboxes: list[Inbox]
+    ) -> None:
+        # Two engine replicas: a reply waiting on the other one's partitions is no
+        # less a reply, so one member's mark is settled only once the group's is.
+        ours = await self.consume(await connect(), names.destination, names.group, inboxes)
+        theirs = await self.consume(await connect(), names.destination, names.group, inboxes)
+        members: list[Any] = [ours.subscription, theirs.subscription]
+        deadline = time.monotonic() + 60
+        while not all(m._consumer.assignment() for m in members):
+            assert time.monotonic() < deadline, "the group never gave both members partitions"
+            await asyncio.sleep(0.1)
+        owned = [{tp.partition for tp in m._consumer.assignment()} for m in members]
+        assert not owned[0] & owned[1]
+
+        publisher = await connect()
+        await publisher.publish([names.message(f"saga-{k}", 1) for k in range(24)])
+        mark = await self.mark_now(ours.subscription)
+        got: dict[int, list[Any]] = {0: [], 1: []}
+        while len(got[0]) + len(got[1]) < 24:
+            assert time.monotonic() < deadline, f"only {got} of 24 arrived"
+            for i, inbox in enumerate((ours, theirs)):
+                while not inbox.queue.empty():
+                    got[i].append(inbox.queue.get_nowait())
+            await asyncio.sleep(0.05)
+        assert got[0] and got[1]
+        for delivery in got[0]:
+            await delivery.ack()
+        assert not await ours.subscription.settled_past(mark)  # theirs are in hand
+        for delivery in got[1]:
+            await delivery.ack()
+        await self.settled_within(ours.subscription, mark)
+
     async def test_a_silent_broker_fails_within_the_connect_timeout(self) -> None:
         async with silent_server() as port:
             transport = KafkaTransport(f"127.0.0.1:{port}", connect_timeout=1.0)

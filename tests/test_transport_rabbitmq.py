@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aio_pika
 import pytest
@@ -55,6 +56,38 @@ class TestRabbitTransport(TransportContract):
         return RabbitTransport(f"amqp://saga:saga@127.0.0.1:{closed_port()}/")
 
     # -- RabbitMQ specifics ------------------------------------------------------------
+
+    async def test_a_mark_covers_what_another_consumer_of_the_queue_holds(
+        self, connect: Connect, names: Names, inboxes: list[Inbox]
+    ) -> None:
+        # Two engine replicas compete for one queue: a reply the other one holds is no
+        # less a reply, so a mark is settled only once both settled what came before.
+        ours = await self.consume(await connect(), names.destination, names.group, inboxes)
+        theirs = await self.consume(await connect(), names.destination, names.group, inboxes)
+        publisher = await connect()
+        await publisher.publish([names.message(f"saga-{k}", 1) for k in range(20)])
+        mark = await self.mark_now(ours.subscription)
+        got: dict[int, list[Any]] = {0: [], 1: []}
+        deadline = time.monotonic() + self.receive_timeout
+        while len(got[0]) + len(got[1]) < 20:
+            assert time.monotonic() < deadline, f"only {got} of 20 arrived"
+            for i, inbox in enumerate((ours, theirs)):
+                while not inbox.queue.empty():
+                    got[i].append(inbox.queue.get_nowait())
+            await asyncio.sleep(0.05)
+        assert got[0] and got[1], "the broker gave one consumer everything"
+        for delivery in got[0]:
+            await delivery.ack()
+        # The marker must pass the other consumer, which holds it while it holds
+        # deliveries that came before it.
+        held: Any = theirs.subscription
+        while not held._held:
+            assert time.monotonic() < deadline, "the marker never reached the other consumer"
+            await asyncio.sleep(0.05)
+        assert not await ours.subscription.settled_past(mark)
+        for delivery in got[1]:
+            await delivery.ack()
+        await self.settled_within(ours.subscription, mark)
 
     async def test_an_unroutable_publish_raises_instead_of_vanishing(
         self, amqp_url: str, names: Names

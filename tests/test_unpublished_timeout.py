@@ -40,6 +40,22 @@ def test_postpone_restarts_the_timeout_and_says_so() -> None:
     assert not Transition(saga, state, now=later, topology=Topology()).postpone(timer)  # stale
 
 
+def test_a_timeout_whose_message_went_out_late_runs_from_then() -> None:
+    # No engine relayed the command when the step was written: the participant gets
+    # its whole timeout from when the broker took it, not from the step's start.
+    saga = fast_order_saga(timeout=2.0)
+    state = new_saga(saga, "s1", order_input(), NOW)
+    Transition(saga, state, now=NOW, topology=Topology()).start()
+    timer = state.timer
+    assert timer is not None
+    sent = NOW + timedelta(seconds=1.5)
+    transition = Transition(saga, state, now=NOW + timedelta(seconds=2), topology=Topology())
+    assert transition.postpone(timer, sent)
+    assert state.timer == Timer(timer.kind, timer.step, timer.attempt, sent + timedelta(seconds=2))
+    (entry,) = transition.history
+    assert entry.event == "timeout_postponed" and "published only at" in (entry.detail or "")
+
+
 class Gate:
     """The engine's transport, refusing every publish until opened (a broker outage)."""
 

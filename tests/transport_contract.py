@@ -25,6 +25,7 @@ from engine.transport.base import (
     DEAD_LETTER_REASON,
     DEAD_LETTER_SOURCE,
     Delivery,
+    Mark,
     Message,
     Subscription,
     Transport,
@@ -356,3 +357,72 @@ class TransportContract:
 
         assert elapsed < self.unreachable_bound
         assert "\n" not in str(caught.value)  # one clear line for logs and the CLI
+
+    # -- marks: what the engine's reply watermark relies on ------------------------------
+
+    async def mark_now(self, subscription: Subscription) -> Mark:
+        """A mark, once the broker can give one (a Kafka consumer first needs the topic's
+        metadata)."""
+        deadline = time.monotonic() + self.receive_timeout
+        while True:
+            try:
+                return await subscription.mark()
+            except TransportError:
+                if time.monotonic() >= deadline:
+                    raise
+                await asyncio.sleep(0.05)
+
+    async def settled_within(self, subscription: Subscription, mark: Mark) -> None:
+        deadline = time.monotonic() + self.receive_timeout
+        while not await subscription.settled_past(mark):
+            assert time.monotonic() < deadline, "the mark was never settled past"
+            await asyncio.sleep(0.05)
+
+    async def test_a_mark_is_settled_past_once_all_it_covers_is_acked_or_dead_lettered(
+        self, transport: Transport, names: Names, inboxes: list[Inbox]
+    ) -> None:
+        inbox = await self.consume(transport, names.destination, names.group, inboxes)
+        subscription = inbox.subscription
+        await transport.publish([names.message("saga-1", n) for n in range(3)])
+        mark = await self.mark_now(subscription)
+        assert not await subscription.settled_past(mark)
+
+        one, two, three = await inbox.take_many(3, self.receive_timeout)
+        await one.ack()
+        await two.dead_letter("poison")
+        assert not await subscription.settled_past(mark)  # "three" is still in hand
+        await three.ack()
+        await self.settled_within(subscription, mark)
+
+        # What comes after a mark is not its business, but the next mark's.
+        await transport.publish([names.message("saga-2", 1)])
+        later = await self.mark_now(subscription)
+        assert await subscription.settled_past(mark)
+        assert not await subscription.settled_past(later)
+        (last,) = await inbox.take_many(1, self.receive_timeout)
+        assert last.message.body == b"saga-2:1"
+        assert not await subscription.settled_past(later)
+        await last.ack()
+        await self.settled_within(subscription, later)
+
+    async def test_a_mark_of_an_idle_subscription_is_settled_past(
+        self, transport: Transport, names: Names, inboxes: list[Inbox]
+    ) -> None:
+        inbox = await self.consume(transport, names.destination, names.group, inboxes)
+        mark = await self.mark_now(inbox.subscription)
+        await self.settled_within(inbox.subscription, mark)
+
+    async def test_a_nacked_message_keeps_a_mark_unsettled_until_it_is_acked(
+        self, transport: Transport, names: Names, inboxes: list[Inbox]
+    ) -> None:
+        inbox = await self.consume(transport, names.destination, names.group, inboxes)
+        await transport.publish([names.message("saga-1", 1)])
+        first = await inbox.take(self.receive_timeout)
+        await first.nack()
+        mark = await self.mark_now(inbox.subscription)
+        assert not await inbox.subscription.settled_past(mark)
+        again = await inbox.take(self.receive_timeout)
+        assert again.message == first.message
+        assert not await inbox.subscription.settled_past(mark)
+        await again.ack()
+        await self.settled_within(inbox.subscription, mark)

@@ -106,8 +106,14 @@ class StoreTransaction(Protocol):
         processed before."""
         ...
 
-    async def due_timers(self, now: datetime, limit: int) -> list[DueTimer]:
-        """Due timers, locked for this transaction; other replicas skip them."""
+    async def due_timers(
+        self, now: datetime, limit: int, *, timeouts_due_by: datetime | None = None
+    ) -> list[DueTimer]:
+        """Due timers, locked for this transaction; other replicas skip them.
+
+        With ``timeouts_due_by``, a timeout (:data:`~engine.model.TIMEOUTS`) counts as
+        due only if due by then: held timeouts are not returned at all, so they cannot
+        fill the batch and starve the timers behind them."""
         ...
 
     async def claim_outbox(self, limit: int) -> list[OutboxRecord]:
@@ -118,6 +124,11 @@ class StoreTransaction(Protocol):
 
     async def has_unsent(self, saga_id: str) -> bool:
         """Whether a message of this saga still waits in the outbox for the broker."""
+        ...
+
+    async def last_sent(self, saga_id: str) -> datetime | None:
+        """When the broker took this saga's latest message (None: none sent, or
+        pruned)."""
         ...
 
     async def saga_exists(self, saga_id: str) -> bool: ...

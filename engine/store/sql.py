@@ -16,11 +16,13 @@ from typing import Any
 from sqlalchemy import (
     Column,
     ColumnElement,
+    and_,
     bindparam,
     delete,
     exists,
     func,
     insert,
+    or_,
     select,
     update,
 )
@@ -32,6 +34,7 @@ from engine.clock import utc_now
 from engine.errors import ConcurrencyConflict
 from engine.messages import MessageKind, encode, new_message_id
 from engine.model import (
+    TIMEOUTS,
     Awaiting,
     HistoryEntry,
     OutboxMessage,
@@ -388,16 +391,28 @@ class SqlStoreTransaction:
             return False  # a concurrent transaction claimed it between our read and write
         return True
 
-    async def due_timers(self, now: datetime, limit: int) -> list[DueTimer]:
+    async def due_timers(
+        self, now: datetime, limit: int, *, timeouts_due_by: datetime | None = None
+    ) -> list[DueTimer]:
         # Each timer is locked together with its saga row, and skipped if either is
         # taken. A reply being applied locks the saga row, then writes its timer row:
         # locking the timer first and the saga later deadlocked with it (PostgreSQL
         # aborted one of the two after a second). NO KEY UPDATE, so inserts that only
         # reference the saga (history, dead letters) do not wait.
+        due = timers.c.due_at <= now
+        if timeouts_due_by is not None and timeouts_due_by < now:
+            # Retry timers are never held; a timeout past the bound is due.
+            due = and_(
+                due,
+                or_(
+                    timers.c.kind.not_in([kind.value for kind in TIMEOUTS]),
+                    timers.c.due_at <= timeouts_due_by,
+                ),
+            )
         rows = await self.conn.execute(
             select(timers)
             .join(sagas, sagas.c.id == timers.c.saga_id)
-            .where(timers.c.due_at <= now)
+            .where(due)
             .order_by(timers.c.due_at)
             .limit(limit)
             .with_for_update(skip_locked=True, key_share=True, of=[timers, sagas])
@@ -422,6 +437,13 @@ class SqlStoreTransaction:
             select(outbox.c.id).where(outbox.c.sent_at.is_(None), outbox.c.key == saga_id).limit(1)
         )
         return unsent.first() is not None
+
+    async def last_sent(self, saga_id: str) -> datetime | None:
+        sent = await self.conn.execute(
+            select(func.max(outbox.c.sent_at)).where(outbox.c.key == saga_id)
+        )
+        at: datetime | None = sent.scalar()
+        return at
 
     async def mark_sent(self, ids: Sequence[int], at: datetime) -> None:
         if ids:

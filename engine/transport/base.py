@@ -10,7 +10,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 #: Header names the transports set on dead-lettered messages.
 DEAD_LETTER_REASON = "x-dead-letter-reason"
@@ -66,11 +66,34 @@ class Delivery(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class Mark:
+    """A position covering every message the broker held for a subscription when the
+    mark was taken (see :meth:`Subscription.mark`)."""
+
+    #: Changes when the subscription lost what it held (a new broker connection or
+    #: channel): everything may come again, so earlier marks prove nothing.
+    epoch: int
+    #: Transport-specific; only the subscription that made the mark reads it.
+    position: Any
+
+
 class Subscription(Protocol):
     def __aiter__(self) -> AsyncIterator[Delivery]: ...
 
     async def close(self) -> None:
         """Stop receiving; unsettled deliveries go back to the broker for redelivery."""
+        ...
+
+    async def mark(self) -> Mark:
+        """A mark past every message the broker holds for this subscription now, held
+        here unsettled included; raises TransportError when the broker cannot say."""
+        ...
+
+    async def settled_past(self, mark: Mark) -> bool:
+        """Whether every message covered by ``mark`` has been acked or dead-lettered
+        (by this consumer, or by its group). False once the mark can prove nothing
+        any more (its epoch ended, a covered message went back to the broker)."""
         ...
 
 

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import (
     InvalidProducerEpoch,
@@ -36,6 +36,7 @@ from aiokafka.errors import (
 
 from engine.errors import MessagesRefused, PublishError, TransportError
 from engine.transport.base import (
+    Mark,
     Message,
     dead_letter_copy,
 )
@@ -377,6 +378,62 @@ class KafkaSubscription:
             partition.revoked = True
             del self._partitions[partition.tp]
         self._ready = deque(entry for entry in self._ready if not entry[1].revoked)
+
+    # -- marks ----------------------------------------------------------------------
+
+    @property
+    def _mark_timeout(self) -> float:
+        return min(5.0, self.transport.request_timeout_ms / 1000)
+
+    async def mark(self) -> Mark:
+        """The end offsets of every partition of the topic, not only of the assigned
+        ones: a partition another member owns (or none does, after its owner died)
+        holds replies just the same, so the mark covers the whole group's work."""
+        try:
+            async with asyncio.timeout(self._mark_timeout):
+                ids = self._consumer.partitions_for_topic(self.topic)
+                if not ids:
+                    raise TransportError(f"no metadata for {self.topic} yet")
+                tps = [TopicPartition(self.topic, p) for p in sorted(ids)]
+                ends = await self._consumer.end_offsets(tps)
+        except (KafkaError, OSError, TimeoutError) as exc:
+            raise TransportError(
+                f"cannot read the end offsets of {self.topic}: {exc or type(exc).__name__}"
+            ) from exc
+        return Mark(0, dict(ends))
+
+    async def settled_past(self, mark: Mark) -> bool:
+        """Assigned partitions by this consumer's books (what is fetched and unsettled,
+        else its position), the others by the group's committed offsets."""
+        ends: dict[Any, int] = mark.position
+        try:
+            async with asyncio.timeout(self._mark_timeout):
+                assigned = self._consumer.assignment()
+                others = []
+                for tp, end in ends.items():
+                    if tp not in assigned:
+                        others.append(tp)
+                        continue
+                    partition = self._partitions.get(tp)
+                    if partition is not None and partition.pending:
+                        done = min(partition.pending)
+                    else:
+                        done = await self._consumer.position(tp)
+                    if done < end:
+                        return False
+                if not others:
+                    return True
+                committed = await self.transport.admin().list_consumer_group_offsets(
+                    self.group, partitions=others
+                )
+        except (KafkaError, OSError, TimeoutError, TransportError) as exc:
+            log.debug("cannot tell whether %s is settled past a mark: %s", self.topic, exc)
+            return False
+        for tp in others:
+            point = committed.get(tp)
+            if ends[tp] > 0 and (point is None or point.offset < ends[tp]):
+                return False
+        return True
 
     async def close(self) -> None:
         if self._closed:

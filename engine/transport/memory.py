@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from engine.errors import MessagesRefused, TransportError
 from engine.transport.base import (
+    Mark,
     Message,
     dead_letter_copy,
 )
@@ -24,19 +25,32 @@ from engine.transport.base import (
 class _Entry:
     message: Message
     deliveries: int = 0
+    #: Position in its queue, given when first put there.
+    seq: int = -1
 
 
 @dataclass
 class _Queue:
     ready: deque[_Entry] = field(default_factory=deque)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Entries ever put on the queue, i.e. the next entry's seq.
+    published: int = 0
+    #: Seqs of the entries not acked or dead-lettered yet (ready or in flight).
+    unsettled: set[int] = field(default_factory=set)
 
     def put(self, entry: _Entry, *, front: bool = False) -> None:
+        if entry.seq < 0:
+            entry.seq = self.published
+            self.published += 1
+            self.unsettled.add(entry.seq)
         if front:
             self.ready.appendleft(entry)
         else:
             self.ready.append(entry)
         self.changed.set()
+
+    def settled(self, entry: _Entry) -> None:
+        self.unsettled.discard(entry.seq)
 
 
 class MemoryBroker:
@@ -72,6 +86,8 @@ class MemoryBroker:
         """Take every waiting message off ``destination`` (tests read dead letters so)."""
         q = self.queue(destination)
         out = [e.message for e in q.ready]
+        for entry in q.ready:
+            q.settled(entry)
         q.ready.clear()
         return out
 
@@ -99,7 +115,8 @@ class MemoryDelivery:
         return True
 
     async def ack(self) -> None:
-        self._settle()
+        if self._settle():
+            self._subscription.queue.settled(self._entry)
 
     async def nack(self) -> None:
         if self._settle():
@@ -107,6 +124,7 @@ class MemoryDelivery:
 
     async def dead_letter(self, reason: str) -> None:
         if self._settle():
+            self._subscription.queue.settled(self._entry)
             broker = self._subscription.broker
             copy = dead_letter_copy(self._entry.message, broker.dead_letters, reason)
             broker.queue(broker.dead_letters).put(_Entry(copy))
@@ -131,6 +149,14 @@ class MemorySubscription:
             delivery = MemoryDelivery(self, entry, next(self._seq))
             self.in_flight.add(delivery)
             yield delivery
+
+    async def mark(self) -> Mark:
+        """Everything ever put on the queue so far (its entries keep their place)."""
+        return Mark(0, self.queue.published)
+
+    async def settled_past(self, mark: Mark) -> bool:
+        position: int = mark.position
+        return min(self.queue.unsettled, default=position) >= position
 
     async def close(self) -> None:
         if self._closed:

@@ -11,9 +11,12 @@ their group, as on the in-process broker.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import re
-from collections import defaultdict
+import time
+import uuid
+from collections import OrderedDict, defaultdict
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
@@ -32,6 +35,7 @@ from yarl import URL
 
 from engine.errors import MessagesRefused, PublishError, TransportError
 from engine.transport.base import (
+    Mark,
     Message,
     dead_letter_copy,
 )
@@ -40,6 +44,19 @@ log = logging.getLogger("saga.transport.rabbitmq")
 
 #: AMQP has no message key, so the ordering key travels as a header.
 KEY_HEADER = "x-saga-key"
+#: Headers of a subscription's marker message (see RabbitSubscription.mark): its id,
+#: when it was sent (seconds since the epoch), how many consumers it must pass, and
+#: which it passed.
+MARKER_HEADER = "x-saga-mark"
+MARKER_SENT_HEADER = "x-saga-mark-sent"
+MARKER_NEEDS_HEADER = "x-saga-mark-needs"
+MARKER_PASSED_HEADER = "x-saga-mark-passed"
+#: Completed markers a subscription remembers.
+_MARKERS_KEPT = 256
+#: A marker older than this is dropped: its mark was given up or its replica is gone.
+_MARKER_AGE = 20.0
+#: Pause before passing on the markers held (a marker takes one per consumer it passes).
+_MARKER_PAUSE = 0.05
 
 _FAILURES = (AMQPError, ChannelInvalidStateError, ConnectionError, OSError)
 
@@ -54,9 +71,12 @@ def _header_text(value: Any) -> str:
 
 
 class RabbitDelivery:
-    def __init__(self, subscription: RabbitSubscription, incoming: AbstractIncomingMessage):
+    def __init__(
+        self, subscription: RabbitSubscription, incoming: AbstractIncomingMessage, seq: int
+    ) -> None:
         self._subscription = subscription
         self._incoming = incoming
+        self.seq = seq
         headers = {k: _header_text(v) for k, v in (incoming.headers or {}).items()}
         key = headers.pop(KEY_HEADER, "")
         self._message = Message(subscription.destination, key, incoming.body, headers)
@@ -90,10 +110,13 @@ class RabbitDelivery:
 
     async def ack(self) -> None:
         if self._settle():
+            self._subscription._unsettled.discard(self.seq)
             await self._quietly("ack", self._incoming.ack())
 
     async def nack(self) -> None:
         if self._settle():
+            self._subscription._unsettled.discard(self.seq)
+            self._subscription._nacked(self.seq)
             await self._quietly("nack", self._incoming.nack(requeue=True))
 
     async def dead_letter(self, reason: str) -> None:
@@ -123,6 +146,21 @@ class RabbitSubscription:
         self._queue: AbstractQueue | None = None
         self._tag: str | None = None
         self._closed = False
+        # Marks (see mark()): deliveries are numbered in arrival order per channel.
+        self._seq = itertools.count()
+        self._unsettled: set[int] = set()
+        self._nacks = 0
+        self._underlay: object = None
+        self._epoch = 0
+        self._id = uuid.uuid4().hex
+        self._markers = itertools.count()
+        #: Ids of this subscription's completed markers.
+        self._markers_done: OrderedDict[str, bool] = OrderedDict()
+        #: Markers held here until what arrived before them is settled, with their
+        #: arrival number and headers (see _pass_markers).
+        self._held: list[tuple[AbstractIncomingMessage, int, dict[str, str]]] = []
+        self._forwarder: asyncio.Task[None] | None = None
+        self._dropping: set[asyncio.Future[None]] = set()
 
     async def start(self, connection: AbstractRobustConnection) -> None:
         transport = self.transport
@@ -151,18 +189,146 @@ class RabbitSubscription:
             if incoming is None or self._closed:
                 continue
             try:
-                incoming.channel  # noqa: B018  # raises once its channel is gone
+                underlay = incoming.channel  # raises once its channel is gone
             except ChannelInvalidStateError:
                 # Delivered before a reconnect: the broker requeued it already and
                 # will deliver it again on the restored channel.
                 continue
-            yield RabbitDelivery(self, incoming)
+            self._on_channel(underlay)
+            if MARKER_HEADER in (incoming.headers or {}):
+                await self._marker_arrived(incoming)
+                continue
+            seq = next(self._seq)
+            self._unsettled.add(seq)
+            yield RabbitDelivery(self, incoming, seq)
+
+    # -- marks ----------------------------------------------------------------------
+    #
+    # A queue has no offsets, so a mark is a marker message of this subscription's own,
+    # published (confirmed) to its queue: FIFO puts it behind every message the queue
+    # held, so what came before it went out to consumers before it. A passive declare's
+    # message count would be no proof: deliveries already on their way to a consumer
+    # are counted neither by the queue nor by the consumer yet.
+    #
+    # Whoever receives a marker holds it until everything that reached it before the
+    # marker is settled. Competing consumers (engine replicas) share the queue, so the
+    # marker must have passed through as many of them as the queue had when the mark
+    # was taken: a consumer that is not yet among those it passed publishes a copy
+    # naming itself too (behind more messages than the original: that only covers
+    # more), and the mark is complete once its own subscription holds a copy that
+    # has passed enough consumers.
+
+    def _on_channel(self, underlay: object) -> None:
+        """A new channel (the robust connection reopened it): the broker took back
+        every unacked delivery, so older marks prove nothing."""
+        if underlay is not self._underlay:
+            self._underlay = underlay
+            self._epoch += 1
+            self._unsettled.clear()
+            self._held.clear()
+
+    async def _marker_arrived(self, incoming: AbstractIncomingMessage) -> None:
+        headers = {k: _header_text(v) for k, v in (incoming.headers or {}).items()}
+        try:
+            age = time.time() - float(headers.get(MARKER_SENT_HEADER, ""))
+        except ValueError:
+            age = _MARKER_AGE
+        if age >= _MARKER_AGE:  # its mark was given up, or its replica is gone
+            await self._drop(incoming)
+            return
+        self._held.append((incoming, next(self._seq), headers))
+        if self._forwarder is None or self._forwarder.done():
+            self._forwarder = asyncio.create_task(self._pass_markers())
+
+    async def _drop(self, incoming: AbstractIncomingMessage) -> None:
+        try:
+            await incoming.ack()
+        except _FAILURES as exc:
+            log.debug("ack of a marker on %s: %s", self.destination, exc)
+
+    async def _pass_markers(self) -> None:
+        """Pass on (or complete) the markers held here once everything that arrived
+        before them is settled; paced, so replicas never bounce a marker hot."""
+        while self._held and not self._closed:
+            await asyncio.sleep(_MARKER_PAUSE)
+            floor = min(self._unsettled, default=None)
+            waiting = []
+            for incoming, seq, headers in self._held:
+                if floor is not None and floor < seq:
+                    waiting.append((incoming, seq, headers))
+                    continue
+                await self._pass_marker(incoming, headers)
+            self._held = waiting
+
+    async def _pass_marker(
+        self, incoming: AbstractIncomingMessage, headers: dict[str, str]
+    ) -> None:
+        marker = headers[MARKER_HEADER]
+        passed = {p for p in headers.get(MARKER_PASSED_HEADER, "").split(",") if p}
+        passed.add(self._id)
+        if marker.startswith(f"{self._id}:") and len(passed) >= int(
+            headers.get(MARKER_NEEDS_HEADER, "1")
+        ):
+            self._markers_done[marker] = True
+            while len(self._markers_done) > _MARKERS_KEPT:
+                self._markers_done.popitem(last=False)
+        else:
+            copy = {**headers, MARKER_PASSED_HEADER: ",".join(sorted(passed))}
+            try:
+                await self.transport.publish_marker(self.destination, copy)
+            except (*_FAILURES, Unroutable, TimeoutError, TransportError) as exc:
+                log.debug("passing on a marker on %s: %s", self.destination, exc)
+        await self._drop(incoming)
+
+    def _nacked(self, seq: int) -> None:
+        """A delivery went back to the queue, maybe behind markers that came after it:
+        those prove nothing now (their marks then wait for newer ones)."""
+        self._nacks += 1
+        dead = [held for held in self._held if held[1] > seq]
+        self._held = [held for held in self._held if held[1] <= seq]
+        for incoming, _, _ in dead:
+            task = asyncio.ensure_future(self._drop(incoming))
+            self._dropping.add(task)
+            task.add_done_callback(self._dropping.discard)
+
+    async def mark(self) -> Mark:
+        channel = self._channel
+        if channel is None or self._closed:
+            raise TransportError(f"not consuming {self.destination}")
+        try:
+            async with asyncio.timeout(self.transport.publish_timeout):
+                underlay = await channel.get_underlay_channel()
+                self._on_channel(underlay)
+                epoch, nacks = self._epoch, self._nacks
+                declared = await underlay.queue_declare(self.destination, passive=True)
+                marker = f"{self._id}:{next(self._markers)}"
+                headers = {
+                    MARKER_HEADER: marker,
+                    MARKER_SENT_HEADER: f"{time.time():.3f}",
+                    MARKER_NEEDS_HEADER: str(max(1, declared.consumer_count or 0)),
+                }
+                await self.transport.publish_marker(self.destination, headers)
+        except (*_FAILURES, Unroutable, TimeoutError) as exc:
+            raise TransportError(
+                f"cannot mark {self.destination}: {exc or type(exc).__name__}"
+            ) from exc
+        return Mark(epoch, (marker, nacks))
+
+    async def settled_past(self, mark: Mark) -> bool:
+        """The marker came back here through enough consumers, on the same channel,
+        with nothing handed back here since it was sent (a requeued message could
+        come after it)."""
+        marker, nacks = mark.position
+        done = self._markers_done.get(marker, False)
+        return done and mark.epoch == self._epoch and nacks == self._nacks
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         self._buffer.put_nowait(None)
+        if self._forwarder is not None:
+            self._forwarder.cancel()  # the channel's close hands the held markers back
         channel, self._channel = self._channel, None
         if channel is None or channel.is_closed:
             return
@@ -338,6 +504,18 @@ class RabbitTransport:
             raise PublishError(f"{self.where} refused a publish: {failure}") from failure
         if refused:
             raise MessagesRefused(refused, len(messages), self.where)
+
+    async def publish_marker(self, destination: str, headers: Mapping[str, str]) -> None:
+        """A transient empty marker message to ``destination`` (for marks), confirmed."""
+        exchange = self._exchange
+        if exchange is None:
+            raise TransportError("RabbitMQ transport is not connected")
+        async with asyncio.timeout(self.publish_timeout):
+            await exchange.publish(
+                aio_pika.Message(b"", headers=dict(headers)),
+                routing_key=destination,
+                mandatory=True,
+            )
 
     async def subscribe(self, destination: str, *, group: str) -> RabbitSubscription:
         if self._connection is None:

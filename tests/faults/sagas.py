@@ -35,9 +35,15 @@ def _variant(name: str, **changes: object) -> Saga:
 #: than it compensates, as the unknown-outcome scenarios show.
 PATIENT_TIMEOUT = 120.0
 
+#: The step timeout of ``steady_order``: longer than a broker outage of the outage
+#: scenario (stopped ~10s, plus its restart), short enough that the deadlines of the
+#: steps in flight fall due while the consumers are still coming back.
+STEADY_TIMEOUT = 45.0
+
 quick_order = _variant("quick_order", timeout=timedelta(seconds=QUICK_TIMEOUT))
 fragile_order = _variant("fragile_order", compensation_retry=FRAGILE_COMPENSATION)
 patient_order = _variant("patient_order", timeout=timedelta(seconds=PATIENT_TIMEOUT))
+steady_order = _variant("steady_order", timeout=timedelta(seconds=STEADY_TIMEOUT))
 
 
 #: The size of ``bulky_order``'s charge_payment command: over Kafka's default
