@@ -23,6 +23,7 @@ from sqlalchemy.exc import (
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from engine.errors import ConfigError, DatabaseError
+from engine.redact import redact
 
 _DRIVERS = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+asyncpg"}
 
@@ -69,12 +70,12 @@ def parse_url(url: str) -> URL:
     try:
         parsed = make_url(url)
     except ArgumentError:
-        raise ConfigError(f"not a database URL: {url!r}") from None
+        raise ConfigError(f"not a database URL: {redact(url)!r}") from None
     if parsed.drivername in _DRIVERS:
         parsed = parsed.set(drivername=_DRIVERS[parsed.drivername])
     if parsed.get_backend_name() not in _DRIVERS:
         raise ConfigError(
-            f"unsupported database {parsed.get_backend_name()!r} in {url!r}: "
+            f"unsupported database {parsed.get_backend_name()!r} in {redact(url)!r}: "
             "use sqlite:///file.db or postgresql://user:pass@host/db"
         )
     return parsed

@@ -24,6 +24,7 @@ from sqlalchemy.exc import DBAPIError
 from engine.client import PRUNE_BATCH, SagaClient
 from engine.database import create_engine, upgrade
 from engine.errors import SagaError
+from engine.redact import redact
 from engine.retention import parse_age
 from engine.settings import Settings
 from engine.states import SagaStatus
@@ -42,7 +43,7 @@ stderr = Console(stderr=True)
 
 
 def fail(message: str) -> None:
-    click.echo(f"sagactl: error: {message}", err=True)
+    click.echo(f"sagactl: error: {redact(message)}", err=True)
     sys.exit(1)
 
 

@@ -12,6 +12,7 @@ import weakref
 from urllib.parse import urlsplit
 
 from engine.errors import ConfigError
+from engine.redact import redact
 from engine.topology import Topology
 from engine.transport.base import Transport
 from engine.transport.memory import MemoryBroker, MemoryTransport
@@ -50,14 +51,16 @@ def _kafka_servers(url: str) -> list[str]:
     rest = url.split("://", 1)[1]
     netloc, _, path = rest.partition("/")
     if path.strip("/") or "?" in netloc or "@" in netloc:
-        raise ConfigError(f"unsupported broker URL {url!r}: use kafka://host:port[,host:port]")
+        raise ConfigError(
+            f"unsupported broker URL {redact(url)!r}: use kafka://host:port[,host:port]"
+        )
     servers = []
     for server in netloc.split(","):
         host, sep, port = server.strip().rpartition(":")
         if not sep:
             host, port = port, "9092"
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConfigError(f"bad Kafka server {server!r} in {url!r}: use host:port")
+            raise ConfigError(f"bad Kafka server {server!r} in {redact(url)!r}: use host:port")
         servers.append(f"{host}:{port}")
     return servers
 
@@ -79,7 +82,7 @@ def transport_from_url(
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     if scheme == "memory":
         if url.rstrip("/") != "memory:":
-            raise ConfigError(f"unsupported broker URL {url!r}: memory:// takes no address")
+            raise ConfigError(f"unsupported broker URL {redact(url)!r}: memory:// takes no address")
         return MemoryTransport(memory_broker(topology.dead_letters))
     if scheme == "kafka":
         servers = _kafka_servers(url)
@@ -99,9 +102,9 @@ def transport_from_url(
             parts = urlsplit(url)
             host, _port = parts.hostname, parts.port  # .port raises on a bad port
         except ValueError as exc:
-            raise ConfigError(f"bad broker URL {url!r}: {exc}") from None
+            raise ConfigError(f"bad broker URL {redact(url)!r}: {exc}") from None
         if not host:
-            raise ConfigError(f"broker URL {url!r} names no host; accepted: {ACCEPTED}")
+            raise ConfigError(f"broker URL {redact(url)!r} names no host; accepted: {ACCEPTED}")
         try:
             from engine.transport.rabbitmq import RabbitTransport
         except ImportError as exc:
@@ -109,4 +112,4 @@ def transport_from_url(
         return RabbitTransport(
             url, exchange=topology.prefix, dead_letter_queue=topology.dead_letters
         )
-    raise ConfigError(f"unsupported broker URL {url!r}; accepted: {ACCEPTED}")
+    raise ConfigError(f"unsupported broker URL {redact(url)!r}; accepted: {ACCEPTED}")
