@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from engine.retention import format_age
@@ -35,6 +37,19 @@ STATUS_STYLE = {
     StepStatus.SUCCEEDED: "green",
     StepStatus.COMPENSATED: "magenta",
 }
+
+
+#: Control characters (newline, ESC, ...) in user text, shown escaped: a terminal never
+#: acts on them and one value stays on its line.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def shown(value: object) -> str:
+    """Text from a saga, a handler, a message or an operator, as rich must print it:
+    never read as markup (``[/]``, ``[link=...]``) and with control characters escaped.
+    The one escaping rule of the CLI's tables and lines."""
+    text = _CONTROL.sub(lambda m: repr(m.group())[1:-1], str(value))
+    return escape(text)
 
 
 def styled(status: SagaStatus | StepStatus) -> str:
@@ -65,24 +80,26 @@ def saga_list(console: Console, sagas: Sequence[SagaSummary]) -> None:
         table.add_column(column, overflow="fold")
     for s in sagas:
         table.add_row(
-            s.id,
-            f"{s.name} v{s.version}",
+            shown(s.id),
+            f"{shown(s.name)} v{s.version}",
             styled(s.status),
             when(s.created_at),
             when(s.updated_at),
-            s.error or "",
+            shown(s.error or ""),
         )
     console.print(table)
 
 
 def saga_detail(console: Console, saga: SagaDetail) -> None:
-    console.print(f"[bold]saga[/] {saga.id}  {saga.name} v{saga.version}  {styled(saga.status)}")
+    console.print(
+        f"[bold]saga[/] {shown(saga.id)}  {shown(saga.name)} v{saga.version}  {styled(saga.status)}"
+    )
     console.print(f"created {when(saga.created_at)}  updated {when(saga.updated_at)}")
     if saga.trace_id:
-        console.print(f"trace {saga.trace_id}")
+        console.print(f"trace {shown(saga.trace_id)}")
     if saga.error:
-        console.print(f"[red]error[/] {saga.error}")
-    console.print(f"input {json.dumps(saga.input, sort_keys=True)}")
+        console.print(f"[red]error[/] {shown(saga.error)}")
+    console.print(f"input {shown(json.dumps(saga.input, sort_keys=True))}")
     steps = Table(title="steps", title_justify="left")
     for column in ("#", "step", "state"):
         steps.add_column(column, no_wrap=True)
@@ -93,13 +110,13 @@ def saga_detail(console: Console, saga: SagaDetail) -> None:
         outcome = st.error or (json.dumps(st.reply, sort_keys=True) if st.reply else "")
         steps.add_row(
             str(st.position + 1),
-            st.name,
+            shown(st.name),
             styled(st.status),
             str(st.attempts),
             str(st.compensation_attempts),
             when(st.started_at),
             when(st.finished_at),
-            outcome,
+            shown(outcome),
         )
     console.print(steps)
     history = Table(title="history", title_justify="left")
@@ -108,7 +125,9 @@ def saga_detail(console: Console, saga: SagaDetail) -> None:
     history.add_column("by", no_wrap=True)
     history.add_column("detail", overflow="fold")
     for h in saga.history:
-        history.add_row(when(h.at), h.event, h.step or "", h.actor, h.detail or "")
+        history.add_row(
+            when(h.at), shown(h.event), shown(h.step or ""), shown(h.actor), shown(h.detail or "")
+        )
     console.print(history)
     operator = [h for h in saga.history if h.actor != "engine"]
     if operator:
@@ -116,7 +135,7 @@ def saga_detail(console: Console, saga: SagaDetail) -> None:
         console.print("[bold]operator actions[/]")
         for h in operator:
             console.print(
-                f"  {when(h.at)} {h.event} by {h.actor}: {h.detail or ''}",
+                f"  {when(h.at)} {shown(h.event)} by {shown(h.actor)}: {shown(h.detail or '')}",
                 highlight=False,
                 soft_wrap=True,
             )
@@ -125,15 +144,15 @@ def saga_detail(console: Console, saga: SagaDetail) -> None:
 def operator_result(console: Console, result: OperatorResult) -> None:
     past = {"retry": "retried", "cancel": "cancelled"}.get(result.action, result.action)
     console.print(
-        f"saga {result.saga_id} {past} by {result.actor}: "
+        f"saga {shown(result.saga_id)} {past} by {shown(result.actor)}: "
         f"{styled(result.previous_status)} -> {styled(result.status)}",
         soft_wrap=True,
     )
-    console.print(f"  {result.summary}", highlight=False, soft_wrap=True)
+    console.print(f"  {shown(result.summary)}", highlight=False, soft_wrap=True)
     for d in result.dispatched:
         console.print(
-            f"  queued {d.kind} {d.name} of step {d.step} (attempt {d.attempt}) "
-            f"for {d.destination}",
+            f"  queued {d.kind} {shown(d.name)} of step {shown(d.step)} "
+            f"(attempt {d.attempt}) for {shown(d.destination)}",
             highlight=False,
             soft_wrap=True,
         )
@@ -142,7 +161,7 @@ def operator_result(console: Console, result: OperatorResult) -> None:
 def _message_of(letter: DeadLetterView) -> str:
     if letter.kind is None:
         return "(not an envelope)"
-    return f"{letter.kind} {letter.name} #{letter.attempt}"
+    return f"{letter.kind} {shown(letter.name)} #{letter.attempt}"
 
 
 def dead_letter_list(console: Console, letters: Sequence[DeadLetterView]) -> None:
@@ -152,14 +171,14 @@ def dead_letter_list(console: Console, letters: Sequence[DeadLetterView]) -> Non
     for column in ("source", "saga", "message", "reason", "replayed"):
         table.add_column(column, overflow="fold")
     for d in letters:
-        replayed = f"{when(d.replayed_at)} by {d.replayed_by}" if d.replayed_at else "-"
+        replayed = f"{when(d.replayed_at)} by {shown(d.replayed_by)}" if d.replayed_at else "-"
         table.add_row(
             str(d.id),
             when(d.received_at),
-            d.source or "?",
-            d.saga_id or "-",
+            shown(d.source or "?"),
+            shown(d.saga_id or "-"),
             _message_of(d),
-            d.reason,
+            shown(d.reason),
             replayed,
         )
     console.print(table)
@@ -168,13 +187,13 @@ def dead_letter_list(console: Console, letters: Sequence[DeadLetterView]) -> Non
 def replay_result(console: Console, result: ReplayResult) -> None:
     letter = result.dead_letter
     console.print(
-        f"dead letter {letter.id} ({_message_of(letter)}) queued for {result.destination} "
-        f"by {result.actor}",
+        f"dead letter {letter.id} ({_message_of(letter)}) queued for "
+        f"{shown(result.destination)} by {shown(result.actor)}",
         highlight=False,
         soft_wrap=True,
     )
     if result.saga_id:
-        console.print(f"  recorded in the history of saga {result.saga_id}", soft_wrap=True)
+        console.print(f"  recorded in the history of saga {shown(result.saga_id)}", soft_wrap=True)
 
 
 def _age(seconds: float | None) -> str:
@@ -194,7 +213,7 @@ def stats(console: Console, view: StatsView) -> None:
     table = Table(title=f"{view.total} saga(s)", title_justify="left")
     table.add_column("state", no_wrap=True)
     for name in names:
-        table.add_column(name, justify="right")
+        table.add_column(shown(name), justify="right")
     table.add_column("all", justify="right")
     for status in SagaStatus:
         table.add_row(
@@ -208,7 +227,7 @@ def stats(console: Console, view: StatsView) -> None:
         console.print("oldest running: none")
     else:
         console.print(
-            f"oldest running: {oldest.id} ({oldest.name}, {styled(oldest.status)}) "
+            f"oldest running: {shown(oldest.id)} ({shown(oldest.name)}, {styled(oldest.status)}) "
             f"age {_age(oldest.age_seconds)}",
             soft_wrap=True,
         )
