@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 from types import TracebackType
@@ -538,3 +538,21 @@ def assert_books_balance(detail: SagaDetail, effect_of: Mapping[str, ledger.Orde
         assert effect.net_charged_cents == 0
         assert effect.charges == effect.refunds
         assert not effect.shipped
+
+
+@dataclass
+class FakeDelivery:
+    """A delivery that records how a consumer (engine, runner, archive) settled it."""
+
+    message: Message
+    redelivered: bool = False
+    settled: list[str] = field(default_factory=list)
+
+    async def ack(self) -> None:
+        self.settled.append("ack")
+
+    async def nack(self) -> None:
+        self.settled.append("nack")
+
+    async def dead_letter(self, reason: str) -> None:
+        self.settled.append(f"dead_letter: {reason}")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -27,29 +26,11 @@ from engine.worker.runner import WorkerRunner
 from engine.worker.worker import HandlerContext, Registration, Worker
 from sagas.order import ChargePayment
 from tests.e2e import fresh_database
-from tests.helpers import envelopes, wait_until
+from tests.helpers import FakeDelivery, envelopes, wait_until
 from tests.services import service_url
 from workers import inventory, ledger, payment
 
 TOPOLOGY = Topology()
-
-
-@dataclass
-class FakeDelivery:
-    """A delivery that records how the runner settled it."""
-
-    message: Message
-    redelivered: bool = False
-    settled: list[str] = field(default_factory=list)
-
-    async def ack(self) -> None:
-        self.settled.append("ack")
-
-    async def nack(self) -> None:
-        self.settled.append("nack")
-
-    async def dead_letter(self, reason: str) -> None:
-        self.settled.append(f"dead_letter: {reason}")
 
 
 def counting(worker: Worker) -> tuple[Worker, Counter[str]]:
@@ -461,9 +442,10 @@ async def test_runner_consumes_from_its_destination(pay: Participant) -> None:
         )
 
         async def all_replied() -> bool:
-            return pay.broker.depth(TOPOLOGY.replies) == 3
+            # Replies are published before their commands are settled and counted.
+            return pay.broker.depth(TOPOLOGY.replies) == 3 and pay.runner.handled == 3
 
-        await wait_until(all_replied, 5, "three replies")
+        await wait_until(all_replied, 5, "three replies, their commands settled")
         replies = envelopes(pay.broker.drain(TOPOLOGY.replies))
         assert sorted(r.saga_id for r in replies) == ["o0", "o1", "o2"]
         assert all(r.outcome is Outcome.SUCCESS for r in replies)

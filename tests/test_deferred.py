@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -36,28 +36,10 @@ from engine.topology import Topology
 from engine.transport.base import DEAD_LETTER_ID, DEAD_LETTER_REASON, DEAD_LETTER_SOURCE, Message
 from engine.transport.memory import MemoryBroker, MemoryTransport
 from sagas.order import place_order
-from tests.helpers import order_input
+from tests.helpers import FakeDelivery, order_input
 
 TOPOLOGY = Topology()
 PATIENCE = 10.0
-
-
-@dataclass
-class FakeDelivery:
-    """A delivery that records how the engine settled it."""
-
-    message: Message
-    redelivered: bool = False
-    settled: list[str] = field(default_factory=list)
-
-    async def ack(self) -> None:
-        self.settled.append("ack")
-
-    async def nack(self) -> None:
-        self.settled.append("nack")
-
-    async def dead_letter(self, reason: str) -> None:
-        self.settled.append(f"dead_letter: {reason}")
 
 
 class Clock:
