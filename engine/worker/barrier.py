@@ -17,13 +17,14 @@ message, or the anomaly it guards against comes back.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
-from sqlalchemy import delete, exists, insert, select, tuple_
+from sqlalchemy import delete, exists, func, insert, select, tuple_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
@@ -235,8 +236,11 @@ async def prune(database: AsyncEngine, participant: str, before: datetime, limit
     oldest message it retains (7 days by default, and up to a segment longer), a dead
     letter replayed with ``--force``. Hence a default of 30 days; see the README.
 
-    Other workers of the same participant may prune at once: on PostgreSQL the rows are
-    picked with ``FOR UPDATE SKIP LOCKED``, so they take disjoint ones.
+    Other workers of the same participant may prune at once: on PostgreSQL one of them
+    at a time holds a transaction-scoped advisory lock and the others remove nothing
+    this round. (Rows picked with ``SKIP LOCKED`` alone are not enough: deleting a
+    step's rows together, two pruners that had each locked one row of the same step
+    waited on each other's, a deadlock.) Handlers writing rows are skipped, not waited for.
     """
     newer = barrier.alias("newer")
     young_sibling = exists().where(
@@ -254,5 +258,17 @@ async def prune(database: AsyncEngine, participant: str, before: datetime, limit
     )
     key = tuple_(barrier.c.participant, barrier.c.saga_id, barrier.c.step)
     async with database.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            held = await conn.scalar(
+                select(func.pg_try_advisory_xact_lock(_prune_lock(participant)))
+            )
+            if not held:
+                return 0
         result = await conn.execute(delete(barrier).where(key.in_(chosen)))
         return int(result.rowcount)
+
+
+def _prune_lock(participant: str) -> int:
+    """The advisory lock key of ``participant``'s pruning (a signed 64-bit integer)."""
+    digest = hashlib.blake2b(f"saga-barrier-prune:{participant}".encode(), digest_size=8)
+    return int.from_bytes(digest.digest(), "big", signed=True)
