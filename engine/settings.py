@@ -1,13 +1,21 @@
-"""Process settings, from flags or ``SAGA_*`` environment variables."""
+"""Process settings, from flags, ``SAGA_*`` environment variables or files they name."""
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
+from engine.errors import ConfigError
 from engine.limits import (
     DEFAULT_MAX_MESSAGE_BYTES,
     MAX_MESSAGE_BYTES,
@@ -19,8 +27,60 @@ from engine.retention import parse_age
 DEFAULT_DATABASE_URL = "sqlite:///saga.db"
 
 
+ENV_PREFIX = "SAGA_"
+
+
+class FileSettings(PydanticBaseSettingsSource):
+    """``SAGA_<NAME>_FILE=/path``: the setting's value is that file's content.
+
+    The way Docker and Kubernetes hand out secrets (a URL with a password, a key) so
+    they never sit in the environment or a command line. Any setting may come from a
+    file; giving both ``SAGA_X`` and ``SAGA_X_FILE`` is an error, not a silent choice.
+    """
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        variable = f"{ENV_PREFIX}{field_name.upper()}_FILE"
+        path = os.environ.get(variable)
+        if path is None:
+            return None, field_name, False
+        if os.environ.get(variable.removesuffix("_FILE")) is not None:
+            raise ConfigError(f"set {variable.removesuffix('_FILE')} or {variable}, not both")
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeError) as exc:
+            raise ConfigError(f"{variable}: cannot read {path!r}: {_why(exc)}") from None
+        # Files written by editors and `echo` end in a newline that is no part of a secret.
+        return text.removesuffix("\n").removesuffix("\r"), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for name, field in self.settings_cls.model_fields.items():
+            value, key, _ = self.get_field_value(field, name)
+            if value is not None:
+                values[key] = value
+        return values
+
+
+def _why(exc: BaseException) -> str:
+    return getattr(exc, "strerror", None) or type(exc).__name__
+
+
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SAGA_", extra="ignore")
+    """Every ``SAGA_*`` setting; each may also come from a file (``SAGA_<NAME>_FILE``)."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Flags first, then the environment, then ``SAGA_<NAME>_FILE`` files."""
+        return (init_settings, env_settings, FileSettings(settings_cls), dotenv_settings)
 
     #: ``sqlite:///file.db`` (embedded default) or ``postgresql://user:pass@host/db``.
     database_url: str = DEFAULT_DATABASE_URL

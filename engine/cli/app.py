@@ -23,7 +23,7 @@ from sqlalchemy.exc import DBAPIError
 
 from engine.client import PRUNE_BATCH, SagaClient
 from engine.database import create_engine, upgrade
-from engine.errors import SagaError
+from engine.errors import ConfigError, SagaError
 from engine.redact import redact
 from engine.retention import parse_age
 from engine.settings import Settings
@@ -104,6 +104,8 @@ def cli(ctx: click.Context, database_url: str | None, sagas: str | None, as_json
         settings = Settings(**overrides)
     except ValidationError as exc:
         fail(_bad_settings(exc))
+    except ConfigError as exc:
+        fail(str(exc))
     ctx.obj = Options(settings, as_json)
 
 
