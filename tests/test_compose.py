@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -76,7 +77,7 @@ def projects() -> dict[str, dict[str, Any]]:
 @pytest.mark.parametrize("profile", ["kafka", "rabbitmq"])
 def test_services_per_profile(projects: dict[str, dict[str, Any]], profile: str) -> None:
     services = set(projects[profile]["services"])
-    assert services == {"postgres", profile, "migrate", "otel-collector", "jaeger"} | SAGA
+    assert services == {"certs", "postgres", profile, "migrate", "otel-collector", "jaeger"} | SAGA
 
 
 @pytest.mark.parametrize("profile", ["kafka", "rabbitmq"])
@@ -127,7 +128,7 @@ def test_ports_bind_loopback_only(projects: dict[str, dict[str, Any]], profile: 
             published[port["published"]] = name
     assert published["5432"] == "postgres"
     assert published["16686"] == "jaeger"
-    brokers = {"9092"} if profile == "kafka" else {"5672", "15672"}
+    brokers = {"9092", "9094", "9095"} if profile == "kafka" else {"5672", "5671", "15672"}
     assert set(published) - {"5432", "16686"} == brokers
 
 
@@ -148,6 +149,57 @@ def test_daemons_are_health_checked_and_export_traces(
     assert services["migrate"]["healthcheck"]["disable"] is True
     config = projects[profile]["configs"]["otel-collector"]["content"]
     assert "endpoint: jaeger:4317" in config
+
+
+def script_setting(name: str) -> str:
+    """A ``NAME=value`` constant of scripts/services (the services without Docker)."""
+    found = re.search(rf"^{name}=(\S+)$", (ROOT / "scripts" / "services").read_text(), re.M)
+    assert found, f"{name} not in scripts/services"
+    return found.group(1)
+
+
+def test_secured_listeners_match_scripts_services(projects: dict[str, dict[str, Any]]) -> None:
+    """The same secured ports, users and test password with and without Docker."""
+    password = script_setting("KAFKA_SASL_PASSWORD")
+    kafka_project = projects["kafka"]
+    kafka = kafka_project["services"]["kafka"]
+    ports = {port["published"]: port["target"] for port in kafka["ports"]}
+    env = kafka["environment"]
+    for name, protocol in (("SECURE", "SASL_SSL"), ("MTLS", "SSL")):
+        port = script_setting("KAFKA_SASL_PORT" if protocol == "SASL_SSL" else "KAFKA_SSL_PORT")
+        assert ports[port] == int(port)
+        assert f"{name}://localhost:{port}" in env["KAFKA_ADVERTISED_LISTENERS"].split(",")
+        assert f"{name}:{protocol}" in env["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].split(",")
+    assert set(env["KAFKA_SASL_ENABLED_MECHANISMS"].split(",")) >= {
+        "SCRAM-SHA-256",
+        "SCRAM-SHA-512",
+    }
+    assert f"[password={password}]" in " ".join(kafka["command"])
+    assert f'user_saga="{password}"' in kafka_project["configs"]["kafka-jaas"]["content"]
+
+    rabbitmq_project = projects["rabbitmq"]
+    rabbitmq = rabbitmq_project["services"]["rabbitmq"]
+    amqps = script_setting("AMQPS_PORT")
+    assert {port["published"]: port["target"] for port in rabbitmq["ports"]}[amqps] == int(amqps)
+    tls_conf = rabbitmq_project["configs"]["rabbitmq-tls"]["content"]
+    assert f"listeners.ssl.default = {amqps}" in tls_conf
+    assert "EXTERNAL" in tls_conf and "ssl_cert_login_from = common_name" in tls_conf
+    assert (
+        "rabbitmq_auth_mechanism_ssl" in rabbitmq_project["configs"]["rabbitmq-plugins"]["content"]
+    )
+
+    assert "ssl=on" in kafka_project["services"]["postgres"]["command"]
+    certs = kafka_project["services"]["certs"]
+    assert any(v["source"] == str(ROOT / "scripts" / "test-certs") for v in certs["volumes"])
+    for project, name in (
+        (kafka_project, "postgres"),
+        (kafka_project, "kafka"),
+        (rabbitmq_project, "rabbitmq"),
+    ):
+        assert project["services"][name]["depends_on"]["certs"] == {
+            "condition": "service_completed_successfully",
+            "required": True,
+        }, name
 
 
 def test_invalid_compose_file_is_rejected(tmp_path: Path) -> None:
