@@ -17,6 +17,7 @@ from engine.topology import Topology
 from engine.transport.factory import transport_from_url
 from engine.transport.kafka import KafkaTransport, _refusal
 from engine.transport.kafka_options import KafkaOptions
+from tests.test_daemon import env_for, fails_in_one_line
 
 PASSWORD = "Hunter2secretPW"
 KEY_PASSWORD = "k3ypassw0rd"
@@ -247,3 +248,23 @@ def test_refusals_for_good_are_told_from_an_unreachable_broker() -> None:
     )
     assert _refusal(ssl.SSLEOFError(8, "EOF"), "localhost:9094", options) is None
     assert _refusal(ConnectionRefusedError(111, "refused"), "localhost:9094", options) is None
+
+
+def test_the_daemons_refuse_such_settings_in_one_line_before_connecting(tmp_path: Path) -> None:
+    """Before the database or the broker is touched (nothing listens on port 1)."""
+    sasl = env_for(
+        tmp_path / "unused.db",
+        SAGA_BROKER_URL="kafka://127.0.0.1:1",
+        SAGA_KAFKA_SECURITY_PROTOCOL="SASL_SSL",
+        SAGA_KAFKA_SASL_USERNAME="saga",
+    )
+    line = fails_in_one_line(sasl, "worker", "payment")
+    assert line == (
+        "sagactl: error: SAGA_KAFKA_SECURITY_PROTOCOL is SASL_SSL, which needs "
+        "SAGA_KAFKA_SASL_MECHANISM and SAGA_KAFKA_SASL_PASSWORD "
+        "(PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512)"
+    )
+    in_url = env_for(tmp_path / "unused.db", SAGA_BROKER_URL=f"kafka://saga:{PASSWORD}@k:9094")
+    line = fails_in_one_line(in_url, "engine")
+    assert "kafka:// takes no credentials or options; set SAGA_KAFKA_SECURITY_PROTOCOL" in line
+    assert PASSWORD not in line

@@ -508,7 +508,7 @@ class KafkaTransport:
         options.check()
         #: The security arguments of every aiokafka client this transport makes
         #: (with the SASL password: never shown).
-        self._security = _security(options)
+        self._security = security_arguments(options)
         self.required_topics = sorted(set(required_topics))
         self.dead_letter_topic = dead_letter_topic
         self.publish_timeout = publish_timeout
@@ -853,7 +853,7 @@ class KafkaTransport:
         return subscription
 
 
-def _security(options: KafkaOptions) -> dict[str, Any]:
+def security_arguments(options: KafkaOptions) -> dict[str, Any]:
     """aiokafka's arguments for the options' protocol, TLS context and SASL login."""
     security: dict[str, Any] = {"security_protocol": options.security_protocol}
     context = options.ssl_context()
