@@ -87,6 +87,14 @@ _SASL_REFUSED = (
 #: TLS failures a retry may overcome: the connection was cut, not refused.
 _TLS_CUT = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)
 
+#: TLS alerts of a broker that refused the client's certificate, or its lack of one.
+_CLIENT_CERTIFICATE_REFUSED = (
+    "SSLV3_ALERT_BAD_CERTIFICATE",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN",
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED",
+    "TLSV1_ALERT_UNKNOWN_CA",
+)
+
 #: OpenSSL's verify codes of a certificate that does not name the host connected to.
 _NAME_MISMATCH = (62, 64)  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
 
@@ -871,6 +879,19 @@ def security_arguments(options: KafkaOptions) -> dict[str, Any]:
 def _refusal(error: BaseException, server: str, options: KafkaOptions) -> str | None:
     """One line saying why ``server`` refused this client for good, or None when it
     may be only unreachable (a retry may get through)."""
+    seen: list[BaseException] = []
+    cause: BaseException | None = error
+    while cause is not None and cause not in seen:  # "Connection closed" has the TLS alert
+        seen.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    for each in seen:
+        refusal = _refused_by(each, server, options)
+        if refusal is not None:
+            return refusal
+    return None
+
+
+def _refused_by(error: BaseException, server: str, options: KafkaOptions) -> str | None:
     if isinstance(error, ssl.SSLCertVerificationError):
         host = server.rpartition(":")[0]
         if error.verify_code in _NAME_MISMATCH:
@@ -888,7 +909,13 @@ def _refusal(error: BaseException, server: str, options: KafkaOptions) -> str | 
             f"{error.verify_message}"
         )
     if isinstance(error, ssl.SSLError) and not isinstance(error, _TLS_CUT):
-        return f"Kafka at {server}: TLS handshake failed: {error.reason or error}"
+        said = f"Kafka at {server}: TLS handshake failed: {error.reason or error}"
+        if error.reason in _CLIENT_CERTIFICATE_REFUSED:
+            said += (
+                " (the broker wants a client certificate it trusts: "
+                f"{setting('ssl_certfile')}, {setting('ssl_keyfile')})"
+            )
+        return said
     if isinstance(error, _SASL_REFUSED):
         said = " ".join(str(error).split()) or type(error).__name__
         return (
