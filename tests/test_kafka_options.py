@@ -165,15 +165,19 @@ def test_unusable_certificate_files_are_one_line(pki: Path) -> None:
         assert KEY_PASSWORD not in str(caught.value)
         return str(caught.value)
 
-    missing = pki / "missing.pem"
-    assert problem(ssl_cafile=str(missing)) == (
-        f"SAGA_KAFKA_SSL_CAFILE: cannot read {str(missing)!r}: No such file or directory"
+    missing, cert = str(pki / "missing.pem"), str(pki / "cert.pem")
+    for field in ("ssl_cafile", "ssl_certfile"):
+        assert problem(**{field: missing}) == (
+            f"SAGA_KAFKA_{field.upper()}: cannot read {missing!r}: No such file or directory"
+        )
+    assert problem(ssl_certfile=cert, ssl_keyfile=missing) == (
+        f"SAGA_KAFKA_SSL_KEYFILE: cannot read {missing!r}: No such file or directory"
     )
     for not_pem in ("junk.txt", "key.pem"):
         assert problem(ssl_cafile=str(pki / not_pem)) == (
             f"SAGA_KAFKA_SSL_CAFILE: {str(pki / not_pem)!r} holds no PEM certificate"
         )
-    cert, other = str(pki / "cert.pem"), str(pki / "other.pem")
+    other = str(pki / "other.pem")
     assert problem(ssl_certfile=cert, ssl_keyfile=other) == (
         f"SAGA_KAFKA_SSL_KEYFILE: {other!r} does not match the certificate"
     )

@@ -122,22 +122,22 @@ class KafkaOptions:
         ConfigError."""
         if not self.uses_tls:
             return None
+        for field in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            self._readable(field)
         try:
             context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.ssl_cafile)
-        except OSError as exc:
-            raise self._unusable("ssl_cafile", exc, "holds no PEM certificate") from None
+        except ssl.SSLError:
+            raise self._unusable("ssl_cafile", "holds no PEM certificate") from None
         if self.ssl_certfile:
             try:
                 context.load_cert_chain(
                     self.ssl_certfile, self.ssl_keyfile or None, self._key_password()
                 )
-            except OSError as exc:
-                mismatch = getattr(exc, "reason", None) == "KEY_VALUES_MISMATCH"
+            except ssl.SSLError as exc:
                 raise self._unusable(
                     "ssl_keyfile" if self.ssl_keyfile else "ssl_certfile",
-                    exc,
                     "does not match the certificate"
-                    if mismatch
+                    if exc.reason == "KEY_VALUES_MISMATCH"
                     else "is not a PEM certificate and key, or "
                     f"{setting('ssl_key_password')} is wrong or missing",
                 ) from None
@@ -150,11 +150,19 @@ class KafkaOptions:
         secret = self.ssl_key_password.get_secret_value() if self.ssl_key_password else ""
         return lambda: secret
 
-    def _unusable(self, field: str, exc: OSError, otherwise: str) -> ConfigError:
+    def _readable(self, field: str) -> None:
         path = getattr(self, field)
-        if isinstance(exc, ssl.SSLError):
-            return ConfigError(f"{setting(field)}: {path!r} {otherwise}")
-        return ConfigError(f"{setting(field)}: cannot read {path!r}: {exc.strerror or exc}")
+        if not path:
+            return
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            raise ConfigError(f"{setting(field)}: cannot read {path!r}: {reason}") from None
+
+    def _unusable(self, field: str, why: str) -> ConfigError:
+        return ConfigError(f"{setting(field)}: {getattr(self, field)!r} {why}")
 
     def _set(self, field: str) -> bool:
         value = getattr(self, field)
