@@ -110,13 +110,17 @@ class Settings(BaseSettings):
     kafka_security_protocol: SecurityProtocol = "PLAINTEXT"
     #: ``PLAIN``, ``SCRAM-SHA-256`` or ``SCRAM-SHA-512`` (with a SASL_* protocol).
     kafka_sasl_mechanism: SaslMechanism | None = None
+    #: The SASL user.
     kafka_sasl_username: str | None = None
+    #: Its password (``SAGA_KAFKA_SASL_PASSWORD_FILE`` for a mounted secret).
     kafka_sasl_password: SecretStr | None = None
     #: PEM file of the CA(s) that signed the brokers' certificates (else the system's).
     kafka_ssl_cafile: str | None = None
-    #: PEM client certificate and key, where the brokers ask for one (mutual TLS).
+    #: PEM client certificate, where the brokers ask for one (mutual TLS).
     kafka_ssl_certfile: str | None = None
+    #: PEM key of that certificate (unless the certificate file holds it).
     kafka_ssl_keyfile: str | None = None
+    #: Password of an encrypted key.
     kafka_ssl_key_password: SecretStr | None = None
     #: The broker's certificate must name the host connected to.
     kafka_ssl_check_hostname: bool = True
@@ -191,7 +195,8 @@ class Settings(BaseSettings):
     @field_validator("kafka_security_protocol", "kafka_sasl_mechanism", mode="before")
     @classmethod
     def _upper(cls, value: Any) -> Any:
-        return value.strip().upper() if isinstance(value, str) else value
+        """As Kafka writes them, whatever the case; an empty mechanism is none."""
+        return (value.strip().upper() or None) if isinstance(value, str) else value
 
     @field_validator("sagas")
     @classmethod
