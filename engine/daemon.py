@@ -234,8 +234,17 @@ async def run_engine(settings: Settings, *, migrate: bool, grace: float) -> None
     registry = SagaRegistry.from_modules(settings.saga_modules)
     topology = Topology(settings.topic_prefix)
     database = create_engine(settings.database_url)
+    participants = {step.participant for saga in registry for step in saga.steps}
     transport = transport_from_url(
-        settings.broker_url, topology, kafka_max_request_size=settings.kafka_max_request_size
+        settings.broker_url,
+        topology,
+        kafka=settings.kafka,
+        # Replies and dead letters it consumes, commands it sends.
+        destinations=[
+            topology.replies,
+            topology.dead_letters,
+            *(topology.commands(p) for p in participants),
+        ],
     )
     try:
         if migrate:
@@ -278,7 +287,11 @@ async def run_worker(
     topology = Topology(settings.topic_prefix)
     database = create_engine(settings.database_url)
     transport = transport_from_url(
-        settings.broker_url, topology, kafka_max_request_size=settings.kafka_max_request_size
+        settings.broker_url,
+        topology,
+        kafka=settings.kafka,
+        # Commands it consumes, replies and dead letters it sends.
+        destinations=[topology.commands(worker.name), topology.replies, topology.dead_letters],
     )
     try:
         if migrate:

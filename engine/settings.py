@@ -7,7 +7,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -23,6 +23,13 @@ from engine.limits import (
     Limits,
 )
 from engine.retention import parse_age
+from engine.transport.kafka_options import (
+    DEFAULT_MAX_REQUEST_SIZE,
+    DEFAULT_PARTITIONS,
+    KafkaOptions,
+    SaslMechanism,
+    SecurityProtocol,
+)
 
 DEFAULT_DATABASE_URL = "sqlite:///saga.db"
 
@@ -96,7 +103,36 @@ class Settings(BaseSettings):
     metrics_host: str = "127.0.0.1"
     #: Kafka: the producer refuses messages larger than this itself. Raise it with the
     #: topics' ``max.message.bytes`` (the broker refuses what is over that one).
-    kafka_max_request_size: int = Field(default=1_048_576, ge=1024)
+    kafka_max_request_size: int = Field(default=DEFAULT_MAX_REQUEST_SIZE, ge=1024)
+    # Kafka security and topics (engine/transport/kafka_options.py): checked together
+    # when a kafka:// transport is built, so other brokers ignore them.
+    #: ``PLAINTEXT``, ``SSL``, ``SASL_PLAINTEXT`` or ``SASL_SSL``.
+    kafka_security_protocol: SecurityProtocol = "PLAINTEXT"
+    #: ``PLAIN``, ``SCRAM-SHA-256`` or ``SCRAM-SHA-512`` (with a SASL_* protocol).
+    kafka_sasl_mechanism: SaslMechanism | None = None
+    #: The SASL user.
+    kafka_sasl_username: str | None = None
+    #: Its password (``SAGA_KAFKA_SASL_PASSWORD_FILE`` for a mounted secret).
+    kafka_sasl_password: SecretStr | None = None
+    #: PEM file of the CA(s) that signed the brokers' certificates (else the system's).
+    kafka_ssl_cafile: str | None = None
+    #: PEM client certificate, where the brokers ask for one (mutual TLS).
+    kafka_ssl_certfile: str | None = None
+    #: PEM key of that certificate (unless the certificate file holds it).
+    kafka_ssl_keyfile: str | None = None
+    #: Password of an encrypted key.
+    kafka_ssl_key_password: SecretStr | None = None
+    #: The broker's certificate must name the host connected to.
+    kafka_ssl_check_hostname: bool = True
+    #: Partitions of the topics saga-engine creates.
+    kafka_partitions: int = Field(default=DEFAULT_PARTITIONS, ge=1)
+    #: Replication factor of the topics it creates; unset: the broker's
+    #: ``default.replication.factor``.
+    kafka_replication_factor: int | None = Field(default=None, ge=1)
+    #: ``min.insync.replicas`` of the topics it creates; unset: the broker's.
+    kafka_min_insync_replicas: int | None = Field(default=None, ge=1)
+    #: false: create no topics (no admin rights); check at start that they exist.
+    kafka_create_topics: bool = True
     #: ``text`` or ``json`` (one object per line) on stderr.
     log_format: Literal["text", "json"] = "text"
     #: Largest message body sent or accepted (engine/limits.py); below the broker's
@@ -156,6 +192,12 @@ class Settings(BaseSettings):
             raise ValueError("must be positive")
         return value
 
+    @field_validator("kafka_security_protocol", "kafka_sasl_mechanism", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        """As Kafka writes them, whatever the case; an empty mechanism is none."""
+        return (value.strip().upper() or None) if isinstance(value, str) else value
+
     @field_validator("sagas")
     @classmethod
     def _strip(cls, value: str) -> str:
@@ -168,6 +210,26 @@ class Settings(BaseSettings):
     @property
     def limits(self) -> Limits:
         return Limits(max_message_bytes=self.max_message_bytes)
+
+    @property
+    def kafka(self) -> KafkaOptions:
+        """The ``SAGA_KAFKA_*`` settings, for a kafka:// transport (which checks them)."""
+        return KafkaOptions(
+            security_protocol=self.kafka_security_protocol,
+            sasl_mechanism=self.kafka_sasl_mechanism,
+            sasl_username=self.kafka_sasl_username or None,
+            sasl_password=self.kafka_sasl_password,
+            ssl_cafile=self.kafka_ssl_cafile or None,
+            ssl_certfile=self.kafka_ssl_certfile or None,
+            ssl_keyfile=self.kafka_ssl_keyfile or None,
+            ssl_key_password=self.kafka_ssl_key_password,
+            ssl_check_hostname=self.kafka_ssl_check_hostname,
+            max_request_size=self.kafka_max_request_size,
+            partitions=self.kafka_partitions,
+            replication_factor=self.kafka_replication_factor,
+            min_insync_replicas=self.kafka_min_insync_replicas,
+            create_topics=self.kafka_create_topics,
+        )
 
 
 def _seconds(value: timedelta | float) -> float:

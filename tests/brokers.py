@@ -39,6 +39,7 @@ from urllib.parse import urlsplit
 
 from engine.registry import SagaRegistry
 from engine.topology import Topology
+from engine.transport.kafka_options import KafkaOptions
 
 log = logging.getLogger("tests.brokers")
 
@@ -64,6 +65,8 @@ class BrokerObjects:
     queues: tuple[str, ...] = ()
     #: RabbitMQ: the exchange to delete; None when it is shared (e.g. the default "saga").
     exchange: str | None = None
+    #: Kafka: how to log in (a secured listener); None: plain.
+    kafka: KafkaOptions | None = None
 
     @property
     def kind(self) -> str:
@@ -86,19 +89,31 @@ def saga_participants(modules: Iterable[str]) -> set[str]:
     return {step.participant for saga in registry for step in saga.steps}
 
 
-def topology_objects(broker_url: str, prefix: str, participants: Iterable[str]) -> BrokerObjects:
+def topology_objects(
+    broker_url: str,
+    prefix: str,
+    participants: Iterable[str],
+    *,
+    kafka: KafkaOptions | None = None,
+) -> BrokerObjects:
     """The topics / queues and exchange of one deployment prefix (engine and workers)."""
     topology = Topology(prefix)
     queues = [topology.dead_letters, topology.replies]
     queues += [topology.commands(p) for p in sorted(set(participants))]
-    return BrokerObjects(broker_url, prefix, tuple(queues), exchange=prefix)
+    return BrokerObjects(broker_url, prefix, tuple(queues), exchange=prefix, kafka=kafka)
 
 
 async def _drop_kafka(objects: BrokerObjects) -> None:
     from aiokafka.admin import AIOKafkaAdminClient
 
+    from engine.transport.kafka import security_arguments
+
     servers = objects.broker_url.split("://", 1)[1].split("/", 1)[0].split(",")
-    admin = AIOKafkaAdminClient(bootstrap_servers=servers, request_timeout_ms=20_000)
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=servers,
+        request_timeout_ms=20_000,
+        **security_arguments(objects.kafka or KafkaOptions()),
+    )
     await admin.start()
     try:
         prefix = objects.prefix

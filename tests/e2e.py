@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +25,8 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from engine.database import create_engine, upgrade
+from engine.settings import Settings
+from engine.transport.kafka_options import KafkaOptions
 from tests.brokers import BrokerObjects, drop_after_test, saga_participants, topology_objects
 from tests.pg import drop_database
 
@@ -42,6 +44,28 @@ def service_url(variable: str) -> str:
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
         pytest.fail(message)
     pytest.skip(message)
+
+
+def kafka_options(env: Mapping[str, str]) -> KafkaOptions:
+    """The ``SAGA_KAFKA_*`` settings of a process started with ``env`` added to ours."""
+    given = {
+        name.removeprefix("SAGA_").lower(): value
+        for name, value in env.items()
+        if name.startswith("SAGA_KAFKA_") and not name.endswith("_FILE")
+    }
+    return Settings(**given).kafka
+
+
+def kafka_sasl_ssl(mechanism: str = "SCRAM-SHA-512") -> tuple[str, dict[str, str]]:
+    """The secured Kafka listener (``scripts/services``: SASL_SSL, SCRAM, a test CA):
+    its URL, and the settings that log in to it."""
+    return f"kafka://{service_url('SAGA_TEST_KAFKA_SASL_SERVERS')}", {
+        "SAGA_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+        "SAGA_KAFKA_SASL_MECHANISM": mechanism,
+        "SAGA_KAFKA_SASL_USERNAME": service_url("SAGA_TEST_KAFKA_SASL_USER"),
+        "SAGA_KAFKA_SASL_PASSWORD": service_url("SAGA_TEST_KAFKA_SASL_PASSWORD"),
+        "SAGA_KAFKA_SSL_CAFILE": service_url("SAGA_TEST_TLS_CA"),
+    }
 
 
 @asynccontextmanager
@@ -118,7 +142,12 @@ class Cluster:
     def broker_objects(self) -> BrokerObjects:
         """The topics / queues of this cluster's prefix, for the sagas it serves."""
         modules = self.env.get("SAGA_SAGAS", "").split(",")
-        return topology_objects(self.broker_url, self.prefix, saga_participants(modules))
+        return topology_objects(
+            self.broker_url,
+            self.prefix,
+            saga_participants(modules),
+            kafka=kafka_options(self.extra_env),
+        )
 
     def leftovers(self) -> BrokerObjects:
         """At the end of the test: no daemon outlives it (a live consumer would re-create

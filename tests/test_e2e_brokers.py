@@ -19,7 +19,7 @@ from engine.states import SagaStatus
 from engine.topology import Topology
 from engine.transport.base import DEAD_LETTER_REASON, DEAD_LETTER_SOURCE, Message
 from engine.transport.factory import transport_from_url
-from tests.e2e import Cluster, fresh_database, sagactl, service_url, wait_until
+from tests.e2e import Cluster, fresh_database, kafka_sasl_ssl, sagactl, service_url, wait_until
 from workers import ledger
 
 pytestmark = pytest.mark.integration
@@ -42,18 +42,35 @@ def broker_url(request: pytest.FixtureRequest) -> str:
     return service_url(BROKERS[request.param])
 
 
+#: The order run goes over each plain broker, and over Kafka secured as a managed
+#: cluster is: SASL_SSL with a SCRAM login and a verified certificate.
+ORDER_RUNS = [*sorted(BROKERS), "kafka-sasl-ssl"]
+
+
+@pytest.fixture(params=ORDER_RUNS)
+def order_broker(request: pytest.FixtureRequest) -> tuple[str, dict[str, str]]:
+    """The broker URL, and the settings the processes need to reach it."""
+    if request.param == "kafka-sasl-ssl":
+        return kafka_sasl_ssl("SCRAM-SHA-512")
+    return service_url(BROKERS[request.param]), {}
+
+
 @pytest.fixture
 def postgres_url() -> str:
     return service_url("SAGA_TEST_POSTGRES_URL")
 
 
 async def test_order_saga_end_to_end(
-    broker_url: str, postgres_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    order_broker: tuple[str, dict[str, str]],
+    postgres_url: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
+    broker_url, broker_settings = order_broker
     async with fresh_database(postgres_url) as db_url:
         database = create_engine(db_url)
         await ledger.seed(database, stock_by_sku=STOCK, balances=BALANCES)
-        cluster = Cluster(db_url, broker_url, tmp_path)
+        cluster = Cluster(db_url, broker_url, tmp_path, extra_env=broker_settings)
         cluster.start_all()
         client = await SagaClient.connect(db_url, ["sagas.order"])
         client.topology = Topology(cluster.prefix)
@@ -72,7 +89,8 @@ async def test_order_saga_end_to_end(
             assert finished, f"sagas did not finish:\n{cluster.logs()}"
             with capsys.disabled():
                 print(
-                    f"\n[e2e {broker_url.split(':')[0]}] {ORDERS} sagas in {elapsed:.2f}s: "
+                    f"\n[e2e {broker_url.split(':')[0]}{' secured' if broker_settings else ''}] "
+                    f"{ORDERS} sagas in {elapsed:.2f}s: "
                     f"{ORDERS / elapsed:.1f} sagas/s"
                 )
             exits = cluster.stop_all()

@@ -47,10 +47,9 @@ def test_the_kafka_producers_message_limit_comes_from_the_settings(
 ) -> None:
     assert Settings().kafka_max_request_size == 1_048_576  # aiokafka's default
     monkeypatch.setenv("SAGA_KAFKA_MAX_REQUEST_SIZE", "8388608")
-    limit = Settings().kafka_max_request_size
-    transport = transport_from_url("kafka://k1:9092", TOPOLOGY, kafka_max_request_size=limit)
+    transport = transport_from_url("kafka://k1:9092", TOPOLOGY, kafka=Settings().kafka)
     assert isinstance(transport, KafkaTransport)
-    assert transport.max_request_size == 8_388_608
+    assert transport.options.max_request_size == 8_388_608
 
 
 @pytest.mark.parametrize(

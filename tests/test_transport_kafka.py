@@ -13,6 +13,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from engine.errors import MessagesRefused, PublishError, TransportError
 from engine.transport.base import Message, Transport
 from engine.transport.kafka import KafkaTransport
+from engine.transport.kafka_options import KafkaOptions
 from tests.services import closed_port, service_url, silent_server
 from tests.transport_contract import Connect, Inbox, MakeTransport, Names, TransportContract, bodies
 
@@ -39,7 +40,9 @@ class TestKafkaTransport(TransportContract):
             # Above the broker's own limit, so that over-sized messages reach the
             # broker and it is the broker that refuses them.
             return KafkaTransport(
-                kafka_servers, dead_letter_topic=dead_letters, max_request_size=PRODUCER_LIMIT
+                kafka_servers,
+                dead_letter_topic=dead_letters,
+                options=KafkaOptions(max_request_size=PRODUCER_LIMIT),
             )
 
         return make
@@ -57,14 +60,14 @@ class TestKafkaTransport(TransportContract):
     async def test_topics_are_created_with_the_configured_partitions(
         self, kafka_servers: str, names: Names
     ) -> None:
-        transport = KafkaTransport(kafka_servers, partitions=3)
+        transport = KafkaTransport(kafka_servers, options=KafkaOptions(partitions=3))
         await transport.connect()
         admin = AIOKafkaAdminClient(bootstrap_servers=kafka_servers)
         await admin.start()
         try:
             await transport.ensure_topics([names.destination])
             # A second transport finds the topic there already: that is not an error.
-            again = KafkaTransport(kafka_servers, partitions=3)
+            again = KafkaTransport(kafka_servers, options=KafkaOptions(partitions=3))
             await again.connect()
             try:
                 await again.ensure_topics([names.destination])
@@ -156,7 +159,7 @@ class TestKafkaTransport(TransportContract):
     async def test_the_producer_refuses_a_message_over_its_max_request_size(
         self, kafka_servers: str, names: Names, inboxes: list[Inbox]
     ) -> None:
-        transport = KafkaTransport(kafka_servers, max_request_size=64 * 1024)
+        transport = KafkaTransport(kafka_servers, options=KafkaOptions(max_request_size=64 * 1024))
         await transport.connect()
         try:
             inbox = await self.consume(transport, names.destination, names.group, inboxes)

@@ -9,17 +9,25 @@ from __future__ import annotations
 
 import asyncio
 import weakref
+from collections.abc import Iterable
 from urllib.parse import urlsplit
 
 from engine.errors import ConfigError
 from engine.redact import redact
 from engine.topology import Topology
 from engine.transport.base import Transport
+from engine.transport.kafka_options import KafkaOptions
 from engine.transport.memory import MemoryBroker, MemoryTransport
 
 ACCEPTED = (
     "memory://, kafka://host:port[,host:port...], "
     "amqp://user:password@host:port/vhost or amqps://..."
+)
+
+#: Where a Kafka login and TLS are configured instead of the URL.
+KAFKA_SECURITY_SETTINGS = (
+    "SAGA_KAFKA_SECURITY_PROTOCOL, SAGA_KAFKA_SASL_MECHANISM, SAGA_KAFKA_SASL_USERNAME, "
+    "SAGA_KAFKA_SASL_PASSWORD, SAGA_KAFKA_SSL_CAFILE, ..."
 )
 
 #: One in-process broker per event loop and dead-letter name, so every transport
@@ -50,7 +58,16 @@ def _missing(exc: ImportError, module: str, extra: str, what: str) -> ConfigErro
 def _kafka_servers(url: str) -> list[str]:
     rest = url.split("://", 1)[1]
     netloc, _, path = rest.partition("/")
-    if path.strip("/") or "?" in netloc or "@" in netloc:
+    if "?" in netloc or "@" in netloc or "?" in path:
+        # Kafka clients take credentials and TLS files as properties, not in a bootstrap
+        # list: one place for them, the settings (each of which can come from a file).
+        # Not even the redacted URL: a query may hold a secret by any name.
+        shown = redact(url.split("?", 1)[0]) + ("?..." if "?" in url else "")
+        raise ConfigError(
+            f"unsupported broker URL {shown!r}: kafka:// takes no credentials or options; "
+            f"set {KAFKA_SECURITY_SETTINGS}"
+        )
+    if path.strip("/"):
         raise ConfigError(
             f"unsupported broker URL {redact(url)!r}: use kafka://host:port[,host:port]"
         )
@@ -72,12 +89,18 @@ def messaging_system(url: str) -> str:
 
 
 def transport_from_url(
-    url: str, topology: Topology, *, kafka_max_request_size: int | None = None
+    url: str,
+    topology: Topology,
+    *,
+    kafka: KafkaOptions | None = None,
+    destinations: Iterable[str] = (),
 ) -> Transport:
     """``memory://``, ``kafka://…`` or ``amqp(s)://…``; anything else is a ConfigError.
 
-    ``kafka_max_request_size``: the Kafka producer's own message size limit
-    (``SAGA_KAFKA_MAX_REQUEST_SIZE``; aiokafka's 1 MiB when None).
+    ``kafka``: the ``SAGA_KAFKA_*`` settings (``Settings.kafka``; a plain local broker
+    when None), checked here. ``destinations``: every topic this process consumes or
+    publishes to; Kafka creates them (or, with ``SAGA_KAFKA_CREATE_TOPICS=false``,
+    checks that they exist) when it connects.
     """
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     if scheme == "memory":
@@ -90,12 +113,11 @@ def transport_from_url(
             from engine.transport.kafka import KafkaTransport
         except ImportError as exc:
             raise _missing(exc, "aiokafka", "kafka", "kafka://") or exc from None
-        if kafka_max_request_size is None:
-            return KafkaTransport(servers, dead_letter_topic=topology.dead_letters)
         return KafkaTransport(
             servers,
+            options=kafka,
+            required_topics=destinations,
             dead_letter_topic=topology.dead_letters,
-            max_request_size=kafka_max_request_size,
         )
     if scheme in ("amqp", "amqps"):
         try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -19,7 +20,12 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.conn import create_conn
 from aiokafka.errors import (
+    AuthenticationFailedError,
+    AuthenticationMethodNotSupported,
+    ClusterAuthorizationFailedError,
+    IllegalSaslStateError,
     InvalidProducerEpoch,
     InvalidTopicError,
     KafkaError,
@@ -28,18 +34,21 @@ from aiokafka.errors import (
     ProducerFenced,
     RecordListTooLargeError,
     RecordTooLargeError,
+    SaslAuthenticationFailed,
     TopicAlreadyExistsError,
     TopicAuthorizationFailedError,
     UnknownProducerId,
+    UnsupportedSaslMechanismError,
     for_code,
 )
 
-from engine.errors import MessagesRefused, PublishError, TransportError
+from engine.errors import ConfigError, MessagesRefused, PublishError, TransportError
 from engine.transport.base import (
     Mark,
     Message,
     dead_letter_copy,
 )
+from engine.transport.kafka_options import KafkaOptions, setting
 
 log = logging.getLogger("saga.transport.kafka")
 
@@ -65,6 +74,29 @@ _REFUSED_FOR_GOOD = (
     InvalidTopicError,
     TopicAuthorizationFailedError,
 )
+
+#: A login the broker refused: wrong credentials or mechanism, or no such user.
+_SASL_REFUSED = (
+    SaslAuthenticationFailed,
+    AuthenticationFailedError,
+    AuthenticationMethodNotSupported,
+    UnsupportedSaslMechanismError,
+    IllegalSaslStateError,
+)
+
+#: TLS failures a retry may overcome: the connection was cut, not refused.
+_TLS_CUT = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)
+
+#: TLS alerts of a broker that refused the client's certificate, or its lack of one.
+_CLIENT_CERTIFICATE_REFUSED = (
+    "SSLV3_ALERT_BAD_CERTIFICATE",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN",
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED",
+    "TLSV1_ALERT_UNKNOWN_CA",
+)
+
+#: OpenSSL's verify codes of a certificate that does not name the host connected to.
+_NAME_MISMATCH = (62, 64)  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
 
 #: Kafka's legal topic names; others are refused without asking the broker.
 _TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
@@ -214,6 +246,7 @@ class KafkaSubscription:
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=transport.bootstrap_servers,
             client_id=transport.client_id,
+            **transport._security,
             group_id=group,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
@@ -459,8 +492,8 @@ class KafkaTransport:
         self,
         bootstrap_servers: str | Sequence[str],
         *,
-        partitions: int = 4,
-        replication_factor: int = 1,
+        options: KafkaOptions | None = None,
+        required_topics: Iterable[str] = (),
         dead_letter_topic: str = "saga.dead-letters",
         publish_timeout: float = 10.0,
         connect_timeout: float = 10.0,
@@ -471,15 +504,20 @@ class KafkaTransport:
         linger_ms: int = 0,
         max_poll_records: int = 100,
         client_id: str = "saga-engine",
-        # The producer refuses larger messages itself; the broker enforces its own
-        # limit (the topic's max.message.bytes, 1 MiB by default) on what it is sent.
-        max_request_size: int = 1_048_576,
     ) -> None:
+        """``options``: security, topic creation and the producer's size limit (the
+        ``SAGA_KAFKA_*`` settings), checked here: unusable ones raise ConfigError.
+        ``required_topics``: every topic this process will use; :meth:`connect` makes
+        sure they exist (creates them, or checks in no-create mode)."""
         if isinstance(bootstrap_servers, str):
             bootstrap_servers = bootstrap_servers.split(",")
         self.bootstrap_servers = [s.strip() for s in bootstrap_servers if s.strip()]
-        self.partitions = partitions
-        self.replication_factor = replication_factor
+        self.options = options = options or KafkaOptions()
+        options.check()
+        #: The security arguments of every aiokafka client this transport makes
+        #: (with the SASL password: never shown).
+        self._security = security_arguments(options)
+        self.required_topics = sorted(set(required_topics))
         self.dead_letter_topic = dead_letter_topic
         self.publish_timeout = publish_timeout
         self.connect_timeout = connect_timeout
@@ -487,7 +525,6 @@ class KafkaTransport:
         self.linger_ms = linger_ms
         self.max_poll_records = max_poll_records
         self.client_id = client_id
-        self.max_request_size = max_request_size
         self._producer: Any = None
         self._admin: Any = None
         self._topics: set[str] = set()
@@ -506,10 +543,16 @@ class KafkaTransport:
             acks="all",
             linger_ms=self.linger_ms,
             request_timeout_ms=self.request_timeout_ms,
-            max_request_size=self.max_request_size,
+            # The producer refuses larger messages itself; the broker enforces its own
+            # limit (the topic's max.message.bytes, 1 MiB by default) on what it is sent.
+            max_request_size=self.options.max_request_size,
+            **self._security,
         )
 
     async def connect(self) -> None:
+        """Start the producer and the admin client, then make sure the required topics
+        exist. A refused TLS handshake or login raises ConfigError (retrying cannot
+        help); an unreachable broker TransportError."""
         if self._producer is not None:
             return
         producer = self._new_producer()
@@ -517,18 +560,52 @@ class KafkaTransport:
             bootstrap_servers=self.bootstrap_servers,
             client_id=f"{self.client_id}-admin",
             request_timeout_ms=self.request_timeout_ms,
+            **self._security,
         )
+        deadline = asyncio.get_running_loop().time() + self.connect_timeout
         try:
-            async with asyncio.timeout(self.connect_timeout):
+            async with asyncio.timeout_at(deadline):
                 await producer.start()
                 await admin.start()
         except (KafkaError, OSError, TimeoutError) as exc:
             await producer.stop()
             await admin.close()
+            if not isinstance(exc, TimeoutError):
+                await self._raise_if_refused(deadline)
             raise TransportError(
                 f"cannot reach {self._where}: {exc or type(exc).__name__}"
             ) from exc
         self._producer, self._admin = producer, admin
+        try:
+            await self.ensure_topics(self.required_topics)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _raise_if_refused(self, deadline: float) -> None:
+        """Raise ConfigError if a broker refuses this client's TLS or login.
+
+        aiokafka logs why it could not bootstrap and raises only "Unable to bootstrap",
+        so one more connection to each bootstrap server (as the clients make it)
+        finds the reason, while the connect bound lasts."""
+        for server in self.bootstrap_servers:
+            host, _, port = server.rpartition(":")
+            try:
+                async with asyncio.timeout_at(deadline):
+                    conn = await create_conn(
+                        host,
+                        int(port),
+                        client_id=self.client_id,
+                        request_timeout_ms=self.request_timeout_ms,
+                        **self._security,
+                    )
+                    conn.close()
+            except TimeoutError:
+                return
+            except Exception as exc:  # whatever the client raised, classified below
+                refusal = _refusal(exc, server, self.options)
+                if refusal is not None:
+                    raise ConfigError(refusal) from None
 
     async def close(self) -> None:
         for subscription in self._subscriptions:
@@ -547,7 +624,8 @@ class KafkaTransport:
         return self._admin
 
     async def ensure_topics(self, names: Iterable[str]) -> None:
-        """Create missing topics with this transport's partition count (idempotent)."""
+        """Create missing topics as the options say (idempotent); in no-create mode,
+        raise TransportError naming those that do not exist."""
         missing = sorted(set(names) - self._topics)
         if not missing:
             return
@@ -555,20 +633,60 @@ class KafkaTransport:
             missing = sorted(set(missing) - self._topics)
             if not missing:
                 return
-            new = [NewTopic(n, self.partitions, self.replication_factor) for n in missing]
-            try:
-                response = await self.admin().create_topics(new)
-            except (KafkaError, OSError) as exc:
-                raise TransportError(
-                    f"cannot create topics {missing} on {self._where}: {exc}"
-                ) from exc
-            for entry in response.topic_errors:
-                name, code = entry[0], entry[1]
-                if code and for_code(code) is not TopicAlreadyExistsError:
-                    detail = entry[2] if len(entry) > 2 and entry[2] else for_code(code).__name__
-                    raise TransportError(f"cannot create topic {name} on {self._where}: {detail}")
-            await self._await_visible(missing)
+            if self.options.create_topics:
+                await self._create(missing)
+            else:
+                await self._require(missing)
             self._topics.update(missing)
+
+    async def _create(self, names: list[str]) -> None:
+        try:
+            response = await self.admin().create_topics([self._new_topic(n) for n in names])
+        except (KafkaError, OSError) as exc:
+            raise TransportError(f"cannot create topics {names} on {self._where}: {exc}") from exc
+        for entry in response.topic_errors:
+            name, code = entry[0], entry[1]
+            if code and for_code(code) is not TopicAlreadyExistsError:
+                error = for_code(code)
+                detail = entry[2] if len(entry) > 2 and entry[2] else error.__name__
+                if error in (TopicAuthorizationFailedError, ClusterAuthorizationFailedError):
+                    detail += (
+                        f" (not allowed to create topics: create them and set "
+                        f"{setting('create_topics')}=false)"
+                    )
+                raise TransportError(f"cannot create topic {name} on {self._where}: {detail}")
+        await self._await_visible(names)
+
+    def _new_topic(self, name: str) -> Any:
+        options = self.options
+        configs = {}
+        if options.min_insync_replicas is not None:
+            configs["min.insync.replicas"] = str(options.min_insync_replicas)
+        factor = options.replication_factor
+        topic = NewTopic(name, options.partitions, factor or 1, topic_configs=configs)
+        if factor is None:
+            # -1: the broker's default.replication.factor (KIP-464, Kafka 2.4 and later).
+            # aiokafka's NewTopic refuses -1 without replica assignments; the broker
+            # takes it in every CreateTopics version aiokafka sends.
+            topic.replication_factor = -1
+        return topic
+
+    async def _require(self, names: list[str]) -> None:
+        """No-create mode: every topic in ``names`` must exist already."""
+        try:
+            # Listing, not describing: a metadata request that names a missing topic
+            # creates it on a broker with auto.create.topics.enable.
+            existing = set(await self.admin().list_topics())
+        except (KafkaError, OSError) as exc:
+            raise TransportError(f"cannot list the topics on {self._where}: {exc}") from exc
+        absent = [n for n in names if n not in existing]
+        if absent:
+            raise TransportError(
+                f"{', '.join(absent)}: no such topic on {self._where}, and "
+                f"{setting('create_topics')} is false: create "
+                f"{'it' if len(absent) == 1 else 'them'} (or let this user describe "
+                f"{'it' if len(absent) == 1 else 'them'})"
+            )
 
     async def _await_visible(self, names: list[str]) -> None:
         """Wait until the broker's metadata lists ``names`` with a leader per partition.
@@ -741,6 +859,70 @@ class KafkaTransport:
         await subscription.start()
         self._subscriptions.append(subscription)
         return subscription
+
+
+def security_arguments(options: KafkaOptions) -> dict[str, Any]:
+    """aiokafka's arguments for the options' protocol, TLS context and SASL login."""
+    security: dict[str, Any] = {"security_protocol": options.security_protocol}
+    context = options.ssl_context()
+    if context is not None:
+        security["ssl_context"] = context
+    if options.uses_sasl and options.sasl_password is not None:
+        security.update(
+            sasl_mechanism=options.sasl_mechanism,
+            sasl_plain_username=options.sasl_username,
+            sasl_plain_password=options.sasl_password.get_secret_value(),
+        )
+    return security
+
+
+def _refusal(error: BaseException, server: str, options: KafkaOptions) -> str | None:
+    """One line saying why ``server`` refused this client for good, or None when it
+    may be only unreachable (a retry may get through)."""
+    seen: list[BaseException] = []
+    cause: BaseException | None = error
+    while cause is not None and cause not in seen:  # "Connection closed" has the TLS alert
+        seen.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    for each in seen:
+        refusal = _refused_by(each, server, options)
+        if refusal is not None:
+            return refusal
+    return None
+
+
+def _refused_by(error: BaseException, server: str, options: KafkaOptions) -> str | None:
+    if isinstance(error, ssl.SSLCertVerificationError):
+        host = server.rpartition(":")[0]
+        if error.verify_code in _NAME_MISMATCH:
+            return (
+                f"Kafka at {server}: its TLS certificate is not valid for {host!r}: connect "
+                "by a name the certificate holds"
+            )
+        trusted = (
+            f"the CA in {setting('ssl_cafile')}"
+            if options.ssl_cafile
+            else f"the system's CAs (set {setting('ssl_cafile')})"
+        )
+        return (
+            f"Kafka at {server}: its TLS certificate is not trusted by {trusted}: "
+            f"{error.verify_message}"
+        )
+    if isinstance(error, ssl.SSLError) and not isinstance(error, _TLS_CUT):
+        said = f"Kafka at {server}: TLS handshake failed: {error.reason or error}"
+        if error.reason in _CLIENT_CERTIFICATE_REFUSED:
+            said += (
+                " (the broker wants a client certificate it trusts: "
+                f"{setting('ssl_certfile')}, {setting('ssl_keyfile')})"
+            )
+        return said
+    if isinstance(error, _SASL_REFUSED):
+        said = " ".join(str(error).split()) or type(error).__name__
+        return (
+            f"Kafka at {server} refused the {options.sasl_mechanism} login of "
+            f"{options.sasl_username!r}: {said}"
+        )
+    return None
 
 
 def _reason(error: BaseException, message: Message) -> str:
