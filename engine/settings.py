@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from pydantic import Field, field_validator
 from pydantic.fields import FieldInfo
@@ -22,6 +23,7 @@ from engine.limits import (
     MIN_MESSAGE_BYTES,
     Limits,
 )
+from engine.redact import remember_secrets_of
 from engine.retention import parse_age
 
 DEFAULT_DATABASE_URL = "sqlite:///saga.db"
@@ -130,6 +132,17 @@ class Settings(BaseSettings):
     reply_settle: timedelta = timedelta(seconds=6)
     #: How often the engine checks how far its reply consumer has caught up.
     watermark_interval: timedelta = timedelta(milliseconds=500)
+
+    def model_post_init(self, context: Any, /) -> None:
+        """Make every secret setting known to :mod:`engine.redact` before anything can
+        print it: each ``SecretStr`` value and each URL password (no list to keep)."""
+        remember_secrets_of(self)
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        """A copy with ``update`` (flags over the environment), its secrets known too."""
+        copy = super().model_copy(update=update, deep=deep)
+        remember_secrets_of(copy)
+        return copy
 
     @field_validator(
         "outbox_retention",

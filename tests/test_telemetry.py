@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -189,10 +190,13 @@ def test_json_log_lines_carry_saga_step_and_trace(spans: InMemorySpanExporter) -
 
 @pytest.fixture
 def restored_logging() -> Iterator[None]:
-    """configure_logging changes process-wide loggers: put them back afterwards."""
+    """configure_logging changes process-wide loggers (and the excepthook): put them
+    back afterwards."""
     root = logging.getLogger()
     saved = root.handlers[:], root.level, {n: logging.getLogger(n).level for n in LIBRARIES}
+    hook = sys.excepthook
     yield
+    sys.excepthook = hook
     root.handlers[:], root.level = saved[0], saved[1]
     for name, level in saved[2].items():
         logging.getLogger(name).setLevel(level)
