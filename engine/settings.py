@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal, Self
@@ -23,7 +23,7 @@ from engine.limits import (
     MIN_MESSAGE_BYTES,
     Limits,
 )
-from engine.redact import remember_secrets_of
+from engine.redact import redact, remember_secrets_of
 from engine.retention import parse_age
 
 DEFAULT_DATABASE_URL = "sqlite:///saga.db"
@@ -137,6 +137,11 @@ class Settings(BaseSettings):
         """Make every secret setting known to :mod:`engine.redact` before anything can
         print it: each ``SecretStr`` value and each URL password (no list to keep)."""
         remember_secrets_of(self)
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        """``repr`` and ``str`` show URLs with their passwords hidden."""
+        for name, value in super().__repr_args__():
+            yield name, redact(value) if isinstance(value, str) else value
 
     def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
         """A copy with ``update`` (flags over the environment), its secrets known too."""
