@@ -17,6 +17,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from pydantic import Field, SecretStr
 
+from engine import redact as redact_module
 from engine.errors import ConfigError
 from engine.redact import (
     HIDDEN,
@@ -91,6 +92,14 @@ def test_sagactl_never_prints_the_password_of_a_bad_url(variable: str, url: str)
 
 
 # -- known secrets ------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _forget_afterwards(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The secrets a test remembers are process-wide: forget them when it ends, so no
+    other test's text is redacted by them."""
+    monkeypatch.setattr(redact_module, "_known", redact_module._known)
+    monkeypatch.setattr(redact_module, "_known_pattern", redact_module._known_pattern)
 
 
 def test_a_remembered_secret_is_hidden_wherever_it_appears() -> None:
