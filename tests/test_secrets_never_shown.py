@@ -26,7 +26,7 @@ from sqlalchemy.engine import make_url
 
 from engine.database import create_engine, upgrade
 from tests.e2e import Cluster, Daemon, fresh_database, wait_until
-from tests.services import closed_port, rabbitmqctl, run, service_url
+from tests.services import SETUP, closed_port, in_ci, rabbitmqctl, run, service_url
 from tests.test_e2e_telemetry import free_port, http_get
 
 pytestmark = pytest.mark.integration
@@ -45,8 +45,9 @@ JSON = ("--log-format", "json")
 @dataclass(frozen=True)
 class Case:
     """``sagactl *command`` with ``env`` (placeholders: ``{secret}``, ``{pg}`` and
-    ``{amqp}`` host:port of the real services, ``{closed}`` a port nothing listens on,
-    ``{sqlite}`` a migrated SQLite database, ``{ca}`` the test CA)."""
+    ``{amqp}`` host:port of the real services, ``{amqps}`` and ``{kafka_sasl}`` those
+    of the secured listeners, ``{closed}`` a port nothing listens on, ``{sqlite}`` a
+    migrated SQLite database, ``{ca}`` the test CA)."""
 
     id: str
     command: tuple[str, ...]
@@ -117,6 +118,7 @@ async def placeholders(tmp_path: Path) -> dict[str, str]:
         "sqlite": sqlite,
         "ca": os.environ.get("SAGA_TEST_TLS_CA", ""),
         "amqps": "",
+        "kafka_sasl": os.environ.get("SAGA_TEST_KAFKA_SASL_SERVERS", ""),
     }
     if os.environ.get("SAGA_TEST_AMQPS_URL"):
         amqps = make_url(os.environ["SAGA_TEST_AMQPS_URL"].replace("amqps://", "postgresql://"))
@@ -149,12 +151,12 @@ async def test_no_url_or_connection_error_shows_the_password(
 ) -> None:
     """Every case ends (a daemon does not start without its database and broker) with
     a failure status, and nothing it printed holds the password."""
-    for case in CASES:
-        for variable in case.needs:
-            service_url(variable)
     limit = asyncio.Semaphore(4)  # two cores, shared
 
     async def check(case: Case) -> str | None:
+        missing = [v for v in case.needs if not os.environ.get(v)]
+        if missing:  # the secured services: required in CI, optional on a laptop
+            return f"{case.id}: {', '.join(missing)} not set: {SETUP}" if in_ci() else None
         env = {k: v.format(**placeholders) for k, v in case.env.items()}
         async with limit:
             status, output = await _sagactl(case.command, env)

@@ -2,7 +2,10 @@
 
 The saga and step come from a context variable the engine and the workers set while
 handling a message; the trace id from the current span. ``--log-format json`` gives
-one JSON object per line for log pipelines.
+one JSON object per line for log pipelines. Both formats redact every record
+(``engine.redact``: URL passwords and the configured secrets), exception tracebacks
+included; the text format shows control characters escaped, so a record is exactly
+one line whatever a saga, a handler or an operator wrote.
 
 The libraries under the daemons (Alembic, the broker clients, asyncio) log their own
 plumbing at INFO: Alembic's plugin setup and each migration step, every connection
