@@ -136,6 +136,7 @@ class Settings(BaseSettings):
     def model_post_init(self, context: Any, /) -> None:
         """Make every secret setting known to :mod:`engine.redact` before anything can
         print it: each ``SecretStr`` value and each URL password (no list to keep)."""
+        super().model_post_init(context)
         remember_secrets_of(self)
 
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
