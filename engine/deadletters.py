@@ -20,6 +20,7 @@ from engine.errors import DecodeError, SagaError
 from engine.limits import ANY_SIZE, storable
 from engine.messages import Envelope, decode
 from engine.model import HistoryEntry
+from engine.redact import redact
 from engine.store.base import DeadLetterRecord, SagaStore, StoreTransaction
 from engine.transport.base import (
     DEAD_LETTER_ID,
@@ -54,7 +55,8 @@ def letter_record(
     message: Message, *, reason: str, source: str, letter_id: str, received_at: datetime
 ) -> tuple[DeadLetterRecord, Envelope | None]:
     """The archive row of a dead letter, every text made storable (a NUL shown as
-    ``\\x00``, lengths cut to their columns), and its envelope if the body is one."""
+    ``\\x00``, lengths cut to their columns, the reason redacted), and its envelope
+    if the body is one."""
     try:
         envelope: Envelope | None = decode(message.body, ANY_SIZE)
     except DecodeError:
@@ -62,7 +64,7 @@ def letter_record(
     record = DeadLetterRecord(
         letter_id=storable(letter_id)[:64],
         source=storable(source)[:255],
-        reason=storable(reason),
+        reason=storable(redact(reason)),
         key=storable(message.key)[:255],
         body=message.body,
         headers={storable(k): storable(v) for k, v in message.headers.items()},

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from engine.errors import LimitError
+from engine.redact import redact
 
 #: Saga ids and message ids: ``saga_instances.id``, ``saga_inbox.message_id``, ... (a UUID).
 ID_LENGTH = 36
@@ -123,9 +124,10 @@ def storable(text: str) -> str:
 
 
 def clip(text: str, length: int) -> str:
-    """``text`` made storable and short enough: NUL replaced, cut to ``length``
-    characters with a marker. For text born from exceptions and user input."""
-    text = storable(text)
+    """``text`` made storable and short enough: secrets redacted (``engine.redact``),
+    NUL replaced, cut to ``length`` characters with a marker. For text born from
+    exceptions and user input, which operators read later (a handler's error)."""
+    text = storable(redact(text))
     if len(text) <= length:
         return text
     return text[: length - 1] + "…"

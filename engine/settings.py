@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Mapping
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic.fields import FieldInfo
@@ -22,6 +23,7 @@ from engine.limits import (
     MIN_MESSAGE_BYTES,
     Limits,
 )
+from engine.redact import redact, remember_secrets_of
 from engine.retention import parse_age
 from engine.transport.kafka_options import (
     DEFAULT_MAX_REQUEST_SIZE,
@@ -166,6 +168,23 @@ class Settings(BaseSettings):
     reply_settle: timedelta = timedelta(seconds=6)
     #: How often the engine checks how far its reply consumer has caught up.
     watermark_interval: timedelta = timedelta(milliseconds=500)
+
+    def model_post_init(self, context: Any, /) -> None:
+        """Make every secret setting known to :mod:`engine.redact` before anything can
+        print it: each ``SecretStr`` value and each URL password (no list to keep)."""
+        super().model_post_init(context)
+        remember_secrets_of(self)
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        """``repr`` and ``str`` show URLs with their passwords hidden."""
+        for name, value in super().__repr_args__():
+            yield name, redact(value) if isinstance(value, str) else value
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        """A copy with ``update`` (flags over the environment), its secrets known too."""
+        copy = super().model_copy(update=update, deep=deep)
+        remember_secrets_of(copy)
+        return copy
 
     @field_validator(
         "outbox_retention",

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 from opentelemetry import trace
@@ -18,6 +22,7 @@ from opentelemetry.trace import SpanKind
 from engine.errors import ConfigError
 from engine.messages import Envelope, MessageKind, Outcome
 from engine.model import OutboxMessage
+from engine.redact import escape_controls
 from engine.telemetry import setup
 from engine.telemetry.http import Readiness, TelemetryServer
 from engine.telemetry.logs import (
@@ -37,6 +42,9 @@ from engine.telemetry.tracing import (
     trace_outgoing,
     tracer,
 )
+from engine.worker.worker import Registration, Worker
+from tests.helpers import EXAMPLE_WORKERS, EmbeddedSystem
+from workers import payment
 
 _EXPORTER = InMemorySpanExporter()
 _PROVIDER = TracerProvider()
@@ -189,10 +197,13 @@ def test_json_log_lines_carry_saga_step_and_trace(spans: InMemorySpanExporter) -
 
 @pytest.fixture
 def restored_logging() -> Iterator[None]:
-    """configure_logging changes process-wide loggers: put them back afterwards."""
+    """configure_logging changes process-wide loggers (and the excepthook): put them
+    back afterwards."""
     root = logging.getLogger()
     saved = root.handlers[:], root.level, {n: logging.getLogger(n).level for n in LIBRARIES}
+    hook = sys.excepthook
     yield
+    sys.excepthook = hook
     root.handlers[:], root.level = saved[0], saved[1]
     for name, level in saved[2].items():
         logging.getLogger(name).setLevel(level)
@@ -246,3 +257,59 @@ def test_otlp_exporter_reaches_the_test_receiver() -> None:
         assert (got.service, got.name, got.trace_id) == ("probe", "hello", expected)
     finally:
         receiver.close()
+
+
+#: User text that would forge a log line, drive a terminal and inject rich markup.
+FORGED_LINE = "2026-01-01 00:00:00,000 INFO saga.engine: all good"
+EVIL = f"[/] [link=https://evil.example]x[/link]\n{FORGED_LINE}\x1b[2J\r"
+#: How every text log record begins (asctime, level).
+RECORD_START = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ ")
+
+
+def evil_payment(calls: list[str]) -> Worker:
+    """The payment participant, its charge handler logging the customer (user input)
+    and failing with an error that quotes it, as participant code does."""
+    worker = Worker(payment.worker.name)
+    for key, reg in payment.worker.handlers.items():
+        if reg.name == "charge_payment":
+
+            async def handler(command: Any, context: Any) -> Any:
+                calls.append(command.customer_id)
+                logging.getLogger("shop.payment").warning("charging %s", command.customer_id)
+                raise RuntimeError(f"card service refused {command.customer_id}")
+
+            reg = Registration(reg.name, reg.kind, reg.model, handler)
+        worker.handlers[key] = reg
+    return worker
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+async def test_user_text_in_the_logs_is_shown_literally_never_as_a_forged_line(
+    fmt: str, restored_logging: None, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A saga input, a handler error and an operator reason full of markup, newlines
+    and ESC: every record stays one line, the text is there escaped, never acted on."""
+    configure_logging("info", fmt)
+    calls: list[str] = []
+    workers = {**EXAMPLE_WORKERS, "payment": evil_payment(calls)}
+    async with EmbeddedSystem(tmp_path / "evil.db", workers=workers) as system:
+        saga_id = await system.start_order(customer_id=EVIL)
+
+        async def charged() -> bool:
+            return bool(calls)
+
+        await system.wait_for(charged, 15, "the charge handler to run")
+        await system.client.cancel(saga_id, actor="ops", reason=EVIL)
+        await system.wait_status(saga_id, lambda d: d.status.is_terminal, 15, "compensation")
+
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert "\x1b" not in err and "\r" not in err
+    if fmt == "text":
+        assert all(RECORD_START.match(line) for line in lines), err
+        assert not any(line.startswith(FORGED_LINE) for line in lines)
+        assert f"WARNING shop.payment: charging {escape_controls(EVIL)}" in err
+    else:
+        entries = [json.loads(line) for line in lines]
+        assert f"charging {EVIL}" in [e["message"] for e in entries]
+    assert len(lines) >= 2  # the handler's line and the worker's about the failure

@@ -16,6 +16,7 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from engine.errors import ConfigError
+from engine.redact import redact
 
 StartResponse = Callable[[str, list[tuple[str, str]]], Any]
 
@@ -28,8 +29,10 @@ class Readiness:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def set(self, name: str, ok: bool, detail: str = "") -> None:
+        """Record a check; ``detail`` (often an exception's text) is redacted here, so
+        no ``/readyz`` body can show a secret."""
         with self._lock:
-            self.checks[name] = (ok, detail)
+            self.checks[name] = (ok, redact(detail))
 
     def report(self) -> tuple[bool, dict[str, dict[str, Any]]]:
         with self._lock:

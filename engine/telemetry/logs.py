@@ -2,7 +2,10 @@
 
 The saga and step come from a context variable the engine and the workers set while
 handling a message; the trace id from the current span. ``--log-format json`` gives
-one JSON object per line for log pipelines.
+one JSON object per line for log pipelines. Both formats redact every record
+(``engine.redact``: URL passwords and the configured secrets), exception tracebacks
+included; the text format shows control characters escaped, so a record is exactly
+one line whatever a saga, a handler or an operator wrote.
 
 The libraries under the daemons (Alembic, the broker clients, asyncio) log their own
 plumbing at INFO: Alembic's plugin setup and each migration step, every connection
@@ -22,7 +25,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import UTC, datetime
+from types import TracebackType
 
+from engine.redact import escape_controls, redact
 from engine.telemetry.tracing import trace_id
 
 _saga: ContextVar[tuple[str, str | None] | None] = ContextVar("saga_log_context", default=None)
@@ -48,35 +53,57 @@ class SagaContextFilter(logging.Filter):
         return True
 
 
+#: Record fields shown after the message when they are set.
+CONTEXT_FIELDS = ("saga_id", "step", "trace_id")
+
+
 class JsonFormatter(logging.Formatter):
+    """One JSON object per line; every text in it redacted (``engine.redact``)."""
+
     def format(self, record: logging.LogRecord) -> str:
         entry = {
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": redact(record.getMessage()),
         }
-        for key in ("saga_id", "step", "trace_id"):
+        for key in CONTEXT_FIELDS:
             value = getattr(record, key, None)
             if value is not None:
-                entry[key] = value
+                entry[key] = redact(str(value))
         if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
+            entry["exception"] = redact(self.formatException(record.exc_info))
+        if record.stack_info:
+            entry["stack"] = redact(self.formatStack(record.stack_info))
+        # json.dumps escapes every control character: a record is always one line.
         return json.dumps(entry)
 
 
 class TextFormatter(logging.Formatter):
+    """``time LEVEL logger: message [saga_id=... step=... trace_id=...]``, redacted and
+    always one line: newlines, ESC and other control characters in the message, the
+    saga fields or a traceback are shown escaped (``\\n``, ``\\x1b``), so no text
+    a saga, a handler or an operator wrote can forge a record or drive a terminal."""
+
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+        record.message = record.getMessage()
+        record.asctime = self.formatTime(record, self.datefmt)
+        line = self.formatMessage(record)
         tags = [
             f"{key}={value}"
-            for key in ("saga_id", "step", "trace_id")
+            for key in CONTEXT_FIELDS
             if (value := getattr(record, key, None)) is not None
         ]
-        return f"{line} [{' '.join(tags)}]" if tags and getattr(record, "saga_id", None) else line
+        if tags and getattr(record, "saga_id", None):
+            line = f"{line} [{' '.join(tags)}]"
+        if record.exc_info:
+            line = f"{line}\n{self.formatException(record.exc_info)}"
+        if record.stack_info:
+            line = f"{line}\n{self.formatStack(record.stack_info)}"
+        return escape_controls(redact(line))
 
 
 #: Loggers of the libraries whose INFO lines are plumbing, not the daemon's story.
@@ -114,7 +141,8 @@ _hold: _StartupHold | None = None
 
 
 def configure_logging(level: str, fmt: str = "text", *, starting: bool = False) -> None:
-    """Root logging to stderr in ``text`` or ``json`` format, with saga context.
+    """Root logging to stderr in ``text`` or ``json`` format, with saga context;
+    an uncaught exception is logged too, so its traceback is redacted like the rest.
 
     The libraries log from WARNING up unless ``level`` is debug; with ``starting``
     (a daemon) their records wait for :func:`started`, and are dropped if it never
@@ -133,6 +161,16 @@ def configure_logging(level: str, fmt: str = "text", *, starting: bool = False) 
     _hold = _StartupHold(handler)
     _hold.holding = starting and not debug
     handler.addFilter(_hold)
+    sys.excepthook = _log_uncaught
+
+
+def _log_uncaught(
+    kind: type[BaseException], value: BaseException, traceback: TracebackType | None
+) -> None:
+    """A crash's traceback through the log: redacted, and in the log's format."""
+    logging.getLogger("saga").critical(
+        "uncaught %s: %s", kind.__name__, value, exc_info=(kind, value, traceback)
+    )
 
 
 def started() -> None:
