@@ -250,3 +250,15 @@ def test_log_records_are_redacted_and_text_lines_cannot_be_forged() -> None:
     entry = json.loads(line)
     assert entry["message"] == f"handler said [/]\r\n{forged}\x1b[2J"
     assert "RuntimeError: cannot reach amqp://u:***@h/" in entry["exception"]
+
+
+def test_a_sagactl_crash_prints_its_traceback_redacted(capsys: pytest.CaptureFixture[str]) -> None:
+    from engine.cli.app import _print_redacted
+
+    try:
+        raise RuntimeError("cannot use amqp://u:Hunter2secretPW@broker/")
+    except RuntimeError as exc:
+        _print_redacted(type(exc), exc, exc.__traceback__)
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "RuntimeError: cannot use amqp://u:***@broker/" in err
+    assert "Hunter2secretPW" not in err

@@ -98,6 +98,20 @@ CASES = [
         ENGINE + JSON,
         {DB: "{sqlite}", BROKER: "kafka://saga:{secret}@127.0.0.1:{closed}"},
     ),
+    Case(
+        "kafka-sasl-wrong-password",
+        ENGINE + JSON,
+        {
+            DB: "{sqlite}",
+            BROKER: "kafka://{kafka_sasl}",
+            "SAGA_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+            "SAGA_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+            "SAGA_KAFKA_SASL_USERNAME": "saga",
+            "SAGA_KAFKA_SASL_PASSWORD": "{secret}",
+            "SAGA_KAFKA_SSL_CAFILE": "{ca}",
+        },
+        needs=("SAGA_TEST_KAFKA_SASL_SERVERS", "SAGA_TEST_TLS_CA"),
+    ),
     Case("broker-bad-scheme", WORKER, {DB: "{sqlite}", BROKER: "redis://saga:{secret}@h/"}),
 ]
 

@@ -10,9 +10,11 @@ import asyncio
 import getpass
 import json
 import sys
+import traceback
 from collections.abc import Callable, Coroutine
 from datetime import timedelta
 from pathlib import Path
+from types import TracebackType
 from typing import Any, TypeVar
 
 import click
@@ -610,4 +612,13 @@ def worker_cmd(
 
 
 def main() -> None:
+    """The ``sagactl`` entry point. A crash's traceback is redacted like every other
+    text (the daemons log it instead, once their logging is configured)."""
+    sys.excepthook = _print_redacted
     cli(prog_name="sagactl")
+
+
+def _print_redacted(
+    kind: type[BaseException], value: BaseException, tb: TracebackType | None
+) -> None:
+    sys.stderr.write(redact("".join(traceback.format_exception(kind, value, tb))))

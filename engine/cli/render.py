@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -13,6 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from engine.redact import escape_controls, redact
 from engine.retention import format_age
 from engine.states import SagaStatus, StepStatus
 from engine.views import (
@@ -41,15 +41,12 @@ STATUS_STYLE = {
 
 #: Control characters (newline, ESC, ...) in user text, shown escaped: a terminal never
 #: acts on them and one value stays on its line.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
 def shown(value: object) -> str:
     """Text from a saga, a handler, a message or an operator, as rich must print it:
     never read as markup (``[/]``, ``[link=...]``) and with control characters escaped.
-    The one escaping rule of the CLI's tables and lines."""
-    text = _CONTROL.sub(lambda m: repr(m.group())[1:-1], str(value))
-    return escape(text)
+    The one escaping rule of the CLI's tables and lines, the logs' rule
+    (:func:`escape_controls`) plus rich's; secrets are hidden as everywhere."""
+    return escape(escape_controls(redact(str(value))))
 
 
 def styled(status: SagaStatus | StepStatus) -> str:
