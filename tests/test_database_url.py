@@ -3,15 +3,19 @@ certificate files, ``connect_timeout``; mapped for asyncpg in one place."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import ssl
 from pathlib import Path
 from typing import Any
 
 import pytest
 from asyncpg import connect_utils
+from sqlalchemy import text
 
 from engine.database import (
     SSLMODES,
+    connect_postgres,
     connection_refusal,
     create_engine,
     is_transient,
@@ -20,7 +24,8 @@ from engine.database import (
     shown,
 )
 from engine.errors import ConfigError
-from tests.tls import KeyPair, self_signed
+from engine.store.postgres import PgOutboxSignal
+from tests.tls import KeyPair, Secured, self_signed, with_host, with_query
 
 BASE = "postgresql://saga:secretpw@db.example:5433/shop"
 
@@ -179,3 +184,74 @@ def test_refused_logins_and_certificates_are_named_and_dead_letter_nothing() -> 
     assert connection_refusal(ConnectionRefusedError(111, "Connect call failed")) is None
     # A refusal is not the message's problem: nothing is dead-lettered over it.
     assert is_transient(login) and is_transient(mismatch)
+
+
+# -- on the real PostgreSQL (scripts/services: ssl = on, certificate for localhost) ----
+
+#: This backend's TLS, as the server sees it.
+SSL_STATE = "SELECT ssl, client_dn FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+
+
+async def tls_of(url: str) -> tuple[bool, str | None]:
+    """Whether a connection made from ``url`` is encrypted, and the client's DN."""
+    conn = await connect_postgres(parse_url(url), default_timeout=10)
+    try:
+        row = await conn.fetchrow(SSL_STATE)
+        return bool(row["ssl"]), row["client_dn"]
+    finally:
+        await conn.close()
+
+
+@pytest.mark.integration
+async def test_sslmodes_on_the_real_server() -> None:
+    """libpq's semantics, seen from the server: what is encrypted, what is verified."""
+    secured = Secured.from_env()
+    by_ip = with_host(secured.postgres_url, "127.0.0.1")  # not the certificate's name
+    assert await tls_of(secured.postgres("verify-full")) == (True, None)
+    assert await tls_of(with_query(by_ip, sslmode="verify-ca", sslrootcert=secured.ca)) == (
+        True,
+        None,
+    )
+    assert await tls_of(with_query(by_ip, sslmode="require")) == (True, None)
+    assert await tls_of(with_query(by_ip, sslmode="disable")) == (False, None)
+    with pytest.raises(ssl.SSLCertVerificationError, match=r"not valid for '127\.0\.0\.1'"):
+        await tls_of(with_query(by_ip, sslmode="verify-full", sslrootcert=secured.ca))
+    # require with a root certificate verifies the chain (libpq's rule).
+    with pytest.raises(ssl.SSLCertVerificationError):
+        await tls_of(secured.postgres("require", ca=secured.other_ca))
+    client = with_query(
+        secured.postgres("verify-full"),
+        sslcert=secured.client_cert,
+        sslkey=secured.client_key,
+    )
+    assert await tls_of(client) == (True, "/CN=saga")
+
+
+@pytest.mark.integration
+async def test_the_listen_connection_uses_the_same_tls(caplog: pytest.LogCaptureFixture) -> None:
+    """The relay's LISTEN connection is made from the engine's URL, sslmode and all."""
+    secured = Secured.from_env()
+    for url, listens in (
+        (secured.postgres("verify-full"), True),
+        (with_host(secured.postgres("verify-full"), "127.0.0.1"), False),
+    ):
+        database = create_engine(url)
+        signal = PgOutboxSignal(database, min_backoff=0.1, max_backoff=0.1)
+        stop = asyncio.Event()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, "saga.store.postgres"):
+            task = asyncio.create_task(signal.listen(lambda: None, stop))
+            try:
+                async with asyncio.timeout(20):
+                    while not (signal.listening or "cannot LISTEN" in caplog.text):  # noqa: ASYNC110
+                        await asyncio.sleep(0.05)
+                assert signal.listening is listens, caplog.text
+                if listens:
+                    async with database.begin() as conn:  # the pool is on TLS too
+                        assert (await conn.execute(text(SSL_STATE))).one().ssl
+                else:
+                    assert "not valid for '127.0.0.1'" in caplog.text
+            finally:
+                stop.set()
+                await task
+                await database.dispose()

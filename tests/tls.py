@@ -6,7 +6,6 @@ Kept free of pytest fixtures, so unit tests and integration tests share it.
 
 from __future__ import annotations
 
-import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,9 +108,3 @@ class Secured:
     def postgres(self, sslmode: str = "verify-full", ca: str | None = None) -> str:
         """The PostgreSQL URL with this sslmode, its root certificate ``ca`` (ours)."""
         return with_query(self.postgres_url, sslmode=sslmode, sslrootcert=ca or self.ca)
-
-
-def environment_home(tmp: Path) -> dict[str, str]:
-    """An environment whose HOME has no ``~/.postgresql``: libpq's default root
-    certificate must not decide a test."""
-    return {**os.environ, "HOME": str(tmp)}
