@@ -8,7 +8,6 @@ transaction takes the write lock up front rather than failing when it upgrades.
 from __future__ import annotations
 
 import os
-import ssl
 from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
@@ -29,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from engine.errors import ConfigError, DatabaseError
 from engine.redact import redact
+from engine.tls import tls_refusal
 
 _DRIVERS = {
     "sqlite": "sqlite+aiosqlite",
@@ -105,12 +105,10 @@ def connection_refusal(exc: BaseException) -> str | None:
     for error in _chain(exc):
         sqlstate = getattr(error, "sqlstate", None) or getattr(error, "pgcode", None)
         if isinstance(sqlstate, str) and sqlstate.startswith("28"):  # invalid authorization
-            return f"the database refused the login: {_first_line(error)}"
-        if isinstance(error, ssl.SSLCertVerificationError):
-            why = error.verify_message or _first_line(error)
-            return f"the database's TLS certificate was refused: {why}"
-        if isinstance(error, ssl.SSLError):
-            return f"TLS with the database failed: {error.reason or _first_line(error)}"
+            return f"login refused: {_first_line(error)}"
+        refused = tls_refusal(error)
+        if refused is not None:
+            return refused
     return None
 
 

@@ -173,15 +173,15 @@ def test_refused_logins_and_certificates_are_named_and_dead_letter_nothing() -> 
 
     login = InvalidPassword('password authentication failed for user "saga"')
     assert connection_refusal(login) == (
-        'the database refused the login: password authentication failed for user "saga"'
+        'login refused: password authentication failed for user "saga"'
     )
     mismatch = ssl.SSLCertVerificationError(1, "certificate verify failed")
     mismatch.verify_message = "Hostname mismatch, certificate is not valid for '127.0.0.1'."
     assert connection_refusal(mismatch) == (
-        "the database's TLS certificate was refused: "
-        "Hostname mismatch, certificate is not valid for '127.0.0.1'."
+        "TLS certificate refused: Hostname mismatch, certificate is not valid for '127.0.0.1'."
     )
     assert connection_refusal(ConnectionRefusedError(111, "Connect call failed")) is None
+    assert connection_refusal(ssl.SSLEOFError(8, "EOF occurred")) is None  # a drop
     # A refusal is not the message's problem: nothing is dead-lettered over it.
     assert is_transient(login) and is_transient(mismatch)
 

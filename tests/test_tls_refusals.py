@@ -51,12 +51,12 @@ def refused_url(secured: Secured, service: str, case: str) -> str:
 
 #: What the one line must say, per case.
 SAYS = {
-    ("postgresql", "wrong password"): "the database refused the login: password authentication",
-    ("postgresql", "untrusted CA"): "the database's TLS certificate was refused",
-    ("postgresql", "wrong hostname"): "certificate is not valid for '127.0.0.1'",
-    ("rabbitmq", "wrong password"): "RabbitMQ at localhost:5671 refused the login: ACCESS_REFUSED",
-    ("rabbitmq", "untrusted CA"): "RabbitMQ at localhost:5671 presented a TLS certificate that was",
-    ("rabbitmq", "wrong hostname"): "certificate is not valid for '127.0.0.1'",
+    ("postgresql", "wrong password"): ".pem: login refused: password authentication failed",
+    ("postgresql", "untrusted CA"): ".pem: TLS certificate refused: ",
+    ("postgresql", "wrong hostname"): "TLS certificate refused: IP address mismatch, certificate",
+    ("rabbitmq", "wrong password"): "RabbitMQ at localhost:5671: login refused: ACCESS_REFUSED",
+    ("rabbitmq", "untrusted CA"): "RabbitMQ at localhost:5671: TLS certificate refused: ",
+    ("rabbitmq", "wrong hostname"): "RabbitMQ at 127.0.0.1:5671: TLS certificate refused: IP",
 }
 
 

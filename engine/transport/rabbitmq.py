@@ -42,6 +42,7 @@ from yarl import URL
 
 from engine.errors import ConfigError, MessagesRefused, PublishError, TransportError
 from engine.redact import redact
+from engine.tls import tls_refusal
 from engine.transport.base import (
     Mark,
     Message,
@@ -156,14 +157,12 @@ def refusal(exc: BaseException) -> str | None:
     while current is not None and current not in seen:
         seen.append(current)
         if isinstance(current, ProbableAuthenticationError | ConnectionNotAllowed):
-            return f"refused the login: {_amqp_reason(current)}"
+            return f"login refused: {_amqp_reason(current)}"
         if isinstance(current, AuthenticationError):
-            return f"offers none of the login mechanisms asked for: {_amqp_reason(current)}"
-        if isinstance(current, ssl.SSLCertVerificationError):
-            why = current.verify_message or str(current)
-            return f"presented a TLS certificate that was refused: {why}"
-        if isinstance(current, ssl.SSLError):
-            return f"failed the TLS handshake: {current.reason or current}"
+            return f"login mechanism not offered: {_amqp_reason(current)}"
+        refused = tls_refusal(current)
+        if refused is not None:
+            return refused
         current = current.__cause__ or current.__context__
     return None
 
@@ -549,7 +548,7 @@ class RabbitTransport:
             await connection.close()
             refused = refusal(exc)
             if refused is not None:
-                raise TransportError(f"{self.where} {refused}") from exc
+                raise TransportError(f"{self.where}: {refused}") from exc
             raise TransportError(f"cannot reach {self.where}: {exc or type(exc).__name__}") from exc
         except BaseException:
             await connection.close()
