@@ -220,11 +220,15 @@ def postgres_connect_args(url: URL) -> dict[str, Any]:
 async def connect_postgres(url: URL, *, default_timeout: float | None = None) -> Any:
     """A new asyncpg connection to ``url`` (see :func:`postgres_connect_args`);
     ``default_timeout`` bounds the connect when the URL has no ``connect_timeout``."""
-    import asyncpg  # type: ignore[import-untyped]
-
     args = postgres_connect_args(url)
     if default_timeout is not None:
         args.setdefault("timeout", default_timeout)
+    return await _asyncpg_connect(args)
+
+
+async def _asyncpg_connect(args: Mapping[str, Any]) -> Any:
+    import asyncpg  # type: ignore[import-untyped]
+
     return await asyncpg.connect(**args)
 
 
@@ -264,8 +268,9 @@ def create_engine(url: str, *, must_exist: bool = False, **kwargs: Any) -> Async
     else:
         kwargs.setdefault("pool_size", 10)
         # asyncpg takes no libpq parameters as keywords (SQLAlchemy would hand them
-        # over so): every connection is made by the one mapping instead.
-        kwargs.setdefault("async_creator", partial(connect_postgres, parsed))
+        # over so): every connection is made from the one mapping instead, made once
+        # (asyncpg reads the certificate files at each connect, so renewed ones count).
+        kwargs.setdefault("async_creator", partial(_asyncpg_connect, postgres_connect_args(parsed)))
     try:
         engine = create_async_engine(parsed, **kwargs)
     except (NoSuchModuleError, ModuleNotFoundError) as exc:
