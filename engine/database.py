@@ -65,12 +65,12 @@ def is_transient(exc: BaseException) -> bool:
     nothing. Anything else fails one message, which is retried a bounded number of
     times and then set aside with the error as its reason.
     """
-    chain = _chain(exc)
     if connection_refusal(exc) is not None:
         # The database refused this process (its login, its certificate): not this
         # message's problem. A daemon does not start so (check_schema); when it
         # happens during a run, nothing is dead-lettered over it while it lasts.
         return True
+    chain = _chain(exc)
     for error in chain:  # the database's own word first
         sqlstate = getattr(error, "sqlstate", None) or getattr(error, "pgcode", None)
         if isinstance(sqlstate, str) and len(sqlstate) == 5:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -223,6 +224,28 @@ async def test_sslmodes_on_the_real_server() -> None:
         secured.postgres("verify-full"),
         sslcert=secured.client_cert,
         sslkey=secured.client_key,
+    )
+    assert await tls_of(client) == (True, "/CN=saga")
+
+
+@pytest.fixture
+def locked_client_key(tmp_path: Path) -> str:
+    """The secured services' client key, encrypted with the password "key-secret"."""
+    locked = tmp_path / "client-locked.key"
+    command = ["openssl", "pkey", "-in", Secured.from_env().client_key, "-aes256"]
+    command += ["-passout", "pass:key-secret", "-out", str(locked)]
+    subprocess.run(command, check=True, capture_output=True)
+    return str(locked)
+
+
+@pytest.mark.integration
+async def test_an_encrypted_client_key_with_its_sslpassword(locked_client_key: str) -> None:
+    secured = Secured.from_env()
+    client = with_query(
+        secured.postgres("verify-full"),
+        sslcert=secured.client_cert,
+        sslkey=locked_client_key,
+        sslpassword="key-secret",
     )
     assert await tls_of(client) == (True, "/CN=saga")
 
