@@ -28,7 +28,7 @@ from bench.order import SAGA_NAME, order_input
 from bench.procs import Group, Monitor, fixed, listener
 from bench.system import Finish, incident_lines
 from engine.client import SagaClient
-from engine.database import create_engine, upgrade
+from engine.database import create_engine, parse_url, postgres_connect_args, upgrade
 from engine.registry import SagaRegistry
 from engine.store.sql import SqlSagaStore
 from engine.topology import Topology
@@ -41,14 +41,8 @@ RUNNING = ("running", "compensating")
 
 
 def pg_connect_args(url: str) -> dict[str, Any]:
-    parsed = make_url(url)
-    return {
-        "host": parsed.host,
-        "port": parsed.port or 5432,
-        "user": parsed.username,
-        "password": parsed.password,
-        "database": parsed.database,
-    }
+    """asyncpg's arguments for a database URL, as the engine connects (sslmode and all)."""
+    return postgres_connect_args(parse_url(url))
 
 
 def broker_port(url: str) -> int:

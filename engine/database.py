@@ -7,8 +7,12 @@ transaction takes the write lock up front rather than failing when it upgrades.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 from sqlalchemy import event, inspect
 from sqlalchemy.engine import URL, Connection, make_url
@@ -24,8 +28,28 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from engine.errors import ConfigError, DatabaseError
 from engine.redact import redact
+from engine.tls import tls_refusal
 
-_DRIVERS = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+asyncpg"}
+_DRIVERS = {
+    "sqlite": "sqlite+aiosqlite",
+    "postgresql": "postgresql+asyncpg",
+    "postgres": "postgresql+asyncpg",  # libpq takes both schemes
+}
+
+#: libpq's ``sslmode`` values, weakest first.
+SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+#: libpq parameters naming a file.
+_FILE_PARAMETERS = ("sslrootcert", "sslcert", "sslkey", "sslcrl")
+#: The libpq parameters a ``postgresql://`` URL may carry (``ssl`` is asyncpg's name
+#: for ``sslmode``, accepted as before). asyncpg applies the TLS ones as libpq does.
+POSTGRES_PARAMETERS = (
+    "sslmode",
+    *_FILE_PARAMETERS,
+    "sslpassword",
+    "connect_timeout",
+    "application_name",
+    "ssl",
+)
 
 #: SQLSTATE classes of errors that pass: connection exception, transaction rollback
 #: (serialization failure, deadlock), insufficient resources, operator intervention
@@ -41,12 +65,12 @@ def is_transient(exc: BaseException) -> bool:
     nothing. Anything else fails one message, which is retried a bounded number of
     times and then set aside with the error as its reason.
     """
-    chain: list[BaseException] = []
-    current: BaseException | None = exc
-    while current is not None and current not in chain:
-        chain.append(current)
-        orig = getattr(current, "orig", None)
-        current = orig if isinstance(orig, BaseException) else current.__cause__
+    if connection_refusal(exc) is not None:
+        # The database refused this process (its login, its certificate): not this
+        # message's problem. A daemon does not start so (check_schema); when it
+        # happens during a run, nothing is dead-lettered over it while it lasts.
+        return True
+    chain = _chain(exc)
     for error in chain:  # the database's own word first
         sqlstate = getattr(error, "sqlstate", None) or getattr(error, "pgcode", None)
         if isinstance(sqlstate, str) and len(sqlstate) == 5:
@@ -59,6 +83,35 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and what it wraps: SQLAlchemy's ``orig``, else ``__cause__``."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain:
+        chain.append(current)
+        orig = getattr(current, "orig", None)
+        current = orig if isinstance(orig, BaseException) else current.__cause__
+    return chain
+
+
+def connection_refusal(exc: BaseException) -> str | None:
+    """Why the database refused this process's connection, if that is what ``exc``
+    is: a login refused (a wrong user or password, no ``pg_hba.conf`` entry), a server
+    certificate that is not trusted or not the host's, a failed TLS handshake.
+
+    Configuration errors that no retry mends: a daemon or ``sagactl`` ends on one
+    over one line. A database that is merely unreachable is not one of them.
+    """
+    for error in _chain(exc):
+        sqlstate = getattr(error, "sqlstate", None) or getattr(error, "pgcode", None)
+        if isinstance(sqlstate, str) and sqlstate.startswith("28"):  # invalid authorization
+            return f"login refused: {_first_line(error)}"
+        refused = tls_refusal(error)
+        if refused is not None:
+            return refused
+    return None
+
+
 def error_text(exc: BaseException) -> str:
     """One line saying what failed: the database's own message where there is one."""
     orig = getattr(exc, "orig", None) or exc
@@ -66,19 +119,134 @@ def error_text(exc: BaseException) -> str:
 
 
 def parse_url(url: str) -> URL:
-    """Accept plain ``sqlite:///`` and ``postgresql://`` URLs and pick the async driver."""
+    """Accept plain ``sqlite:///`` and ``postgresql://`` (or ``postgres://``) URLs and
+    pick the async driver; a PostgreSQL URL's parameters are checked here."""
     try:
         parsed = make_url(url)
     except ArgumentError:
         raise ConfigError(f"not a database URL: {redact(url)!r}") from None
     if parsed.drivername in _DRIVERS:
         parsed = parsed.set(drivername=_DRIVERS[parsed.drivername])
-    if parsed.get_backend_name() not in _DRIVERS:
+    if parsed.get_backend_name() not in ("sqlite", "postgresql"):
         raise ConfigError(
             f"unsupported database {parsed.get_backend_name()!r} in {redact(url)!r}: "
             "use sqlite:///file.db or postgresql://user:pass@host/db"
         )
+    if parsed.get_backend_name() == "postgresql":
+        postgres_parameters(parsed)
     return parsed
+
+
+def shown(url: URL) -> str:
+    """``url`` as errors and logs show it: no password, no ``sslpassword``."""
+    base = url.set(query={}).render_as_string(hide_password=True)
+    query = [
+        f"{key}={'***' if key == 'sslpassword' else value}"
+        for key, values in url.query.items()
+        for value in ((values,) if isinstance(values, str) else values)
+    ]
+    return f"{base}?{'&'.join(query)}" if query else base
+
+
+def postgres_parameters(url: URL) -> dict[str, str]:
+    """The libpq parameters of a PostgreSQL URL, checked; ``ssl`` becomes ``sslmode``.
+
+    Anything unusable is a ConfigError of one line: an unknown or repeated parameter,
+    an ``sslmode`` libpq does not have, a file that cannot be read, a verifying
+    ``sslmode`` with no root certificate to verify against.
+    """
+    where = f"in database URL {shown(url)!r}"
+    found: dict[str, str] = {}
+    for key, value in url.query.items():
+        if key not in POSTGRES_PARAMETERS:
+            raise ConfigError(
+                f"unsupported parameter {key!r} {where}; accepted: {', '.join(POSTGRES_PARAMETERS)}"
+            )
+        if not isinstance(value, str):
+            raise ConfigError(f"parameter {key!r} given more than once {where}")
+        found[key] = value
+    if "ssl" in found:
+        if "sslmode" in found:
+            raise ConfigError(f"give sslmode or ssl (the same), not both, {where}")
+        found["sslmode"] = found.pop("ssl")
+    mode = found.get("sslmode")
+    if mode is not None and mode not in SSLMODES:
+        raise ConfigError(f"sslmode={mode!r} {where}: use one of {', '.join(SSLMODES)}")
+    for key in _FILE_PARAMETERS:
+        if key in found and not _readable(found[key]):
+            raise ConfigError(f"{key} file {found[key]!r} {where} does not exist or cannot be read")
+    if mode in ("verify-ca", "verify-full") and _root_certificate(found) is None:
+        raise ConfigError(
+            f"sslmode={mode} {where} needs the CA that signed the server's certificate: "
+            "add sslrootcert=/path/to/ca.pem"
+        )
+    timeout = found.get("connect_timeout")
+    if timeout is not None and not (timeout.isdigit() and int(timeout) > 0):
+        raise ConfigError(f"connect_timeout={timeout!r} {where}: use whole seconds above 0")
+    return found
+
+
+def postgres_connect_args(url: URL) -> dict[str, Any]:
+    """``asyncpg.connect``'s keyword arguments for a PostgreSQL URL: the one mapping of
+    its libpq parameters, used by the engine's pool and by the LISTEN connection.
+
+    The TLS parameters go to asyncpg as the query of a DSN, which asyncpg reads as
+    libpq does: ``require`` encrypts without checking the certificate unless a root
+    certificate is given (``sslrootcert``, or libpq's default
+    ``~/.postgresql/root.crt``), ``verify-ca`` checks the chain, ``verify-full`` also
+    the host name; ``prefer`` (the default) and ``allow`` fall back to plain text.
+    ``connect_timeout`` becomes asyncpg's ``timeout``.
+    """
+    parameters = postgres_parameters(url)
+    args: dict[str, Any] = {
+        key: value
+        for key, value in {
+            "host": url.host,
+            "port": url.port,
+            "user": url.username,
+            "password": url.password,
+            "database": url.database,
+        }.items()
+        if value is not None
+    }
+    libpq = {k: v for k, v in parameters.items() if k != "connect_timeout"}
+    if libpq:
+        args["dsn"] = "postgresql://?" + urlencode(libpq)
+    if "connect_timeout" in parameters:
+        args["timeout"] = float(parameters["connect_timeout"])
+    return args
+
+
+async def connect_postgres(url: URL, *, default_timeout: float | None = None) -> Any:
+    """A new asyncpg connection to ``url`` (see :func:`postgres_connect_args`);
+    ``default_timeout`` bounds the connect when the URL has no ``connect_timeout``."""
+    args = postgres_connect_args(url)
+    if default_timeout is not None:
+        args.setdefault("timeout", default_timeout)
+    return await _asyncpg_connect(args)
+
+
+async def _asyncpg_connect(args: Mapping[str, Any]) -> Any:
+    import asyncpg  # type: ignore[import-untyped]
+
+    return await asyncpg.connect(**args)
+
+
+def _readable(path: str) -> bool:
+    file = Path(path).expanduser()
+    return file.is_file() and os.access(file, os.R_OK)
+
+
+def _root_certificate(parameters: Mapping[str, str]) -> str | None:
+    """Where libpq (and asyncpg) look for the root certificate, if there is one."""
+    for candidate in (
+        parameters.get("sslrootcert"),
+        os.environ.get("PGSSLROOTCERT"),
+        "~/.postgresql/root.crt",
+    ):
+        if candidate and _readable(candidate):
+            return candidate
+    return None
 
 
 def sqlite_path(url: URL) -> Path | None:
@@ -99,6 +267,10 @@ def create_engine(url: str, *, must_exist: bool = False, **kwargs: Any) -> Async
         kwargs.setdefault("connect_args", {"timeout": 30})
     else:
         kwargs.setdefault("pool_size", 10)
+        # asyncpg takes no libpq parameters as keywords (SQLAlchemy would hand them
+        # over so): every connection is made from the one mapping instead, made once
+        # (asyncpg reads the certificate files at each connect, so renewed ones count).
+        kwargs.setdefault("async_creator", partial(_asyncpg_connect, postgres_connect_args(parsed)))
     try:
         engine = create_async_engine(parsed, **kwargs)
     except (NoSuchModuleError, ModuleNotFoundError) as exc:
@@ -180,7 +352,7 @@ async def upgrade(engine: AsyncEngine, revision: str = "heads") -> None:
         async with engine.begin() as conn:
             await conn.run_sync(run)
     except (DBAPIError, OSError) as exc:
-        raise DatabaseError(f"cannot migrate {engine.url!r}: {_reason(exc)}") from None
+        raise _unusable(engine, exc, "cannot migrate") from None
 
 
 async def current_revisions(engine: AsyncEngine) -> set[str]:
@@ -195,7 +367,7 @@ async def current_revisions(engine: AsyncEngine) -> set[str]:
         async with engine.connect() as conn:
             return await conn.run_sync(read)
     except (DBAPIError, OSError) as exc:
-        raise DatabaseError(f"cannot reach database {engine.url!r}: {_reason(exc)}") from None
+        raise _unusable(engine, exc, "cannot reach") from None
 
 
 async def check_schema(engine: AsyncEngine) -> None:
@@ -204,10 +376,22 @@ async def check_schema(engine: AsyncEngine) -> None:
     if current != head_revisions():
         state = "has no saga tables" if not current else f"is at revision {sorted(current)}"
         raise DatabaseError(
-            f"database {engine.url!r} {state}; run 'sagactl db upgrade' to migrate it"
+            f"database {shown(engine.url)} {state}; run 'sagactl db upgrade' to migrate it"
         )
 
 
+def _unusable(engine: AsyncEngine, exc: BaseException, doing: str) -> DatabaseError:
+    """One line: the database refused this process, or could not be reached."""
+    refusal = connection_refusal(exc)
+    if refusal is not None:
+        return DatabaseError(f"database {shown(engine.url)}: {refusal}")
+    return DatabaseError(f"{doing} database {shown(engine.url)}: {_reason(exc)}")
+
+
 def _reason(exc: BaseException) -> str:
-    orig = getattr(exc, "orig", None) or exc
-    return str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
+    return _first_line(getattr(exc, "orig", None) or exc)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

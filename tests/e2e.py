@@ -20,11 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-import asyncpg
 import pytest
-from sqlalchemy.engine import make_url
 
-from engine.database import create_engine, upgrade
+from engine.database import connect_postgres, create_engine, parse_url, upgrade
 from engine.settings import Settings
 from engine.transport.kafka_options import KafkaOptions
 from tests.brokers import BrokerObjects, drop_after_test, saga_participants, topology_objects
@@ -70,16 +68,12 @@ def kafka_sasl_ssl(mechanism: str = "SCRAM-SHA-512") -> tuple[str, dict[str, str
 
 @asynccontextmanager
 async def fresh_database(base_url: str, *, migrate: bool = True) -> AsyncIterator[str]:
-    """A new PostgreSQL database, migrated unless told otherwise; dropped afterwards."""
-    url = make_url(base_url)
+    """A new PostgreSQL database, migrated unless told otherwise; dropped afterwards.
+
+    Connected to as the engine connects (``sslmode`` and all)."""
+    url = parse_url(base_url)
     name = f"saga_test_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(
-        host=url.host,
-        port=url.port or 5432,
-        user=url.username,
-        password=url.password,
-        database=url.database,
-    )
+    admin = await connect_postgres(url)
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')
         db_url = url.set(database=name).render_as_string(hide_password=False)

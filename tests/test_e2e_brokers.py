@@ -20,6 +20,7 @@ from engine.topology import Topology
 from engine.transport.base import DEAD_LETTER_REASON, DEAD_LETTER_SOURCE, Message
 from engine.transport.factory import transport_from_url
 from tests.e2e import Cluster, fresh_database, kafka_sasl_ssl, sagactl, service_url, wait_until
+from tests.tls import Secured
 from workers import ledger
 
 pytestmark = pytest.mark.integration
@@ -67,6 +68,27 @@ async def test_order_saga_end_to_end(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     broker_url, broker_settings = order_broker
+    await order_run(broker_url, broker_settings, postgres_url, tmp_path, capsys)
+
+
+async def test_order_saga_end_to_end_over_tls(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The same run over AMQPS, its broker verified against the test CA, on PostgreSQL
+    with sslmode=verify-full."""
+    secured = Secured.from_env()
+    await order_run(secured.amqps(), {}, secured.postgres("verify-full"), tmp_path, capsys)
+
+
+async def order_run(
+    broker_url: str,
+    broker_settings: dict[str, str],
+    postgres_url: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The order saga end to end: ORDERS sagas through every participant, the outcomes
+    as planned, stock and money conserved, each charge at most once."""
     async with fresh_database(postgres_url) as db_url:
         database = create_engine(db_url)
         await ledger.seed(database, stock_by_sku=STOCK, balances=BALANCES)

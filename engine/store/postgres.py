@@ -19,6 +19,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from engine._aio import wait_either
+from engine.database import connect_postgres
 from engine.store.base import OutboxSignal, SagaStore, StoreTransaction
 from engine.store.sql import SqlSagaStore, SqlStoreTransaction
 
@@ -26,9 +27,6 @@ log = logging.getLogger("saga.store.postgres")
 
 #: The notification channel (per database, as LISTEN / NOTIFY are).
 CHANNEL = "saga_outbox"
-
-#: Keys of SQLAlchemy's asyncpg connect arguments that asyncpg.connect does not take.
-_SQLALCHEMY_ONLY = ("prepared_statement_cache_size", "prepared_statement_name_func")
 
 
 class PgOutboxSignal:
@@ -61,18 +59,10 @@ class PgOutboxSignal:
             raise TypeError(f"PgOutboxSignal announces in SQL transactions, not {tx!r}")
         await tx.conn.execute(text("SELECT pg_notify(:channel, '')"), {"channel": self.channel})
 
-    def _connect_args(self) -> tuple[list[Any], dict[str, Any]]:
-        args, kwargs = self.database.dialect.create_connect_args(self.database.url)
-        for key in _SQLALCHEMY_ONLY:
-            kwargs.pop(key, None)
-        return list(args), dict(kwargs)
-
     async def _connect(self) -> Any:
-        import asyncpg  # type: ignore[import-untyped]
-
-        args, kwargs = self._connect_args()
-        kwargs.setdefault("timeout", self.connect_timeout)
-        return await asyncpg.connect(*args, **kwargs)
+        """A connection of its own, made as the engine's pool makes them (TLS and all);
+        the URL's ``connect_timeout`` wins over ours."""
+        return await connect_postgres(self.database.url, default_timeout=self.connect_timeout)
 
     async def listen(self, wake: Callable[[], None], stop: asyncio.Event) -> None:
         backoff = self.min_backoff

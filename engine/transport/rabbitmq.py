@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import re
+import ssl
 import time
 import uuid
 from collections import OrderedDict, defaultdict
@@ -31,9 +33,16 @@ from aio_pika.abc import (
 )
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, ChannelPreconditionFailed
 from aio_pika.exceptions import PublishError as Unroutable
+from aiormq.exceptions import (
+    AuthenticationError,
+    ConnectionNotAllowed,
+    ProbableAuthenticationError,
+)
 from yarl import URL
 
-from engine.errors import MessagesRefused, PublishError, TransportError
+from engine.errors import ConfigError, MessagesRefused, PublishError, TransportError
+from engine.redact import redact
+from engine.tls import tls_refusal
 from engine.transport.base import (
     Mark,
     Message,
@@ -62,6 +71,104 @@ _FAILURES = (AMQPError, ChannelInvalidStateError, ConnectionError, OSError)
 
 #: How RabbitMQ words a refusal over its max_message_size (the size of the body).
 _MAX_SIZE = re.compile(r"larger than configured max size (\d+)")
+
+#: The query parameters a broker URL may carry, by aiormq's names (it reads them):
+#: the TLS ones (``amqps://`` only), the login mechanism, and connection tuning.
+TLS_PARAMETERS = ("cafile", "certfile", "keyfile", "no_verify_ssl")
+AMQP_PARAMETERS = (*TLS_PARAMETERS, "auth", "heartbeat", "name", "reconnect_interval")
+#: Other clients' names for them (RabbitMQ's URI spec, pika), named in the error.
+_OTHER_NAMES = {
+    "cacertfile": "cafile",
+    "ca_certs": "cafile",
+    "verify": "no_verify_ssl",
+    "auth_mechanism": "auth",
+    "ssl": "amqps://",
+}
+
+
+def tls_context(url: str) -> ssl.SSLContext | None:
+    """The TLS context of an ``amqps://`` URL (None for ``amqp://``), its parameters
+    checked; anything unusable is a ConfigError of one line.
+
+    The broker's certificate is verified by default: against ``cafile``, else the
+    system's CAs, and its name must match the URL's host. ``certfile`` and ``keyfile``
+    are the client's certificate and key (``auth=external`` logs in with them);
+    ``no_verify_ssl=1`` turns verification off, and says so in a warning when the
+    transport connects. The robust connection reconnects with this same context.
+    """
+    parsed = URL(url)
+    query = parsed.query
+    where = f"in broker URL {redact(url)!r}"
+    for key in query:
+        if key not in AMQP_PARAMETERS:
+            hint = f" (here: {_OTHER_NAMES[key]})" if key in _OTHER_NAMES else ""
+            raise ConfigError(
+                f"unsupported parameter {key!r}{hint} {where}; "
+                f"accepted: {', '.join(AMQP_PARAMETERS)}"
+            )
+        if len(query.getall(key)) > 1:
+            raise ConfigError(f"parameter {key!r} given more than once {where}")
+    auth = query.get("auth", "plain").lower()
+    if auth not in ("plain", "external"):
+        raise ConfigError(f"auth={query['auth']!r} {where}: use plain or external")
+    tls = [key for key in TLS_PARAMETERS if key in query]
+    if parsed.scheme != "amqps":
+        if tls or auth == "external":
+            raise ConfigError(f"{', '.join(tls) or 'auth=external'} {where} needs amqps://")
+        return None
+    no_verify = query.get("no_verify_ssl", "0")
+    if no_verify not in ("0", "1"):
+        raise ConfigError(f"no_verify_ssl={no_verify!r} {where}: use 0 or 1")
+    for key in ("cafile", "certfile", "keyfile"):
+        path = query.get(key)
+        if path is not None and not (os.path.isfile(path) and os.access(path, os.R_OK)):
+            raise ConfigError(f"{key} file {path!r} {where} does not exist or cannot be read")
+    if "keyfile" in query and "certfile" not in query:
+        raise ConfigError(f"keyfile {where} needs certfile (the client certificate)")
+    if auth == "external":
+        if "certfile" not in query:
+            raise ConfigError(
+                f"auth=external {where} logs in with a client certificate: add certfile "
+                "(and keyfile)"
+            )
+        if parsed.password:
+            raise ConfigError(
+                f"auth=external {where} logs in with the client certificate, never a "
+                "password: remove it from the URL"
+            )
+    try:
+        context = ssl.create_default_context(cafile=query.get("cafile"))
+        if "certfile" in query:
+            context.load_cert_chain(query["certfile"], query.get("keyfile"))
+    except ssl.SSLError as exc:
+        raise ConfigError(f"unusable certificate or key {where}: {exc.reason or exc}") from None
+    if no_verify == "1":
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def refusal(exc: BaseException) -> str | None:
+    """Why the broker refused this process's connection, if that is what ``exc`` is:
+    its login, its vhost, its certificate or TLS. Configuration errors that no retry
+    mends; an unreachable broker is not one of them."""
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen:
+        seen.append(current)
+        if isinstance(current, ProbableAuthenticationError | ConnectionNotAllowed):
+            return f"login refused: {_amqp_reason(current)}"
+        if isinstance(current, AuthenticationError):
+            return f"login mechanism not offered: {_amqp_reason(current)}"
+        refused = tls_refusal(current)
+        if refused is not None:
+            return refused
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _amqp_reason(exc: BaseException) -> str:
+    return " ".join(str(arg) for arg in exc.args) or type(exc).__name__
 
 
 def _header_text(value: Any) -> str:
@@ -360,6 +467,8 @@ class RabbitTransport:
         reconnect_interval: float = 1.0,
     ) -> None:
         self.url = url
+        #: The TLS context of an amqps:// URL (checked here: a bad one never connects).
+        self.ssl_context = tls_context(url)
         self.exchange_name = exchange
         self.dead_letter_queue = dead_letter_queue
         self.prefetch = prefetch
@@ -415,10 +524,19 @@ class RabbitTransport:
         url = URL(self.url)
         if "reconnect_interval" not in url.query:
             url = url.update_query(reconnect_interval=self.reconnect_interval)
+        if self.ssl_context is not None and self.ssl_context.verify_mode == ssl.CERT_NONE:
+            log.warning(
+                "no_verify_ssl=1: the TLS certificate of %s is not verified; whoever is "
+                "on the network path can read and change what is sent",
+                self.where,
+            )
         # Built here rather than by connect_robust, so a failed first attempt can be
         # closed: otherwise its reconnect task would keep retrying in the background.
+        # Every reconnect uses the same TLS context.
         connection = aio_pika.RobustConnection(
-            url, client_properties={"connection_name": "saga-engine"}
+            url,
+            ssl_context=self.ssl_context,
+            client_properties={"connection_name": "saga-engine"},
         )
         try:
             async with asyncio.timeout(self.connect_timeout):
@@ -428,6 +546,9 @@ class RabbitTransport:
                 await self.declare_queue(channel, self._exchange, self.dead_letter_queue)
         except (*_FAILURES, TimeoutError) as exc:
             await connection.close()
+            refused = refusal(exc)
+            if refused is not None:
+                raise TransportError(f"{self.where}: {refused}") from exc
             raise TransportError(f"cannot reach {self.where}: {exc or type(exc).__name__}") from exc
         except BaseException:
             await connection.close()
