@@ -125,6 +125,8 @@ def parse_url(url: str) -> URL:
         parsed = make_url(url)
     except ArgumentError:
         raise ConfigError(f"not a database URL: {redact(url)!r}") from None
+    except ValueError as exc:  # e.g. a port that is not a number
+        raise ConfigError(f"bad database URL {redact(url)!r}: {redact(str(exc))}") from None
     if parsed.drivername in _DRIVERS:
         parsed = parsed.set(drivername=_DRIVERS[parsed.drivername])
     if parsed.get_backend_name() not in ("sqlite", "postgresql"):

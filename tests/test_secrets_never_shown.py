@@ -164,7 +164,8 @@ async def test_no_url_or_connection_error_shows_the_password(
     placeholders: dict[str, str],
 ) -> None:
     """Every case ends (a daemon does not start without its database and broker) with
-    a failure status, and nothing it printed holds the password."""
+    a failure status and an error line, not a traceback, and nothing it printed holds
+    the password."""
     limit = asyncio.Semaphore(4)  # two cores, shared
 
     async def check(case: Case) -> str | None:
@@ -178,6 +179,8 @@ async def test_no_url_or_connection_error_shows_the_password(
             return f"{case.id}: shows the password:\n{output}"
         if status is None or status == 0:
             return f"{case.id}: did not fail within 60s (status {status}):\n{output}"
+        if "Traceback" in output:
+            return f"{case.id}: a traceback, not one error line:\n{output}"
         return None
 
     problems = [p for p in await asyncio.gather(*(check(c) for c in CASES)) if p]
