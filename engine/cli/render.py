@@ -10,6 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel
 from rich.console import Console
+from rich.highlighter import JSONHighlighter
 from rich.markup import escape
 from rich.table import Table
 
@@ -42,14 +43,20 @@ STATUS_STYLE = {
 #: Control characters (newline, ESC, ...) in user text, shown escaped: a terminal never
 #: acts on them and one value stays on its line.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_C1 = re.compile(r"[\x80-\x9f]")
+
+
+def printable(value: object) -> str:
+    """``value`` as text with its control characters escaped (``\\n``, ``\\x1b``): a
+    terminal never acts on them and the text stays on one line."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], str(value))
 
 
 def shown(value: object) -> str:
     """Text from a saga, a handler, a message or an operator, as rich must print it:
     never read as markup (``[/]``, ``[link=...]``) and with control characters escaped.
     The one escaping rule of the CLI's tables and lines."""
-    text = _CONTROL.sub(lambda m: repr(m.group())[1:-1], str(value))
-    return escape(text)
+    return escape(printable(value))
 
 
 def styled(status: SagaStatus | StepStatus) -> str:
@@ -64,13 +71,21 @@ def when(value: datetime | None) -> str:
 
 
 def dump_json(console: Console, value: BaseModel | Sequence[BaseModel] | dict[str, Any]) -> None:
+    """Indented, highlighted JSON. JSON escapes C0 control characters itself; the C1
+    ones (U+0080-U+009F, which some terminals act on) are escaped here too, which
+    leaves the data the same."""
     if isinstance(value, BaseModel):
         data: Any = value.model_dump(mode="json")
     elif isinstance(value, dict):
         data = value
     else:
         data = [v.model_dump(mode="json") for v in value]
-    console.print_json(json.dumps(data))
+    text = _C1.sub(
+        lambda m: f"\\u{ord(m.group()):04x}", json.dumps(data, indent=2, ensure_ascii=False)
+    )
+    highlighted = JSONHighlighter()(text)
+    highlighted.no_wrap, highlighted.overflow = True, None  # as Console.print_json
+    console.print(highlighted, soft_wrap=True)
 
 
 def saga_list(console: Console, sagas: Sequence[SagaSummary]) -> None:
