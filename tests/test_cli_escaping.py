@@ -10,10 +10,13 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner, Result
 
-from engine.cli.render import shown
+from engine.cli.app import cli
+from engine.cli.render import printable, shown
 from engine.client import SagaClient
 from engine.errors import LimitError
+from tests.e2e import fresh_database, service_url
 from tests.test_cli import ORDER, assert_one_line_error, sagactl
 from tests.test_cli_operator import Driver
 
@@ -137,3 +140,32 @@ def test_operator_text_is_refused_in_one_line_before_anything_is_stored(tmp_path
 
     asyncio.run(through_the_client())
     assert sagactl(db, "--json", "show", "s-1").stdout == before
+
+
+@pytest.mark.integration
+async def test_hostile_text_round_trips_through_postgresql() -> None:
+    """The same on PostgreSQL: stored as written (JSON input, history, error), given
+    back exactly by ``--json``, shown escaped."""
+    async with fresh_database(service_url("SAGA_TEST_POSTGRES_URL")) as url:
+
+        async def run(*args: str) -> Result:
+            # In a thread: sagactl runs its own event loop.
+            result = await asyncio.to_thread(
+                CliRunner().invoke, cli, ["--database-url", url, *args], prog_name="sagactl"
+            )
+            assert result.exit_code == 0, result.output
+            return result
+
+        saga_id, actor = "[/]hostile", "ops [b]"
+        hostile_input = json.dumps({**ORDER, "address": HOSTILE})
+        await run("start", "place_order", "--input", hostile_input, "--id", saga_id)
+        await run("cancel", saga_id, "--reason", HOSTILE, "--actor", actor)
+        detail = json.loads((await run("--json", "show", saga_id)).stdout)
+        assert detail["input"]["address"] == HOSTILE
+        assert detail["error"] == f"cancelled by {actor}: {HOSTILE}"
+        assert [h["actor"] for h in detail["history"]].count(actor) == 1
+        listed, shown_ = (await run("list")).stdout, (await run("show", saga_id)).stdout
+        for out in (listed, shown_):
+            assert saga_id in out and "\x1b" not in out
+        operator = [x for x in shown_.splitlines() if x.startswith("  ") and f"by {actor}" in x]
+        assert len(operator) == 1 and f"reason: {printable(HOSTILE)}" in operator[0]
