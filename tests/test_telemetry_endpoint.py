@@ -146,7 +146,7 @@ def test_readyz_answers_with_a_thousand_idle_connections_open(
         assert status == 200 and b"python_info" in body
         # Bounded: no thread per connection, and the server's descriptors (those of
         # this process beyond the client's own 1,000) stay within the cap.
-        assert threading.active_count() == threads
+        assert threading.active_count() <= threads
         assert server.server.connections <= cap
         assert open_fds() - fds - IDLE <= cap
         assert server.server.evicted >= IDLE - cap
