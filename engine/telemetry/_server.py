@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 import resource
@@ -242,7 +243,10 @@ class BoundedHttpServer:
                 room.release()
                 raise
             self.accepted += 1
-            task = loop.create_task(self._connection(conn, room))
+            task = loop.create_task(self._connection(conn))
+            # Not in the task's own finally: a task cancelled before it first ran
+            # never enters it, and its socket and place would be lost.
+            task.add_done_callback(functools.partial(self._closed, conn, room))
             self._open.add(task)
             self._idle[task] = None
             if room.locked():
@@ -268,18 +272,21 @@ class BoundedHttpServer:
             self._warned_at[message] = now
             log.warning(message, *args)
 
-    async def _connection(self, conn: socket.socket, room: asyncio.Semaphore) -> None:
+    async def _connection(self, conn: socket.socket) -> None:
         task = asyncio.current_task()
         assert task is not None
-        try:
+        # The client went away or was too slow: nothing to answer.
+        with contextlib.suppress(OSError, TimeoutError):
             await self._exchange(conn, task)
-        except (OSError, TimeoutError):
-            pass  # the client went away or was too slow: nothing to answer
-        finally:
-            self._idle.pop(task, None)
-            self._open.discard(task)
-            conn.close()
-            room.release()
+
+    def _closed(
+        self, conn: socket.socket, room: asyncio.Semaphore, task: asyncio.Task[None]
+    ) -> None:
+        """A connection's task ended (answered, timed out, closed for room, stopped)."""
+        self._idle.pop(task, None)
+        self._open.discard(task)
+        conn.close()
+        room.release()
 
     async def _exchange(self, conn: socket.socket, task: asyncio.Task[None]) -> None:
         loop = asyncio.get_running_loop()
