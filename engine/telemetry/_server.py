@@ -7,8 +7,9 @@ database and broker connections, so:
 
 - connections are capped (:func:`connection_cap`); at the cap the connection idle the
   longest (still sending its request, or lingering after its answer) is closed to make
-  room, so a flood of idle connections delays a probe by no more than its own arrival,
-  and the process holds at most the cap plus the listening socket;
+  room, so a flood of idle connections cannot shut a probe out (it waits only for the
+  connections queued before it), and the server holds at most the cap of descriptors
+  plus its listening socket and its event loop's own;
 - the whole request head (request line and headers) must arrive within
   :data:`HEAD_TIMEOUT` and fit in :data:`MAX_HEAD_BYTES`; only GET and HEAD, no bodies;
 - one request per connection (``Connection: close``), the answer written within
