@@ -35,6 +35,8 @@ from engine.limits import (
     DEFAULT_LIMITS,
     Limits,
     MessageTooLarge,
+    check_actor,
+    check_reason,
     check_saga_id,
     nul_path,
 )
@@ -243,7 +245,11 @@ class SagaClient:
         apply: Callable[[Transition], str],
     ) -> OperatorResult:
         """Apply an operator event in one transaction with its outbox messages, under
-        the saga's optimistic row version; re-read and re-decide if the engine won."""
+        the saga's optimistic row version; re-read and re-decide if the engine won.
+
+        Refused before anything is read: an actor or reason the CLI would refuse."""
+        check_actor(actor)
+        check_reason(reason)
         for _ in range(OPERATOR_CONFLICT_RETRIES):
             try:
                 async with self.store.transaction() as tx:
@@ -319,8 +325,11 @@ class SagaClient:
 
         Refused when it was replayed before, when its body cannot travel as outbox
         text, and (unless ``force``) when its saga no longer waits for it: a stale
-        command would run an action nothing compensates any more.
+        command would run an action nothing compensates any more; and an actor or
+        reason the CLI would refuse.
         """
+        check_actor(actor)
+        check_reason(reason)
         now = self.clock()
         async with self.store.transaction() as tx:
             record = await tx.load_dead_letter(letter)

@@ -22,6 +22,9 @@ from engine.redact import redact
 ID_LENGTH = 36
 #: Saga, step, command and actor names: ``saga_instances.name``, ``saga_steps.name``, ...
 NAME_LENGTH = 200
+#: An operator's reason for an action (``--reason``): kept in the saga's history
+#: (``saga_history.detail``) and, for a cancel, its error. Text columns: the limit is ours.
+REASON_LENGTH = 2_000
 #: Error text in a reply (kept in ``saga_steps.error``; longer text is cut where born).
 ERROR_LENGTH = 8_000
 #: Broker / envelope headers: how many, and the length of a name and of a value (W3C
@@ -40,6 +43,9 @@ MAX_MESSAGE_BYTES = 128 * 1024 * 1024
 #: An unescaped JSON ``\u0000``: preceded by an even number of backslashes.
 _ESCAPED_NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_NUL = re.compile("\x00")
+#: What undecodable bytes of a command line become (``surrogateescape``).
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -133,15 +139,45 @@ def clip(text: str, length: int) -> str:
     return text[: length - 1] + "…"
 
 
-def check_saga_id(saga_id: str) -> None:
-    """Refuse a saga id the columns (or a terminal) cannot take."""
-    if not saga_id:
-        raise LimitError("the saga id must not be empty")
-    if len(saga_id) > ID_LENGTH:
-        raise LimitError(f"the saga id is {len(saga_id)} characters long, the limit is {ID_LENGTH}")
-    control = _CONTROL.search(saga_id)
+def _check_text(text: str, what: str, length: int, *, controls: bool = False) -> None:
+    """Refuse text no column (or terminal) should take: empty, longer than ``length``
+    characters, not Unicode (undecodable bytes from a command line), a NUL, and, unless
+    ``controls``, any control character (newline, tab, ESC, ...)."""
+    if not text.strip():
+        raise LimitError(f"{what} must not be empty")
+    if len(text) > length:
+        raise LimitError(f"{what} is {len(text):,} characters long, the limit is {length:,}")
+    if _SURROGATE.search(text) is not None:
+        raise LimitError(f"{what} is not valid UTF-8 text")
+    control = (_NUL if controls else _CONTROL).search(text)
     if control is not None:
         raise LimitError(
-            f"the saga id holds a control character (U+{ord(control.group()):04X} at "
+            f"{what} holds a control character (U+{ord(control.group()):04X} at "
             f"position {control.start()})"
         )
+
+
+def check_saga_id(saga_id: str, what: str = "the saga id") -> None:
+    """Refuse a saga id the columns (or a terminal) cannot take: one printable line of
+    at most :data:`ID_LENGTH` characters."""
+    _check_text(saga_id, what, ID_LENGTH)
+
+
+def check_actor(actor: str, what: str = "the actor") -> None:
+    """Refuse an operator name (who did an action) that is not one printable line of
+    at most :data:`NAME_LENGTH` characters."""
+    _check_text(actor, what, NAME_LENGTH)
+
+
+def check_name(name: str, what: str = "the name") -> None:
+    """Refuse a saga, step or command name that is not one printable line of at most
+    :data:`NAME_LENGTH` characters."""
+    _check_text(name, what, NAME_LENGTH)
+
+
+def check_reason(reason: str | None, what: str = "the reason") -> None:
+    """Refuse an operator's reason that is empty, over :data:`REASON_LENGTH` characters
+    or holds a NUL. Line breaks, tabs and other control characters are kept as written
+    (an audit trail keeps what was said); every reader shows them escaped."""
+    if reason is not None:
+        _check_text(reason, what, REASON_LENGTH, controls=True)

@@ -17,8 +17,12 @@ from engine.limits import (
     DEFAULT_MAX_MESSAGE_BYTES,
     ERROR_LENGTH,
     MIN_MESSAGE_BYTES,
+    NAME_LENGTH,
+    REASON_LENGTH,
     Limits,
     MessageTooLarge,
+    check_actor,
+    check_reason,
     check_saga_id,
     clip,
     has_nul,
@@ -163,6 +167,26 @@ def test_saga_ids_are_checked() -> None:
     ]:
         with pytest.raises(LimitError, match=re.escape(why)):
             check_saga_id(bad)
+
+
+def test_operator_text_is_checked() -> None:
+    """Actors are one printable line; a reason keeps its line breaks and ESC (shown
+    escaped by every reader) but never a NUL, and both have a length."""
+    check_actor("a" * NAME_LENGTH)
+    said = "line one\nline two\t\x1b[1m"
+    check_reason(said + "r" * (REASON_LENGTH - len(said)))
+    check_reason(None)
+    for check, bad, why in [
+        (check_actor, " ", "the actor must not be empty"),
+        (check_actor, "a\nb", "the actor holds a control character (U+000A at position 1)"),
+        (check_actor, "a" * (NAME_LENGTH + 1), f"the limit is {NAME_LENGTH}"),
+        (check_reason, "", "the reason must not be empty"),
+        (check_reason, "a\x00", "the reason holds a control character (U+0000"),
+        (check_reason, "r" * (REASON_LENGTH + 1), f"the limit is {REASON_LENGTH:,}"),
+        (check_reason, "\udcff", "the reason is not valid UTF-8 text"),
+    ]:
+        with pytest.raises(LimitError, match=re.escape(why)):
+            check(bad)
 
 
 def test_the_setting_is_validated(monkeypatch: pytest.MonkeyPatch) -> None:

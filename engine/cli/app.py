@@ -25,8 +25,9 @@ from sqlalchemy.exc import DBAPIError
 
 from engine.client import PRUNE_BATCH, SagaClient
 from engine.database import create_engine, upgrade
-from engine.errors import ConfigError, SagaError
-from engine.redact import redact
+from engine.errors import ConfigError, LimitError, SagaError
+from engine.limits import check_actor, check_name, check_reason, check_saga_id
+from engine.redact import escape_controls, redact
 from engine.retention import parse_age
 from engine.settings import Settings
 from engine.states import SagaStatus
@@ -45,8 +46,20 @@ stderr = Console(stderr=True)
 
 
 def fail(message: str) -> None:
-    click.echo(f"sagactl: error: {redact(message)}", err=True)
+    """One line on stderr (control characters shown escaped), exit status 1."""
+    click.echo(f"sagactl: error: {escape_controls(redact(message))}", err=True)
     sys.exit(1)
+
+
+def checked(value: str, check: Callable[[str, str], None], what: str) -> str:
+    """``value`` if ``check`` (one of engine.limits' ``check_*``, which the client
+    applies too) accepts it; else a one-line error naming ``what``, before anything
+    is read or stored."""
+    try:
+        check(value, what)
+    except LimitError as exc:
+        fail(str(exc))
+    return value
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
@@ -152,6 +165,8 @@ def _json_option(func: Any) -> Any:
 @pass_options
 def start(options: Options, saga: str, input_text: str, saga_id: str | None) -> None:
     """Start saga SAGA with the given input (an engine daemon advances it)."""
+    if saga_id is not None:
+        checked(saga_id, check_saga_id, "--id")
     if input_text.startswith("@"):
         path = Path(input_text[1:])
         try:
@@ -172,7 +187,7 @@ def start(options: Options, saga: str, input_text: str, saga_id: str | None) -> 
     if options.as_json:
         render.dump_json(stdout, {"id": new_id, "saga": saga})
     else:
-        stdout.print(new_id)
+        stdout.print(render.shown(new_id))
 
 
 @cli.command(name="list")
@@ -187,6 +202,8 @@ def start(options: Options, saga: str, input_text: str, saga_id: str | None) -> 
 @pass_options
 def list_(options: Options, status: str | None, name: str | None, limit: int) -> None:
     """List sagas, newest first."""
+    if name is not None:
+        checked(name, check_name, "--saga")
 
     async def go() -> list[Any]:
         async with await _client(options) as client:
@@ -204,6 +221,7 @@ def list_(options: Options, status: str | None, name: str | None, limit: int) ->
 @pass_options
 def show(options: Options, saga_id: str) -> None:
     """Show one saga: its steps, their attempts and errors, and its history."""
+    checked(saga_id, check_saga_id, "the saga id")
 
     async def go() -> Any:
         async with await _client(options) as client:
@@ -239,21 +257,27 @@ def _reason_option(func: Any) -> Any:
 
 
 def _actor(actor: str | None) -> str:
-    name = (actor if actor is not None else default_actor()).strip()
-    if not name:
-        fail("--actor must not be empty")
-    if len(name) > 200:
-        fail("--actor is longer than 200 characters")
-    return name
+    return checked(
+        (actor if actor is not None else default_actor()).strip(), check_actor, "--actor"
+    )
 
 
-def _operate(options: Options, action: str, saga_id: str, actor: str, reason: str | None) -> None:
+def _reason(reason: str | None) -> str | None:
+    return None if reason is None else checked(reason, check_reason, "--reason")
+
+
+def _operate(
+    options: Options, action: str, saga_id: str, actor: str | None, reason: str | None
+) -> None:
+    checked(saga_id, check_saga_id, "the saga id")
+    who, why = _actor(actor), _reason(reason)
+
     async def go() -> Any:
         client = await _client(options, with_sagas=True)
         async with client:
             if action == "retry":
-                return await client.retry(saga_id, actor=actor, reason=reason)
-            return await client.cancel(saga_id, actor=actor, reason=reason)
+                return await client.retry(saga_id, actor=who, reason=why)
+            return await client.cancel(saga_id, actor=who, reason=why)
 
     result = run(go())
     _output(options, result, render.operator_result)
@@ -268,7 +292,7 @@ def _operate(options: Options, action: str, saga_id: str, actor: str, reason: st
 def retry(options: Options, saga_id: str, reason: str | None, actor: str | None) -> None:
     """Resume a parked saga: dispatch the compensation (or step) it stopped at again,
     with a fresh attempt budget. Also ends a retry backoff early."""
-    _operate(options, "retry", saga_id, _actor(actor), reason)
+    _operate(options, "retry", saga_id, actor, reason)
 
 
 @cli.command()
@@ -279,7 +303,7 @@ def retry(options: Options, saga_id: str, reason: str | None, actor: str | None)
 @pass_options
 def cancel(options: Options, saga_id: str, reason: str | None, actor: str | None) -> None:
     """Stop a running saga and compensate what ran, the step in flight included."""
-    _operate(options, "cancel", saga_id, _actor(actor), reason)
+    _operate(options, "cancel", saga_id, actor, reason)
 
 
 @cli.group()
@@ -319,11 +343,11 @@ def dlq_replay(
 ) -> None:
     """Send dead letter ID back to the destination it came from (through the outbox:
     the engine's relay publishes it) and mark it replayed."""
-    who = _actor(actor)
+    who, why = _actor(actor), _reason(reason)
 
     async def go() -> Any:
         async with await _client(options) as client:
-            return await client.replay_dead_letter(letter, actor=who, reason=reason, force=force)
+            return await client.replay_dead_letter(letter, actor=who, reason=why, force=force)
 
     result = run(go())
     _output(options, result, render.replay_result)
@@ -419,7 +443,7 @@ def db_upgrade(options: Options, revision: str) -> None:
             await engine.dispose()
 
     run(go())
-    stderr.print(f"database migrated to {revision}")
+    stderr.print(f"database migrated to {render.shown(revision)}")
 
 
 @cli.command()

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel
 from rich.console import Console
+from rich.highlighter import JSONHighlighter
 from rich.markup import escape
 from rich.table import Table
 
@@ -39,8 +41,10 @@ STATUS_STYLE = {
 }
 
 
-#: Control characters (newline, ESC, ...) in user text, shown escaped: a terminal never
-#: acts on them and one value stays on its line.
+#: C1 control characters, which JSON allows raw but a terminal may act on.
+_C1 = re.compile(r"[\x80-\x9f]")
+
+
 def shown(value: object) -> str:
     """Text from a saga, a handler, a message or an operator, as rich must print it:
     never read as markup (``[/]``, ``[link=...]``) and with control characters escaped.
@@ -61,13 +65,21 @@ def when(value: datetime | None) -> str:
 
 
 def dump_json(console: Console, value: BaseModel | Sequence[BaseModel] | dict[str, Any]) -> None:
+    """Indented, highlighted JSON. JSON escapes C0 control characters itself; the C1
+    ones (U+0080-U+009F, which some terminals act on) are escaped here too, which
+    leaves the data the same."""
     if isinstance(value, BaseModel):
         data: Any = value.model_dump(mode="json")
     elif isinstance(value, dict):
         data = value
     else:
         data = [v.model_dump(mode="json") for v in value]
-    console.print_json(json.dumps(data))
+    text = _C1.sub(
+        lambda m: f"\\u{ord(m.group()):04x}", json.dumps(data, indent=2, ensure_ascii=False)
+    )
+    highlighted = JSONHighlighter()(text)
+    highlighted.no_wrap, highlighted.overflow = True, None  # as Console.print_json
+    console.print(highlighted, soft_wrap=True)
 
 
 def saga_list(console: Console, sagas: Sequence[SagaSummary]) -> None:

@@ -1,24 +1,29 @@
 """``/healthz``, ``/readyz`` and ``/metrics`` on one port, served from a thread.
 
-A thread (wsgiref + prometheus_client) keeps the endpoints answering even when the
+A thread with its own event loop (``engine.telemetry._server``, bounded in
+connections, time and size) keeps the endpoints answering even when the daemon's
 event loop is busy, which is exactly when an operator wants to look; readiness is a
 snapshot the event loop refreshes.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import threading
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from socketserver import ThreadingMixIn
+from http import HTTPStatus
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from engine.errors import ConfigError
 from engine.redact import redact
-
-StartResponse = Callable[[str, list[tuple[str, str]]], Any]
+from engine.telemetry._server import (
+    HEAD_TIMEOUT,
+    BoundedHttpServer,
+    Handler,
+    Request,
+    Response,
+)
 
 
 @dataclass
@@ -41,60 +46,72 @@ class Readiness:
         return bool(items) and all(ok for ok, _ in items.values()), body
 
 
-class _Server(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
+def _routes(readiness: Readiness) -> Handler:
+    from prometheus_client import REGISTRY
+    from prometheus_client.exposition import choose_encoder, gzip_accepted
 
+    def metrics(request: Request) -> Response:
+        """What prometheus_client's own server answers: the format the scraper
+        accepts, ``name[]`` filters, gzip when asked for."""
+        encoder, content_type = choose_encoder(request.headers.get("accept", ""))
+        names = request.query.get("name[]")
+        body = encoder(REGISTRY.restricted_registry(names) if names else REGISTRY)
+        headers: tuple[tuple[str, str], ...] = ()
+        if gzip_accepted(request.headers.get("accept-encoding", "")):
+            body, headers = gzip.compress(body), (("Content-Encoding", "gzip"),)
+        return Response(HTTPStatus.OK, body, content_type, headers)
 
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        """Scrapes every few seconds would drown the daemon's own log."""
-
-
-def _app(readiness: Readiness) -> Callable[[dict[str, Any], StartResponse], Iterable[bytes]]:
-    from prometheus_client import make_wsgi_app
-
-    metrics_app = make_wsgi_app()
-
-    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        path = environ.get("PATH_INFO", "")
-        if path == "/healthz":
-            start_response("200 OK", [("Content-Type", "text/plain")])
-            return [b"ok\n"]
-        if path == "/readyz":
+    def route(request: Request) -> Response:
+        if request.path == "/healthz":
+            return Response(HTTPStatus.OK, b"ok\n", "text/plain")
+        if request.path == "/readyz":
             ok, body = readiness.report()
-            start_response(
-                "200 OK" if ok else "503 Service Unavailable",
-                [("Content-Type", "application/json")],
+            return Response(
+                HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE,
+                json.dumps({"ready": ok, "checks": body}).encode(),
+                "application/json",
             )
-            return [json.dumps({"ready": ok, "checks": body}).encode()]
-        if path == "/metrics":
-            result: Iterable[bytes] = metrics_app(environ, start_response)
-            return result
-        start_response("404 Not Found", [("Content-Type", "text/plain")])
-        return [b"not found\n"]
+        if request.path == "/metrics":
+            return metrics(request)
+        return Response(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain")
 
-    return app
+    return route
 
 
 class TelemetryServer:
     """Started by a daemon with ``--metrics-port``; stopped on exit."""
 
-    def __init__(self, host: str, port: int, readiness: Readiness) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        readiness: Readiness,
+        *,
+        max_connections: int | None = None,
+        head_timeout: float = HEAD_TIMEOUT,
+    ) -> None:
+        """``max_connections``: by default :func:`connection_cap`."""
         try:
-            self._server = make_server(
-                host, port, _app(readiness), server_class=_Server, handler_class=_QuietHandler
+            self._server = BoundedHttpServer(
+                host,
+                port,
+                _routes(readiness),
+                name="saga-telemetry",
+                max_connections=max_connections,
+                head_timeout=head_timeout,
             )
         except OSError as exc:
             raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-        self.port = self._server.server_port
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="saga-telemetry", daemon=True
-        )
+        self.port = self._server.port
+
+    @property
+    def server(self) -> BoundedHttpServer:
+        """The HTTP server underneath (its cap and counters)."""
+        return self._server
 
     def start(self) -> None:
-        self._thread.start()
+        self._server.start()
 
     def stop(self) -> None:
-        if self._thread.is_alive():  # shutdown() waits for a loop that must be running
-            self._server.shutdown()
-        self._server.server_close()
+        """Close every connection and the socket; joins the server's thread."""
+        self._server.stop()
