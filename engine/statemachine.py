@@ -15,7 +15,7 @@ from typing import Any
 
 from engine.definition import Saga, Step, StepContext, build_payload
 from engine.errors import LimitError, OperationRefused
-from engine.limits import DEFAULT_LIMITS, Limits
+from engine.limits import DEFAULT_LIMITS, ERROR_LENGTH, Limits, clip
 from engine.messages import LAST_ATTEMPT_HEADER, Envelope, MessageKind, Outcome, sized
 from engine.model import (
     Awaiting,
@@ -339,9 +339,9 @@ class Transition:
         except Exception as exc:  # a bug in the user's builder: fail the step visibly
             st.status = StepStatus.FAILED
             st.finished_at = self.now
-            st.error = f"command builder raised {exc!r}"
+            st.error = f"command builder raised {_shown(exc)}"
             self._record("step_failed", st.name, st.error)
-            self._fail(f"step {st.name!r} could not build its command: {exc!r}")
+            self._fail(f"step {st.name!r} could not build its command: {_shown(exc)}")
             return
         refused = self._emit(step, MessageKind.COMMAND, step.action_name, st.attempt, payload)
         if refused is not None:  # like a builder that raised: the step fails visibly
@@ -430,8 +430,8 @@ class Transition:
         try:
             payload = build_payload(step.compensation.build, self._context())
         except Exception as exc:  # retrying cannot fix a builder bug
-            st.error = f"compensation builder raised {exc!r}"
-            self._park(f"compensation of step {st.name!r} could not be built: {exc!r}")
+            st.error = f"compensation builder raised {_shown(exc)}"
+            self._park(f"compensation of step {st.name!r} could not be built: {_shown(exc)}")
             return
         refused = self._emit(
             step, MessageKind.COMPENSATION, step.compensation.name, st.compensation_attempt, payload
@@ -537,3 +537,9 @@ class Transition:
     ) -> None:
         self.state.updated_at = self.now
         self.history.append(HistoryEntry(self.now, event, step, detail, actor))
+
+
+def _shown(exc: Exception) -> str:
+    """A user builder's exception as stored for operators: a builder may put anything
+    in it (a URL with a password), so it is redacted and bounded like a handler's error."""
+    return clip(repr(exc), ERROR_LENGTH // 2)

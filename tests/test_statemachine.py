@@ -682,3 +682,21 @@ def test_a_refused_message_the_saga_does_not_wait_for_is_only_recorded(which: st
     assert "the saga was not waiting for it" in (tr.history[0].detail or "")
     before.updated_at = run.state.updated_at
     assert run.state == before
+
+
+def test_a_builder_error_is_stored_redacted_and_bounded() -> None:
+    def leaky(ctx: StepContext) -> dict[str, Any]:
+        raise RuntimeError("cannot reach postgresql://u:Hunter2secretPW@db/x " + "y" * 9000)
+
+    saga = Saga(
+        name="leaky",
+        version=1,
+        input=Trip,
+        steps=[step("a"), Step(name="b", participant="pb", command=leaky)],
+    )
+    run = Run(saga)
+    run.succeed_through(1)
+    b = run.state.steps["b"]
+    assert b.error is not None and "postgresql://u:***@db/x" in b.error
+    assert "Hunter2secretPW" not in b.error and len(b.error) < 4_100
+    assert run.state.error is not None and "Hunter2secretPW" not in run.state.error
