@@ -233,6 +233,7 @@ def engine_settings(settings: Settings) -> EngineSettings:
 async def run_engine(settings: Settings, *, migrate: bool, grace: float) -> None:
     registry = SagaRegistry.from_modules(settings.saga_modules)
     topology = Topology(settings.topic_prefix)
+    signing = settings.message_signing
     database = create_engine(settings.database_url)
     transport = transport_from_url(
         settings.broker_url, topology, kafka_max_request_size=settings.kafka_max_request_size
@@ -249,11 +250,13 @@ async def run_engine(settings: Settings, *, migrate: bool, grace: float) -> None
             registry,
             topology=topology,
             # Woken by the clients' NOTIFY on PostgreSQL, not only by its poll.
-            relay=OutboxRelay(store, transport, signal=outbox_signal(store)),
+            relay=OutboxRelay(store, transport, signal=outbox_signal(store), signing=signing),
             messaging_system=messaging_system(settings.broker_url),
             limits=settings.limits,
             settings=engine_settings(settings),
+            signing=signing,
         )
+        log.info("%s", signing.describe())
         names = ", ".join(f"{s.name} v{s.version}" for s in registry)
         ready = f"engine {engine.instance_id} consuming {topology.replies}, serving {names}"
         async with _observed(
@@ -276,6 +279,7 @@ async def run_worker(
 ) -> None:
     worker = load_worker(spec)
     topology = Topology(settings.topic_prefix)
+    signing = settings.message_signing
     database = create_engine(settings.database_url)
     transport = transport_from_url(
         settings.broker_url, topology, kafka_max_request_size=settings.kafka_max_request_size
@@ -293,7 +297,9 @@ async def run_worker(
             concurrency=concurrency,
             messaging_system=messaging_system(settings.broker_url),
             limits=settings.limits,
+            signing=signing,
         )
+        log.info("%s", signing.describe())
         ready = f"worker {worker.name} consuming {runner.destination}"
         async with _observed(
             settings,
