@@ -119,9 +119,7 @@ def test_any_changed_byte_of_a_body_is_refused(body: bytes, destination: str, fl
 
 
 @given(st.text(max_size=20), st.binary(max_size=20), st.integers(min_value=1, max_value=20))
-def test_no_byte_can_move_between_the_signed_parts(
-    destination: str, body: bytes, cut: int
-) -> None:
+def test_no_byte_can_move_between_the_signed_parts(destination: str, body: bytes, cut: int) -> None:
     """Length prefixes: moving bytes from the destination into the body, or from the
     key id into the destination, changes the signature."""
     whole = destination.encode() + body
@@ -349,9 +347,7 @@ async def test_the_engine_refuses_a_forged_reply_and_signs_what_it_sends(
     await engine.handle_deliveries([genuine])
     assert genuine.settled == ["ack"]
     detail = await client.get(saga_id)
-    assert [h.step for h in detail.history if h.event == "step_succeeded"] == [
-        "reserve_inventory"
-    ]
+    assert [h.step for h in detail.history if h.event == "step_succeeded"] == ["reserve_inventory"]
 
 
 async def test_a_refused_forgery_replayed_is_refused_again_unless_vouched_for(
@@ -393,4 +389,3 @@ async def _publish(system: EmbeddedSystem, messages: list[Message]) -> None:
     await sender.connect()
     await sender.publish(messages)
     await sender.close()
-
