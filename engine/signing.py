@@ -52,7 +52,7 @@ from engine.transport.base import Message
 log = logging.getLogger("saga.signing")
 
 #: The id of the key a message is signed with.
-KEY_HEADER = "x-saga-key"
+KEY_HEADER = "x-saga-key-id"
 #: The HMAC-SHA256, lowercase hex.
 SIGNATURE_HEADER = "x-saga-signature"
 #: On an outbox row replayed from the dead letters (its archive id): the relay sends
