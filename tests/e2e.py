@@ -81,7 +81,8 @@ class Daemon:
     args: tuple[str, ...] = ()
 
     def tail(self, lines: int = 40) -> str:
-        self.log_file.flush()
+        if not self.log_file.closed:
+            self.log_file.flush()
         text = self.log_path.read_text(errors="replace").splitlines()
         return "\n".join(text[-lines:])
 
@@ -190,7 +191,6 @@ class Cluster:
 
     def ready(self, daemon: Daemon) -> bool:
         """Whether ``daemon`` logged that it is up (``... consuming <destination>``)."""
-        daemon.log_file.flush()
         return " consuming " in daemon.log_path.read_text(errors="replace")
 
     def stop_all(self) -> dict[str, int]:

@@ -148,15 +148,14 @@ async def test_a_key_rotation_while_sagas_run_loses_nothing(
                 ids.append(await client.start("place_order", ORDER))
                 await asyncio.sleep(0.1)
 
+        async def up() -> bool:
+            cluster.assert_running()
+            return all(cluster.ready(d) for d in cluster.daemons)
+
         async def roll(keys: str) -> None:
             cluster.extra_env["SAGA_SIGNING_KEYS"] = keys
             for daemon in list(cluster.daemons):
                 cluster.restart(daemon)
-
-            async def up() -> bool:
-                cluster.assert_running()
-                return all(cluster.ready(d) for d in cluster.daemons)
-
             assert await wait_until(up, timeout=60), cluster.logs()
 
         async def finished(saga_ids: list[str]) -> bool:
@@ -164,6 +163,7 @@ async def test_a_key_rotation_while_sagas_run_loses_nothing(
             statuses = await client.statuses(saga_ids)
             return all(s.is_terminal for s in statuses.values())
 
+        assert await wait_until(up, timeout=60), cluster.logs()
         feeder = asyncio.create_task(load())
         try:
             await roll(f"{K1},{K2}")  # 1: every process verifies k2
