@@ -178,8 +178,8 @@ class Cluster:
             daemon.log_file.close()
 
     def restart(self, daemon: Daemon) -> Daemon:
-        """Stop ``daemon`` (SIGTERM: it drains) and start it again with the same
-        arguments under the cluster's environment as it is now (a rolling deploy)."""
+        """Stop ``daemon`` (SIGTERM: it drains; it must exit with 0) and start it
+        again with the same arguments under the cluster's environment as it is now."""
         exit_status = self.stop(daemon)
         assert exit_status == 0, f"{daemon.name} exited with {exit_status}:\n{daemon.tail()}"
         index = self.daemons.index(daemon)
