@@ -109,7 +109,7 @@ class Settings(BaseSettings):
     # Message signing (engine/signing.py, README Security). Give the engine and every
     # worker the same keys; ``sagactl`` needs none (the engine's relay signs for it).
     #: ``id:secret,id:secret``: HMAC-SHA256 keys, secrets of 32 bytes or more. The
-    #: first one signs, all verify (rotation); ids are A-Z a-z 0-9 . _ -.
+    #: first one signs, all verify (rotation); ids are 1-64 of A-Z a-z 0-9 . _ -.
     signing_keys: SecretStr | None = None
     #: ``off``, ``accept-unsigned`` (sign, accept unsigned: the rollout step) or
     #: ``require``. Unset: ``require`` with signing keys, else ``off``.

@@ -9,10 +9,12 @@ reason and has no effect.
 What is signed: the exact body bytes, the destination, and the key id. The body is the
 whole envelope (message and saga ids, saga name and version, step, kind, name, attempt,
 payload, the engine's last-attempt header, the reply's outcome and what it answers):
-everything that decides what a message does is in it, and receivers read nothing of
-the broker's headers but the two below. Binding the destination stops a signed
-command for one participant from being replayed to another. Each part is
-length-prefixed, so no byte can move from one part into the next.
+everything that decides what a message does is in it, and the engine and the workers
+act on none of the broker's headers but the two below (trace context travels in the
+body too; what a broker adds is outside the signature and read by nobody). Binding
+the destination stops a signed command for one participant from being replayed to
+another. Each part is length-prefixed, so no byte can move from one part into the
+next.
 
 Where: a message is signed at the one place each process sends it (the engine's
 outbox relay, a worker's reply) and checked at the one place each process decodes
