@@ -250,7 +250,7 @@ async def run_engine(settings: Settings, *, migrate: bool, grace: float) -> None
             registry,
             topology=topology,
             # Woken by the clients' NOTIFY on PostgreSQL, not only by its poll.
-            relay=OutboxRelay(store, transport, signal=outbox_signal(store), signing=signing),
+            relay=OutboxRelay(store, transport, signal=outbox_signal(store)),
             messaging_system=messaging_system(settings.broker_url),
             limits=settings.limits,
             settings=engine_settings(settings),

@@ -51,7 +51,7 @@ class EmbeddedSystem:
             registry,
             topology=self.topology,
             settings=engine_settings,
-            relay=OutboxRelay(self.store, transport, poll_interval=poll_interval, signing=signing),
+            relay=OutboxRelay(self.store, transport, poll_interval=poll_interval),
             limits=limits,
             signing=signing,
         )

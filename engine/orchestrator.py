@@ -118,10 +118,12 @@ class Engine:
         self.topology = topology or Topology()
         self.clock = clock
         self.settings = settings or EngineSettings()
-        #: Checks every reply before it is decoded. The relay signs what the engine
-        #: sends: give one built here the same (the daemon does).
+        #: Checks every reply before it is decoded; the engine's relay signs with it
+        #: what the engine sends.
         self.signing = signing
-        self.relay = relay or OutboxRelay(store, transport, clock=clock, signing=signing)
+        self.relay = relay or OutboxRelay(store, transport, clock=clock)
+        if self.relay.signing is NO_SIGNING:
+            self.relay.signing = signing
         if self.relay.on_undeliverable is None:
             self.relay.on_undeliverable = self.apply_undeliverable
         self.archive = DeadLetterArchive(

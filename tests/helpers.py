@@ -336,7 +336,7 @@ class EmbeddedSystem:
             self.registry,
             topology=self.topology,
             settings=self.settings,
-            relay=OutboxRelay(self.store, transport, poll_interval=0.01, signing=self.signing),
+            relay=OutboxRelay(self.store, transport, poll_interval=0.01),
             rng=random.Random(self.rng.random()),
             instance_id=f"test-engine-{self.engines_started}",
             signing=self.signing,
