@@ -385,6 +385,39 @@ async def test_a_refused_forgery_replayed_is_refused_again_unless_vouched_for(
         await system.wait_for(charged, 10, "the re-signed charge")
 
 
+async def test_a_rollout_from_off_to_require_without_a_stop(tmp_path: Path) -> None:
+    """The documented rollout while sagas run: every process gets the keys with
+    accept-unsigned (one after another), then require (one after another). Nothing
+    is refused on the way; once everyone signs, nothing unsigned is accepted."""
+    keys = ("k1", S1)
+    accepting = [signing(SigningMode.ACCEPT_UNSIGNED, keys) for _ in range(4)]
+    async with EmbeddedSystem(tmp_path / "rollout.db") as system:
+        ids: list[str] = []
+
+        async def roll(stage: list[Signing]) -> None:
+            """Workers one after another while sagas start, then the engine."""
+            for name, each in zip(system.workers, stage, strict=False):
+                ids.extend([await system.start_order() for _ in range(3)])
+                system.workers_signing[name] = each
+                await system.stop_worker(name)
+                await system.start_worker(name)
+            last = [await system.start_order() for _ in range(3)]
+            await system.wait_all_terminal(20, last)  # new workers, the old engine
+            ids.extend(last)
+            ids.extend([await system.start_order() for _ in range(3)])
+            system.signing = stage[-1]
+            await system.restart_engine()
+
+        await roll(accepting)
+        # The old engine's commands were unsigned: each new worker accepted them.
+        assert all(s.unsigned_accepted > 0 for s in accepting[:3])
+        await roll([REQUIRE] * 4)
+        done = await system.wait_all_terminal(20, ids)
+        assert {d.status for d in done.values()} == {SagaStatus.COMPLETED}
+        assert len(done) == len(ids) == 2 * 15
+        assert await system.client.dead_letters() == []
+
+
 async def _publish(system: EmbeddedSystem, messages: list[Message]) -> None:
     sender = MemoryTransport(system.broker)
     await sender.connect()
