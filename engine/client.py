@@ -43,6 +43,7 @@ from engine.limits import (
 from engine.messages import Envelope, MessageKind, decode
 from engine.model import Awaiting, HistoryEntry
 from engine.registry import SagaRegistry
+from engine.signing import as_replayed
 from engine.statemachine import Transition, new_saga
 from engine.states import SagaStatus
 from engine.store.base import OutboxSignal, SagaStore, StoreTransaction, write_transition
@@ -318,10 +319,21 @@ class SagaClient:
         return await self.store.list_dead_letters(limit=limit, pending_only=pending_only)
 
     async def replay_dead_letter(
-        self, letter: int, *, actor: str, reason: str | None = None, force: bool = False
+        self,
+        letter: int,
+        *,
+        actor: str,
+        reason: str | None = None,
+        force: bool = False,
+        re_sign: bool = False,
     ) -> ReplayResult:
         """Send an archived dead letter back to its source destination, through the
         outbox (the relay publishes it), and mark it replayed: all in one transaction.
+
+        It goes as it was archived, with its own signature or none: a consumer that
+        refused it as unsigned or forged refuses it again. With ``re_sign`` the
+        engine's relay signs it afresh: the operator vouches for it (for a message
+        refused during a rollout, or signed with a key since dropped).
 
         Refused when it was replayed before, when its body cannot travel as outbox
         text, and (unless ``force``) when its saga no longer waits for it: a stale
@@ -360,9 +372,8 @@ class SagaClient:
             saga = await tx.load_saga(envelope.saga_id) if envelope is not None else None
             if envelope is not None and saga is not None and not force:
                 _check_awaited(letter, envelope, saga.awaiting, saga.status)
-            await tx.add_raw_outbox(
-                record.source, record.key, body, replay_headers(record.headers), now
-            )
+            headers = as_replayed(replay_headers(record.headers), letter, re_sign=re_sign)
+            await tx.add_raw_outbox(record.source, record.key, body, headers, now)
             if not await tx.mark_replayed(letter, now, actor):
                 raise OperationRefused(f"dead letter {letter} was replayed concurrently")
             await self._announce(tx)
@@ -370,7 +381,7 @@ class SagaClient:
                 why = f"reason: {reason}" if reason else "no reason given"
                 detail = (
                     f"{why}; dead letter #{letter} ({describe(envelope)}) sent back to "
-                    f"{record.source}"
+                    f"{record.source}" + (", re-signed by the engine" if re_sign else "")
                 )
                 entry = HistoryEntry(now, "dead_letter_replayed", envelope.step, detail, actor)
                 await tx.add_history(saga.id, [entry])

@@ -233,6 +233,7 @@ def engine_settings(settings: Settings) -> EngineSettings:
 async def run_engine(settings: Settings, *, migrate: bool, grace: float) -> None:
     registry = SagaRegistry.from_modules(settings.saga_modules)
     topology = Topology(settings.topic_prefix)
+    signing = settings.message_signing
     database = create_engine(settings.database_url)
     participants = {step.participant for saga in registry for step in saga.steps}
     transport = transport_from_url(
@@ -262,7 +263,9 @@ async def run_engine(settings: Settings, *, migrate: bool, grace: float) -> None
             messaging_system=messaging_system(settings.broker_url),
             limits=settings.limits,
             settings=engine_settings(settings),
+            signing=signing,
         )
+        log.info("%s", signing.describe())
         names = ", ".join(f"{s.name} v{s.version}" for s in registry)
         ready = f"engine {engine.instance_id} consuming {topology.replies}, serving {names}"
         async with _observed(
@@ -285,6 +288,7 @@ async def run_worker(
 ) -> None:
     worker = load_worker(spec)
     topology = Topology(settings.topic_prefix)
+    signing = settings.message_signing
     database = create_engine(settings.database_url)
     transport = transport_from_url(
         settings.broker_url,
@@ -306,7 +310,9 @@ async def run_worker(
             concurrency=concurrency,
             messaging_system=messaging_system(settings.broker_url),
             limits=settings.limits,
+            signing=signing,
         )
+        log.info("%s", signing.describe())
         ready = f"worker {worker.name} consuming {runner.destination}"
         async with _observed(
             settings,

@@ -17,6 +17,7 @@ from engine.limits import DEFAULT_LIMITS, Limits
 from engine.orchestrator import Engine, EngineSettings
 from engine.registry import SagaRegistry
 from engine.relay import OutboxRelay
+from engine.signing import NO_SIGNING, Signing
 from engine.store.sql import SqlSagaStore
 from engine.topology import Topology
 from engine.transport.memory import MemoryBroker, MemoryTransport
@@ -37,6 +38,7 @@ class EmbeddedSystem:
         engine_settings: EngineSettings | None = None,
         poll_interval: float = 0.05,
         limits: Limits = DEFAULT_LIMITS,
+        signing: Signing = NO_SIGNING,
     ) -> None:
         self.database = database
         self.topology = topology or Topology()
@@ -51,10 +53,16 @@ class EmbeddedSystem:
             settings=engine_settings,
             relay=OutboxRelay(self.store, transport, poll_interval=poll_interval),
             limits=limits,
+            signing=signing,
         )
         self.runners = [
             WorkerRunner(
-                w, MemoryTransport(self.broker), database, topology=self.topology, limits=limits
+                w,
+                MemoryTransport(self.broker),
+                database,
+                topology=self.topology,
+                limits=limits,
+                signing=signing,
             )
             for w in workers
         ]

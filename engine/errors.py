@@ -83,6 +83,11 @@ class DecodeError(SagaError):
     """A message on the wire is not a valid envelope; it goes to the dead-letter queue."""
 
 
+class SignatureError(DecodeError):
+    """A message is unsigned where signing is required, or its signature does not
+    verify (engine/signing.py); dead-lettered like an undecodable one, never handled."""
+
+
 class BusinessFailure(Exception):
     """Raised by a handler to say "this step failed for a business reason".
 

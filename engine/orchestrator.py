@@ -30,6 +30,7 @@ from engine.model import TIMEOUTS, HistoryEntry, SagaState
 from engine.registry import SagaRegistry
 from engine.relay import OutboxRelay, Undeliverable
 from engine.replies import Change, ReplyOutcome, ReplyResult
+from engine.signing import NO_SIGNING, Signing
 from engine.statemachine import Transition
 from engine.store.base import SagaStore, StoreTransaction, write_transition, write_transitions
 from engine.telemetry import metrics
@@ -109,6 +110,7 @@ class Engine:
         instance_id: str | None = None,
         messaging_system: str = "memory",
         limits: Limits = DEFAULT_LIMITS,
+        signing: Signing = NO_SIGNING,
     ) -> None:
         self.store = store
         self.transport = transport
@@ -116,7 +118,12 @@ class Engine:
         self.topology = topology or Topology()
         self.clock = clock
         self.settings = settings or EngineSettings()
+        #: Checks every reply before it is decoded; the engine's relay signs with it
+        #: what the engine sends.
+        self.signing = signing
         self.relay = relay or OutboxRelay(store, transport, clock=clock)
+        if self.relay.signing is NO_SIGNING:
+            self.relay.signing = signing
         if self.relay.on_undeliverable is None:
             self.relay.on_undeliverable = self.apply_undeliverable
         self.archive = DeadLetterArchive(
@@ -246,11 +253,12 @@ class Engine:
         decoded: list[tuple[Delivery, Envelope]] = []
         for delivery in deliveries:
             try:
+                self.signing.check(delivery.message, "reply")
                 envelope = decode(delivery.message.body, self.limits)
                 if envelope.kind is not MessageKind.REPLY:
                     raise DecodeError(f"the engine takes replies, not a {envelope.kind}")
-            except DecodeError as exc:
-                log.error("dead-lettering undecodable message: %s", exc)
+            except DecodeError as exc:  # a SignatureError too: refused, never applied
+                log.error("dead-lettering a message it cannot take: %s", exc)
                 await self._settle(delivery.dead_letter(str(exc)))
                 continue
             decoded.append((delivery, envelope))

@@ -25,6 +25,7 @@ from engine.clock import Clock, utc_now
 from engine.deadletters import archive_in
 from engine.errors import MessagesRefused, PublishError, TransportError
 from engine.faults import crashpoint
+from engine.signing import NO_SIGNING, Signing
 from engine.store.base import OutboxRecord, OutboxSignal, SagaStore, StoreTransaction
 from engine.transport.base import Message, Transport, dead_letter_copy
 
@@ -59,6 +60,7 @@ class OutboxRelay:
         max_backoff: float = 5.0,
         signal: OutboxSignal | None = None,
         on_undeliverable: UndeliverableHandler | None = None,
+        signing: Signing = NO_SIGNING,
     ) -> None:
         self.store = store
         self.transport = transport
@@ -74,6 +76,9 @@ class OutboxRelay:
         #: Advances the sagas of refused rows (the engine's); without one, a refused
         #: row is still taken out, archived and logged.
         self.on_undeliverable = on_undeliverable
+        #: Signs every row as it goes out: the one place the engine's commands and
+        #: compensations (and whatever ``sagactl`` put in the outbox) leave it.
+        self.signing = signing
         self.published = 0
         #: Rows the broker refused for good, taken out of the outbox.
         self.refused = 0
@@ -92,7 +97,7 @@ class OutboxRelay:
             rows = await tx.claim_outbox(self.batch_size)
             if not rows:
                 return 0
-            messages = [Message(r.destination, r.key, r.body, r.headers) for r in rows]
+            messages = [self._message(r) for r in rows]
             crashpoint("relay.before_publish")
             try:
                 await asyncio.wait_for(
@@ -135,11 +140,16 @@ class OutboxRelay:
             after = await self.on_undeliverable(tx, refused)
         now = self.clock()
         for item in refused:
-            r = item.record
-            original = Message(r.destination, r.key, r.body, r.headers)
+            original = self._message(item.record)
             # Archived here, never published: the copy's own destination does not matter.
-            await archive_in(tx, dead_letter_copy(original, r.destination, item.reason), now)
+            await archive_in(tx, dead_letter_copy(original, original.destination, item.reason), now)
         return after
+
+    def _message(self, record: OutboxRecord) -> Message:
+        """The message of an outbox row, signed as it is sent."""
+        return self.signing.sign(
+            Message(record.destination, record.key, record.body, record.headers)
+        )
 
     async def run(self, stop: asyncio.Event) -> None:
         listener = None

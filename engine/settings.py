@@ -8,7 +8,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal, Self
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -23,8 +23,9 @@ from engine.limits import (
     MIN_MESSAGE_BYTES,
     Limits,
 )
-from engine.redact import redact, remember_secrets_of
+from engine.redact import redact, remember, remember_secrets_of
 from engine.retention import parse_age
+from engine.signing import Signing, SigningMode, parse_keys, resolve_mode
 from engine.transport.kafka_options import (
     DEFAULT_MAX_REQUEST_SIZE,
     DEFAULT_PARTITIONS,
@@ -143,6 +144,15 @@ class Settings(BaseSettings):
         default=DEFAULT_MAX_MESSAGE_BYTES, ge=MIN_MESSAGE_BYTES, le=MAX_MESSAGE_BYTES
     )
 
+    # Message signing (engine/signing.py, README Security). Give the engine and every
+    # worker the same keys; ``sagactl`` needs none (the engine's relay signs for it).
+    #: ``id:secret,id:secret``: HMAC-SHA256 keys, secrets of 32 bytes or more. The
+    #: first one signs, all verify (rotation); ids are 1-64 of A-Z a-z 0-9 . _ -.
+    signing_keys: SecretStr | None = None
+    #: ``off``, ``accept-unsigned`` (sign, accept unsigned: the rollout step) or
+    #: ``require``. Unset: ``require`` with signing keys, else ``off``.
+    signing: SigningMode | None = Field(default=None, validate_default=True)
+
     # Retention (``30d``, ``12h``, ``90m``, ``3600s`` or seconds; 0 keeps rows forever).
     # Why each is safe, and how long it must be: engine/retention.py and
     # engine/worker/barrier.py.
@@ -204,6 +214,28 @@ class Settings(BaseSettings):
             raise ValueError("must not be negative")
         return value
 
+    @field_validator("signing_keys")
+    @classmethod
+    def _keys(cls, value: SecretStr | None) -> SecretStr | None:
+        # A ConfigError, not a ValueError: pydantic would quote the input, the secrets.
+        try:
+            keys = parse_keys(value.get_secret_value() if value is not None else "")
+        except ValueError as exc:
+            raise ConfigError(f"bad setting SAGA_SIGNING_KEYS: {exc}") from None
+        for secret in keys.values():  # each one, not only the whole id:secret list
+            remember(secret.decode("utf-8"))
+        return value
+
+    @field_validator("signing")
+    @classmethod
+    def _mode(cls, value: SigningMode | None, info: ValidationInfo) -> SigningMode | None:
+        if "signing_keys" not in info.data:  # the keys were refused: said there
+            return value
+        keys = info.data["signing_keys"]
+        return resolve_mode(
+            value, has_keys=keys is not None and bool(parse_keys(keys.get_secret_value()))
+        )
+
     @field_validator("watermark_interval")
     @classmethod
     def _positive(cls, value: timedelta) -> timedelta:
@@ -225,6 +257,12 @@ class Settings(BaseSettings):
     @property
     def saga_modules(self) -> list[str]:
         return [p for p in self.sagas.split(",") if p]
+
+    @property
+    def message_signing(self) -> Signing:
+        """This process's signing: its mode and keys (``SAGA_SIGNING*``)."""
+        keys = self.signing_keys.get_secret_value() if self.signing_keys is not None else ""
+        return Signing(self.signing or SigningMode.OFF, parse_keys(keys))
 
     @property
     def limits(self) -> Limits:

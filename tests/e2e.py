@@ -95,9 +95,12 @@ class Daemon:
     process: subprocess.Popen[bytes]
     log_path: Path
     log_file: IO[bytes]
+    #: The ``sagactl`` arguments it was started with (a restart repeats them).
+    args: tuple[str, ...] = ()
 
     def tail(self, lines: int = 40) -> str:
-        self.log_file.flush()
+        if not self.log_file.closed:
+            self.log_file.flush()
         text = self.log_path.read_text(errors="replace").splitlines()
         return "\n".join(text[-lines:])
 
@@ -117,6 +120,8 @@ class Cluster:
     daemons: list[Daemon] = field(default_factory=list)
     #: More environment for every process (e.g. OTEL_* exporter settings).
     extra_env: dict[str, str] = field(default_factory=dict)
+    #: Daemons replaced by :meth:`restart` (stopped; their logs kept).
+    retired: list[Daemon] = field(default_factory=list)
 
     @property
     def env(self) -> dict[str, str]:
@@ -153,7 +158,7 @@ class Cluster:
         return self.broker_objects()
 
     def spawn(self, name: str, *args: str) -> Daemon:
-        log_path = self.log_dir / f"{name}-{len(self.daemons)}.log"
+        log_path = self.log_dir / f"{name}-{len(self.daemons) + len(self.retired)}.log"
         log_file = log_path.open("wb")
         process = subprocess.Popen(
             [sys.executable, "-m", "engine.cli", *args],
@@ -161,7 +166,7 @@ class Cluster:
             stdout=log_file,
             stderr=subprocess.STDOUT,
         )
-        daemon = Daemon(name, process, log_path, log_file)
+        daemon = Daemon(name, process, log_path, log_file, args)
         self.daemons.append(daemon)
         return daemon
 
@@ -194,6 +199,22 @@ class Cluster:
             ) from None
         finally:
             daemon.log_file.close()
+
+    def restart(self, daemon: Daemon) -> Daemon:
+        """Stop ``daemon`` (SIGTERM: it drains; it must exit with 0) and start it
+        again with the same arguments under the cluster's environment as it is now."""
+        exit_status = self.stop(daemon)
+        assert exit_status == 0, f"{daemon.name} exited with {exit_status}:\n{daemon.tail()}"
+        index = self.daemons.index(daemon)
+        self.retired.append(self.daemons.pop(index))
+        again = self.spawn(daemon.name, *daemon.args)
+        self.daemons.remove(again)
+        self.daemons.insert(index, again)
+        return again
+
+    def ready(self, daemon: Daemon) -> bool:
+        """Whether ``daemon`` logged that it is up (``... consuming <destination>``)."""
+        return " consuming " in daemon.log_path.read_text(errors="replace")
 
     def stop_all(self) -> dict[str, int]:
         return {f"{d.name}-{i}": self.stop(d) for i, d in enumerate(self.daemons)}

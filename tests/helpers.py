@@ -26,6 +26,7 @@ from engine.messages import Envelope, MessageKind, decode
 from engine.orchestrator import Engine, EngineSettings
 from engine.registry import SagaRegistry
 from engine.relay import OutboxRelay
+from engine.signing import NO_SIGNING, Signing
 from engine.states import SagaStatus, StepStatus
 from engine.store.schema import outbox
 from engine.store.sql import SqlSagaStore
@@ -246,6 +247,7 @@ class EmbeddedSystem:
         transport_factory: TransportFactory = memory_transport,
         settings: EngineSettings | None = None,
         seed: int = 0,
+        signing: Signing = NO_SIGNING,
     ) -> None:
         self.db_path = db_path
         self.registry = SagaRegistry(sagas)
@@ -254,6 +256,9 @@ class EmbeddedSystem:
         self.stock = stock
         self.balances = balances
         self.transport_factory = transport_factory
+        #: The engine's and every worker's (``workers_signing`` overrides per worker).
+        self.signing = signing
+        self.workers_signing: dict[str, Signing] = {}
         # In one process nothing republishes replies after an outage: a short settle.
         self.settings = settings or EngineSettings(
             timer_interval=0.02,
@@ -334,6 +339,7 @@ class EmbeddedSystem:
             relay=OutboxRelay(self.store, transport, poll_interval=0.01),
             rng=random.Random(self.rng.random()),
             instance_id=f"test-engine-{self.engines_started}",
+            signing=self.signing,
         )
         self.engine = engine
         self.engine_transport = transport
@@ -363,7 +369,13 @@ class EmbeddedSystem:
     async def start_worker(self, name: str) -> WorkerRunner:
         assert name not in self.runners, f"worker {name} already runs"
         transport = await self._transport(f"worker-{name}")
-        runner = WorkerRunner(self.workers[name], transport, self.db, topology=self.topology)
+        runner = WorkerRunner(
+            self.workers[name],
+            transport,
+            self.db,
+            topology=self.topology,
+            signing=self.workers_signing.get(name, self.signing),
+        )
         self.runners[name] = (runner, asyncio.create_task(runner.run(), name=f"test-{name}"))
         return runner
 

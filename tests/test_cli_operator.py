@@ -27,6 +27,7 @@ from engine.definition import Saga, Step
 from engine.messages import Envelope, Outcome, decode, encode
 from engine.orchestrator import Engine
 from engine.registry import SagaRegistry
+from engine.signing import KEY_HEADER, REPLAY_HEADER, SIGNATURE_HEADER
 from engine.states import SagaStatus
 from engine.store.schema import outbox
 from engine.store.sql import SqlSagaStore
@@ -401,6 +402,34 @@ def test_dlq_replay_queues_the_body_for_its_source_once(db: Path, driver: Driver
     assert_one_line_error(
         sagactl(db, "dlq", "replay", str(garbage)), f"dead letter {garbage} was already replayed"
     )
+
+
+def test_dlq_replay_sends_as_archived_unless_re_signed(db: Path, driver: Driver) -> None:
+    """A replay never has the engine sign a message blindly (it could be a forgery a
+    worker refused): it goes with its own signature, or none; --re-sign vouches."""
+    signed = {KEY_HEADER: "k0", SIGNATURE_HEADER: "ab" * 32}
+    kept, vouched = archive(
+        db,
+        *(
+            Message("saga.dead-letters", "key-1", b"{garbage", {**m.headers, **signed})
+            for m in [letter(b"{garbage", "unknown signing key k0 on command")] * 2
+        ),
+    )
+    ok(sagactl(db, "--json", "dlq", "replay", str(kept)))
+    ok(sagactl(db, "--json", "dlq", "replay", str(vouched), "--re-sign"))
+
+    async def rows() -> list[dict[str, str]]:
+        database = create_engine(f"sqlite:///{db}")
+        try:
+            async with database.connect() as conn:
+                query = select(outbox.c.headers).order_by(outbox.c.id)
+                return list((await conn.execute(query)).scalars())
+        finally:
+            await database.dispose()
+
+    as_archived, re_signed = asyncio.run(rows())
+    assert as_archived == {"traceparent": "00-x", **signed, REPLAY_HEADER: str(kept)}
+    assert re_signed == {"traceparent": "00-x"}  # the engine's relay signs it
 
 
 def test_dlq_replay_human_output_and_errors(db: Path, driver: Driver, tmp_path: Path) -> None:

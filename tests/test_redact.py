@@ -262,3 +262,11 @@ def test_a_sagactl_crash_prints_its_traceback_redacted(capsys: pytest.CaptureFix
     err = capsys.readouterr().err
     assert "Traceback" in err and "RuntimeError: cannot use amqp://u:***@broker/" in err
     assert "Hunter2secretPW" not in err
+
+
+def test_each_signing_secret_is_hidden(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SAGA_SIGNING_KEYS is one secret setting holding several secrets: each is known."""
+    first, second = "a" * 16 + "Hunter2secretPW1" + "b" * 8, "c" * 24 + "Hunter2secretPW2"
+    monkeypatch.setenv("SAGA_SIGNING_KEYS", f"k2:{first},k1:{second}")
+    Settings()
+    assert redact(f"saw {second} and {first}") == "saw *** and ***"

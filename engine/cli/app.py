@@ -336,18 +336,31 @@ def dlq_list(options: Options, limit: int, pending: bool) -> None:
     is_flag=True,
     help="replay even a message its saga no longer waits for",
 )
+@click.option(
+    "--re-sign",
+    is_flag=True,
+    help="have the engine sign it afresh (you vouch for it: never for a forgery)",
+)
 @_json_option
 @pass_options
 def dlq_replay(
-    options: Options, letter: int, reason: str | None, actor: str | None, force: bool
+    options: Options,
+    letter: int,
+    reason: str | None,
+    actor: str | None,
+    force: bool,
+    re_sign: bool,
 ) -> None:
     """Send dead letter ID back to the destination it came from (through the outbox:
-    the engine's relay publishes it) and mark it replayed."""
+    the engine's relay publishes it) and mark it replayed. It goes as archived, with
+    its own signature or none; --re-sign has the engine sign it with its key."""
     who, why = _actor(actor), _reason(reason)
 
     async def go() -> Any:
         async with await _client(options) as client:
-            return await client.replay_dead_letter(letter, actor=who, reason=why, force=force)
+            return await client.replay_dead_letter(
+                letter, actor=who, reason=why, force=force, re_sign=re_sign
+            )
 
     result = run(go())
     _output(options, result, render.replay_result)

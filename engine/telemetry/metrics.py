@@ -47,6 +47,11 @@ step_duration = _meter.create_histogram(
 handled = _meter.create_counter(
     "saga.messages.handled", unit="{message}", description="messages handled by this process"
 )
+unsigned = _meter.create_counter(
+    "saga.messages.unsigned",
+    unit="{message}",
+    description="unsigned messages accepted (SAGA_SIGNING=accept-unsigned)",
+)
 
 
 def _sagas(_options: CallbackOptions) -> Iterable[Observation]:

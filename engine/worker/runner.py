@@ -22,6 +22,7 @@ from engine.errors import DecodeError, SagaError
 from engine.faults import crashpoint
 from engine.limits import DEFAULT_LIMITS, Limits
 from engine.messages import Envelope, MessageKind, Outcome, decode, encode, last_attempt
+from engine.signing import NO_SIGNING, Signing
 from engine.telemetry import metrics
 from engine.telemetry.logs import saga_context
 from engine.telemetry.tracing import inject, process_span
@@ -45,6 +46,7 @@ class WorkerRunner:
         batch_size: int = 100,
         messaging_system: str = "memory",
         limits: Limits = DEFAULT_LIMITS,
+        signing: Signing = NO_SIGNING,
     ) -> None:
         self.worker = worker
         self.transport = transport
@@ -57,6 +59,8 @@ class WorkerRunner:
         self.messaging_system = messaging_system
         #: Commands over them are dead-lettered; replies over them become failures.
         self.limits = limits
+        #: Checks every command before it is decoded; signs every reply.
+        self.signing = signing
         self.handled = 0
         #: True while attached to the command destination (the daemon's readiness check).
         self.consuming = False
@@ -186,8 +190,10 @@ class WorkerRunner:
             await self._handle_one(delivery, envelope)
 
     async def _decode(self, delivery: Delivery) -> Envelope | None:
-        """The command in ``delivery``, or None when it was dead-lettered."""
+        """The command in ``delivery``, or None when it was dead-lettered (undecodable,
+        or not signed as this worker requires)."""
         try:
+            self.signing.check(delivery.message, "command")
             envelope = decode(delivery.message.body, self.limits)
         except DecodeError as exc:
             log.error("worker %s dead-letters a message: %s", self.worker.name, exc)
@@ -289,4 +295,5 @@ class WorkerRunner:
     def _reply_message(self, reply: Envelope) -> Message:
         # The reply continues the trace from this worker's span, not the sender's.
         reply = reply.model_copy(update={"headers": inject(reply.headers)})
-        return Message(self.topology.replies, reply.saga_id, encode(reply), reply.headers)
+        message = Message(self.topology.replies, reply.saga_id, encode(reply), reply.headers)
+        return self.signing.sign(message)  # the one place a worker's messages leave it
