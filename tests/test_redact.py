@@ -158,7 +158,7 @@ class _WithSecrets(Settings):
     """A settings class as other modules extend it: new fields typed SecretStr."""
 
     kafka_sasl_password: SecretStr | None = None
-    signing_keys: dict[str, SecretStr] = Field(default_factory=dict)
+    api_keys: dict[str, SecretStr] = Field(default_factory=dict)
 
 
 def test_loading_settings_makes_their_secrets_known(
@@ -168,7 +168,7 @@ def test_loading_settings_makes_their_secrets_known(
     key_file.write_text("FromAFile-9876\n")
     monkeypatch.setenv("SAGA_DATABASE_URL", "postgresql://saga:Db-Pa55word@db/saga")
     monkeypatch.setenv("SAGA_KAFKA_SASL_PASSWORD_FILE", str(key_file))
-    monkeypatch.setenv("SAGA_SIGNING_KEYS", '{"k1": "SigningKey-0001"}')
+    monkeypatch.setenv("SAGA_API_KEYS", '{"k1": "SigningKey-0001"}')
     settings = _WithSecrets()
     text = "Db-Pa55word SigningKey-0001 FromAFile-9876 saga"
     assert redact(text) == "*** *** *** saga"
