@@ -12,6 +12,7 @@ from engine.store.sql import SqlSagaStore
 from tests.brokers import drop_queued
 from tests.e2e import fresh_database, service_url
 from tests.helpers import EmbeddedSystem
+from tests.services import BROKERS
 
 
 @pytest.fixture(autouse=True)
@@ -23,6 +24,18 @@ def _drop_broker_objects() -> Iterator[None]:
     """
     yield
     drop_queued()
+
+
+@pytest.fixture(params=sorted(BROKERS))
+def broker_url(request: pytest.FixtureRequest) -> str:
+    """Each real broker's URL in turn (a test using it runs once per broker)."""
+    return service_url(BROKERS[request.param])
+
+
+@pytest.fixture
+def postgres_url() -> str:
+    """The real PostgreSQL server's URL (tests make their own databases on it)."""
+    return service_url("SAGA_TEST_POSTGRES_URL")
 
 
 @pytest.fixture

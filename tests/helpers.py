@@ -568,3 +568,25 @@ class FakeDelivery:
 
     async def dead_letter(self, reason: str) -> None:
         self.settled.append(f"dead_letter: {reason}")
+
+
+def charge_command(
+    saga_id: str = "o1",
+    attempt: int = 1,
+    customer: str = "alice",
+    amount: int = 700,
+    headers: dict[str, str] | None = None,
+) -> Envelope:
+    """The example's ``charge_payment`` command, as the order saga sends it (or as a
+    forger on the broker would, for a saga that does not exist)."""
+    return Envelope(
+        saga_id=saga_id,
+        saga_name="place_order",
+        saga_version=1,
+        step="charge_payment",
+        kind=MessageKind.COMMAND,
+        name="charge_payment",
+        attempt=attempt,
+        payload={"order_id": saga_id, "customer_id": customer, "amount_cents": amount},
+        headers=headers or {},
+    )

@@ -19,6 +19,10 @@ import pytest
 SETUP = 'run `scripts/services up` and `eval "$(scripts/services env)"`'
 
 
+#: The real brokers, by the variable that holds each one's URL.
+BROKERS = {"kafka": "SAGA_TEST_KAFKA_URL", "rabbitmq": "SAGA_TEST_AMQP_URL"}
+
+
 def in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 

@@ -26,7 +26,7 @@ from engine.worker.runner import WorkerRunner
 from engine.worker.worker import HandlerContext, Registration, Worker
 from sagas.order import ChargePayment
 from tests.e2e import fresh_database
-from tests.helpers import FakeDelivery, envelopes, wait_until
+from tests.helpers import FakeDelivery, charge_command, envelopes, wait_until
 from tests.services import service_url
 from workers import inventory, ledger, payment
 
@@ -101,20 +101,13 @@ async def pay(seeded: AsyncEngine, broker: MemoryBroker) -> AsyncIterator[Partic
     await p.transport.close()
 
 
+TRACE = {"traceparent": "00-" + "a" * 32 + "-" + "b" * 16 + "-01"}
+
+
 def charge(
     saga_id: str = "o1", attempt: int = 1, customer: str = "alice", amount: int = 700
 ) -> Envelope:
-    return Envelope(
-        saga_id=saga_id,
-        saga_name="place_order",
-        saga_version=1,
-        step="charge_payment",
-        kind=MessageKind.COMMAND,
-        name="charge_payment",
-        attempt=attempt,
-        payload={"order_id": saga_id, "customer_id": customer, "amount_cents": amount},
-        headers={"traceparent": "00-" + "a" * 32 + "-" + "b" * 16 + "-01"},
-    )
+    return charge_command(saga_id, attempt, customer, amount, headers=TRACE)
 
 
 def refund(saga_id: str = "o1", attempt: int = 1) -> Envelope:

@@ -22,9 +22,7 @@ from tests.brokers import (
     saga_participants,
     topology_objects,
 )
-from tests.services import closed_port, service_url
-
-BROKERS = {"kafka": "SAGA_TEST_KAFKA_URL", "rabbitmq": "SAGA_TEST_AMQP_URL"}
+from tests.services import BROKERS, closed_port, service_url
 
 
 def test_a_topology_is_its_replies_dead_letters_commands_and_exchange() -> None:

@@ -19,14 +19,21 @@ from engine.states import SagaStatus
 from engine.topology import Topology
 from engine.transport.base import DEAD_LETTER_REASON, DEAD_LETTER_SOURCE, Message
 from engine.transport.factory import transport_from_url
-from tests.e2e import Cluster, fresh_database, kafka_sasl_ssl, sagactl, service_url, wait_until
+from tests.e2e import (
+    Cluster,
+    fresh_database,
+    kafka_sasl_ssl,
+    sagactl,
+    service_url,
+    wait_until,
+)
+from tests.services import BROKERS
 from tests.tls import Secured
 from workers import ledger
 
 pytestmark = pytest.mark.integration
 
 ORDERS = 200
-BROKERS = {"kafka": "SAGA_TEST_KAFKA_URL", "rabbitmq": "SAGA_TEST_AMQP_URL"}
 
 
 def expected_outcomes(orders: list[dict[str, object]]) -> Counter[str]:
@@ -36,11 +43,6 @@ def expected_outcomes(orders: list[dict[str, object]]) -> Counter[str]:
     )
     completed = len(orders) - failing - gadgets + min(gadgets, STOCK["gadget"])
     return Counter({"completed": completed, "compensated": len(orders) - completed})
-
-
-@pytest.fixture(params=sorted(BROKERS))
-def broker_url(request: pytest.FixtureRequest) -> str:
-    return service_url(BROKERS[request.param])
 
 
 #: The order run goes over each plain broker, and over Kafka secured as a managed
@@ -54,11 +56,6 @@ def order_broker(request: pytest.FixtureRequest) -> tuple[str, dict[str, str]]:
     if request.param == "kafka-sasl-ssl":
         return kafka_sasl_ssl("SCRAM-SHA-512")
     return service_url(BROKERS[request.param]), {}
-
-
-@pytest.fixture
-def postgres_url() -> str:
-    return service_url("SAGA_TEST_POSTGRES_URL")
 
 
 async def test_order_saga_end_to_end(

@@ -25,7 +25,6 @@ from workers import ledger
 
 pytestmark = pytest.mark.integration
 
-BROKERS = {"kafka": "SAGA_TEST_KAFKA_URL", "rabbitmq": "SAGA_TEST_AMQP_URL"}
 ORDER = {
     "customer_id": "alice",
     "sku": "widget",
@@ -33,11 +32,6 @@ ORDER = {
     "amount_cents": 700,
     "address": "1 Main Street",
 }
-
-
-@pytest.fixture(params=sorted(BROKERS))
-def broker_url(request: pytest.FixtureRequest) -> str:
-    return service_url(BROKERS[request.param])
 
 
 def bad_reply(saga_id: str, **overrides: object) -> bytes:

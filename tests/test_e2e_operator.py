@@ -28,14 +28,13 @@ from engine.states import SagaStatus
 from engine.topology import Topology
 from engine.transport.base import Message
 from engine.transport.factory import transport_from_url
-from tests.e2e import Cluster, fresh_database, sagactl, service_url, wait_until
+from tests.e2e import Cluster, fresh_database, sagactl, wait_until
 from tests.operator_fixtures import RELEASE_FAILS, SWITCHES, brittle_order, legacy_order
 from workers import ledger
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[1]
-BROKERS = {"kafka": "SAGA_TEST_KAFKA_URL", "rabbitmq": "SAGA_TEST_AMQP_URL"}
 ORDER = {
     "customer_id": "alice",
     "sku": "widget",
@@ -43,16 +42,6 @@ ORDER = {
     "amount_cents": 700,
     "address": "1 Main Street",
 }
-
-
-@pytest.fixture(params=sorted(BROKERS))
-def broker_url(request: pytest.FixtureRequest) -> str:
-    return service_url(BROKERS[request.param])
-
-
-@pytest.fixture
-def postgres_url() -> str:
-    return service_url("SAGA_TEST_POSTGRES_URL")
 
 
 @dataclass

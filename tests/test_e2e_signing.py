@@ -20,18 +20,18 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from engine.cli.demo import BALANCES, STOCK
 from engine.client import SagaClient
 from engine.database import create_engine
-from engine.messages import Envelope, MessageKind, encode
+from engine.messages import Envelope, encode
 from engine.signing import Signing, SigningMode
 from engine.store.schema import barrier
 from engine.topology import Topology
 from engine.transport.base import Message
 from engine.transport.factory import transport_from_url
-from tests.e2e import Cluster, fresh_database, service_url, wait_until
+from tests.e2e import Cluster, fresh_database, wait_until
+from tests.helpers import charge_command
 from workers import ledger, payment
 
 pytestmark = pytest.mark.integration
 
-BROKERS = {"kafka": "SAGA_TEST_KAFKA_URL", "rabbitmq": "SAGA_TEST_AMQP_URL"}
 K1 = "k1:" + "a1" * 20
 K2 = "k2:" + "b2" * 20
 
@@ -44,28 +44,9 @@ ORDER = {
 }
 
 
-@pytest.fixture(params=sorted(BROKERS))
-def broker_url(request: pytest.FixtureRequest) -> str:
-    return service_url(BROKERS[request.param])
-
-
-@pytest.fixture
-def postgres_url() -> str:
-    return service_url("SAGA_TEST_POSTGRES_URL")
-
-
 def forged_charge(saga_id: str) -> Envelope:
     """A charge for a saga that does not exist, as anyone on the broker could send."""
-    return Envelope(
-        saga_id=saga_id,
-        saga_name="place_order",
-        saga_version=1,
-        step="charge_payment",
-        kind=MessageKind.COMMAND,
-        name="charge_payment",
-        attempt=1,
-        payload={"order_id": saga_id, "customer_id": "alice", "amount_cents": 123_456},
-    )
+    return charge_command(saga_id, amount=123_456)
 
 
 async def balance(database: AsyncEngine, customer: str) -> int:

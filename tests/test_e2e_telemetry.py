@@ -23,7 +23,6 @@ from workers import ledger
 
 pytestmark = pytest.mark.integration
 
-BROKERS = {"kafka": "SAGA_TEST_KAFKA_URL", "rabbitmq": "SAGA_TEST_AMQP_URL"}
 ORDER = {
     "customer_id": "alice",
     "sku": "widget",
@@ -58,11 +57,6 @@ def metric(text: str, name: str, **labels: str) -> float | None:
         if all(found.get(k) == v for k, v in labels.items()):
             return float(line.rsplit(" ", 1)[1])
     return None
-
-
-@pytest.fixture(params=sorted(BROKERS))
-def broker_url(request: pytest.FixtureRequest) -> str:
-    return service_url(BROKERS[request.param])
 
 
 @pytest.fixture

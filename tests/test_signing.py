@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from engine.cli.app import cli
 from engine.errors import ConfigError, SignatureError
-from engine.messages import Envelope, MessageKind, Outcome, decode, encode
+from engine.messages import Envelope, Outcome, decode, encode
 from engine.orchestrator import Engine
 from engine.registry import SagaRegistry
 from engine.settings import Settings
@@ -41,7 +41,7 @@ from engine.transport.base import Message, Subscription
 from engine.transport.memory import MemoryTransport
 from engine.worker.runner import WorkerRunner
 from sagas.order import place_order
-from tests.helpers import EmbeddedSystem, FakeDelivery, order_input
+from tests.helpers import EmbeddedSystem, FakeDelivery, charge_command, order_input
 from workers import payment
 
 S1 = b"1" * MIN_SECRET_BYTES
@@ -290,16 +290,7 @@ class Recording:
 
 
 def charge(saga_id: str = "no-such-saga", amount: int = 123_456) -> Envelope:
-    return Envelope(
-        saga_id=saga_id,
-        saga_name="place_order",
-        saga_version=1,
-        step="charge_payment",
-        kind=MessageKind.COMMAND,
-        name="charge_payment",
-        attempt=1,
-        payload={"order_id": saga_id, "customer_id": "alice", "amount_cents": amount},
-    )
+    return charge_command(saga_id, amount=amount)
 
 
 async def test_a_worker_refuses_a_forged_command_without_effect(db: AsyncEngine) -> None:

@@ -53,11 +53,10 @@ from engine.transport.factory import transport_from_url
 from engine.views import SagaDetail
 from tests.e2e import Cluster, Daemon, fresh_database
 from tests.faults.workers import SWITCHES
-from tests.services import rabbitmqctl, run, service_url, unavailable
+from tests.services import BROKERS, rabbitmqctl, run, service_url, unavailable
 from workers import ledger
 
 ROOT = Path(__file__).resolve().parents[2]
-BROKERS = {"kafka": "SAGA_TEST_KAFKA_URL", "rabbitmq": "SAGA_TEST_AMQP_URL"}
 SAGA_MODULES = ("sagas.order", "tests.faults.sagas")
 STOCK = {"widget": 1_000_000}
 BALANCES = {"alice": 10**9}
