@@ -91,8 +91,8 @@ class MessagesUnroutable(PublishError):
         self.refused = dict(sorted((refused or {}).items()))
         destinations = ", ".join(sorted(set(self.unroutable.values())))
         super().__init__(
-            f"no queue on {where} receives {len(self.unroutable)} of {total} messages "
-            f"(to {destinations})"
+            f"{where} could not route {len(self.unroutable)} of {total} messages: no "
+            f"queue receives them (to {destinations})"
         )
 
 
