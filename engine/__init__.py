@@ -1,29 +1,72 @@
 """saga-engine: event-driven saga orchestration with a transactional outbox.
 
-The public API; everything else is internal and may change.
+The public API; everything else is internal and may change. Exported lazily:
+``import engine`` (and so ``sagactl --help``) loads no database driver, broker client
+or telemetry SDK; each name is imported on first use.
 """
 
-from engine.client import SagaClient
-from engine.definition import Compensation, RetryPolicy, Saga, Step, StepContext
-from engine.errors import (
-    BusinessFailure,
-    ConfigError,
-    DatabaseError,
-    DefinitionError,
-    InvalidInputError,
-    LimitError,
-    SagaError,
-    SagaNotFoundError,
-    UnknownSagaError,
-)
-from engine.limits import Limits
-from engine.messages import Envelope, MessageKind, Outcome
-from engine.orchestrator import Engine, EngineSettings
-from engine.registry import SagaRegistry
-from engine.states import SagaStatus, StepStatus
-from engine.topology import Topology
-from engine.views import SagaDetail, SagaSummary, StepView
-from engine.worker import HandlerContext, Worker, WorkerRunner
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from engine.client import SagaClient
+    from engine.definition import Compensation, RetryPolicy, Saga, Step, StepContext
+    from engine.errors import (
+        BusinessFailure,
+        ConfigError,
+        DatabaseError,
+        DefinitionError,
+        InvalidInputError,
+        LimitError,
+        SagaError,
+        SagaNotFoundError,
+        UnknownSagaError,
+    )
+    from engine.limits import Limits
+    from engine.messages import Envelope, MessageKind, Outcome
+    from engine.orchestrator import Engine, EngineSettings
+    from engine.registry import SagaRegistry
+    from engine.states import SagaStatus, StepStatus
+    from engine.topology import Topology
+    from engine.views import SagaDetail, SagaSummary, StepView
+    from engine.worker import HandlerContext, Worker, WorkerRunner
+
+#: Where each public name lives.
+_EXPORTS = {
+    "BusinessFailure": "engine.errors",
+    "Compensation": "engine.definition",
+    "ConfigError": "engine.errors",
+    "DatabaseError": "engine.errors",
+    "DefinitionError": "engine.errors",
+    "Engine": "engine.orchestrator",
+    "EngineSettings": "engine.orchestrator",
+    "Envelope": "engine.messages",
+    "HandlerContext": "engine.worker",
+    "InvalidInputError": "engine.errors",
+    "LimitError": "engine.errors",
+    "Limits": "engine.limits",
+    "MessageKind": "engine.messages",
+    "Outcome": "engine.messages",
+    "RetryPolicy": "engine.definition",
+    "Saga": "engine.definition",
+    "SagaClient": "engine.client",
+    "SagaDetail": "engine.views",
+    "SagaError": "engine.errors",
+    "SagaNotFoundError": "engine.errors",
+    "SagaRegistry": "engine.registry",
+    "SagaStatus": "engine.states",
+    "SagaSummary": "engine.views",
+    "Step": "engine.definition",
+    "StepContext": "engine.definition",
+    "StepStatus": "engine.states",
+    "StepView": "engine.views",
+    "Topology": "engine.topology",
+    "UnknownSagaError": "engine.errors",
+    "Worker": "engine.worker",
+    "WorkerRunner": "engine.worker",
+}
 
 __all__ = [
     "BusinessFailure",
@@ -58,3 +101,16 @@ __all__ = [
     "Worker",
     "WorkerRunner",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'engine' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # once: later lookups do not come here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

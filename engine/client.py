@@ -43,6 +43,8 @@ from engine.limits import (
 from engine.messages import Envelope, MessageKind, decode
 from engine.model import Awaiting, HistoryEntry
 from engine.registry import SagaRegistry
+from engine.retention import PRUNE_BATCH
+from engine.settings import Settings, load_settings
 from engine.signing import as_replayed
 from engine.statemachine import Transition, new_saga
 from engine.states import SagaStatus
@@ -52,6 +54,7 @@ from engine.store.sql import SqlSagaStore, dead_letter_view
 from engine.telemetry import metrics
 from engine.telemetry.tracing import saga_span, trace_transition, tracer
 from engine.topology import Topology
+from engine.transport.factory import messaging_system as broker_kind
 from engine.views import (
     DeadLetterStats,
     DeadLetterView,
@@ -69,12 +72,23 @@ from engine.views import (
 
 #: How often an operator action is re-applied when the engine advanced the saga first.
 OPERATOR_CONFLICT_RETRIES = 10
-#: Finished sagas removed per transaction by :meth:`SagaClient.prune` (each takes its
-#: steps, history and messages along: some tens of rows).
-PRUNE_BATCH = 500
 
 
 class SagaClient:
+    """Starts sagas, reads their state, and repairs them as an operator would.
+
+    What it writes goes into the database only (a saga, its first command in the
+    outbox): an engine daemon's relay publishes it. So the client must agree with the
+    engine on the database and the topic prefix, and :meth:`connect` takes both, like
+    every other setting, from the same ``SAGA_*`` environment as ``sagactl``::
+
+        async with await SagaClient.connect() as client:  # SAGA_DATABASE_URL, ...
+            saga_id = await client.start("place_order", {...})
+            print((await client.get(saga_id)).status)
+
+    The constructor is the low-level way in, over a store one built oneself.
+    """
+
     def __init__(
         self,
         store: SagaStore,
@@ -87,6 +101,13 @@ class SagaClient:
         signal: OutboxSignal | None = None,
         limits: Limits = DEFAULT_LIMITS,
     ) -> None:
+        """A client over ``store``, serving the sagas of ``registry``.
+
+        ``topology`` names the destinations commands go to (its prefix must be the
+        workers'); ``on_commit`` is called after each commit that wrote outbox rows
+        (an in-process engine wakes its relay); ``signal`` wakes relays in other
+        processes (by default the store's own: PostgreSQL ``NOTIFY``).
+        """
         self.store = store
         self.registry = registry or SagaRegistry()
         self.topology = topology or Topology()
@@ -105,16 +126,29 @@ class SagaClient:
     @classmethod
     async def connect(
         cls,
-        database_url: str,
-        sagas: Iterable[str] = (),
+        database_url: str | None = None,
+        sagas: Iterable[str] | None = None,
         *,
+        settings: Settings | None = None,
         topology: Topology | None = None,
-        messaging_system: str = "memory",
-        limits: Limits = DEFAULT_LIMITS,
+        messaging_system: str | None = None,
+        limits: Limits | None = None,
     ) -> SagaClient:
-        """A client over an existing, migrated database; clear errors otherwise."""
-        registry = SagaRegistry.from_modules(sagas)
-        engine = create_engine(database_url, must_exist=True)
+        """A client over an existing, migrated database; clear errors otherwise.
+
+        Every argument left out comes from ``settings``, by default this process's
+        ``SAGA_*`` environment (and ``SAGA_<NAME>_FILE`` files), as for ``sagactl``:
+        the database (``SAGA_DATABASE_URL``), the saga modules (``SAGA_SAGAS``), the
+        destinations' prefix (``SAGA_TOPIC_PREFIX``), the broker's kind for traces
+        (``SAGA_BROKER_URL``) and the limits (``SAGA_MAX_MESSAGE_BYTES``). A bad
+        setting is a :class:`~engine.errors.ConfigError` naming the variable.
+        """
+        if settings is None:
+            settings = load_settings()
+        registry = SagaRegistry.from_modules(settings.saga_modules if sagas is None else sagas)
+        engine = create_engine(
+            settings.database_url if database_url is None else database_url, must_exist=True
+        )
         try:
             await check_schema(engine)
         except BaseException:
@@ -123,12 +157,13 @@ class SagaClient:
         return cls(
             SqlSagaStore(engine),
             registry,
-            topology=topology,
-            messaging_system=messaging_system,
-            limits=limits,
+            topology=topology or Topology(settings.topic_prefix),
+            messaging_system=messaging_system or broker_kind(settings.broker_url),
+            limits=limits or settings.limits,
         )
 
     async def __aenter__(self) -> SagaClient:
+        """``async with``: the client closes (its database pool) on the way out."""
         return self
 
     async def __aexit__(
@@ -140,6 +175,7 @@ class SagaClient:
         await self.close()
 
     async def close(self) -> None:
+        """Close the store (its database connections)."""
         await self.store.close()
 
     async def start(self, saga: str | Saga, input: Any, *, saga_id: str | None = None) -> str:
@@ -206,6 +242,7 @@ class SagaClient:
             await self.signal.announce(tx)
 
     async def get(self, saga_id: str) -> SagaDetail:
+        """One saga with its steps and history; SagaNotFoundError if there is none."""
         detail = await self.store.get_saga(saga_id)
         if detail is None:
             raise SagaNotFoundError(f"no saga with id {saga_id!r}")
@@ -218,6 +255,7 @@ class SagaClient:
         name: str | None = None,
         limit: int = 50,
     ) -> list[SagaSummary]:
+        """Sagas, newest first, optionally of one status and one definition name."""
         return await self.store.list_sagas(status=status, name=name, limit=limit)
 
     # -- operator repair ----------------------------------------------------------
@@ -489,6 +527,7 @@ class SagaClient:
         )
 
     async def counts(self) -> dict[SagaStatus, int]:
+        """How many sagas are in each status."""
         return await self.store.count_by_status()
 
     async def statuses(self, saga_ids: Sequence[str]) -> dict[str, SagaStatus]:

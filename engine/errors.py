@@ -70,6 +70,32 @@ class MessagesRefused(PublishError):
         )
 
 
+class MessagesUnroutable(PublishError):
+    """No queue receives some messages of a publish (RabbitMQ returned them as
+    unroutable); every other message was confirmed, or refused for good (``refused``,
+    as in :class:`MessagesRefused`).
+
+    Not for good: a consumer starting later declares its queue and binds it, so these
+    messages stay in the outbox and go again. ``unroutable`` maps each one's index in
+    the sequence given to ``publish`` to its destination.
+    """
+
+    def __init__(
+        self,
+        unroutable: Mapping[int, str],
+        total: int,
+        where: str = "the broker",
+        refused: Mapping[int, str] | None = None,
+    ) -> None:
+        self.unroutable = dict(sorted(unroutable.items()))
+        self.refused = dict(sorted((refused or {}).items()))
+        destinations = ", ".join(sorted(set(self.unroutable.values())))
+        super().__init__(
+            f"{where} could not route {len(self.unroutable)} of {total} messages: no "
+            f"queue receives them (to {destinations})"
+        )
+
+
 class TransportError(SagaError):
     """The broker is unreachable or refused an operation."""
 

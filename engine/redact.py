@@ -31,8 +31,6 @@ import threading
 from collections.abc import Mapping
 from urllib.parse import quote, quote_plus, unquote, unquote_plus
 
-from pydantic import BaseModel, SecretBytes, SecretStr
-
 #: ``scheme://user:password@``: the password runs to the last ``@`` before the host
 #: (a raw ``@`` in a password is common enough), never past a ``/`` or white space.
 _USERINFO = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*):(?P<secret>[^/\s]*)@")
@@ -108,6 +106,10 @@ def remember_secrets_of(value: object) -> None:
     ``Settings`` calls it on itself once loaded, so a new secret setting is covered by
     being typed ``SecretStr``; nothing lists the secret settings.
     """
+    # Here, not at the top: only settings (pydantic models, so pydantic is loaded
+    # already) come here, and the CLI's error line needs redact() without pydantic.
+    from pydantic import BaseModel, SecretBytes, SecretStr
+
     if isinstance(value, SecretStr):
         remember(value.get_secret_value())
     elif isinstance(value, SecretBytes):

@@ -11,23 +11,32 @@ must not hold up the rows behind it: in that same transaction it leaves the outb
 is handed to the engine, which advances its saga (the step fails, or the saga parks).
 A failure that is not a refusal of particular messages keeps every row pending, in
 order, for the next attempt.
+
+A row no queue receives (RabbitMQ: no queue bound for its destination, as when the
+process that wrote it has another ``SAGA_TOPIC_PREFIX``) is not refused for good:
+the queue may be declared later, by its consumer starting. It stays pending, the
+others go, and its destination is held back with a growing pause (one warning per
+destination, naming it) until a publish there is routed. On Kafka, the first publish
+to each topic asks, in the background, whether any consumer group reads it, and
+warns once if none does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from engine._aio import wait_either
 from engine.clock import Clock, utc_now
 from engine.deadletters import archive_in
-from engine.errors import MessagesRefused, PublishError, TransportError
+from engine.errors import MessagesRefused, MessagesUnroutable, PublishError, TransportError
 from engine.faults import crashpoint
 from engine.signing import NO_SIGNING, Signing
 from engine.store.base import OutboxRecord, OutboxSignal, SagaStore, StoreTransaction
-from engine.transport.base import Message, Transport, dead_letter_copy
+from engine.transport.base import Message, ReaderCheck, Transport, dead_letter_copy
 
 log = logging.getLogger("saga.relay")
 
@@ -38,6 +47,15 @@ class Undeliverable:
 
     record: OutboxRecord
     reason: str
+
+
+@dataclass
+class _Held:
+    """A destination no queue received messages for: its rows wait until ``until``
+    (``time.monotonic``), then go again; the pause doubles each time."""
+
+    until: float
+    pause: float
 
 
 #: What the engine does about refused rows, inside the relay's transaction (the
@@ -61,6 +79,9 @@ class OutboxRelay:
         signal: OutboxSignal | None = None,
         on_undeliverable: UndeliverableHandler | None = None,
         signing: Signing = NO_SIGNING,
+        unroutable_pause: float = 1.0,
+        max_unroutable_pause: float = 30.0,
+        reader_check_delay: float = 10.0,
     ) -> None:
         self.store = store
         self.transport = transport
@@ -84,6 +105,16 @@ class OutboxRelay:
         self.refused = 0
         #: False after a failed publish, until one succeeds (the daemon's readiness check).
         self.healthy = True
+        #: First and longest pause before rows no queue received go again.
+        self.unroutable_pause = unroutable_pause
+        self.max_unroutable_pause = max_unroutable_pause
+        #: Destinations held back, their rows pending (see module docstring).
+        self.held: dict[str, _Held] = {}
+        #: How long after the first publish to a topic its readers are looked for
+        #: (workers started with the engine have joined their groups by then).
+        self.reader_check_delay = reader_check_delay
+        self._checked: set[str] = set()
+        self._checks: set[asyncio.Task[None]] = set()
 
     def wake(self) -> None:
         """New rows were committed: publish without waiting to poll."""
@@ -93,8 +124,11 @@ class OutboxRelay:
         """Publish one batch; returns how many rows left the outbox (sent or refused)."""
         refused: list[Undeliverable] = []
         after: Callable[[], None] | None = None
+        held: dict[int, str] = {}
+        now = time.monotonic()
+        waiting = {d for d, h in self.held.items() if h.until > now}
         async with self.store.transaction() as tx:
-            rows = await tx.claim_outbox(self.batch_size)
+            rows = await tx.claim_outbox(self.batch_size, skip=waiting)
             if not rows:
                 return 0
             messages = [self._message(r) for r in rows]
@@ -105,13 +139,16 @@ class OutboxRelay:
                 )
             except MessagesRefused as exc:  # every other message was confirmed
                 refused = [Undeliverable(rows[i], why) for i, why in exc.refused.items()]
+            except MessagesUnroutable as exc:  # the same, and these stay pending
+                held = exc.unroutable
+                refused = [Undeliverable(rows[i], why) for i, why in exc.refused.items()]
             except TimeoutError:
                 raise PublishError(
                     f"broker did not confirm {len(messages)} messages "
                     f"within {self.publish_timeout:g}s"
                 ) from None
             crashpoint("relay.after_publish")
-            await tx.mark_sent([r.id for r in rows], self.clock())
+            await tx.mark_sent([r.id for i, r in enumerate(rows) if i not in held], self.clock())
             if refused:
                 after = await self._set_aside(tx, refused)
         if after is not None:
@@ -126,9 +163,54 @@ class OutboxRelay:
             )
         if refused:
             self.wake()  # the sagas' next messages (compensations) are waiting
-        self.published += len(rows) - len(refused)
+        self._note_routes(rows, held)
+        self.published += len(rows) - len(refused) - len(held)
         self.refused += len(refused)
-        return len(rows)
+        return len(rows) - len(held)
+
+    def _note_routes(self, rows: Sequence[OutboxRecord], held: dict[int, str]) -> None:
+        """Hold back the destinations no queue received, release the ones routed now,
+        and have the readers of each new destination looked for."""
+        now = time.monotonic()
+        for destination in sorted(set(held.values())):
+            count = sum(1 for d in held.values() if d == destination)
+            before = self.held.get(destination)
+            if before is None:
+                log.warning(
+                    "no queue receives messages to %s: %d outbox row(s) stay pending and "
+                    "go again once a queue is bound to it (its consumer declares it when "
+                    "it starts); do all processes share one SAGA_TOPIC_PREFIX?",
+                    destination,
+                    count,
+                )
+                pause = self.unroutable_pause
+            else:
+                log.debug("still no queue receives messages to %s", destination)
+                pause = min(self.max_unroutable_pause, before.pause * 2)
+            self.held[destination] = _Held(now + pause, pause)
+        for destination in sorted({r.destination for r in rows} - set(held.values())):
+            if self.held.pop(destination, None) is not None:
+                log.info("messages to %s are routed again: the pending rows went", destination)
+            if destination not in self._checked and isinstance(self.transport, ReaderCheck):
+                self._checked.add(destination)
+                task = asyncio.create_task(self._check_readers(self.transport, destination))
+                self._checks.add(task)
+                task.add_done_callback(self._checks.discard)
+
+    async def _check_readers(self, transport: ReaderCheck, destination: str) -> None:
+        """Warn once if no consumer group reads ``destination`` (off the hot path)."""
+        await asyncio.sleep(self.reader_check_delay)
+        try:
+            read = await transport.has_readers(destination)
+        except Exception as exc:  # a question only: never a reason to stop relaying
+            log.debug("could not tell who reads %s: %s", destination, exc)
+            return
+        if not read:
+            log.warning(
+                "no consumer group reads %s: its messages wait there unread (is a "
+                "consumer of it running, with the same SAGA_TOPIC_PREFIX?)",
+                destination,
+            )
 
     async def _set_aside(
         self, tx: StoreTransaction, refused: Sequence[Undeliverable]
@@ -160,6 +242,9 @@ class OutboxRelay:
         try:
             await self._run(stop)
         finally:
+            for task in list(self._checks):
+                task.cancel()
+            await asyncio.gather(*self._checks, return_exceptions=True)
             if listener is not None:  # it closes its connection on the way out
                 listener.cancel()
                 await asyncio.gather(listener, return_exceptions=True)

@@ -41,6 +41,10 @@ from engine.clock import Clock, utc_now
 
 log = logging.getLogger("saga.retention")
 
+#: Finished sagas removed per transaction by ``SagaClient.prune`` (each takes its
+#: steps, history and messages along: some tens of rows).
+PRUNE_BATCH = 500
+
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _AGE = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
 

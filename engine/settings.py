@@ -8,7 +8,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal, Self
 
-from pydantic import Field, SecretStr, ValidationInfo, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -287,6 +287,28 @@ class Settings(BaseSettings):
             min_insync_replicas=self.kafka_min_insync_replicas,
             create_topics=self.kafka_create_topics,
         )
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """This process's settings: ``overrides`` (flags, explicit arguments) over the
+    ``SAGA_*`` environment and ``SAGA_<NAME>_FILE`` files.
+
+    A bad value is a :class:`~engine.errors.ConfigError` of one line naming each
+    variable and why, never the value (it may be a secret).
+    """
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(bad_settings(exc)) from None
+
+
+def bad_settings(exc: ValidationError) -> str:
+    """One line naming each bad variable and why; never the value."""
+    problems = []
+    for error in exc.errors():
+        name = ENV_PREFIX + "_".join(str(part) for part in error["loc"]).upper()
+        problems.append(f"{name}: {error['msg'].removeprefix('Value error, ')}")
+    return "bad setting " + "; ".join(problems)
 
 
 def _seconds(value: timedelta | float) -> float:

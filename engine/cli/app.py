@@ -6,7 +6,6 @@ failed operation, 2 for bad usage (click's convention).
 
 from __future__ import annotations
 
-import asyncio
 import getpass
 import json
 import sys
@@ -15,29 +14,28 @@ from collections.abc import Callable, Coroutine
 from datetime import timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-from pydantic import ValidationError
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from sqlalchemy.exc import DBAPIError
 
-from engine.client import PRUNE_BATCH, SagaClient
-from engine.database import create_engine, upgrade
 from engine.errors import ConfigError, LimitError, SagaError
 from engine.limits import check_actor, check_name, check_reason, check_saga_id
 from engine.redact import escape_controls, redact
-from engine.retention import parse_age
-from engine.settings import Settings
+from engine.retention import PRUNE_BATCH, parse_age
 from engine.states import SagaStatus
-from engine.telemetry.logs import configure_logging
-from engine.telemetry.setup import configure_tracing
-from engine.topology import Topology
-from engine.transport.factory import messaging_system
-from engine.views import PruneResult
 
-from . import render
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
+    from engine.client import SagaClient
+    from engine.settings import Settings
+    from engine.views import PruneResult
+
+# Only what ``sagactl --help`` needs is imported above: click, rich's console, and
+# small modules. The database, the brokers, telemetry, Alembic and the settings'
+# pydantic models are imported by the commands that use them, so a command starts
+# without paying for the others (a test checks what --help and list import).
 
 T = TypeVar("T")
 
@@ -63,6 +61,10 @@ def checked(value: str, check: Callable[[str, str], None], what: str) -> str:
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
+    import asyncio
+
+    from sqlalchemy.exc import DBAPIError
+
     try:
         return asyncio.run(coro)
     except SagaError as exc:
@@ -78,6 +80,8 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
 
 def _output(options: Options, value: Any, human: Callable[[Console, Any], None]) -> None:
     """JSON with ``--json``, else the human rendering."""
+    from engine.cli import render
+
     if options.as_json:
         render.dump_json(stdout, value)
     else:
@@ -115,10 +119,10 @@ def cli(ctx: click.Context, database_url: str | None, sagas: str | None, as_json
         overrides["database_url"] = database_url
     if sagas:
         overrides["sagas"] = sagas
+    from engine.settings import load_settings
+
     try:
-        settings = Settings(**overrides)
-    except ValidationError as exc:
-        fail(_bad_settings(exc))
+        settings = load_settings(**overrides)
     except ConfigError as exc:
         fail(str(exc))
     ctx.obj = Options(settings, as_json)
@@ -127,11 +131,9 @@ def cli(ctx: click.Context, database_url: str | None, sagas: str | None, as_json
 def _bad_settings(exc: ValidationError) -> str:
     """One line naming each bad variable and why; never the value, which may be a
     secret (a URL with a password, a key)."""
-    problems = []
-    for error in exc.errors():
-        name = "SAGA_" + "_".join(str(part) for part in error["loc"]).upper()
-        problems.append(f"{name}: {error['msg'].removeprefix('Value error, ')}")
-    return "bad setting " + "; ".join(problems)
+    from engine.settings import bad_settings
+
+    return bad_settings(exc)
 
 
 def _json_option(func: Any) -> Any:
@@ -165,6 +167,8 @@ def _json_option(func: Any) -> Any:
 @pass_options
 def start(options: Options, saga: str, input_text: str, saga_id: str | None) -> None:
     """Start saga SAGA with the given input (an engine daemon advances it)."""
+    from engine.cli import render
+
     if saga_id is not None:
         checked(saga_id, check_saga_id, "--id")
     if input_text.startswith("@"):
@@ -202,6 +206,8 @@ def start(options: Options, saga: str, input_text: str, saga_id: str | None) -> 
 @pass_options
 def list_(options: Options, status: str | None, name: str | None, limit: int) -> None:
     """List sagas, newest first."""
+    from engine.cli import render
+
     if name is not None:
         checked(name, check_name, "--saga")
 
@@ -221,6 +227,8 @@ def list_(options: Options, status: str | None, name: str | None, limit: int) ->
 @pass_options
 def show(options: Options, saga_id: str) -> None:
     """Show one saga: its steps, their attempts and errors, and its history."""
+    from engine.cli import render
+
     checked(saga_id, check_saga_id, "the saga id")
 
     async def go() -> Any:
@@ -269,6 +277,8 @@ def _reason(reason: str | None) -> str | None:
 def _operate(
     options: Options, action: str, saga_id: str, actor: str | None, reason: str | None
 ) -> None:
+    from engine.cli import render
+
     checked(saga_id, check_saga_id, "the saga id")
     who, why = _actor(actor), _reason(reason)
 
@@ -318,6 +328,7 @@ def dlq() -> None:
 @pass_options
 def dlq_list(options: Options, limit: int, pending: bool) -> None:
     """List archived dead letters, newest first, with their reasons."""
+    from engine.cli import render
 
     async def go() -> list[Any]:
         async with await _client(options) as client:
@@ -354,6 +365,8 @@ def dlq_replay(
     """Send dead letter ID back to the destination it came from (through the outbox:
     the engine's relay publishes it) and mark it replayed. It goes as archived, with
     its own signature or none; --re-sign has the engine sign it with its key."""
+    from engine.cli import render
+
     who, why = _actor(actor), _reason(reason)
 
     async def go() -> Any:
@@ -372,6 +385,7 @@ def dlq_replay(
 def stats(options: Options) -> None:
     """Sagas by state and by saga, the oldest in progress, the outbox backlog and the
     dead letters not replayed."""
+    from engine.cli import render
 
     async def go() -> Any:
         async with await _client(options) as client:
@@ -412,6 +426,16 @@ def prune(options: Options, older_than: timedelta, dry_run: bool, batch: int) ->
     """Remove finished sagas (completed, compensated) older than AGE with their steps,
     history, timers, sent outbox rows and inbox rows. Running, compensating and parked
     sagas are never removed."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    from engine.cli import render
+
     age = older_than
 
     async def go() -> PruneResult:
@@ -447,6 +471,9 @@ def db() -> None:
 @pass_options
 def db_upgrade(options: Options, revision: str) -> None:
     """Create or migrate the engine's tables (Alembic)."""
+
+    from engine.cli import render
+    from engine.database import create_engine, upgrade
 
     async def go() -> None:
         engine = create_engine(options.settings.database_url)
@@ -486,6 +513,7 @@ def demo(options: Options, orders: int, seed: int, timeout: float) -> None:
     participants' ledger totals; exits 1 if any saga did not finish or a ledger does
     not balance.
     """
+    from engine.cli import render
     from engine.cli.demo import run_demo
 
     result = run(
@@ -511,16 +539,13 @@ async def _client(options: Options, *, with_sagas: bool = False) -> SagaClient:
     Commands that change sagas (``with_sagas``) trace what they do, so a saga's trace
     starts at ``sagactl start`` and an operator's retry shows up in it.
     """
-    settings = options.settings
+    from engine.client import SagaClient
+
     if with_sagas:
+        from engine.telemetry.setup import configure_tracing
+
         configure_tracing("sagactl")
-    return await SagaClient.connect(
-        settings.database_url,
-        settings.saga_modules if with_sagas else (),
-        topology=Topology(settings.topic_prefix),
-        messaging_system=messaging_system(settings.broker_url),
-        limits=settings.limits,
-    )
+    return await SagaClient.connect(settings=options.settings, sagas=None if with_sagas else ())
 
 
 _grace = click.option(
@@ -575,6 +600,8 @@ def _daemon_settings(
         updates["metrics_port"] = metrics_port
     if log_format:
         updates["log_format"] = log_format
+    from engine.telemetry.logs import configure_logging
+
     settings = options.settings.model_copy(update=updates)
     configure_logging(log_level, settings.log_format, starting=True)
     return settings

@@ -8,7 +8,7 @@ one transaction is what makes "advance and emit" atomic.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
@@ -116,8 +116,9 @@ class StoreTransaction(Protocol):
         fill the batch and starve the timers behind them."""
         ...
 
-    async def claim_outbox(self, limit: int) -> list[OutboxRecord]:
-        """Unsent outbox rows in order, locked for this transaction."""
+    async def claim_outbox(self, limit: int, *, skip: Collection[str] = ()) -> list[OutboxRecord]:
+        """Unsent outbox rows in order, locked for this transaction; none to the
+        destinations in ``skip`` (the relay holds them back a while)."""
         ...
 
     async def mark_sent(self, ids: Sequence[int], at: datetime) -> None: ...

@@ -6,7 +6,7 @@ the database has it (PostgreSQL); SQLite serialises writers instead.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import fields
 from datetime import datetime
@@ -419,10 +419,13 @@ class SqlStoreTransaction:
         )
         return [DueTimer(r.saga_id, _timer_of(r)) for r in rows]
 
-    async def claim_outbox(self, limit: int) -> list[OutboxRecord]:
+    async def claim_outbox(self, limit: int, *, skip: Collection[str] = ()) -> list[OutboxRecord]:
+        unsent: list[ColumnElement[bool]] = [outbox.c.sent_at.is_(None)]
+        if skip:
+            unsent.append(outbox.c.destination.not_in(sorted(skip)))
         rows = await self.conn.execute(
             select(outbox.c.id, outbox.c.destination, outbox.c.key, outbox.c.body, outbox.c.headers)
-            .where(outbox.c.sent_at.is_(None))
+            .where(*unsent)
             .order_by(outbox.c.id)
             .limit(limit)
             .with_for_update(skip_locked=True)

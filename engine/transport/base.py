@@ -10,7 +10,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 #: Header names the transports set on dead-lettered messages.
 DEAD_LETTER_REASON = "x-dead-letter-reason"
@@ -95,6 +95,14 @@ class Subscription(Protocol):
         (by this consumer, or by its group). False once the mark can prove nothing
         any more (its epoch ended, a covered message went back to the broker)."""
         ...
+
+
+@runtime_checkable
+class ReaderCheck(Protocol):
+    """A transport that can tell whether anyone reads a destination (Kafka: whether a
+    consumer group subscribes to the topic, or committed offsets on it)."""
+
+    async def has_readers(self, destination: str) -> bool: ...
 
 
 class Transport(Protocol):

@@ -132,6 +132,9 @@ def transport_from_url(
         except ImportError as exc:
             raise _missing(exc, "aio_pika", "rabbitmq", f"{scheme}://") or exc from None
         return RabbitTransport(
-            url, exchange=topology.prefix, dead_letter_queue=topology.dead_letters
+            url,
+            exchange=topology.prefix,
+            dead_letter_queue=topology.dead_letters,
+            declares=topology.prefix,
         )
     raise ConfigError(f"unsupported broker URL {redact(url)!r}; accepted: {ACCEPTED}")

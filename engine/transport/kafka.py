@@ -623,6 +623,25 @@ class KafkaTransport:
             raise TransportError("Kafka transport is not connected")
         return self._admin
 
+    async def has_readers(self, destination: str) -> bool:
+        """Whether some consumer group committed offsets on topic ``destination``:
+        one reads it (or did, and resumes there when it comes back).
+
+        Committed offsets rather than live members: a reader that is down for a
+        deploy still counts, and ours commit once they handled a message (the relay
+        asks a while after its first publish). One request per group, off the hot
+        path (the relay asks once per topic)."""
+        admin = self.admin()
+        groups = [group for group, *_ in await admin.list_consumer_groups()]
+        offsets = await asyncio.gather(
+            *(admin.list_consumer_group_offsets(g) for g in groups), return_exceptions=True
+        )
+        return any(
+            any(tp.topic == destination for tp in committed)
+            for committed in offsets
+            if not isinstance(committed, BaseException)
+        )
+
     async def ensure_topics(self, names: Iterable[str]) -> None:
         """Create missing topics as the options say (idempotent); in no-create mode,
         raise TransportError naming those that do not exist."""

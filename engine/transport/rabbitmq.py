@@ -1,11 +1,15 @@
 """The RabbitMQ transport (aio-pika): durable queues behind one direct exchange.
 
 Each destination is a durable queue bound to the exchange by its own name. Publishes
-are persistent, mandatory (an unroutable message raises instead of vanishing) and
-wait for the publisher confirm. Consumers ack only when told to; the robust
-connection re-declares the topology and restarts the consumers after a broker
-restart without help. Competing consumers share a destination's queue, whatever
-their group, as on the in-process broker.
+are persistent, mandatory and wait for the publisher confirm. The queues of the
+transport's own deployment (``declares``: every name under its prefix) are declared
+before publishing, so commands wait for a worker that starts later; any other
+destination is never declared by a publisher: a message no queue receives raises
+:class:`~engine.errors.MessagesUnroutable` naming it (a process with another
+``SAGA_TOPIC_PREFIX`` wrote it) instead of vanishing or piling up where nobody reads.
+Consumers ack only when told to; the robust connection re-declares the topology and
+restarts the consumers after a broker restart without help. Competing consumers share
+a destination's queue, whatever their group, as on the in-process broker.
 """
 
 from __future__ import annotations
@@ -40,7 +44,13 @@ from aiormq.exceptions import (
 )
 from yarl import URL
 
-from engine.errors import ConfigError, MessagesRefused, PublishError, TransportError
+from engine.errors import (
+    ConfigError,
+    MessagesRefused,
+    MessagesUnroutable,
+    PublishError,
+    TransportError,
+)
 from engine.redact import redact
 from engine.tls import tls_refusal
 from engine.transport.base import (
@@ -465,8 +475,12 @@ class RabbitTransport:
         publish_timeout: float = 10.0,
         connect_timeout: float = 10.0,
         reconnect_interval: float = 1.0,
+        declares: str | None = None,
     ) -> None:
         self.url = url
+        #: The prefix of the queues publishing declares (``p`` covers ``p`` and every
+        #: ``p.*``); None: every destination published to (as a test's transport).
+        self.declares = declares
         #: The TLS context of an amqps:// URL (checked here: a bad one never connects).
         self.ssl_context = tls_context(url)
         self.exchange_name = exchange
@@ -568,8 +582,15 @@ class RabbitTransport:
             except _FAILURES as exc:
                 log.warning("closing the connection to %s: %s", self.where, exc)
 
+    def _own(self, name: str) -> bool:
+        """Whether publishing may declare ``name``'s queue: one of this deployment's."""
+        prefix = self.declares
+        return prefix is None or name == prefix or name.startswith(f"{prefix}.")
+
     async def _ensure_queues(self, names: set[str]) -> None:
-        """Declare destinations before publishing, so nothing is unroutable by accident."""
+        """Declare this deployment's destinations before publishing (commands then
+        wait for their worker); others must be bound by their consumer, or raise."""
+        names = {n for n in names if self._own(n)}
         if names <= self._declared:
             return
         async with self._declare_lock:
@@ -586,12 +607,13 @@ class RabbitTransport:
             raise TransportError("RabbitMQ transport is not connected")
         confirmed: set[int] = set()
         refused: dict[int, str] = {}
+        unroutable: dict[int, str] = {}
         todo = list(range(len(messages)))
         failure: BaseException | None = None
         try:
             async with asyncio.timeout(self.publish_timeout):
                 await self._ensure_queues({m.destination for m in messages})
-                failure = await _publish_by_key(exchange, messages, todo, confirmed)
+                failure = await _publish_by_key(exchange, messages, todo, confirmed, unroutable)
                 while isinstance(failure, ChannelPreconditionFailed):
                     # The broker closed the channel over a message it will never take,
                     # and every publish in flight went with it; the unconfirmed ones go
@@ -599,16 +621,20 @@ class RabbitTransport:
                     # limit is in its words) the culprits are known; otherwise they are
                     # found by sending one at a time, in order.
                     reason = " ".join(str(failure).split())
-                    todo = [i for i in todo if i not in confirmed]
+                    todo = [i for i in todo if i not in confirmed and i not in unroutable]
                     limit = _size_limit(reason)
                     over = [i for i in todo if limit is not None and len(messages[i].body) > limit]
                     refused |= dict.fromkeys(over, reason)
                     todo = [i for i in todo if i not in refused]
                     await _restored(channel)
                     if over:
-                        failure = await _publish_by_key(exchange, messages, todo, confirmed)
+                        failure = await _publish_by_key(
+                            exchange, messages, todo, confirmed, unroutable
+                        )
                     else:
-                        await _publish_one_by_one(channel, exchange, messages, todo, refused)
+                        await _publish_one_by_one(
+                            channel, exchange, messages, todo, refused, unroutable
+                        )
                         failure = None
         except TimeoutError:
             raise PublishError(
@@ -623,6 +649,8 @@ class RabbitTransport:
             raise PublishError(f"{self.where} could not route a message: {failure}")
         if failure is not None:
             raise PublishError(f"{self.where} refused a publish: {failure}") from failure
+        if unroutable:
+            raise MessagesUnroutable(unroutable, len(messages), self.where, refused)
         if refused:
             raise MessagesRefused(refused, len(messages), self.where)
 
@@ -647,9 +675,14 @@ class RabbitTransport:
         return subscription
 
 
-async def _publish_one(exchange: AbstractExchange, message: Message) -> None:
-    """Publish and wait for the confirm; mandatory: an unroutable message raises."""
-    await exchange.publish(_outgoing(message), routing_key=message.destination, mandatory=True)
+async def _routed(exchange: AbstractExchange, message: Message) -> bool:
+    """Publish and wait for the confirm; False when no queue received it (mandatory:
+    the broker returned it)."""
+    try:
+        await exchange.publish(_outgoing(message), routing_key=message.destination, mandatory=True)
+    except Unroutable:
+        return False
+    return True
 
 
 async def _publish_by_key(
@@ -657,10 +690,11 @@ async def _publish_by_key(
     messages: Sequence[Message],
     indexes: Sequence[int],
     confirmed: set[int],
+    unroutable: dict[int, str],
 ) -> BaseException | None:
     """Publish ``messages[i]`` for each index, adding each confirmed one to
-    ``confirmed``; the failure that stopped a key's messages, a refusal that closed
-    the channel first."""
+    ``confirmed`` and each one no queue received to ``unroutable``; the failure that
+    stopped a key's messages, a refusal that closed the channel first."""
     # One key's messages go one after the other (each confirmed before the next),
     # which keeps them in order; different keys go concurrently.
     by_key: dict[str, list[int]] = defaultdict(list)
@@ -668,9 +702,14 @@ async def _publish_by_key(
         by_key[messages[i].key].append(i)
 
     async def in_order(chain: list[int]) -> None:
+        blocked: set[str] = set()  # the key's later messages there must not overtake
         for i in chain:
-            await _publish_one(exchange, messages[i])
-            confirmed.add(i)
+            destination = messages[i].destination
+            if destination not in blocked and await _routed(exchange, messages[i]):
+                confirmed.add(i)
+            else:
+                blocked.add(destination)
+                unroutable[i] = destination
 
     results = await asyncio.gather(
         *(in_order(chain) for chain in by_key.values()), return_exceptions=True
@@ -686,12 +725,17 @@ async def _publish_one_by_one(
     messages: Sequence[Message],
     indexes: Sequence[int],
     refused: dict[int, str],
+    unroutable: dict[int, str],
 ) -> None:
-    """Publish each alone; one the broker closes the channel over goes to ``refused``."""
+    """Publish each alone; one the broker closes the channel over goes to ``refused``,
+    one no queue receives to ``unroutable`` (with the rest of its destination)."""
     for i in indexes:
+        destination = messages[i].destination
         await _restored(channel)
         try:
-            await _publish_one(exchange, messages[i])
+            if destination not in unroutable.values() and await _routed(exchange, messages[i]):
+                continue
+            unroutable[i] = destination
         except ChannelPreconditionFailed as exc:
             refused[i] = " ".join(str(exc).split())
 
