@@ -26,7 +26,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 from sqlalchemy import delete, exists, func, insert, select, tuple_
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from engine.clock import utc_now
 from engine.errors import BusinessFailure, LimitError
@@ -77,7 +77,13 @@ class BarrierBook:
         self._rows: dict[tuple[str, str, str], _Row] = {}
         self._new: list[dict[str, Any]] = []
 
-    async def load(self, envelopes: Sequence[Envelope]) -> None:
+    async def load(
+        self, envelopes: Sequence[Envelope], reader: AsyncSession | AsyncConnection | None = None
+    ) -> None:
+        """Read the rows of ``envelopes``' sagas, in the session or with ``reader``:
+        a read before the transaction, which leaves a single-writer database free
+        until the first handler writes; a row that a concurrent duplicate commits
+        meanwhile still stops this one, on the primary key at :meth:`flush`."""
         saga_ids = sorted({e.saga_id for e in envelopes})
         if not saga_ids:
             return
@@ -86,7 +92,7 @@ class BarrierBook:
             if len(saga_ids) == 1
             else barrier.c.saga_id.in_(saga_ids)
         )
-        for r in await self.session.execute(
+        for r in await (reader or self.session).execute(
             select(barrier).where(barrier.c.participant == self.participant, where)
         ):
             self._rows[(r.saga_id, r.step, r.op)] = _Row(r.origin, r.outcome, r.reply, r.error)
@@ -135,7 +141,12 @@ async def _run(
 ) -> Envelope:
     """Run the handler in a savepoint and return its reply; a business failure, or a
     reply over the limits (too large, or holding a NUL), undoes its writes and is
-    replied as a failure."""
+    replied as a failure.
+
+    SQLAlchemy begins the savepoint (and the transaction, if the barrier was read
+    before it) at the handler's first statement: what the handler awaits before it
+    first uses its session holds no lock.
+    """
     try:
         command = registration.parse(envelope.payload)
     except ValidationError as exc:
