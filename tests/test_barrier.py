@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -13,6 +14,7 @@ import pytest
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+import engine.worker.runner as runner_module
 from engine.clock import utc_now
 from engine.database import create_engine, upgrade
 from engine.errors import BusinessFailure
@@ -475,6 +477,21 @@ async def test_a_compensation_that_overtakes_its_held_action_refuses_it(
     assert (late.outcome, late.error) == (Outcome.FAILURE, REFUSED)
     assert await ledger_rows(seeded) == []
     assert await balance(seeded) == 5000
+
+
+async def test_a_transaction_kept_open_long_on_sqlite_is_logged_with_the_advice(
+    pay: Participant, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(runner_module, "LONG_HOLD", 0.0)  # every transaction is "long"
+    with caplog.at_level(logging.WARNING, logger="saga.worker"):
+        await pay.one_reply(charge())
+    warnings = [r.getMessage() for r in caplog.records if "write lock" in r.getMessage()]
+    if pay.runner.one_writer:
+        (line,) = warnings
+        assert line.startswith("worker payment: command charge_payment of saga o1 kept ")
+        assert line.endswith("before its first statement on ctx.session")
+    else:  # row locks only: nobody else waited
+        assert warnings == []
 
 
 # -- messages the worker cannot take --------------------------------------------------------
