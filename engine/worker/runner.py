@@ -23,6 +23,7 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+from sqlalchemy.orm import Session
 
 from engine._aio import batched, wait_either
 from engine.database import one_writer, reading
@@ -36,7 +37,7 @@ from engine.telemetry.logs import saga_context
 from engine.telemetry.tracing import inject, process_span
 from engine.topology import Topology
 from engine.transport.base import Delivery, Message, Transport
-from engine.worker.barrier import BarrierBook, guarded
+from engine.worker.barrier import BarrierBook, Rows, guarded, read_rows
 from engine.worker.worker import Registration, Worker
 
 log = logging.getLogger("saga.worker")
@@ -44,6 +45,20 @@ log = logging.getLogger("saga.worker")
 #: On a one-writer database, a handler's transaction open longer than this (seconds)
 #: is logged: everything else that writes waited for it.
 LONG_HOLD = 1.0
+
+#: Key in a worker session's ``info``: when its transaction began on a connection.
+BEGAN = "saga_began"
+
+
+class _TimedSession(Session):
+    """A session that notes when its transaction began on a connection, which on
+    SQLite is when it took the write lock."""
+
+
+@event.listens_for(_TimedSession, "after_begin")
+def _note_begin(session: Session, _transaction: Any, _connection: Any) -> None:
+    session.info[BEGAN] = now()
+
 
 #: A handled delivery: the reply to publish, and the reason to park the command after
 #: it (poison), if any.
@@ -68,7 +83,9 @@ class WorkerRunner:
         self.transport = transport
         self.topology = topology or Topology()
         self.database = database
-        self.sessions = async_sessionmaker(database, expire_on_commit=False)
+        self.sessions = async_sessionmaker(
+            database, expire_on_commit=False, sync_session_class=_TimedSession
+        )
         #: Keep handlers' waiting out of transactions (see the module's docstring).
         self.one_writer = one_writer(database)
         self.concurrency = concurrency
@@ -188,10 +205,11 @@ class WorkerRunner:
 
     async def _handle_each(self, batch: Sequence[tuple[Delivery, Envelope, Registration]]) -> None:
         """Each command in its own transaction; the replies published together."""
+        known = await self._read_ahead([e for _, e, _ in batch]) if self.one_writer else None
         handled: list[Handled] = []
         for delivery, envelope, _ in batch:
             with saga_context(envelope.saga_id, envelope.step), self._span(envelope):
-                one = await self._handle(delivery, envelope)
+                one = await self._handle(delivery, envelope, known)
             metrics.handled.add(
                 1, {"saga.participant": self.worker.name, "saga.kind": envelope.kind}
             )
@@ -251,9 +269,12 @@ class WorkerRunner:
                 await self._send_and_settle([handled])
         metrics.handled.add(1, {"saga.participant": self.worker.name, "saga.kind": envelope.kind})
 
-    async def _handle(self, delivery: Delivery, envelope: Envelope) -> Handled | None:
+    async def _handle(
+        self, delivery: Delivery, envelope: Envelope, known: Rows | None = None
+    ) -> Handled | None:
         """Handle one command in its own transaction; return its reply to send, or
-        None when the delivery was settled here (no handler, or handed back)."""
+        None when the delivery was settled here (no handler, or handed back).
+        ``known``: barrier rows read ahead (see :meth:`_guarded`)."""
         registration = self.worker.registration(envelope.kind, envelope.name)
         if registration is None:
             reason = f"worker {self.worker.name!r} has no {envelope.kind} handler {envelope.name!r}"
@@ -264,7 +285,7 @@ class WorkerRunner:
             return None
         poison: str | None = None
         try:
-            reply = await self._guarded(registration, envelope)
+            reply = await self._guarded(registration, envelope, known)
         except IntegrityError:
             # A concurrent delivery of the same message won the barrier row: try later,
             # when this one will find the row and just re-send the reply.
@@ -293,26 +314,29 @@ class WorkerRunner:
             crashpoint("worker.after_commit")
         return (delivery, self._reply_message(reply), poison)
 
-    async def _guarded(self, registration: Registration, envelope: Envelope) -> Envelope:
-        """The reply to ``envelope``, handled behind the barrier in its own transaction."""
-        async with self.sessions() as session:
-            began: list[float] = []
-            if self.one_writer:
-                event.listen(session.sync_session, "after_begin", lambda *_: began.append(now()))
-            async with session.begin():
-                book = BarrierBook(session, self.worker.name)
-                if self.one_writer:
-                    # Read before the transaction, which begins at the handler's first
-                    # statement: waiting before it holds up no other writer.
-                    async with reading(self.database) as conn:
-                        await book.load([envelope], conn)
-                else:
-                    await book.load([envelope])
-                reply = await guarded(
-                    session, self.worker.name, registration, envelope, book, limits=self.limits
-                )
-                await book.flush()
-        if began and now() - began[0] > LONG_HOLD:
+    async def _guarded(
+        self, registration: Registration, envelope: Envelope, known: Rows | None
+    ) -> Envelope:
+        """The reply to ``envelope``, handled behind the barrier in its own transaction.
+
+        On a one-writer database the barrier rows are read ahead (``known``, shared by
+        a batch and extended by each commit), so the transaction begins only at the
+        handler's first statement: what it awaits before that holds up no other writer.
+        """
+        if self.one_writer and known is None:
+            known = await self._read_ahead([envelope])
+        async with self.sessions() as session, session.begin():
+            book = BarrierBook(session, self.worker.name, known)
+            if known is None:
+                await book.load([envelope])
+            reply = await guarded(
+                session, self.worker.name, registration, envelope, book, limits=self.limits
+            )
+            await book.flush()
+        if known is not None:
+            known.update(book.rows)  # committed
+        began = session.info.get(BEGAN)
+        if self.one_writer and began is not None and now() - began > LONG_HOLD:
             log.warning(
                 "worker %s: %s %s of saga %s kept the database's one write lock %.1fs, "
                 "and every other writer waited: do a handler's slow work before its first "
@@ -321,9 +345,13 @@ class WorkerRunner:
                 envelope.kind,
                 envelope.name,
                 envelope.saga_id,
-                now() - began[0],
+                now() - began,
             )
         return reply
+
+    async def _read_ahead(self, envelopes: Sequence[Envelope]) -> Rows:
+        async with reading(self.database) as conn:
+            return await read_rows(conn, self.worker.name, envelopes)
 
     async def _send_and_settle(self, handled: Sequence[Handled]) -> None:
         """Publish the replies in one go, then settle each delivery: ack it, or park
