@@ -205,7 +205,12 @@ class WorkerRunner:
 
     async def _handle_each(self, batch: Sequence[tuple[Delivery, Envelope, Registration]]) -> None:
         """Each command in its own transaction; the replies published together."""
-        known = await self._read_ahead([e for _, e, _ in batch]) if self.one_writer else None
+        known: Rows | None = None
+        if self.one_writer and len(batch) > 1:
+            try:
+                known = await self._read_ahead([e for _, e, _ in batch])
+            except Exception as exc:  # each command reads its own and replies its error
+                log.warning("worker %s: barrier read failed: %r", self.worker.name, exc)
         handled: list[Handled] = []
         for delivery, envelope, _ in batch:
             with saga_context(envelope.saga_id, envelope.step), self._span(envelope):
