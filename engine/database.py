@@ -2,13 +2,16 @@
 
 SQLite needs care to be a correct embedded store: WAL for readers beside the writer,
 a busy timeout instead of instant "database is locked", and ``BEGIN IMMEDIATE`` so a
-transaction takes the write lock up front rather than failing when it upgrades.
+transaction takes the write lock up front rather than failing when it upgrades (a
+connection that only reads says so, and takes no lock). That lock is the whole file's,
+so a transaction must never wait on anything slow while it holds it.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -24,7 +27,7 @@ from sqlalchemy.exc import (
     NoSuchModuleError,
     OperationalError,
 )
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from engine.errors import ConfigError, DatabaseError
 from engine.redact import redact
@@ -304,6 +307,29 @@ def _drop_closed_connections(engine: AsyncEngine) -> None:
             raise DisconnectionError("the server closed this pooled connection")
 
 
+#: Execution option of a connection that only reads (see :func:`reading`).
+READ_ONLY = "saga_read_only"
+
+
+def one_writer(engine: AsyncEngine) -> bool:
+    """Whether ``engine``'s database has one write lock for everything (SQLite).
+
+    There a transaction that wrote, or began to write, holds up every other writer of
+    the file (engine, relay, timers, other workers) until it ends; on PostgreSQL it
+    holds only the rows it touched.
+    """
+    return engine.dialect.name == "sqlite"
+
+
+@asynccontextmanager
+async def reading(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """A connection for reads only. On SQLite its transaction is a deferred ``BEGIN``:
+    a snapshot beside the writer (WAL) that neither takes the write lock nor waits
+    for it. Elsewhere an ordinary connection."""
+    async with engine.connect() as conn:
+        yield await conn.execution_options(**{READ_ONLY: True})
+
+
 def _tune_sqlite(engine: AsyncEngine) -> None:
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -318,7 +344,9 @@ def _tune_sqlite(engine: AsyncEngine) -> None:
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn: Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # A writer takes the lock up front; a reader must not (see ``reading``).
+        read_only = conn.get_execution_options().get(READ_ONLY, False)
+        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
 def migrations_dir() -> Path:

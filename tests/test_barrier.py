@@ -1,19 +1,22 @@
-"""The participant barrier, through the real worker runtime on SQLite."""
+"""The participant barrier, through the real worker runtime on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+import engine.worker.runner as runner_module
 from engine.clock import utc_now
-from engine.database import create_engine
+from engine.database import create_engine, upgrade
 from engine.errors import BusinessFailure
 from engine.messages import Envelope, MessageKind, Outcome, encode
 from engine.store.schema import barrier
@@ -75,6 +78,28 @@ class Participant:
         async with self.db.connect() as conn:
             rows = await conn.execute(select(barrier).order_by(barrier.c.saga_id, barrier.c.op))
             return [dict(r._mapping) for r in rows]
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
+async def db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[AsyncEngine]:
+    """The participant's database, migrated: SQLite (one write lock for everything, so
+    the runner keeps handlers' waiting out of transactions), then PostgreSQL (row locks,
+    one transaction per batch)."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'saga.db'}"
+        engine = create_engine(url)
+        await upgrade(engine)
+        try:
+            yield engine
+        finally:
+            await engine.dispose()
+        return
+    async with fresh_database(service_url("SAGA_TEST_POSTGRES_URL")) as url:
+        engine = create_engine(url)
+        try:
+            yield engine
+        finally:
+            await engine.dispose()
 
 
 @pytest.fixture
@@ -394,6 +419,79 @@ async def test_reply_that_cannot_be_sent_is_nacked_and_resent_without_a_second_e
     assert reply.outcome is Outcome.SUCCESS
     assert calls["charge_payment"] == 1
     assert await ledger_rows(seeded) == [("o1", "charge", 700)]
+
+
+# -- a handler held while another copy or its compensation goes through ---------------
+
+
+def held_once(worker: Worker, name: str) -> tuple[Worker, asyncio.Event, asyncio.Event]:
+    """A copy of ``worker`` whose first run of handler ``name`` waits, before its first
+    statement, until the returned ``release`` is set; ``entered`` tells it is waiting."""
+    entered, release = asyncio.Event(), asyncio.Event()
+    copy = Worker(worker.name)
+    copy.handlers = dict(worker.handlers)
+    reg = next(r for r in worker.handlers.values() if r.name == name)
+
+    async def handler(command: Any, context: HandlerContext) -> Any:
+        if not entered.is_set():
+            entered.set()
+            await release.wait()
+        return await reg.handler(command, context)
+
+    copy.handlers[(reg.kind, reg.name)] = Registration(reg.name, reg.kind, reg.model, handler)
+    return copy, entered, release
+
+
+async def test_a_duplicate_that_overtakes_a_held_copy_leaves_one_effect(
+    seeded: AsyncEngine, broker: MemoryBroker
+) -> None:
+    worker, entered, release = held_once(payment.worker, "charge_payment")
+    p = await participant(worker, seeded, broker)
+    first = asyncio.create_task(p.deliver(charge()))
+    await asyncio.wait_for(entered.wait(), 30)
+    # The copy goes through while the first one waits: nothing holds it up.
+    second = await p.one_reply(charge())
+    assert second.outcome is Outcome.SUCCESS
+    release.set()
+    # The held one loses the barrier row: its writes roll back, it is handed back...
+    assert await first == (["nack"], [])
+    # ...and redelivered, it re-sends the stored outcome.
+    again = await p.one_reply(charge())
+    assert (again.outcome, again.payload) == (second.outcome, second.payload)
+    assert await ledger_rows(seeded) == [("o1", "charge", 700)]
+    assert await balance(seeded) == 4300
+
+
+async def test_a_compensation_that_overtakes_its_held_action_refuses_it(
+    seeded: AsyncEngine, broker: MemoryBroker
+) -> None:
+    worker, entered, release = held_once(payment.worker, "charge_payment")
+    p = await participant(worker, seeded, broker)
+    action = asyncio.create_task(p.deliver(charge()))
+    await asyncio.wait_for(entered.wait(), 30)
+    undone = await p.one_reply(refund())  # a null compensation, while the action waits
+    assert undone.outcome is Outcome.SUCCESS
+    release.set()
+    assert await action == (["nack"], [])
+    late = await p.one_reply(charge())
+    assert (late.outcome, late.error) == (Outcome.FAILURE, REFUSED)
+    assert await ledger_rows(seeded) == []
+    assert await balance(seeded) == 5000
+
+
+async def test_a_transaction_kept_open_long_on_sqlite_is_logged_with_the_advice(
+    pay: Participant, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(runner_module, "LONG_HOLD", 0.0)  # every transaction is "long"
+    with caplog.at_level(logging.WARNING, logger="saga.worker"):
+        await pay.one_reply(charge())
+    warnings = [r.getMessage() for r in caplog.records if "write lock" in r.getMessage()]
+    if pay.runner.one_writer:
+        (line,) = warnings
+        assert line.startswith("worker payment: command charge_payment of saga o1 kept ")
+        assert line.endswith("before its first statement on ctx.session")
+    else:  # row locks only: nobody else waited
+        assert warnings == []
 
 
 # -- messages the worker cannot take --------------------------------------------------------

@@ -26,7 +26,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 from sqlalchemy import delete, exists, func, insert, select, tuple_
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from engine.clock import utc_now
 from engine.errors import BusinessFailure, LimitError
@@ -66,30 +66,50 @@ class _Row:
     error: str | None
 
 
+#: Barrier rows by (saga, step, op).
+Rows = dict[tuple[str, str, str], _Row]
+
+
+async def read_rows(
+    reader: AsyncSession | AsyncConnection, participant: str, envelopes: Sequence[Envelope]
+) -> Rows:
+    """``participant``'s barrier rows of ``envelopes``' sagas, in one query."""
+    saga_ids = sorted({e.saga_id for e in envelopes})
+    if not saga_ids:
+        return {}
+    where = (
+        barrier.c.saga_id == saga_ids[0] if len(saga_ids) == 1 else barrier.c.saga_id.in_(saga_ids)
+    )
+    result = await reader.execute(
+        select(barrier).where(barrier.c.participant == participant, where)
+    )
+    return {(r.saga_id, r.step, r.op): _Row(r.origin, r.outcome, r.reply, r.error) for r in result}
+
+
 class BarrierBook:
     """The barrier rows of a batch of messages: read in one query, consulted and
     extended in memory as the batch is handled in order (a command and its
-    compensation may share a batch), and written in one statement before the commit."""
+    compensation may share a batch), and written in one statement before the commit.
 
-    def __init__(self, session: AsyncSession, participant: str) -> None:
+    The rows may also be read before the transaction (``rows``): a row that a
+    concurrent copy commits meanwhile still stops this one, on the primary key at
+    :meth:`flush`, since every decision to run something writes a row.
+    """
+
+    def __init__(self, session: AsyncSession, participant: str, rows: Rows | None = None) -> None:
         self.session = session
         self.participant = participant
-        self._rows: dict[tuple[str, str, str], _Row] = {}
+        self._rows: Rows = dict(rows or {})
         self._new: list[dict[str, Any]] = []
 
+    @property
+    def rows(self) -> Rows:
+        """The rows read, and those this book recorded."""
+        return self._rows
+
     async def load(self, envelopes: Sequence[Envelope]) -> None:
-        saga_ids = sorted({e.saga_id for e in envelopes})
-        if not saga_ids:
-            return
-        where = (
-            barrier.c.saga_id == saga_ids[0]
-            if len(saga_ids) == 1
-            else barrier.c.saga_id.in_(saga_ids)
-        )
-        for r in await self.session.execute(
-            select(barrier).where(barrier.c.participant == self.participant, where)
-        ):
-            self._rows[(r.saga_id, r.step, r.op)] = _Row(r.origin, r.outcome, r.reply, r.error)
+        """Read the rows of ``envelopes``' sagas in the session's transaction."""
+        self._rows.update(await read_rows(self.session, self.participant, envelopes))
 
     def get(self, envelope: Envelope, op: str) -> _Row | None:
         return self._rows.get((envelope.saga_id, envelope.step, op))
@@ -135,7 +155,12 @@ async def _run(
 ) -> Envelope:
     """Run the handler in a savepoint and return its reply; a business failure, or a
     reply over the limits (too large, or holding a NUL), undoes its writes and is
-    replied as a failure."""
+    replied as a failure.
+
+    SQLAlchemy begins the savepoint (and the transaction, if the barrier was read
+    before it) at the handler's first statement: what the handler awaits before it
+    first uses its session holds no lock.
+    """
     try:
         command = registration.parse(envelope.payload)
     except ValidationError as exc:

@@ -4,6 +4,11 @@ Per delivery: handle it behind the barrier in one database transaction, commit,
 publish the reply and wait for the broker's confirmation, and only then acknowledge
 the command. A crash anywhere before the ack means redelivery, which the barrier turns
 into a re-sent reply without a second effect.
+
+On a database with one write lock for everything (SQLite, the embedded store) the
+transaction must not be open while a handler waits on something slow, or every other
+writer waits with it: there the barrier is read before the transaction, which then
+begins at the handler's first statement, and each command of a batch has its own.
 """
 
 from __future__ import annotations
@@ -12,12 +17,16 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
+from time import monotonic as now
 from typing import Any
 
+from sqlalchemy import event
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+from sqlalchemy.orm import Session
 
 from engine._aio import batched, wait_either
+from engine.database import one_writer, reading
 from engine.errors import DecodeError, SagaError
 from engine.faults import crashpoint
 from engine.limits import DEFAULT_LIMITS, Limits
@@ -28,10 +37,32 @@ from engine.telemetry.logs import saga_context
 from engine.telemetry.tracing import inject, process_span
 from engine.topology import Topology
 from engine.transport.base import Delivery, Message, Transport
-from engine.worker.barrier import BarrierBook, guarded
+from engine.worker.barrier import BarrierBook, Rows, guarded, read_rows
 from engine.worker.worker import Registration, Worker
 
 log = logging.getLogger("saga.worker")
+
+#: On a one-writer database, a handler's transaction open longer than this (seconds)
+#: is logged: everything else that writes waited for it.
+LONG_HOLD = 1.0
+
+#: Key in a worker session's ``info``: when its transaction began on a connection.
+BEGAN = "saga_began"
+
+
+class _TimedSession(Session):
+    """A session that notes when its transaction began on a connection, which on
+    SQLite is when it took the write lock."""
+
+
+@event.listens_for(_TimedSession, "after_begin")
+def _note_begin(session: Session, _transaction: Any, _connection: Any) -> None:
+    session.info[BEGAN] = now()
+
+
+#: A handled delivery: the reply to publish, and the reason to park the command after
+#: it (poison), if any.
+Handled = tuple[Delivery, Message, str | None]
 
 
 class WorkerRunner:
@@ -51,7 +82,12 @@ class WorkerRunner:
         self.worker = worker
         self.transport = transport
         self.topology = topology or Topology()
-        self.sessions = async_sessionmaker(database, expire_on_commit=False)
+        self.database = database
+        self.sessions = async_sessionmaker(
+            database, expire_on_commit=False, sync_session_class=_TimedSession
+        )
+        #: Keep handlers' waiting out of transactions (see the module's docstring).
+        self.one_writer = one_writer(database)
         self.concurrency = concurrency
         #: Most commands handled in one transaction.
         self.batch_size = batch_size
@@ -142,10 +178,10 @@ class WorkerRunner:
                 await self._handle_one(delivery, envelope)
                 continue
             batch.append((delivery, envelope, registration))
-        if len(batch) == 1:
-            await self._handle_one(batch[0][0], batch[0][1])
-            return
         if not batch:
+            return
+        if len(batch) == 1 or self.one_writer:
+            await self._handle_each(batch)
             return
         try:
             replies = await self._handle_together(batch)
@@ -156,10 +192,9 @@ class WorkerRunner:
                 len(batch),
                 exc,
             )
-            for delivery, envelope, _ in batch:
-                await self._handle_one(delivery, envelope)
+            await self._handle_each(batch)
             return
-        handled: list[tuple[Delivery, Message, str | None]] = []
+        handled: list[Handled] = []
         for (delivery, envelope, _), reply in zip(batch, replies, strict=True):
             crashpoint("worker.after_commit")
             metrics.handled.add(
@@ -167,6 +202,26 @@ class WorkerRunner:
             )
             handled.append((delivery, reply, None))
         await self._send_and_settle(handled)
+
+    async def _handle_each(self, batch: Sequence[tuple[Delivery, Envelope, Registration]]) -> None:
+        """Each command in its own transaction; the replies published together."""
+        known: Rows | None = None
+        if self.one_writer and len(batch) > 1:
+            try:
+                known = await self._read_ahead([e for _, e, _ in batch])
+            except Exception as exc:  # each command reads its own and replies its error
+                log.warning("worker %s: barrier read failed: %r", self.worker.name, exc)
+        handled: list[Handled] = []
+        for delivery, envelope, _ in batch:
+            with saga_context(envelope.saga_id, envelope.step), self._span(envelope):
+                one = await self._handle(delivery, envelope, known)
+            metrics.handled.add(
+                1, {"saga.participant": self.worker.name, "saga.kind": envelope.kind}
+            )
+            if one is not None:
+                handled.append(one)
+        if handled:
+            await self._send_and_settle(handled)
 
     async def _handle_together(
         self, batch: Sequence[tuple[Delivery, Envelope, Registration]]
@@ -214,10 +269,17 @@ class WorkerRunner:
 
     async def _handle_one(self, delivery: Delivery, envelope: Envelope) -> None:
         with saga_context(envelope.saga_id, envelope.step), self._span(envelope):
-            await self._handle(delivery, envelope)
+            handled = await self._handle(delivery, envelope)
+            if handled is not None:
+                await self._send_and_settle([handled])
         metrics.handled.add(1, {"saga.participant": self.worker.name, "saga.kind": envelope.kind})
 
-    async def _handle(self, delivery: Delivery, envelope: Envelope) -> None:
+    async def _handle(
+        self, delivery: Delivery, envelope: Envelope, known: Rows | None = None
+    ) -> Handled | None:
+        """Handle one command in its own transaction; return its reply to send, or
+        None when the delivery was settled here (no handler, or handed back).
+        ``known``: barrier rows read ahead (see :meth:`_guarded`)."""
         registration = self.worker.registration(envelope.kind, envelope.name)
         if registration is None:
             reason = f"worker {self.worker.name!r} has no {envelope.kind} handler {envelope.name!r}"
@@ -225,19 +287,16 @@ class WorkerRunner:
             # The saga learns of it (and compensates); the message is kept for a look.
             await self._reply(envelope.reply(Outcome.FAILURE, error=reason))
             await delivery.dead_letter(reason)
-            return
+            return None
         poison: str | None = None
         try:
-            async with self.sessions() as session, session.begin():
-                reply = await guarded(
-                    session, self.worker.name, registration, envelope, limits=self.limits
-                )
+            reply = await self._guarded(registration, envelope, known)
         except IntegrityError:
             # A concurrent delivery of the same message won the barrier row: try later,
             # when this one will find the row and just re-send the reply.
             await delivery.nack()
             await self._pause()
-            return
+            return None
         except Exception as exc:
             log.warning(
                 "worker %s: %s %s of saga %s raised %r",
@@ -258,11 +317,48 @@ class WorkerRunner:
                 )
         else:
             crashpoint("worker.after_commit")
-        await self._send_and_settle([(delivery, self._reply_message(reply), poison)])
+        return (delivery, self._reply_message(reply), poison)
 
-    async def _send_and_settle(
-        self, handled: Sequence[tuple[Delivery, Message, str | None]]
-    ) -> None:
+    async def _guarded(
+        self, registration: Registration, envelope: Envelope, known: Rows | None
+    ) -> Envelope:
+        """The reply to ``envelope``, handled behind the barrier in its own transaction.
+
+        On a one-writer database the barrier rows are read ahead (``known``, shared by
+        a batch and extended by each commit), so the transaction begins only at the
+        handler's first statement: what it awaits before that holds up no other writer.
+        """
+        if self.one_writer and known is None:
+            known = await self._read_ahead([envelope])
+        async with self.sessions() as session, session.begin():
+            book = BarrierBook(session, self.worker.name, known)
+            if known is None:
+                await book.load([envelope])
+            reply = await guarded(
+                session, self.worker.name, registration, envelope, book, limits=self.limits
+            )
+            await book.flush()
+        if known is not None:
+            known.update(book.rows)  # committed
+        began = session.info.get(BEGAN)
+        if self.one_writer and began is not None and now() - began > LONG_HOLD:
+            log.warning(
+                "worker %s: %s %s of saga %s kept the database's one write lock %.1fs, "
+                "and every other writer waited: do a handler's slow work before its first "
+                "statement on ctx.session",
+                self.worker.name,
+                envelope.kind,
+                envelope.name,
+                envelope.saga_id,
+                now() - began,
+            )
+        return reply
+
+    async def _read_ahead(self, envelopes: Sequence[Envelope]) -> Rows:
+        async with reading(self.database) as conn:
+            return await read_rows(conn, self.worker.name, envelopes)
+
+    async def _send_and_settle(self, handled: Sequence[Handled]) -> None:
         """Publish the replies in one go, then settle each delivery: ack it, or park
         it when it is poison. If the broker refused the replies, every delivery goes
         back to it (the barrier re-sends their stored outcomes) after a pause."""

@@ -19,8 +19,10 @@ from engine.messages import MessageKind
 class HandlerContext:
     """What a handler gets besides its command.
 
-    ``session`` is the worker's open database transaction: business writes made with
-    it commit together with the barrier row, or not at all.
+    ``session`` is the worker's database transaction: business writes made with it
+    commit together with the barrier row, or not at all. On SQLite it begins at the
+    handler's first statement and holds the file's one write lock until the handler
+    returns, so a handler does its slow work (calls, waiting) before using it.
     """
 
     session: AsyncSession
