@@ -28,6 +28,7 @@ from engine.transport.kafka_options import KafkaOptions
 from tests.brokers import BrokerObjects, drop_after_test, saga_participants, topology_objects
 from tests.pg import drop_database
 from workers import ledger
+from workers.demo import WORKERS
 
 
 def service_url(variable: str) -> str:
@@ -133,6 +134,7 @@ class Cluster:
             "SAGA_BROKER_URL": self.broker_url,
             "SAGA_TOPIC_PREFIX": self.prefix,
             "SAGA_SAGAS": "sagas.order",
+            "SAGA_WORKERS": ",".join(WORKERS),  # ``sagactl worker inventory`` and the others
             "PYTHONUNBUFFERED": "1",
             **self.extra_env,
         }
