@@ -128,7 +128,7 @@ def test_the_example_is_configured_and_migrated(projects: dict[str, dict[str, An
         env = services[name]["environment"]
         assert services[name]["command"] == ["worker", name]
         assert load_worker(name, env["SAGA_WORKERS"].split(",")).name == name
-    assert "ENV PYTHONPATH=/app" in services["engine"]["build"]["dockerfile_inline"]
+    assert "ENV PYTHONPATH=/app/example" in services["engine"]["build"]["dockerfile_inline"]
 
 
 @pytest.mark.parametrize("profile", ["kafka", "rabbitmq"])

@@ -3,15 +3,18 @@
 
 What it installs must not stand in for the user's packages nor they for it: the
 engine's migrations are found by path, the example is not installed, and a saga of the
-user's own runs. The virtualenv has no access to this checkout nor to the test
-environment's packages; its dependencies come from a wheelhouse in ``.cache/`` that
-the first run fills from the package index (later runs install offline).
+user's own runs. The example itself runs on the installed wheel from a directory of
+its own, as compose.yaml's image runs it. The virtualenv has no access to this
+checkout nor to the test environment's packages; its dependencies come from a
+wheelhouse in ``.cache/`` that the first run fills from the package index (later runs
+install offline).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -139,10 +142,12 @@ PROJECT = {
 }
 
 
-def _run(*args: str | Path, **kwargs: object) -> subprocess.CompletedProcess[str]:
+def _run(
+    *args: str | Path, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(a) for a in args], capture_output=True, text=True, timeout=300, **kwargs
-    )  # type: ignore[call-overload, no-any-return]
+        [str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def _pip(*args: str | Path) -> subprocess.CompletedProcess[str]:
@@ -234,3 +239,29 @@ def test_a_users_own_saga_beside_its_own_migrations_and_sagas_packages(
     demo = _run(sagactl, "demo", "-n", "1", cwd=project, env=env)
     assert demo.returncode == 1
     assert "checkout of the saga-engine repository" in demo.stderr
+
+
+def test_the_example_runs_on_the_installed_wheel_from_a_directory_of_its_own(
+    venv: Path, tmp_path: Path
+) -> None:
+    """As compose.yaml's image runs it: the wheel installed, the example beside it."""
+    example = tmp_path / "example"
+    for package in ("sagas", "workers"):
+        shutil.copytree(
+            ROOT / package, example / package, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    env = {
+        "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}",
+        "HOME": str(tmp_path),
+        "PYTHONPATH": str(example),
+        "SAGA_DATABASE_URL": f"sqlite:///{tmp_path / 'example.db'}",
+    }
+    sagactl = venv / "bin" / "sagactl"
+    upgraded = _run(
+        sagactl, "db", "upgrade", "--scripts", "workers/migrations", cwd=example, env=env
+    )
+    assert upgraded.returncode == 0, upgraded.stderr
+    demo = _run(sagactl, "--json", "demo", "-n", "6", cwd=example, env=env)
+    assert demo.returncode == 0, demo.stderr
+    summary = json.loads(demo.stdout)
+    assert (summary["orders"], summary["unfinished"], summary["inconsistent_orders"]) == (6, 0, 0)
