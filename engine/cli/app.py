@@ -489,7 +489,8 @@ def db_upgrade(options: Options, revision: str, scripts: tuple[str, ...]) -> Non
 @_json_option
 @pass_options
 def demo(options: Options, orders: int, seed: int, timeout: float) -> None:
-    """Run engine and the three example workers in this process and place orders.
+    """Run the example (from a checkout of the repository): the engine and its three
+    workers in this process, their tables migrated first; place orders.
 
     Some orders fail on purpose at each step (out of stock, insufficient funds,
     undeliverable address) and are compensated. Ends with the outcomes and the
