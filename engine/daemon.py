@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import importlib
 import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -22,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from engine.database import check_schema, create_engine, upgrade
 from engine.errors import ConfigError, SagaError
+from engine.loader import load_worker
 from engine.orchestrator import Engine, EngineSettings
 from engine.registry import SagaRegistry
 from engine.relay import OutboxRelay
@@ -39,34 +39,8 @@ from engine.transport.base import Transport
 from engine.transport.factory import messaging_system, transport_from_url
 from engine.worker import barrier
 from engine.worker.runner import WorkerRunner
-from engine.worker.worker import Worker
 
 log = logging.getLogger("saga.daemon")
-
-#: Short names of the example participants.
-EXAMPLE_WORKERS = {
-    "inventory": "workers.inventory:worker",
-    "payment": "workers.payment:worker",
-    "shipment": "workers.shipment:worker",
-}
-
-
-def load_worker(spec: str) -> Worker:
-    """``inventory`` (an example) or ``package.module:attribute``."""
-    path = EXAMPLE_WORKERS.get(spec, spec)
-    module_name, sep, attribute = path.partition(":")
-    if not sep or not module_name or not attribute:
-        raise ConfigError(
-            f"unknown worker {spec!r}: use one of {', '.join(EXAMPLE_WORKERS)} or module:object"
-        )
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"cannot import worker module {module_name!r}: {exc}") from None
-    worker = getattr(module, attribute, None)
-    if not isinstance(worker, Worker):
-        raise ConfigError(f"{path!r} is not a saga-engine Worker")
-    return worker
 
 
 async def _serve(
@@ -232,6 +206,10 @@ def engine_settings(settings: Settings) -> EngineSettings:
 
 async def run_engine(settings: Settings, *, migrate: bool, grace: float) -> None:
     registry = SagaRegistry.from_modules(settings.saga_modules)
+    if not len(registry):
+        raise ConfigError(
+            "no sagas to serve: name their modules in SAGA_SAGAS (or sagactl --sagas)"
+        )
     topology = Topology(settings.topic_prefix)
     signing = settings.message_signing
     database = create_engine(settings.database_url)
@@ -286,7 +264,7 @@ async def run_engine(settings: Settings, *, migrate: bool, grace: float) -> None
 async def run_worker(
     settings: Settings, spec: str, *, concurrency: int, migrate: bool, grace: float
 ) -> None:
-    worker = load_worker(spec)
+    worker = load_worker(spec, settings.worker_paths)
     topology = Topology(settings.topic_prefix)
     signing = settings.message_signing
     database = create_engine(settings.database_url)

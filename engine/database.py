@@ -10,7 +10,7 @@ so a transaction must never wait on anything slow while it holds it.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -349,40 +349,143 @@ def _tune_sqlite(engine: AsyncEngine) -> None:
         conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
+#: The engine's Alembic version table; a participant's history keeps its own.
+ENGINE_VERSION_TABLE = "alembic_version"
+
+
 def migrations_dir() -> Path:
-    import migrations
+    """The engine's Alembic scripts, found by path and never imported: a project's own
+    ``migrations`` package must not stand in for them.
 
-    return Path(migrations.__file__).parent
+    An installed wheel carries them inside the package (``engine/_migrations``, copied
+    there from the repository's ``migrations/`` at build time); in a checkout they are
+    ``migrations/`` beside ``engine/``.
+    """
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "_migrations", package.parent / "migrations"):
+        if (candidate / "env.py").is_file():
+            return candidate
+    raise ConfigError(
+        f"the engine's migrations are missing beside {package}: reinstall saga-engine"
+    )
 
 
-def _alembic_config(connection: Connection | None = None) -> Any:
+def _alembic_config(location: str | Path, connection: Connection | None = None) -> Any:
     from alembic.config import Config
 
     cfg = Config()
-    cfg.set_main_option("script_location", str(migrations_dir()))
+    cfg.set_main_option("script_location", str(location))
     if connection is not None:
         cfg.attributes["connection"] = connection
     return cfg
 
 
 def head_revisions() -> set[str]:
+    """The heads of the engine's own history (what :func:`check_schema` expects)."""
     from alembic.script import ScriptDirectory
 
-    return set(ScriptDirectory.from_config(_alembic_config()).get_heads())
+    return set(ScriptDirectory.from_config(_alembic_config(migrations_dir())).get_heads())
 
 
-async def upgrade(engine: AsyncEngine, revision: str = "heads") -> None:
-    """Apply the Alembic migrations up to ``revision`` on ``engine``'s database."""
+async def upgrade(
+    engine: AsyncEngine, revision: str = "heads", *, scripts: Iterable[str | Path] = ()
+) -> None:
+    """Apply the engine's migrations up to ``revision`` on ``engine``'s database, then
+    each participant history in ``scripts`` to its heads, each in its own transaction.
+
+    A history in ``scripts`` is an Alembic scripts directory (a path, or
+    ``package:directory``) whose ``env.py`` calls :func:`run_env` with a version table
+    of its own, so it and the engine's never mix.
+    """
+    histories = [(migrations_dir(), revision), *((location, "heads") for location in scripts)]
+    for location, target in histories:
+        await _upgrade_one(engine, location, target)
+
+
+async def _upgrade_one(engine: AsyncEngine, location: str | Path, revision: str) -> None:
     from alembic import command
+    from alembic.util import CommandError
+
+    where = _scripts_directory(location)
 
     def run(connection: Connection) -> None:
-        command.upgrade(_alembic_config(connection), revision)
+        command.upgrade(_alembic_config(location, connection), revision)
 
     try:
         async with engine.begin() as conn:
             await conn.run_sync(run)
     except (DBAPIError, OSError) as exc:
         raise _unusable(engine, exc, "cannot migrate") from None
+    except (CommandError, ImportError) as exc:  # no env.py, a revision it does not have
+        raise ConfigError(f"cannot migrate with the Alembic scripts {where!r}: {exc}") from None
+
+
+def _scripts_directory(location: str | Path) -> str:
+    """``location`` as text, checked when it is a path (``package:dir`` is Alembic's)."""
+    where = str(location)
+    if ":" not in where and not Path(where).is_dir():
+        raise ConfigError(f"no Alembic scripts directory {where!r}")
+    return where
+
+
+def run_env(*, version_table: str, target_metadata: Any = None) -> None:
+    """The body of an Alembic ``env.py``, the engine's and a participant's alike.
+
+    Migrates the connection that :func:`upgrade` (``sagactl db upgrade``) hands in, or,
+    under the ``alembic`` command itself, the ini file's ``sqlalchemy.url`` or else
+    ``SAGA_DATABASE_URL``. ``version_table`` keeps the histories apart: the engine's is
+    ``alembic_version``; each participant (or application) names its own. With
+    ``target_metadata``, ``alembic revision --autogenerate`` compares only its tables:
+    the engine's tables, or another history's, are not this one's to drop.
+    """
+    import asyncio
+
+    from alembic import context
+
+    location = Path(context.script.dir).resolve()
+    if version_table == ENGINE_VERSION_TABLE and location != migrations_dir().resolve():
+        raise ConfigError(
+            f"the Alembic scripts at {str(location)!r} use the engine's version table "
+            f"{ENGINE_VERSION_TABLE!r}: give run_env a version_table of their own"
+        )
+    tables = {t.name for m in _metadatas(target_metadata) for t in m.sorted_tables}
+
+    def include(_obj: Any, name: str | None, type_: str, reflected: bool, _other: Any) -> bool:
+        return type_ != "table" or not reflected or name in tables
+
+    def run(connection: Connection) -> None:
+        context.configure(
+            connection=connection,
+            target_metadata=target_metadata,
+            version_table=version_table,
+            include_object=include,
+            render_as_batch=connection.dialect.name == "sqlite",
+        )
+        with context.begin_transaction():
+            context.run_migrations()
+
+    connection = context.config.attributes.get("connection")
+    if connection is not None:
+        run(connection)
+        return
+    asyncio.run(_run_from_url(context.config.get_main_option("sqlalchemy.url"), run))
+
+
+async def _run_from_url(url: str | None, run: Callable[[Connection], None]) -> None:
+    from engine.settings import Settings
+
+    engine = create_engine(url or Settings().database_url)
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(run)
+    finally:
+        await engine.dispose()
+
+
+def _metadatas(target: Any) -> list[Any]:
+    if target is None:
+        return []
+    return list(target) if isinstance(target, list | tuple) else [target]
 
 
 async def current_revisions(engine: AsyncEngine) -> set[str]:

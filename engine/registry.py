@@ -47,7 +47,9 @@ class SagaRegistry:
 
     def _known(self) -> str:
         names = sorted({n for n, _ in self._sagas})
-        return f" (known: {', '.join(names)})" if names else " (no sagas are loaded)"
+        if names:
+            return f" (known: {', '.join(names)})"
+        return " (no sagas are loaded): name their modules in SAGA_SAGAS or sagactl --sagas"
 
     @classmethod
     def from_modules(cls, paths: Iterable[str]) -> SagaRegistry:

@@ -96,8 +96,11 @@ class Settings(BaseSettings):
     database_url: str = DEFAULT_DATABASE_URL
     #: ``memory://`` (in-process), ``kafka://host:9092`` or ``amqp://user:pass@host/vhost``.
     broker_url: str = "memory://"
-    #: Comma-separated module paths holding saga definitions.
-    sagas: str = "sagas.order"
+    #: Comma-separated module paths holding saga definitions (none by default).
+    sagas: str = ""
+    #: Comma-separated ``module:object`` paths of workers, which ``sagactl worker NAME``
+    #: then finds by their participant name (none by default).
+    workers: str = ""
     #: Prefix of every topic / queue name.
     topic_prefix: str = Field(default="saga", pattern=r"^[A-Za-z0-9._-]+$")
     #: Port of the daemons' /healthz, /readyz and /metrics endpoint; off when unset.
@@ -249,7 +252,7 @@ class Settings(BaseSettings):
         """As Kafka writes them, whatever the case; an empty mechanism is none."""
         return (value.strip().upper() or None) if isinstance(value, str) else value
 
-    @field_validator("sagas")
+    @field_validator("sagas", "workers")
     @classmethod
     def _strip(cls, value: str) -> str:
         return ",".join(p.strip() for p in value.split(",") if p.strip())
@@ -257,6 +260,11 @@ class Settings(BaseSettings):
     @property
     def saga_modules(self) -> list[str]:
         return [p for p in self.sagas.split(",") if p]
+
+    @property
+    def worker_paths(self) -> list[str]:
+        """``SAGA_WORKERS`` as a list of ``module:object`` paths."""
+        return [p for p in self.workers.split(",") if p]
 
     @property
     def message_signing(self) -> Signing:

@@ -1,46 +1,12 @@
-"""Alembic environment.
+"""The engine's Alembic environment (its version table is ``alembic_version``).
 
-``engine.database.upgrade`` hands in a live connection (so migrations run inside the
-caller's event loop); the ``alembic`` command line falls back to ``SAGA_DATABASE_URL``.
+Run by ``sagactl db upgrade`` (``engine.database.upgrade``), which finds this
+directory by path; the ``alembic`` command line falls back to ``SAGA_DATABASE_URL``.
 """
 
 from __future__ import annotations
 
-import asyncio
-import os
-
-from alembic import context
-from sqlalchemy.engine import Connection
-
+from engine.database import ENGINE_VERSION_TABLE, run_env
 from engine.store.schema import metadata
 
-config = context.config
-
-
-def run_with(connection: Connection) -> None:
-    context.configure(
-        connection=connection,
-        target_metadata=metadata,
-        render_as_batch=connection.dialect.name == "sqlite",
-    )
-    with context.begin_transaction():
-        context.run_migrations()
-
-
-async def run_from_url(url: str) -> None:
-    from engine.database import create_engine
-
-    engine = create_engine(url)
-    async with engine.begin() as conn:
-        await conn.run_sync(run_with)
-    await engine.dispose()
-
-
-connection = config.attributes.get("connection")
-if connection is not None:
-    run_with(connection)
-else:
-    url = config.get_main_option("sqlalchemy.url") or os.environ.get(
-        "SAGA_DATABASE_URL", "sqlite:///saga.db"
-    )
-    asyncio.run(run_from_url(url))
+run_env(version_table=ENGINE_VERSION_TABLE, target_metadata=metadata)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -13,6 +14,13 @@ from tests.brokers import drop_queued
 from tests.e2e import fresh_database, service_url
 from tests.helpers import EmbeddedSystem
 from tests.services import BROKERS
+from workers import ledger
+from workers.demo import SAGAS, WORKERS
+
+# The example, configured as a checkout's user configures it (README): the library
+# itself names no saga module and no worker.
+os.environ.setdefault("SAGA_SAGAS", ",".join(SAGAS))
+os.environ.setdefault("SAGA_WORKERS", ",".join(WORKERS))
 
 
 @pytest.fixture(autouse=True)
@@ -40,9 +48,9 @@ def postgres_url() -> str:
 
 @pytest.fixture
 async def db(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
-    """A temp SQLite database migrated to head by the Alembic migrations."""
+    """A temp SQLite database migrated to head: the engine's and the example's histories."""
     engine = create_engine(f"sqlite:///{tmp_path / 'saga.db'}")
-    await upgrade(engine)
+    await upgrade(engine, scripts=[ledger.MIGRATIONS])
     try:
         yield engine
     finally:

@@ -27,6 +27,8 @@ from engine.settings import Settings
 from engine.transport.kafka_options import KafkaOptions
 from tests.brokers import BrokerObjects, drop_after_test, saga_participants, topology_objects
 from tests.pg import drop_database
+from workers import ledger
+from workers.demo import WORKERS
 
 
 def service_url(variable: str) -> str:
@@ -68,7 +70,8 @@ def kafka_sasl_ssl(mechanism: str = "SCRAM-SHA-512") -> tuple[str, dict[str, str
 
 @asynccontextmanager
 async def fresh_database(base_url: str, *, migrate: bool = True) -> AsyncIterator[str]:
-    """A new PostgreSQL database, migrated unless told otherwise; dropped afterwards.
+    """A new PostgreSQL database, migrated unless told otherwise (the engine's and the
+    example's histories); dropped afterwards.
 
     Connected to as the engine connects (``sslmode`` and all)."""
     url = parse_url(base_url)
@@ -79,7 +82,7 @@ async def fresh_database(base_url: str, *, migrate: bool = True) -> AsyncIterato
         db_url = url.set(database=name).render_as_string(hide_password=False)
         if migrate:
             engine = create_engine(db_url)
-            await upgrade(engine)
+            await upgrade(engine, scripts=[ledger.MIGRATIONS])
             await engine.dispose()
         yield db_url
     finally:
@@ -131,6 +134,7 @@ class Cluster:
             "SAGA_BROKER_URL": self.broker_url,
             "SAGA_TOPIC_PREFIX": self.prefix,
             "SAGA_SAGAS": "sagas.order",
+            "SAGA_WORKERS": ",".join(WORKERS),  # ``sagactl worker inventory`` and the others
             "PYTHONUNBUFFERED": "1",
             **self.extra_env,
         }

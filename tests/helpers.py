@@ -282,7 +282,7 @@ class EmbeddedSystem:
     # -- lifecycle ---------------------------------------------------------------
 
     async def __aenter__(self) -> EmbeddedSystem:
-        await upgrade(self.db)
+        await upgrade(self.db, scripts=[ledger.MIGRATIONS])
         await ledger.seed(self.db, stock_by_sku=self.stock, balances=self.balances)
         try:
             await self.start_engine()

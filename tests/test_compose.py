@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 
+from engine.loader import load_worker
+
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "compose.yaml"
 CHECKER = ROOT / "tests" / "compose_check"
@@ -115,6 +117,18 @@ def test_engine_and_workers_wait_for_migrate_and_database(
     migrate = services["migrate"]
     assert migrate["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert migrate["restart"] == "no"
+
+
+def test_the_example_is_configured_and_migrated(projects: dict[str, dict[str, Any]]) -> None:
+    """The image does not install the example: its modules are configured by path,
+    each worker service names one of SAGA_WORKERS, and migrate runs its history."""
+    services = projects["kafka"]["services"]
+    assert services["migrate"]["command"] == ["db", "upgrade", "--scripts", "workers/migrations"]
+    for name in SAGA - {"engine"}:
+        env = services[name]["environment"]
+        assert services[name]["command"] == ["worker", name]
+        assert load_worker(name, env["SAGA_WORKERS"].split(",")).name == name
+    assert "ENV PYTHONPATH=/app/example" in services["engine"]["build"]["dockerfile_inline"]
 
 
 @pytest.mark.parametrize("profile", ["kafka", "rabbitmq"])

@@ -56,6 +56,8 @@ def fails_in_one_line(env: dict[str, str], *args: str) -> str:
         (["worker", "no.such.module:worker"], {}, "cannot import worker module"),
         (["worker", "engine:Engine"], {}, "is not a saga-engine Worker"),
         (["engine"], {"SAGA_SAGAS": "no.such.sagas"}, "cannot import saga module"),
+        (["engine", "--broker-url", "memory://"], {"SAGA_SAGAS": ""}, "no sagas to serve"),
+        (["worker", "payment"], {"SAGA_WORKERS": ""}, "SAGA_WORKERS is empty"),
         (
             ["engine", "--broker-url", "kafka://127.0.0.1:1"],
             {},

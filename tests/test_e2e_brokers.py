@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from engine.cli.demo import BALANCES, STOCK, UNDELIVERABLE, plan_orders
 from engine.client import SagaClient
 from engine.database import create_engine
 from engine.messages import Envelope, MessageKind, Outcome
@@ -30,6 +29,7 @@ from tests.e2e import (
 from tests.services import BROKERS
 from tests.tls import Secured
 from workers import ledger
+from workers.demo import BALANCES, STOCK, UNDELIVERABLE, plan_orders
 
 pytestmark = pytest.mark.integration
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from engine.cli.demo import BALANCES, STOCK
 from engine.client import SagaClient
 from engine.database import create_engine
 from engine.messages import Envelope, MessageKind, Outcome, encode
@@ -22,6 +21,7 @@ from engine.transport.factory import transport_from_url
 from tests.e2e import Cluster, fresh_database, service_url, wait_until
 from tests.limit_sagas import BIG_CHARGE_PADDING
 from workers import ledger
+from workers.demo import BALANCES, STOCK
 
 pytestmark = pytest.mark.integration
 

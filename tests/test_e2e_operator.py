@@ -20,7 +20,6 @@ from typing import Any
 
 import pytest
 
-from engine.cli.demo import BALANCES, STOCK
 from engine.client import SagaClient
 from engine.database import create_engine
 from engine.registry import SagaRegistry
@@ -31,6 +30,7 @@ from engine.transport.factory import transport_from_url
 from tests.e2e import Cluster, fresh_database, sagactl, wait_until
 from tests.operator_fixtures import RELEASE_FAILS, SWITCHES, brittle_order, legacy_order
 from workers import ledger
+from workers.demo import BALANCES, STOCK
 
 pytestmark = pytest.mark.integration
 

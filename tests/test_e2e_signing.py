@@ -17,7 +17,6 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from engine.cli.demo import BALANCES, STOCK
 from engine.client import SagaClient
 from engine.database import create_engine
 from engine.messages import Envelope, encode
@@ -29,6 +28,7 @@ from engine.transport.factory import transport_from_url
 from tests.e2e import Cluster, fresh_database, wait_until
 from tests.helpers import charge_command
 from workers import ledger, payment
+from workers.demo import BALANCES, STOCK
 
 pytestmark = pytest.mark.integration
 

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from engine.cli.demo import BALANCES, STOCK
 from engine.database import create_engine
 from tests.e2e import Cluster, fresh_database, sagactl, service_url, wait_until
 from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
 from workers import ledger
+from workers.demo import BALANCES, STOCK
 
 pytestmark = pytest.mark.integration
 

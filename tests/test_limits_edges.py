@@ -50,7 +50,7 @@ async def database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncItera
     """A migrated, seeded database: SQLite, then a fresh PostgreSQL one."""
     if request.param == "sqlite":
         db = create_engine(f"sqlite:///{tmp_path / 'limits.db'}")
-        await upgrade(db)
+        await upgrade(db, scripts=[ledger.MIGRATIONS])
         await ledger.seed(db, stock_by_sku=STOCK, balances=BALANCES)
         try:
             yield db

@@ -7,6 +7,7 @@ each order's net effect matching how its saga ended.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 from pydantic import BaseModel
 from sqlalchemy import delete, func, insert, select, update
@@ -15,6 +16,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from workers.inventory import reservations, stock
 from workers.payment import accounts, ledger
 from workers.shipment import shipments
+
+#: The example's own Alembic history (version table ``saga_example_version``):
+#: ``sagactl db upgrade --scripts workers/migrations``.
+MIGRATIONS = str(Path(__file__).resolve().parent / "migrations")
 
 
 class LedgerTotals(BaseModel):

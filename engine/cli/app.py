@@ -107,7 +107,7 @@ pass_options = click.make_pass_decorator(Options)
 @click.option(
     "--sagas",
     metavar="MODULES",
-    help="comma-separated modules with saga definitions [env SAGA_SAGAS; default sagas.order]",
+    help="comma-separated modules with saga definitions [env SAGA_SAGAS; none by default]",
 )
 @click.option("--json", "as_json", is_flag=True, help="machine-readable JSON on stdout")
 @click.version_option(package_name="saga-engine")
@@ -467,10 +467,19 @@ def db() -> None:
 
 
 @db.command(name="upgrade")
-@click.option("--revision", default="heads", show_default=True)
+@click.option("--revision", default="heads", show_default=True, help="of the engine's own history")
+@click.option(
+    "--scripts",
+    "scripts",
+    multiple=True,
+    metavar="DIR",
+    help="then a participant's Alembic scripts (a directory, or package:dir), to its "
+    "heads; repeatable",
+)
 @pass_options
-def db_upgrade(options: Options, revision: str) -> None:
-    """Create or migrate the engine's tables (Alembic)."""
+def db_upgrade(options: Options, revision: str, scripts: tuple[str, ...]) -> None:
+    """Create or migrate the engine's tables (Alembic), then the participants' tables
+    of each --scripts history (each keeps its own version table)."""
 
     from engine.cli import render
     from engine.database import create_engine, upgrade
@@ -478,12 +487,13 @@ def db_upgrade(options: Options, revision: str) -> None:
     async def go() -> None:
         engine = create_engine(options.settings.database_url)
         try:
-            await upgrade(engine, revision)
+            await upgrade(engine, revision, scripts=scripts)
         finally:
             await engine.dispose()
 
     run(go())
-    stderr.print(f"database migrated to {render.shown(revision)}")
+    also = "".join(f"; {render.shown(location)} to heads" for location in scripts)
+    stderr.print(f"database migrated to {render.shown(revision)}{also}")
 
 
 @cli.command()
@@ -506,7 +516,8 @@ def db_upgrade(options: Options, revision: str) -> None:
 @_json_option
 @pass_options
 def demo(options: Options, orders: int, seed: int, timeout: float) -> None:
-    """Run engine and the three example workers in this process and place orders.
+    """Run the example (from a checkout of the repository): the engine and its three
+    workers in this process, their tables migrated first; place orders.
 
     Some orders fail on purpose at each step (out of stock, insufficient funds,
     undeliverable address) and are compensated. Ends with the outcomes and the
@@ -659,8 +670,9 @@ def worker_cmd(
     log_format: str | None,
     log_level: str,
 ) -> None:
-    """Run participant NAME (inventory, payment, shipment, or module:object); prunes
-    its barrier rows older than SAGA_BARRIER_RETENTION on a schedule."""
+    """Run participant NAME: a module:object holding a Worker, or the name of one of
+    the workers SAGA_WORKERS lists; prunes its barrier rows older than
+    SAGA_BARRIER_RETENTION on a schedule."""
     from engine.daemon import run_worker
 
     settings = _daemon_settings(options, broker_url, metrics_port, log_format, log_level)

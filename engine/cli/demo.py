@@ -1,28 +1,73 @@
-"""``sagactl demo``: the order saga end to end on SQLite and the in-process broker."""
+"""``sagactl demo``: the example order saga end to end on SQLite and the in-process broker.
+
+The example is no part of the library (a wheel does not install it): the demo names its
+scenario by module path and imports it at run time, and its sagas and workers through
+the same loaders as an application's, so it runs from a checkout of the repository.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from collections import Counter
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol, cast
 
 from pydantic import BaseModel
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from engine.database import create_engine, upgrade
 from engine.embedded import EmbeddedSystem
+from engine.errors import ConfigError
 from engine.limits import DEFAULT_LIMITS, Limits
+from engine.loader import import_object, load_worker
 from engine.registry import SagaRegistry
 from engine.states import SagaStatus
+from engine.views import SagaDetail
 
-#: Shelf and account levels at the start of every demo run (topped up, never reset).
-STOCK = {"widget": 1_000_000, "gadget": 3}
-BALANCES = {"alice": 10**9, "bob": 10**9, "carol": 10**9, "mallory": 1_000}
-UNDELIVERABLE = "PO Box 7, Nowhere"
+#: The example's scenario (workers/demo.py in a checkout), imported by name.
+EXAMPLE = "workers.demo:scenario"
+
+
+class Audit(BaseModel):
+    """What a scenario's books say after a run."""
+
+    #: Totals by key (labelled by the scenario's ``ledger_labels``), for all runs so far.
+    ledger: dict[str, int]
+    stock_conserved: bool
+    money_conserved: bool
+    #: Orders whose business effect does not match how their saga ended.
+    inconsistent_orders: int
+
+
+class Scenario(Protocol):
+    """What the demo runs: sagas, workers and migrations by name, an order mix, an audit."""
+
+    saga: str
+    sagas: Sequence[str]
+    workers: Sequence[str]
+    migrations: str
+    ledger_labels: Mapping[str, str]
+
+    async def prepare(self, database: AsyncEngine) -> None: ...
+
+    def orders(self, count: int, seed: int) -> list[dict[str, Any]]: ...
+
+    async def audit(self, database: AsyncEngine, details: Sequence[SagaDetail]) -> Audit: ...
+
+
+def load_scenario(path: str = EXAMPLE) -> Scenario:
+    """The scenario at ``path``; a clear error where the example is not at hand."""
+    try:
+        return cast(Scenario, import_object(path, "demo scenario"))
+    except ConfigError as exc:
+        raise ConfigError(
+            f"sagactl demo runs the example order saga of a checkout of the saga-engine "
+            f"repository (sagas/, workers/; a wheel does not install them): {exc}"
+        ) from None
 
 
 class DemoResult(BaseModel):
@@ -46,31 +91,6 @@ class DemoResult(BaseModel):
         )
 
 
-def plan_orders(count: int, seed: int) -> list[dict[str, Any]]:
-    """A fixed mix: most succeed, about one in ten fails at each step."""
-    rng = random.Random(seed)
-    orders = []
-    for _ in range(count):
-        order: dict[str, Any] = {
-            "customer_id": rng.choice(["alice", "bob", "carol"]),
-            "sku": "widget",
-            "quantity": rng.randint(1, 3),
-            "amount_cents": rng.randint(500, 5_000),
-            "address": f"{rng.randint(1, 99)} Main Street, Springfield",
-        }
-        roll = rng.random()
-        if roll < 0.1:
-            order["sku"] = "gadget"  # only 3 on the shelf: the rest are out of stock
-            order["quantity"] = 1
-        elif roll < 0.2:
-            order["customer_id"] = "mallory"  # 10 dollars to her name
-            order["amount_cents"] = 2_500
-        elif roll < 0.3:
-            order["address"] = UNDELIVERABLE
-        orders.append(order)
-    return orders
-
-
 async def run_demo(
     database_url: str,
     *,
@@ -80,41 +100,38 @@ async def run_demo(
     console: Console,
     quiet: bool = False,
     limits: Limits = DEFAULT_LIMITS,
+    scenario: Scenario | None = None,
 ) -> DemoResult:
-    from sagas.order import place_order
-    from workers import inventory, ledger, payment, shipment
-
+    """Migrate, prepare, place ``orders`` and wait for them; judge the run by the books."""
+    scenario = scenario or load_scenario()
+    registry = SagaRegistry.from_modules(scenario.sagas)
+    workers = [load_worker(path) for path in scenario.workers]
     database = create_engine(database_url)
     try:
-        await upgrade(database)
-        await ledger.restock(database, stock_by_sku=STOCK, balances=BALANCES)
-        registry = SagaRegistry([place_order])
-        workers = [inventory.worker, payment.worker, shipment.worker]
+        await upgrade(database, scripts=[scenario.migrations])
+        await scenario.prepare(database)
         async with EmbeddedSystem(
             database, registry, workers, poll_interval=0.01, limits=limits
         ) as system:
             ids, seconds = await _place_and_wait(
-                system, plan_orders(orders, seed), timeout, console, quiet
+                system,
+                scenario.saga,
+                scenario.orders(orders, seed),
+                timeout,
+                console,
+                quiet,
             )
             details = [await system.client.get(i) for i in ids]
-        totals = await ledger.totals(database)
-        books = await ledger.effects(database)
+        audit = await scenario.audit(database, details)
     finally:
         await database.dispose()
 
     outcomes: Counter[str] = Counter()
-    inconsistent = 0
     for d in details:
         failed = next(
             (h.step for h in d.history if h.event in ("step_failed", "step_timed_out")), None
         )
         outcomes[f"{d.status.value}" + (f" (failed at {failed})" if failed else "")] += 1
-        effect = books.get(d.id, ledger.OrderEffect())
-        if d.status is SagaStatus.COMPLETED:
-            ok = effect.reserved > 0 and effect.net_charged_cents > 0 and effect.shipped
-        else:
-            ok = effect.reserved == 0 and effect.net_charged_cents == 0 and not effect.shipped
-        inconsistent += not ok
     unfinished = sum(1 for d in details if not d.status.is_terminal)
     result = DemoResult(
         orders=len(ids),
@@ -122,18 +139,19 @@ async def run_demo(
         sagas_per_second=round(len(ids) / seconds, 1) if seconds else 0.0,
         outcomes=dict(sorted(outcomes.items())),
         unfinished=unfinished,
-        ledger=totals.model_dump(),
-        stock_conserved=totals.stock_conserved,
-        money_conserved=totals.money_conserved,
-        inconsistent_orders=inconsistent,
+        ledger=audit.ledger,
+        stock_conserved=audit.stock_conserved,
+        money_conserved=audit.money_conserved,
+        inconsistent_orders=audit.inconsistent_orders,
     )
     if not quiet:
-        _report(console, result)
+        _report(console, result, scenario.ledger_labels)
     return result
 
 
 async def _place_and_wait(
     system: EmbeddedSystem,
+    saga: str,
     orders: list[dict[str, Any]],
     timeout: float,
     console: Console,
@@ -151,7 +169,7 @@ async def _place_and_wait(
     with Progress(*columns, console=console, disable=quiet, transient=False) as progress:
         placing = progress.add_task("placing orders", total=len(orders), detail="")
         for order in orders:
-            ids.append(await system.client.start("place_order", order))
+            ids.append(await system.client.start(saga, order))
             progress.advance(placing)
         finishing = progress.add_task("sagas finished", total=len(ids), detail="")
         deadline = began + timeout
@@ -173,7 +191,7 @@ async def _place_and_wait(
     return ids, time.perf_counter() - began
 
 
-def _report(console: Console, result: DemoResult) -> None:
+def _report(console: Console, result: DemoResult, labels: Mapping[str, str]) -> None:
     table = Table(title="outcomes", title_justify="left")
     table.add_column("saga outcome")
     table.add_column("orders", justify="right")
@@ -184,19 +202,8 @@ def _report(console: Console, result: DemoResult) -> None:
     books = Table(title="ledger totals (all runs on this database)", title_justify="left")
     books.add_column("account")
     books.add_column("amount", justify="right")
-    lg = result.ledger
-    for label, key in (
-        ("stock received", "stock_received"),
-        ("stock available", "stock_available"),
-        ("stock reserved by orders", "stock_reserved"),
-        ("money deposited (cents)", "deposited_cents"),
-        ("customer balances (cents)", "balance_cents"),
-        ("charged (cents)", "charged_cents"),
-        ("refunded (cents)", "refunded_cents"),
-        ("shipments created", "shipments_created"),
-        ("shipments cancelled", "shipments_cancelled"),
-    ):
-        books.add_row(label, f"{lg[key]:,}")
+    for key, label in labels.items():
+        books.add_row(label, f"{result.ledger[key]:,}")
     console.print(books)
 
     def mark(ok: bool) -> str:

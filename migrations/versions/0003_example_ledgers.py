@@ -1,13 +1,18 @@
-"""example participants' business tables: stock, accounts, payment ledger, shipments
+"""formerly the example participants' tables; now nothing
+
+This revision used to create the example's business tables
+(inventory_stock, inventory_reservations, payment_accounts, payment_ledger, shipments)
+in every database. They belong to the example, which has its own history now
+(workers/migrations, version table saga_example_version): this revision stays, so
+databases past it keep their place in the engine's history, and does nothing. A
+database that ran it keeps those tables: the example's first revision adopts them as
+they are, and a database that does not run the example may drop them.
 
 Revision ID: 0003
 Revises: 0002
 """
 
 from __future__ import annotations
-
-import sqlalchemy as sa
-from alembic import op
 
 revision = "0003"
 down_revision = "0002"
@@ -16,50 +21,8 @@ depends_on = None
 
 
 def upgrade() -> None:
-    op.create_table(
-        "inventory_stock",
-        sa.Column("sku", sa.String(100), primary_key=True),
-        sa.Column("available", sa.Integer, nullable=False),
-        sa.Column("received", sa.Integer, nullable=False),
-    )
-    op.create_table(
-        "inventory_reservations",
-        sa.Column("order_id", sa.String(36), primary_key=True),
-        sa.Column("sku", sa.String(100), nullable=False),
-        sa.Column("quantity", sa.Integer, nullable=False),
-        sa.Column("status", sa.String(20), nullable=False),
-    )
-    op.create_table(
-        "payment_accounts",
-        sa.Column("customer_id", sa.String(100), primary_key=True),
-        sa.Column("balance_cents", sa.Integer, nullable=False),
-        sa.Column("deposited_cents", sa.Integer, nullable=False),
-    )
-    op.create_table(
-        "payment_ledger",
-        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-        sa.Column("order_id", sa.String(36), nullable=False),
-        sa.Column("customer_id", sa.String(100), nullable=False),
-        sa.Column("kind", sa.String(10), nullable=False),
-        sa.Column("amount_cents", sa.Integer, nullable=False),
-    )
-    op.create_index("ix_payment_ledger_order_id", "payment_ledger", ["order_id"])
-    op.create_table(
-        "shipments",
-        sa.Column("order_id", sa.String(36), primary_key=True),
-        sa.Column("address", sa.String(500), nullable=False),
-        sa.Column("sku", sa.String(100), nullable=False),
-        sa.Column("quantity", sa.Integer, nullable=False),
-        sa.Column("status", sa.String(20), nullable=False),
-    )
+    """Nothing: the example's tables are the example's history's."""
 
 
 def downgrade() -> None:
-    for table in (
-        "shipments",
-        "payment_ledger",
-        "payment_accounts",
-        "inventory_reservations",
-        "inventory_stock",
-    ):
-        op.drop_table(table)
+    """Nothing: the tables this revision once made are left to the example's history."""
