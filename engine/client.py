@@ -13,9 +13,7 @@ from datetime import timedelta
 from types import TracebackType
 from typing import Any
 
-from opentelemetry.trace import SpanKind
-from sqlalchemy.exc import IntegrityError
-
+from engine.advance import Advancer, Cancelled, OperatorAction, Retried
 from engine.clock import Clock, utc_now
 from engine.database import check_schema, create_engine
 from engine.deadletters import describe, replay_headers
@@ -28,13 +26,11 @@ from engine.errors import (
     OperationRefused,
     SagaError,
     SagaNotFoundError,
-    UnknownSagaError,
 )
 from engine.limits import (
     ANY_SIZE,
     DEFAULT_LIMITS,
     Limits,
-    MessageTooLarge,
     check_actor,
     check_reason,
     check_saga_id,
@@ -46,13 +42,10 @@ from engine.registry import SagaRegistry
 from engine.retention import PRUNE_BATCH
 from engine.settings import Settings, load_settings
 from engine.signing import as_replayed
-from engine.statemachine import Transition, new_saga
 from engine.states import SagaStatus
-from engine.store.base import OutboxSignal, SagaStore, StoreTransaction, write_transition
+from engine.store.base import OutboxSignal, SagaStore, StoreTransaction
 from engine.store.postgres import outbox_signal
 from engine.store.sql import SqlSagaStore, dead_letter_view
-from engine.telemetry import metrics
-from engine.telemetry.tracing import saga_span, trace_transition, tracer
 from engine.topology import Topology
 from engine.transport.factory import messaging_system as broker_kind
 from engine.views import (
@@ -202,39 +195,20 @@ class SagaClient:
                 f"input refused: {where} holds a NUL character, which PostgreSQL text cannot store"
             )
         saga_id = saga_id or str(uuid.uuid4())
-        now = self.clock()
-        state = new_saga(definition, saga_id, data, now)
-        transition = Transition(
-            definition, state, now=now, topology=self.topology, limits=self.limits
-        )
-        transition.start()
-        refused = transition.refused
-        if isinstance(refused, MessageTooLarge):
-            raise LimitError(
-                f"input too large: the first command would be {refused.size:,} bytes, "
-                f"the limit is {refused.limit:,} (SAGA_MAX_MESSAGE_BYTES)"
-            )
-        if refused is not None:
-            raise LimitError(f"input refused: the first command: {refused}")
-        # The saga's trace starts here (or inside the caller's span, if it has one).
-        with tracer().start_as_current_span(
-            f"saga start {definition.name}",
-            kind=SpanKind.PRODUCER,
-            attributes={"saga.id": saga_id, "saga.name": definition.name},
-        ):
-            messages = trace_transition(
-                state, transition.messages, transition.history, system=self.messaging_system
-            )
-            try:
-                async with self.store.transaction() as tx:
-                    await write_transition(tx, state, messages, transition.history, new=True)
-                    await self._announce(tx)
-            except IntegrityError:
-                raise SagaError(f"a saga with id {saga_id!r} already exists") from None
-        metrics.record_transition(state, transition.history)
-        if self.on_commit is not None:
-            self.on_commit()
+        await self._advancer().start(self.store, definition, saga_id, data)
         return saga_id
+
+    def _advancer(self) -> Advancer:
+        """What advances sagas for this client, as it is configured now."""
+        return Advancer(
+            self.registry,
+            topology=self.topology,
+            clock=self.clock,
+            limits=self.limits,
+            messaging_system=self.messaging_system,
+            wake=self.on_commit,
+            signal=self.signal,
+        )
 
     async def _announce(self, tx: StoreTransaction) -> None:
         """Inside a transaction that wrote outbox rows: wake the relays on commit."""
@@ -263,78 +237,35 @@ class SagaClient:
     async def retry(self, saga_id: str, *, actor: str, reason: str | None = None) -> OperatorResult:
         """Resume a parked saga (or end a retry backoff now): the step or compensation
         it stopped at is dispatched again with a fresh attempt budget."""
-        return await self._operate(
-            saga_id, "retry", actor, reason, lambda t: t.operator_retry(actor, reason)
-        )
+        return await self._operate(saga_id, Retried(actor, reason))
 
     async def cancel(
         self, saga_id: str, *, actor: str, reason: str | None = None
     ) -> OperatorResult:
         """Stop a running saga and compensate what ran (the step in flight included)."""
-        return await self._operate(
-            saga_id, "cancel", actor, reason, lambda t: t.cancel(actor, reason)
-        )
+        return await self._operate(saga_id, Cancelled(actor, reason))
 
-    async def _operate(
-        self,
-        saga_id: str,
-        action: str,
-        actor: str,
-        reason: str | None,
-        apply: Callable[[Transition], str],
-    ) -> OperatorResult:
+    async def _operate(self, saga_id: str, event: OperatorAction) -> OperatorResult:
         """Apply an operator event in one transaction with its outbox messages, under
         the saga's optimistic row version; re-read and re-decide if the engine won.
 
         Refused before anything is read: an actor or reason the CLI would refuse."""
-        check_actor(actor)
-        check_reason(reason)
+        check_actor(event.actor)
+        check_reason(event.reason)
+        advancer = self._advancer()
         for _ in range(OPERATOR_CONFLICT_RETRIES):
             try:
-                async with self.store.transaction() as tx:
-                    state = await tx.load_saga(saga_id)
-                    if state is None:
-                        raise SagaNotFoundError(f"no saga with id {saga_id!r}")
-                    try:
-                        definition = self.registry.get(state.name, state.version)
-                    except UnknownSagaError as exc:
-                        raise UnknownSagaError(
-                            f"cannot {action} saga {saga_id}: {exc}; load its module with "
-                            "--sagas or SAGA_SAGAS"
-                        ) from None
-                    previous = state.status
-                    transition = Transition(
-                        definition,
-                        state,
-                        now=self.clock(),
-                        topology=self.topology,
-                        limits=self.limits,
-                    )
-                    summary = apply(transition)
-                    with saga_span(f"saga {action}", state) as span:
-                        span.set_attribute("saga.operator", actor)
-                        messages = trace_transition(
-                            state,
-                            transition.messages,
-                            transition.history,
-                            system=self.messaging_system,
-                        )
-                        await write_transition(tx, state, messages, transition.history)
-                    if messages:
-                        await self._announce(tx)
+                done = await advancer.operate(self.store, saga_id, event)
             except ConcurrencyConflict:
                 continue
-            metrics.record_transition(state, transition.history)
-            if transition.messages and self.on_commit is not None:
-                self.on_commit()
             return OperatorResult(
                 saga_id=saga_id,
-                action=action,
-                actor=actor,
-                reason=reason,
-                previous_status=previous,
-                status=state.status,
-                summary=summary,
+                action=event.action,
+                actor=event.actor,
+                reason=event.reason,
+                previous_status=done.previous,
+                status=done.state.status,
+                summary=done.summary,
                 dispatched=[
                     DispatchView(
                         destination=m.destination,
@@ -343,10 +274,12 @@ class SagaClient:
                         name=m.envelope.name,
                         attempt=m.envelope.attempt,
                     )
-                    for m in transition.messages
+                    for m in done.messages
                 ],
             )
-        raise ConcurrencyConflict(f"saga {saga_id} kept changing under the {action}; try again")
+        raise ConcurrencyConflict(
+            f"saga {saga_id} kept changing under the {event.action}; try again"
+        )
 
     # -- dead letters ---------------------------------------------------------------
 

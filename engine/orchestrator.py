@@ -12,30 +12,26 @@ import logging
 import random
 import socket
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 from engine._aio import batched, wait_either
+from engine.advance import Advancer
 from engine.clock import Clock, utc_now
 from engine.database import error_text, is_transient
 from engine.deadletters import DeadLetterArchive
 from engine.deferred import DeferredReplyScan, deferral
-from engine.definition import Saga
 from engine.errors import ConcurrencyConflict, DecodeError, SagaError, UnknownSagaError
 from engine.faults import crashpoint
-from engine.limits import ANY_SIZE, DEFAULT_LIMITS, Limits
+from engine.limits import DEFAULT_LIMITS, Limits
 from engine.messages import Envelope, MessageKind, decode
-from engine.model import TIMEOUTS, HistoryEntry, SagaState
 from engine.registry import SagaRegistry
-from engine.relay import OutboxRelay, Undeliverable
-from engine.replies import Change, ReplyOutcome, ReplyResult
+from engine.relay import OutboxRelay
+from engine.replies import ReplyOutcome, ReplyResult
 from engine.signing import NO_SIGNING, Signing
-from engine.statemachine import Transition
-from engine.store.base import SagaStore, StoreTransaction, write_transition, write_transitions
-from engine.telemetry import metrics
+from engine.store.base import SagaStore
 from engine.telemetry.logs import saga_context
-from engine.telemetry.tracing import process_span, saga_span, trace_transition
 from engine.topology import Topology
 from engine.transport.base import Delivery, Message, Transport
 from engine.watermark import ReplyWatermark
@@ -54,6 +50,38 @@ def _log_duplicate(reply: Envelope) -> None:
             reply.message_id,
             reply.saga_id,
         )
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A reply transaction that failed: retried, handed back or dead-lettered by the
+    error's kind."""
+
+    error: Exception
+
+
+@dataclass(frozen=True)
+class Ack:
+    """The reply's transaction committed (or it needed none): done with it."""
+
+
+@dataclass(frozen=True)
+class Nack:
+    """Hand the delivery back for redelivery; ``pause`` first when the database is away."""
+
+    pause: bool = False
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """Move the delivery to the dead-letter destination, saying why."""
+
+    reason: str
+
+
+#: How a delivery is settled.
+Settlement = Ack | Nack | DeadLetter
+ACK = Ack()
 
 
 @dataclass(frozen=True)
@@ -124,8 +152,6 @@ class Engine:
         self.relay = relay or OutboxRelay(store, transport, clock=clock)
         if self.relay.signing is NO_SIGNING:
             self.relay.signing = signing
-        if self.relay.on_undeliverable is None:
-            self.relay.on_undeliverable = self.apply_undeliverable
         self.archive = DeadLetterArchive(
             store,
             clock=clock,
@@ -136,14 +162,30 @@ class Engine:
         self.instance_id = instance_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         self._stop = asyncio.Event()
         self.replies_handled = 0
-        #: Sagas whose due timers this engine skipped for want of their definition.
-        self._foreign: set[str] = set()
         self.timers_fired = 0
+        #: ``messaging.system`` trace attribute of the transport.
+        self.messaging_system = messaging_system
+        #: Replies over them are dead-lettered; built commands over them fail the step.
+        self.limits = limits
         settings = self.settings
+        #: Advances the sagas of every event this engine takes: replies (live and
+        #: deferred), due timers, and the messages the broker refused its relay.
+        self.advancer = Advancer(
+            registry,
+            topology=self.topology,
+            clock=clock,
+            rng=self.rng,
+            limits=limits,
+            messaging_system=messaging_system,
+            group=settings.group,
+            wake=self.relay.wake,
+        )
+        if self.relay.on_undeliverable is None:
+            self.relay.on_undeliverable = self.advancer.undeliverable
         self.deferred = DeferredReplyScan(
             store,
-            self._apply,
-            self._committed,
+            self.advancer.replies,
+            self.advancer.committed,
             source=self.topology.replies,
             clock=clock,
             patience=settings.unknown_saga_patience,
@@ -160,10 +202,6 @@ class Engine:
         #: Holds timeouts while replies may wait unapplied; None while not consuming
         #: (then nothing could apply a reply, and timeouts go by their deadline).
         self.watermark: ReplyWatermark | None = None
-        #: ``messaging.system`` trace attribute of the transport.
-        self.messaging_system = messaging_system
-        #: Replies over them are dead-lettered; built commands over them fail the step.
-        self.limits = limits
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -259,54 +297,65 @@ class Engine:
                     raise DecodeError(f"the engine takes replies, not a {envelope.kind}")
             except DecodeError as exc:  # a SignatureError too: refused, never applied
                 log.error("dead-lettering a message it cannot take: %s", exc)
-                await self._settle(delivery.dead_letter(str(exc)))
+                await self._settle(delivery, DeadLetter(str(exc)))
                 continue
             decoded.append((delivery, envelope))
         if len(decoded) > 1:
-            try:
-                outcomes = await self.apply_replies(
-                    [envelope for _, envelope in decoded],
-                    deliveries=[delivery.message for delivery, _ in decoded],
-                )
-            except Exception as exc:
+            attempt = await self._attempt(
+                [envelope for _, envelope in decoded],
+                [delivery.message for delivery, _ in decoded],
+            )
+            if isinstance(attempt, Failed):
                 # A conflict, the database, or one bad reply failed the batch: each on
                 # its own now, with the retries and back-off of the single path.
                 log.warning(
                     "batch of %d replies failed, applying one by one: %s",
                     len(decoded),
-                    error_text(exc),
+                    error_text(attempt.error),
                 )
             else:
-                for (delivery, envelope), result in zip(decoded, outcomes, strict=True):
+                for (delivery, envelope), result in zip(decoded, attempt, strict=True):
                     with saga_context(envelope.saga_id, envelope.step):
-                        await self._settle(self._settle_reply(delivery, envelope, result))
+                        await self._settle(delivery, self._settlement(envelope, result))
                 return
         for delivery, envelope in decoded:
-            await self._apply_delivery(delivery, envelope)
+            with saga_context(envelope.saga_id, envelope.step):
+                await self._settle(delivery, await self._apply_one(delivery, envelope))
 
-    async def _settle(self, settling: Awaitable[None]) -> None:
+    async def _attempt(
+        self, replies: Sequence[Envelope], deliveries: Sequence[Message]
+    ) -> list[ReplyResult] | Failed:
+        """Apply replies in one transaction: what became of each, or why it failed."""
         try:
-            await settling
+            return await self.apply_replies(replies, deliveries=deliveries)
+        except Exception as exc:
+            return Failed(exc)
+
+    async def _settle(self, delivery: Delivery, settlement: Settlement) -> None:
+        """Settle a delivery as decided (an ack only after its reply's commit)."""
+        try:
+            if isinstance(settlement, DeadLetter):
+                await delivery.dead_letter(settlement.reason)
+            elif isinstance(settlement, Nack):
+                await delivery.nack()
+                if settlement.pause:
+                    await wait_either(self._stop, None, self.settings.error_backoff)
+            else:
+                crashpoint("engine.after_commit")
+                self.replies_handled += 1
+                await delivery.ack()
         except SagaError as exc:
             # e.g. the dead-letter destination refused: the message was handed
             # back to the broker, so pause instead of ending the consumer.
             log.error("delivery not settled, broker will redeliver: %s", exc)
             await wait_either(self._stop, None, self.settings.error_backoff)
 
-    async def _acknowledge(self, delivery: Delivery) -> None:
-        crashpoint("engine.after_commit")
-        self.replies_handled += 1
-        await delivery.ack()
-
-    async def _settle_reply(
-        self, delivery: Delivery, envelope: Envelope, result: ReplyResult
-    ) -> None:
-        """Settle a delivery whose reply's transaction committed, by its outcome."""
+    def _settlement(self, envelope: Envelope, result: ReplyResult) -> Settlement:
+        """How to settle a delivery whose reply's transaction committed, by its outcome."""
         outcome, reason = result
         if outcome is ReplyOutcome.UNKNOWN:
             log.error("dead-lettering reply for saga %s: %s", envelope.saga_id, reason)
-            await delivery.dead_letter(reason or f"no definition of saga {envelope.saga_name}")
-            return
+            return DeadLetter(reason or f"no definition of saga {envelope.saga_name}")
         if outcome is ReplyOutcome.DUPLICATE:
             _log_duplicate(envelope)
         elif outcome is ReplyOutcome.DEFERRED:
@@ -316,55 +365,46 @@ class Engine:
                 envelope.saga_id,
                 self.settings.unknown_saga_patience,
             )
-        await self._acknowledge(delivery)
+        return ACK
 
-    async def _apply_delivery(self, delivery: Delivery, envelope: Envelope) -> None:
+    async def _apply_one(self, delivery: Delivery, envelope: Envelope) -> Settlement:
         """Apply one reply, retrying conflicts and (a bounded number of times) errors
-        that are not transient."""
-        with saga_context(envelope.saga_id, envelope.step):
-            await self._settle(self._apply_one(delivery, envelope))
-
-    async def _apply_one(self, delivery: Delivery, envelope: Envelope) -> None:
+        that are not transient; how to settle its delivery."""
         conflicts = 0
         failures = 0
         while True:
-            try:
-                (result,) = await self.apply_replies([envelope], deliveries=[delivery.message])
-                break
-            except ConcurrencyConflict:
+            attempt = await self._attempt([envelope], [delivery.message])
+            if not isinstance(attempt, Failed):
+                (result,) = attempt
+                return self._settlement(envelope, result)
+            exc = attempt.error
+            if isinstance(exc, ConcurrencyConflict):
                 conflicts += 1
                 if conflicts > self.settings.conflict_retries:
-                    await delivery.nack()
-                    return
-            except Exception as exc:
-                if is_transient(exc):
-                    # The database is away or busy: everyone's problem, nobody's dead
-                    # letter. The broker redelivers; back off so it is not a hot loop.
-                    log.error(
-                        "reply %s not applied, will be redelivered: %s",
-                        envelope.message_id,
-                        error_text(exc),
-                    )
-                    await delivery.nack()
-                    await wait_either(self._stop, None, self.settings.error_backoff)
-                    return
-                failures += 1
-                if failures >= self.settings.failure_attempts:
-                    reason = f"not applied after {failures} attempts: {error_text(exc)}"
-                    log.error(
-                        "dead-lettering reply %s: %s", envelope.message_id, reason, exc_info=exc
-                    )
-                    await delivery.dead_letter(reason)
-                    return
-                log.warning(
-                    "reply %s not applied (try %d of %d): %s",
+                    return Nack()
+                continue
+            if is_transient(exc):
+                # The database is away or busy: everyone's problem, nobody's dead
+                # letter. The broker redelivers; back off so it is not a hot loop.
+                log.error(
+                    "reply %s not applied, will be redelivered: %s",
                     envelope.message_id,
-                    failures,
-                    self.settings.failure_attempts,
                     error_text(exc),
                 )
-                await wait_either(self._stop, None, self.settings.failure_backoff)
-        await self._settle_reply(delivery, envelope, result)
+                return Nack(pause=True)
+            failures += 1
+            if failures >= self.settings.failure_attempts:
+                reason = f"not applied after {failures} attempts: {error_text(exc)}"
+                log.error("dead-lettering reply %s: %s", envelope.message_id, reason, exc_info=exc)
+                return DeadLetter(reason)
+            log.warning(
+                "reply %s not applied (try %d of %d): %s",
+                envelope.message_id,
+                failures,
+                self.settings.failure_attempts,
+                error_text(exc),
+            )
+            await wait_either(self._stop, None, self.settings.failure_backoff)
 
     async def handle_reply(self, reply: Envelope) -> bool:
         """Apply one reply in one transaction; False if it was a duplicate."""
@@ -385,7 +425,7 @@ class Engine:
         one statement, and come back DEFERRED: the caller acknowledges them at once.
         """
         async with self.store.transaction() as tx:
-            outcomes, changed = await self._apply(tx, replies)
+            outcomes, changed = await self.advancer.replies(tx, replies)
             if deliveries is not None:
                 unseen = [
                     i
@@ -396,80 +436,10 @@ class Engine:
                 await tx.defer_replies([deferral(deliveries[i], replies[i], now) for i in unseen])
                 for i in unseen:
                     outcomes[i] = ReplyResult(ReplyOutcome.DEFERRED)
-        self._committed(changed)
+        self.advancer.committed(changed)
         if any(outcome is ReplyOutcome.DEFERRED for outcome, _ in outcomes):
             self.deferred.wake.set()
         return outcomes
-
-    async def _apply(
-        self, tx: StoreTransaction, replies: Sequence[Envelope]
-    ) -> tuple[list[ReplyResult], list[Change]]:
-        """Apply replies inside ``tx``; their outcomes and the sagas they changed.
-
-        The sagas are locked first (in id order), then the message ids claimed in the
-        inbox: every engine takes the two in that order, so replicas cannot deadlock.
-        """
-        outcomes = [ReplyResult(ReplyOutcome.NOT_VISIBLE)] * len(replies)
-        changed: dict[str, Change] = {}
-        states = await tx.lock_sagas(r.saga_id for r in replies)
-        definitions: dict[str, Saga] = {}
-        candidates: list[int] = []
-        for i, reply in enumerate(replies):
-            state = states.get(reply.saga_id)
-            if state is None:
-                continue
-            try:
-                definitions[state.id] = self.registry.get(state.name, state.version)
-            except UnknownSagaError as exc:
-                outcomes[i] = ReplyResult(ReplyOutcome.UNKNOWN, str(exc))
-                continue
-            candidates.append(i)
-        claimed = await tx.claim_inboxes(
-            {replies[i].message_id: replies[i].saga_id for i in candidates},
-            self.settings.group,
-        )
-        now = self.clock()
-        for i in candidates:
-            reply = replies[i]
-            if reply.message_id not in claimed:
-                outcomes[i] = ReplyResult(ReplyOutcome.DUPLICATE)
-                continue
-            claimed.discard(reply.message_id)  # a second copy in this batch: duplicate
-            state = states[reply.saga_id]
-            with (
-                saga_context(reply.saga_id, reply.step),
-                process_span(
-                    reply,
-                    system=self.messaging_system,
-                    destination=self.topology.replies,
-                    group=self.settings.group,
-                ),
-            ):
-                transition = Transition(
-                    definitions[state.id],
-                    state,
-                    now=now,
-                    topology=self.topology,
-                    rng=self.rng,
-                    limits=self.limits,
-                )
-                transition.on_reply(reply)
-                messages = trace_transition(
-                    state, transition.messages, transition.history, system=self.messaging_system
-                )
-            _, emitted, entries = changed.setdefault(state.id, (state, [], []))
-            emitted.extend(messages)
-            entries.extend(transition.history)
-            outcomes[i] = ReplyResult(ReplyOutcome.APPLIED)
-        await write_transitions(tx, list(changed.values()))
-        return outcomes, list(changed.values())
-
-    def _committed(self, changed: Sequence[Change]) -> None:
-        """After the commit of applied replies: metrics, and the relay for their output."""
-        for state, _, entries in changed:
-            metrics.record_transition(state, entries)
-        if any(emitted for _, emitted, _ in changed):
-            self.relay.wake()
 
     # -- deferred replies --------------------------------------------------------
 
@@ -482,64 +452,6 @@ class Engine:
         """Deferred replies settled: applied, found duplicate, or dead-lettered."""
         return self.deferred.settled
 
-    # -- messages the broker refused ---------------------------------------------
-
-    async def apply_undeliverable(
-        self, tx: StoreTransaction, refused: Sequence[Undeliverable]
-    ) -> Callable[[], None] | None:
-        """Advance the sagas of outbox rows the broker refused for good, in the relay's
-        transaction (:meth:`Transition.on_undeliverable`); what to do once it committed.
-
-        The relay holds those rows' locks; it locks the sagas now, in id order, as the
-        reply path does. Nothing that holds a saga's lock waits for an outbox row's
-        (replies and timers only insert new rows), so the two cannot deadlock.
-        """
-        found: list[tuple[Envelope, str]] = []
-        for item in refused:
-            try:
-                found.append((decode(item.record.body, ANY_SIZE), item.reason))
-            except DecodeError:
-                continue  # not one of ours (a replayed dead letter): archived only
-        states = await tx.lock_sagas(envelope.saga_id for envelope, _ in found)
-        changed: dict[str, Change] = {}
-        now = self.clock()
-        for envelope, reason in found:
-            state = states.get(envelope.saga_id)
-            if state is None:
-                continue
-            try:
-                definition = self.registry.get(state.name, state.version)
-            except UnknownSagaError as exc:
-                log.warning("refused message of saga %s not applied: %s", state.id, exc)
-                continue
-            with (
-                saga_context(state.id, envelope.step),
-                saga_span("saga message undeliverable", state) as span,
-            ):
-                span.set_attribute("saga.step", envelope.step)
-                transition = Transition(
-                    definition,
-                    state,
-                    now=now,
-                    topology=self.topology,
-                    rng=self.rng,
-                    limits=self.limits,
-                )
-                transition.on_undeliverable(envelope, reason)
-                messages = trace_transition(
-                    state, transition.messages, transition.history, system=self.messaging_system
-                )
-            _, emitted, entries = changed.setdefault(state.id, (state, [], []))
-            emitted.extend(messages)
-            entries.extend(transition.history)
-        await write_transitions(tx, list(changed.values()))
-
-        def committed() -> None:
-            for state, _, entries in changed.values():
-                metrics.record_transition(state, entries)
-
-        return committed
-
     # -- timers ------------------------------------------------------------------
 
     async def fire_due_timers(self) -> int:
@@ -547,78 +459,16 @@ class Engine:
 
         While replies are consumed, a timeout is due only once the reply watermark
         says no reply for it can wait unapplied, or past the hold bound."""
-        fired = 0
-        emitted = False
-        done: list[tuple[SagaState, list[HistoryEntry]]] = []
         now = self.clock()
         watermark = self.watermark
         timeouts_due_by = None if watermark is None else watermark.timeouts_due_by(now)
         async with self.store.transaction() as tx:
-            due_timers = await tx.due_timers(
-                now, self.settings.timer_batch, timeouts_due_by=timeouts_due_by
+            fired, changed = await self.advancer.timers(
+                tx, now, self.settings.timer_batch, timeouts_due_by=timeouts_due_by
             )
-            for due in due_timers:
-                state = await tx.load_saga(due.saga_id)
-                if state is None:
-                    continue
-                try:
-                    definition = self.registry.get(state.name, state.version)
-                except UnknownSagaError as exc:
-                    # Not ours to advance (another replica or deployment has the
-                    # definition); failing the whole batch would stall every timer.
-                    if state.id not in self._foreign:
-                        self._foreign.add(state.id)
-                        log.warning("leaving timer of saga %s alone: %s", state.id, exc)
-                    continue
-                transition = Transition(
-                    definition,
-                    state,
-                    now=self.clock(),
-                    topology=self.topology,
-                    rng=self.rng,
-                    limits=self.limits,
-                )
-                with (
-                    saga_context(state.id, due.timer.step),
-                    saga_span(f"saga timer {due.timer.kind.value}", state) as span,
-                ):
-                    span.set_attribute("saga.step", due.timer.step)
-                    late = due.timer.kind in TIMEOUTS and await self._published_late(
-                        tx, state.id, definition.step(due.timer.step).timeout
-                    )
-                    if late:
-                        transition.postpone(due.timer, None if late is True else late)
-                    elif transition.on_timer(due.timer):
-                        fired += 1
-                    messages = trace_transition(
-                        state,
-                        transition.messages,
-                        transition.history,
-                        system=self.messaging_system,
-                    )
-                    await write_transition(tx, state, messages, transition.history)
-                done.append((state, transition.history))
-                emitted = emitted or bool(transition.messages)
-        for state, history in done:
-            metrics.record_transition(state, history)
-        if emitted:
-            self.relay.wake()
+        self.advancer.committed(changed)
         self.timers_fired += fired
         return fired
-
-    async def _published_late(
-        self, tx: StoreTransaction, saga_id: str, timeout: timedelta
-    ) -> datetime | bool:
-        """True if the message a timeout times is still unsent; when it went out, if
-        that was less than its timeout ago (the deadline was set when the step was
-        written, and an engine or broker that was down relayed it only then); else
-        False."""
-        if await tx.has_unsent(saga_id):
-            return True
-        sent = await tx.last_sent(saga_id)
-        if sent is not None and sent + timeout > self.clock():
-            return sent
-        return False
 
     async def _timer_loop(self) -> None:
         while not self._stop.is_set():

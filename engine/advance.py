@@ -1,0 +1,501 @@
+"""Advancing sagas: the one unit of work every event goes through.
+
+A start, a reply, a due timer, an operator's retry or cancel, a message the broker
+refused for good: each is an :class:`Event` applied to a saga in the same steps, here
+and nowhere else. In the caller's transaction the saga is loaded (or locked), the
+event decided by a :class:`~engine.statemachine.Transition` (pure), traced, and the saga
+written with the messages and history the change adds; once the transaction committed
+the change is counted in the metrics and the relay woken. A new kind of event is a new
+:class:`Event` and a method that finds the sagas it concerns, not a new copy of these
+steps.
+
+Batches stay batches: the replies (timers, refused messages) of one transaction are
+locked together and written together, in a few statements whatever their number.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, ClassVar, NamedTuple, Protocol, TypeVar
+
+from opentelemetry.trace import Span, SpanKind
+from sqlalchemy.exc import IntegrityError
+
+from engine.clock import Clock, utc_now
+from engine.definition import Saga
+from engine.errors import DecodeError, LimitError, SagaError, SagaNotFoundError, UnknownSagaError
+from engine.limits import ANY_SIZE, DEFAULT_LIMITS, Limits, MessageTooLarge
+from engine.messages import Envelope, decode
+from engine.model import TIMEOUTS, OutboxMessage, SagaState, Timer
+from engine.registry import SagaRegistry
+from engine.relay import Undeliverable
+from engine.replies import Change, ReplyOutcome, ReplyResult
+from engine.statemachine import Transition, new_saga
+from engine.states import SagaStatus
+from engine.store.base import (
+    OutboxSignal,
+    SagaStore,
+    StoreTransaction,
+    write_transition,
+    write_transitions,
+)
+from engine.telemetry import metrics
+from engine.telemetry.logs import saga_context
+from engine.telemetry.tracing import process_span, saga_span, trace_transition, tracer
+from engine.topology import Topology
+
+log = logging.getLogger("saga.engine")
+
+R_co = TypeVar("R_co", covariant=True)
+
+
+class Event(Protocol[R_co]):
+    """Something that happens to one saga: how it changes the saga, in which span."""
+
+    @property
+    def step(self) -> str | None:
+        """The step it concerns, for the log context."""
+        ...
+
+    def span(self, state: SagaState) -> AbstractContextManager[object]:
+        """The span the change is traced in: its messages' ``send`` spans are children."""
+        ...
+
+    def apply(self, transition: Transition) -> R_co:
+        """Decide: change the transition's saga (pure), and say what was done."""
+        ...
+
+
+@contextmanager
+def _saga_span(name: str, state: SagaState, key: str, value: str) -> Iterator[Span]:
+    """A span continuing the saga's trace, with one attribute of the event."""
+    with saga_span(name, state) as span:
+        span.set_attribute(key, value)
+        yield span
+
+
+@dataclass(frozen=True)
+class Started:
+    """A saga begins: its first step is dispatched. Applied: why its first command was
+    refused (over the limits), if it was."""
+
+    step: str | None = None
+
+    def span(self, state: SagaState) -> AbstractContextManager[object]:
+        # The saga's trace starts here (or inside the caller's span, if it has one).
+        return tracer().start_as_current_span(
+            f"saga start {state.name}",
+            kind=SpanKind.PRODUCER,
+            attributes={"saga.id": state.id, "saga.name": state.name},
+        )
+
+    def apply(self, transition: Transition) -> LimitError | None:
+        transition.start()
+        return transition.refused
+
+
+@dataclass(frozen=True)
+class ReplyReceived:
+    """A participant's reply; applied: False if the saga was not waiting for it."""
+
+    reply: Envelope
+    system: str
+    destination: str
+    group: str
+
+    @property
+    def step(self) -> str | None:
+        return self.reply.step
+
+    def span(self, state: SagaState) -> AbstractContextManager[object]:
+        return process_span(
+            self.reply, system=self.system, destination=self.destination, group=self.group
+        )
+
+    def apply(self, transition: Transition) -> bool:
+        return transition.on_reply(self.reply)
+
+
+@dataclass(frozen=True)
+class TimerDue:
+    """A due timer; ``late`` says whether the message a timeout times went out too late
+    (True: not yet; a time: only then) to count, so it is postponed instead. Applied:
+    True if it fired."""
+
+    timer: Timer
+    late: datetime | bool = False
+
+    @property
+    def step(self) -> str | None:
+        return self.timer.step
+
+    def span(self, state: SagaState) -> AbstractContextManager[object]:
+        return _saga_span(
+            f"saga timer {self.timer.kind.value}", state, "saga.step", self.timer.step
+        )
+
+    def apply(self, transition: Transition) -> bool:
+        if self.late:
+            transition.postpone(self.timer, None if self.late is True else self.late)
+            return False
+        return transition.on_timer(self.timer)
+
+
+@dataclass(frozen=True)
+class Undelivered:
+    """One of the saga's messages the broker refused for good."""
+
+    message: Envelope
+    reason: str
+
+    @property
+    def step(self) -> str | None:
+        return self.message.step
+
+    def span(self, state: SagaState) -> AbstractContextManager[object]:
+        return _saga_span("saga message undeliverable", state, "saga.step", self.message.step)
+
+    def apply(self, transition: Transition) -> bool:
+        return transition.on_undeliverable(self.message, self.reason)
+
+
+@dataclass(frozen=True)
+class OperatorAction(ABC):
+    """An operator's action on a saga (see :class:`Retried`, :class:`Cancelled`);
+    applied: what was done, in words. Refused (:class:`OperationRefused`) where it
+    means nothing."""
+
+    #: Its name in spans and messages: "retry", "cancel".
+    action: ClassVar[str] = ""
+    actor: str
+    reason: str | None = None
+    step: str | None = None
+
+    def span(self, state: SagaState) -> AbstractContextManager[object]:
+        return _saga_span(f"saga {self.action}", state, "saga.operator", self.actor)
+
+    @abstractmethod
+    def apply(self, transition: Transition) -> str: ...
+
+
+@dataclass(frozen=True)
+class Retried(OperatorAction):
+    """Resume a parked saga, or end a retry backoff now."""
+
+    action: ClassVar[str] = "retry"
+
+    def apply(self, transition: Transition) -> str:
+        return transition.operator_retry(self.actor, self.reason)
+
+
+@dataclass(frozen=True)
+class Cancelled(OperatorAction):
+    """Stop a running saga and compensate what ran."""
+
+    action: ClassVar[str] = "cancel"
+
+    def apply(self, transition: Transition) -> str:
+        return transition.cancel(self.actor, self.reason)
+
+
+class Operated(NamedTuple):
+    """What an operator action did to its saga."""
+
+    state: SagaState
+    previous: SagaStatus
+    summary: str
+    messages: list[OutboxMessage]
+
+
+#: The changes of one transaction, by saga id.
+_Changes = dict[str, Change]
+
+R = TypeVar("R")
+
+
+class Advancer:
+    """Advances sagas: the one place an event becomes a transition, and a transition
+    a traced change written with its outbox messages and history, counted and relayed.
+
+    Every event source calls it: :meth:`start` and :meth:`operate` (the client) in
+    transactions of their own; :meth:`replies`, :meth:`timers` and
+    :meth:`undeliverable` (the engine, the deferred-reply scan, the relay) in the
+    caller's transaction, after which the caller calls :meth:`committed`.
+    """
+
+    def __init__(
+        self,
+        registry: SagaRegistry,
+        *,
+        topology: Topology | None = None,
+        clock: Clock = utc_now,
+        rng: random.Random | None = None,
+        limits: Limits = DEFAULT_LIMITS,
+        messaging_system: str = "memory",
+        group: str = "saga-engine",
+        wake: Callable[[], None] | None = None,
+        signal: OutboxSignal | None = None,
+    ) -> None:
+        self.registry = registry
+        self.topology = topology or Topology()
+        self.clock = clock
+        #: Jitter of retry delays; seeded in tests.
+        self.rng = rng or random.Random()
+        #: Commands and compensations over them are not emitted (see Transition).
+        self.limits = limits
+        #: ``messaging.system`` trace attribute of the transport the relay publishes to.
+        self.messaging_system = messaging_system
+        #: The consumer group replies are claimed under (inbox) and traced with.
+        self.group = group
+        #: Called after a commit that added outbox rows (the relay of this process).
+        self.wake = wake
+        #: Wakes relays in other processes (PostgreSQL: NOTIFY) on such a commit.
+        self.signal = signal
+        #: Sagas whose due timers were left alone for want of their definition.
+        self._foreign: set[str] = set()
+
+    # -- the unit: decide, trace, write, then count and wake ---------------------
+
+    def _decide(
+        self, definition: Saga, state: SagaState, event: Event[R], now: datetime
+    ) -> tuple[Transition, R]:
+        """The pure transition: the one place one is made."""
+        transition = Transition(
+            definition, state, now=now, topology=self.topology, rng=self.rng, limits=self.limits
+        )
+        return transition, event.apply(transition)
+
+    def _record(self, changes: _Changes, transition: Transition) -> None:
+        """Trace the transition's messages in the current span; add it to ``changes``."""
+        state = transition.state
+        messages = trace_transition(
+            state, transition.messages, transition.history, system=self.messaging_system
+        )
+        _, emitted, entries = changes.setdefault(state.id, (state, [], []))
+        emitted.extend(messages)
+        entries.extend(transition.history)
+
+    def _advance(
+        self, changes: _Changes, definition: Saga, state: SagaState, event: Event[R], now: datetime
+    ) -> R:
+        """Apply an event to a saga inside its span, adding the change to ``changes``.
+
+        (A start or an operator's action is decided before its span opens instead: the
+        state machine may refuse it, and a refused one leaves no span.)"""
+        with saga_context(state.id, event.step), event.span(state):
+            transition, result = self._decide(definition, state, event, now)
+            self._record(changes, transition)
+        return result
+
+    async def _write(self, tx: StoreTransaction, changes: _Changes, *, new: bool = False) -> None:
+        """Write the changed sagas with their messages and history, a few statements
+        for any number; announce the messages to other processes' relays."""
+        if new:
+            ((state, messages, entries),) = changes.values()
+            await write_transition(tx, state, messages, entries, new=True)
+        else:
+            await write_transitions(tx, list(changes.values()))
+        if self.signal is not None and _emitted(changes.values()):
+            await self.signal.announce(tx)
+
+    def committed(self, changed: Iterable[Change]) -> None:
+        """After the commit of changes: the metrics, and the relay for their messages."""
+        changed = list(changed)
+        for state, _, entries in changed:
+            metrics.record_transition(state, entries)
+        if self.wake is not None and _emitted(changed):
+            self.wake()
+
+    # -- event sources -------------------------------------------------------------
+
+    async def start(
+        self, store: SagaStore, definition: Saga, saga_id: str, data: Mapping[str, Any]
+    ) -> SagaState:
+        """Create a saga and dispatch its first step, in a transaction of its own.
+
+        Refused before anything is stored: a first command over the limits."""
+        now = self.clock()
+        state = new_saga(definition, saga_id, data, now)
+        event = Started()
+        transition, refused = self._decide(definition, state, event, now)
+        if isinstance(refused, MessageTooLarge):
+            raise LimitError(
+                f"input too large: the first command would be {refused.size:,} bytes, "
+                f"the limit is {refused.limit:,} (SAGA_MAX_MESSAGE_BYTES)"
+            )
+        if refused is not None:
+            raise LimitError(f"input refused: the first command: {refused}")
+        changes: _Changes = {}
+        with event.span(state):
+            self._record(changes, transition)
+            try:
+                async with store.transaction() as tx:
+                    await self._write(tx, changes, new=True)
+            except IntegrityError:  # the id is taken
+                raise SagaError(f"a saga with id {saga_id!r} already exists") from None
+        self.committed(changes.values())
+        return state
+
+    async def operate(self, store: SagaStore, saga_id: str, event: OperatorAction) -> Operated:
+        """Apply an operator's action in a transaction of its own, under the saga's
+        optimistic row version: ConcurrencyConflict if the engine advanced it first."""
+        changes: _Changes = {}
+        async with store.transaction() as tx:
+            state = await tx.load_saga(saga_id)
+            if state is None:
+                raise SagaNotFoundError(f"no saga with id {saga_id!r}")
+            try:
+                definition = self.registry.get(state.name, state.version)
+            except UnknownSagaError as exc:
+                raise UnknownSagaError(
+                    f"cannot {event.action} saga {saga_id}: {exc}; load its module with "
+                    "--sagas or SAGA_SAGAS"
+                ) from None
+            previous = state.status
+            transition, summary = self._decide(definition, state, event, self.clock())
+            with event.span(state):
+                self._record(changes, transition)
+                await self._write(tx, changes)
+        self.committed(changes.values())
+        return Operated(state, previous, summary, changes[state.id][1])
+
+    async def replies(
+        self, tx: StoreTransaction, replies: Sequence[Envelope]
+    ) -> tuple[list[ReplyResult], list[Change]]:
+        """Apply replies inside ``tx``, in order; what became of each, and the sagas
+        they changed.
+
+        The sagas are locked first (in id order), then the message ids claimed in the
+        inbox: every engine takes the two in that order, so replicas cannot deadlock.
+        """
+        outcomes = [ReplyResult(ReplyOutcome.NOT_VISIBLE)] * len(replies)
+        states = await tx.lock_sagas(r.saga_id for r in replies)
+        definitions: dict[str, Saga] = {}
+        candidates: list[int] = []
+        for i, reply in enumerate(replies):
+            state = states.get(reply.saga_id)
+            if state is None:
+                continue
+            try:
+                definitions[state.id] = self.registry.get(state.name, state.version)
+            except UnknownSagaError as exc:
+                outcomes[i] = ReplyResult(ReplyOutcome.UNKNOWN, str(exc))
+                continue
+            candidates.append(i)
+        claimed = await tx.claim_inboxes(
+            {replies[i].message_id: replies[i].saga_id for i in candidates}, self.group
+        )
+        changes: _Changes = {}
+        now = self.clock()
+        for i in candidates:
+            reply = replies[i]
+            if reply.message_id not in claimed:
+                outcomes[i] = ReplyResult(ReplyOutcome.DUPLICATE)
+                continue
+            claimed.discard(reply.message_id)  # a second copy in this batch: duplicate
+            state = states[reply.saga_id]
+            event = ReplyReceived(reply, self.messaging_system, self.topology.replies, self.group)
+            self._advance(changes, definitions[state.id], state, event, now)
+            outcomes[i] = ReplyResult(ReplyOutcome.APPLIED)
+        await self._write(tx, changes)
+        return outcomes, list(changes.values())
+
+    async def timers(
+        self,
+        tx: StoreTransaction,
+        now: datetime,
+        limit: int,
+        *,
+        timeouts_due_by: datetime | None = None,
+    ) -> tuple[int, list[Change]]:
+        """Fire up to ``limit`` timers due at ``now`` inside ``tx`` (timeouts only if
+        due by ``timeouts_due_by``, see :meth:`StoreTransaction.due_timers`); how many
+        fired, and the sagas they changed."""
+        due_timers = await tx.due_timers(now, limit, timeouts_due_by=timeouts_due_by)
+        # Their rows are locked with the timers already: this only reads them, at once.
+        states = await tx.lock_sagas(due.saga_id for due in due_timers)
+        changes: _Changes = {}
+        fired = 0
+        for due in due_timers:
+            state = states.get(due.saga_id)
+            if state is None:
+                continue
+            definition = self._timer_definition(state)
+            if definition is None:
+                continue
+            at = self.clock()
+            late: datetime | bool = False
+            if due.timer.kind in TIMEOUTS:
+                timeout = definition.step(due.timer.step).timeout
+                late = await self._published_late(tx, state.id, timeout)
+            fired += self._advance(changes, definition, state, TimerDue(due.timer, late), at)
+        await self._write(tx, changes)
+        return fired, list(changes.values())
+
+    def _timer_definition(self, state: SagaState) -> Saga | None:
+        """The definition a timer of ``state`` needs; None (said once) if this process
+        has none: another replica or deployment may, and failing the whole batch would
+        stall every timer."""
+        try:
+            return self.registry.get(state.name, state.version)
+        except UnknownSagaError as exc:
+            if state.id not in self._foreign:
+                self._foreign.add(state.id)
+                log.warning("leaving timer of saga %s alone: %s", state.id, exc)
+            return None
+
+    async def _published_late(
+        self, tx: StoreTransaction, saga_id: str, timeout: timedelta
+    ) -> datetime | bool:
+        """True if the message a timeout times is still unsent; when it went out, if
+        that was less than its timeout ago (the deadline was set when the step was
+        written, and an engine or broker that was down relayed it only then); else
+        False."""
+        if await tx.has_unsent(saga_id):
+            return True
+        sent = await tx.last_sent(saga_id)
+        if sent is not None and sent + timeout > self.clock():
+            return sent
+        return False
+
+    async def undeliverable(
+        self, tx: StoreTransaction, refused: Sequence[Undeliverable]
+    ) -> Callable[[], None]:
+        """Advance the sagas of outbox rows the broker refused for good, in the relay's
+        transaction (:meth:`Transition.on_undeliverable`); what to do once it committed.
+
+        The relay holds those rows' locks; the sagas are locked now, in id order, as
+        for replies. Nothing that holds a saga's lock waits for an outbox row's
+        (replies and timers only insert new rows), so the two cannot deadlock.
+        """
+        found: list[Undelivered] = []
+        for item in refused:
+            try:
+                found.append(Undelivered(decode(item.record.body, ANY_SIZE), item.reason))
+            except DecodeError:
+                continue  # not one of ours (a replayed dead letter): archived only
+        states = await tx.lock_sagas(event.message.saga_id for event in found)
+        changes: _Changes = {}
+        now = self.clock()
+        for event in found:
+            state = states.get(event.message.saga_id)
+            if state is None:
+                continue
+            try:
+                definition = self.registry.get(state.name, state.version)
+            except UnknownSagaError as exc:
+                log.warning("refused message of saga %s not applied: %s", state.id, exc)
+                continue
+            self._advance(changes, definition, state, event, now)
+        await self._write(tx, changes)
+        return lambda: self.committed(changes.values())
+
+
+def _emitted(changed: Iterable[Change]) -> bool:
+    return any(messages for _, messages, _ in changed)
