@@ -55,7 +55,8 @@ def test_the_walk_sees_the_library() -> None:
     assert {"engine", "engine.cli.app", "engine.orchestrator", "engine.worker.runner"} <= set(
         MODULES
     )
-    assert "engine.statemachine" in GRAPH["engine.orchestrator"]
+    assert "engine.statemachine" in GRAPH["engine.advance"]
+    assert "engine.advance" in GRAPH["engine.orchestrator"]
     assert "engine.worker.runner" in GRAPH["engine.worker"]
     assert "engine.cli.demo" in GRAPH["engine.cli.app"]  # a lazy import, inside a function
 
