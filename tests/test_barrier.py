@@ -88,7 +88,7 @@ async def db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[As
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'saga.db'}"
         engine = create_engine(url)
-        await upgrade(engine)
+        await upgrade(engine, scripts=[ledger.MIGRATIONS])
         try:
             yield engine
         finally:
