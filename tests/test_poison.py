@@ -5,7 +5,6 @@ as well as replying, so the saga compensates and the message is kept for a look.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -18,26 +17,10 @@ from engine.transport.memory import MemoryBroker, MemoryTransport
 from engine.worker.runner import WorkerRunner
 from engine.worker.worker import HandlerContext, Worker
 from sagas.order import place_order
-from tests.helpers import envelopes, order_input
+from tests.helpers import FakeDelivery, envelopes, order_input
 
 TOPOLOGY = Topology()
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
-
-
-@dataclass
-class Settled:
-    message: Message
-    redelivered: bool = False
-    how: list[str] = field(default_factory=list)
-
-    async def ack(self) -> None:
-        self.how.append("ack")
-
-    async def nack(self) -> None:
-        self.how.append("nack")
-
-    async def dead_letter(self, reason: str) -> None:
-        self.how.append(f"dead_letter: {reason}")
 
 
 def test_commands_and_compensations_name_their_last_attempt() -> None:
@@ -113,10 +96,10 @@ async def handle(db: AsyncEngine, envelope: Envelope) -> tuple[list[str], list[E
     transport = MemoryTransport(broker)
     await transport.connect()
     runner = WorkerRunner(poisoned(), transport, db, topology=TOPOLOGY)
-    delivery = Settled(Message(TOPOLOGY.commands("payment"), "s1", encode(envelope)))
+    delivery = FakeDelivery(Message(TOPOLOGY.commands("payment"), "s1", encode(envelope)))
     await runner.handle_delivery(delivery)
     await transport.close()
-    return delivery.how, envelopes(broker.drain(TOPOLOGY.replies))
+    return delivery.settled, envelopes(broker.drain(TOPOLOGY.replies))
 
 
 async def test_a_handler_raising_before_the_last_attempt_is_retried(db: AsyncEngine) -> None:
