@@ -44,7 +44,6 @@ from engine.settings import Settings, load_settings
 from engine.signing import as_replayed
 from engine.states import SagaStatus
 from engine.store.base import OutboxSignal, SagaStore, StoreTransaction
-from engine.store.postgres import outbox_signal
 from engine.store.queries import SagaQueries
 from engine.store.sql import SqlSagaStore
 from engine.topology import Topology
@@ -121,7 +120,7 @@ class SagaClient:
         self.on_commit = on_commit
         #: Wakes relays in other processes when this client's outbox rows commit
         #: (PostgreSQL: NOTIFY); by default the store's own, if its database has one.
-        self.signal = signal if signal is not None else outbox_signal(store)
+        self.signal = signal if signal is not None else store.outbox_signal()
         #: ``messaging.system`` of the broker the relay will publish to (trace attribute).
         self.messaging_system = messaging_system
         #: Sizes a start refuses beyond (the first command), and the operator's

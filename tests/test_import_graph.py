@@ -151,11 +151,10 @@ ALLOWED = {
     ("engine.worker.worker", "sqlalchemy.ext.asyncio"),
     # Which errors pass is judged by SQLAlchemy's exception types and SQLSTATEs.
     ("engine.store.failures", "sqlalchemy.exc"),
-    # SagaClient.connect builds its own SQL store, database engine and outbox signal:
-    # the composition root's work, which it does once engine.wiring builds clients.
+    # SagaClient.connect builds its own SQL store and database engine: the composition
+    # root's work, which it does once engine.wiring builds clients.
     ("engine.client", "engine.database"),
     ("engine.client", "engine.store.sql"),
-    ("engine.client", "engine.store.postgres"),
     ("engine.client", "engine.transport.factory"),
 }
 

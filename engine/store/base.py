@@ -204,6 +204,11 @@ class SagaStore(Protocol):
 
     def transaction(self) -> AbstractAsyncContextManager[StoreTransaction]: ...
 
+    def outbox_signal(self) -> OutboxSignal | None:
+        """A new cross-process outbox signal over this store's database, if it has
+        such a mechanism (PostgreSQL: LISTEN / NOTIFY); None otherwise (SQLite)."""
+        ...
+
     # -- retention: every prune is one short transaction; replicas may run it at once.
 
     async def prune_sent_outbox(self, before: datetime, limit: int) -> int:

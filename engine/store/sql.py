@@ -49,6 +49,7 @@ from engine.store.base import (
     DeferredReply,
     DueTimer,
     OutboxRecord,
+    OutboxSignal,
     PruneCounts,
     SagaIdTaken,
 )
@@ -593,6 +594,13 @@ class SqlSagaStore:
     async def transaction(self) -> AsyncIterator[SqlStoreTransaction]:
         async with self.engine.begin() as conn:
             yield SqlStoreTransaction(conn)
+
+    def outbox_signal(self) -> OutboxSignal | None:
+        if self.engine.dialect.name != "postgresql":
+            return None
+        from engine.store.postgres import PgOutboxSignal  # the PostgreSQL driver, lazily
+
+        return PgOutboxSignal(self.engine)
 
     async def get_saga(self, saga_id: str) -> SagaDetail | None:
         async with self.engine.connect() as conn:
