@@ -44,8 +44,8 @@ from engine.settings import Settings, load_settings
 from engine.signing import as_replayed
 from engine.states import SagaStatus
 from engine.store.base import OutboxSignal, SagaStore, StoreTransaction
-from engine.store.postgres import outbox_signal
-from engine.store.sql import SqlSagaStore, dead_letter_view
+from engine.store.queries import SagaQueries
+from engine.store.sql import SqlSagaStore
 from engine.topology import Topology
 from engine.transport.factory import messaging_system as broker_kind
 from engine.views import (
@@ -61,6 +61,7 @@ from engine.views import (
     SagaDetail,
     SagaSummary,
     StatsView,
+    dead_letter_view,
 )
 
 #: How often an operator action is re-applied when the engine advanced the saga first.
@@ -93,8 +94,12 @@ class SagaClient:
         messaging_system: str = "memory",
         signal: OutboxSignal | None = None,
         limits: Limits = DEFAULT_LIMITS,
+        queries: SagaQueries | None = None,
     ) -> None:
         """A client over ``store``, serving the sagas of ``registry``.
+
+        It writes through ``store`` and reads through ``queries``, by default the
+        store itself when it answers queries too (the SQL store does).
 
         ``topology`` names the destinations commands go to (its prefix must be the
         workers'); ``on_commit`` is called after each commit that wrote outbox rows
@@ -102,6 +107,12 @@ class SagaClient:
         processes (by default the store's own: PostgreSQL ``NOTIFY``).
         """
         self.store = store
+        if queries is None:
+            if not isinstance(store, SagaQueries):
+                raise TypeError(f"{type(store).__name__} answers no queries: pass queries=")
+            queries = store
+        #: What :meth:`get`, :meth:`list`, :meth:`stats` ... read through.
+        self.queries: SagaQueries = queries
         self.registry = registry or SagaRegistry()
         self.topology = topology or Topology()
         self.clock = clock
@@ -109,7 +120,7 @@ class SagaClient:
         self.on_commit = on_commit
         #: Wakes relays in other processes when this client's outbox rows commit
         #: (PostgreSQL: NOTIFY); by default the store's own, if its database has one.
-        self.signal = signal if signal is not None else outbox_signal(store)
+        self.signal = signal if signal is not None else store.outbox_signal()
         #: ``messaging.system`` of the broker the relay will publish to (trace attribute).
         self.messaging_system = messaging_system
         #: Sizes a start refuses beyond (the first command), and the operator's
@@ -217,7 +228,7 @@ class SagaClient:
 
     async def get(self, saga_id: str) -> SagaDetail:
         """One saga with its steps and history; SagaNotFoundError if there is none."""
-        detail = await self.store.get_saga(saga_id)
+        detail = await self.queries.get_saga(saga_id)
         if detail is None:
             raise SagaNotFoundError(f"no saga with id {saga_id!r}")
         return detail
@@ -230,7 +241,7 @@ class SagaClient:
         limit: int = 50,
     ) -> list[SagaSummary]:
         """Sagas, newest first, optionally of one status and one definition name."""
-        return await self.store.list_sagas(status=status, name=name, limit=limit)
+        return await self.queries.list_sagas(status=status, name=name, limit=limit)
 
     # -- operator repair ----------------------------------------------------------
 
@@ -287,7 +298,7 @@ class SagaClient:
         self, *, limit: int = 50, pending_only: bool = False
     ) -> builtins.list[DeadLetterView]:
         """Archived dead letters, newest first."""
-        return await self.store.list_dead_letters(limit=limit, pending_only=pending_only)
+        return await self.queries.list_dead_letters(limit=limit, pending_only=pending_only)
 
     async def replay_dead_letter(
         self,
@@ -372,7 +383,7 @@ class SagaClient:
     async def stats(self) -> StatsView:
         """Counts by state and saga, the oldest saga in progress, the outbox backlog
         and the dead letters not replayed."""
-        raw = await self.store.stats()
+        raw = await self.queries.stats()
         now = self.clock()
         by_status = dict.fromkeys(SagaStatus, 0)
         by_saga: dict[str, dict[SagaStatus, int]] = {}
@@ -461,11 +472,11 @@ class SagaClient:
 
     async def counts(self) -> dict[SagaStatus, int]:
         """How many sagas are in each status."""
-        return await self.store.count_by_status()
+        return await self.queries.count_by_status()
 
     async def statuses(self, saga_ids: Sequence[str]) -> dict[str, SagaStatus]:
         """Status of each given saga (absent ids are left out)."""
-        return await self.store.statuses(saga_ids)
+        return await self.queries.statuses(saga_ids)
 
 
 def _check_awaited(

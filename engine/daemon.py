@@ -37,7 +37,8 @@ from engine.telemetry.setup import configure_metrics, configure_tracing
 from engine.topology import Topology
 from engine.transport.base import Transport
 from engine.transport.factory import messaging_system, transport_from_url
-from engine.worker import barrier
+from engine.worker.barrier import SqlBarrier
+from engine.worker.base import Barrier
 from engine.worker.runner import WorkerRunner
 
 log = logging.getLogger("saga.daemon")
@@ -154,7 +155,7 @@ def engine_pruner(store: SagaStore, settings: Settings) -> Pruner | None:
     )
 
 
-def barrier_pruner(database: AsyncEngine, participant: str, settings: Settings) -> Pruner | None:
+def barrier_pruner(barrier: Barrier, participant: str, settings: Settings) -> Pruner | None:
     """A worker's scheduled pruning: its participant's barrier rows by age."""
     keep = settings.barrier_retention
     if timedelta(0) < keep < SHORT_BARRIER_RETENTION:
@@ -163,7 +164,7 @@ def barrier_pruner(database: AsyncEngine, participant: str, settings: Settings) 
             "runs its effect twice",
             keep,
         )
-    prune = functools.partial(barrier.prune, database, participant)
+    prune = functools.partial(barrier.prune, participant)
     return _pruner(settings, [PruneRule("barrier", keep, prune)])
 
 
@@ -283,7 +284,7 @@ async def run_worker(
         runner = WorkerRunner(
             worker,
             transport,
-            database,
+            SqlBarrier(database),
             topology=topology,
             concurrency=concurrency,
             messaging_system=messaging_system(settings.broker_url),
@@ -298,7 +299,7 @@ async def run_worker(
             ping=_pinger(database),
             consuming=lambda: runner.consuming,
         ):
-            run = _alongside(runner.run, barrier_pruner(database, worker.name, settings))
+            run = _alongside(runner.run, barrier_pruner(runner.barrier, worker.name, settings))
             await _serve(f"worker {worker.name}", run, runner.stop, grace, ready)
     finally:
         await transport.close()

@@ -21,6 +21,7 @@ from engine.signing import NO_SIGNING, Signing
 from engine.store.sql import SqlSagaStore
 from engine.topology import Topology
 from engine.transport.memory import MemoryBroker, MemoryTransport
+from engine.worker.barrier import SqlBarrier
 from engine.worker.runner import WorkerRunner
 from engine.worker.worker import Worker
 
@@ -59,7 +60,7 @@ class EmbeddedSystem:
             WorkerRunner(
                 w,
                 MemoryTransport(self.broker),
-                database,
+                SqlBarrier(database),
                 topology=self.topology,
                 limits=limits,
                 signing=signing,
