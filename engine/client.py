@@ -5,17 +5,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from datetime import timedelta
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.advance import Advancer, Cancelled, OperatorAction, Retried
 from engine.clock import Clock, utc_now
-from engine.database import check_schema, create_engine
 from engine.deadletters import describe, replay_headers
 from engine.definition import Saga
 from engine.errors import (
@@ -45,9 +45,7 @@ from engine.signing import as_replayed
 from engine.states import SagaStatus
 from engine.store.base import OutboxSignal, SagaStore, StoreTransaction
 from engine.store.queries import SagaQueries
-from engine.store.sql import SqlSagaStore
 from engine.topology import Topology
-from engine.transport.factory import messaging_system as broker_kind
 from engine.views import (
     DeadLetterStats,
     DeadLetterView,
@@ -63,6 +61,9 @@ from engine.views import (
     StatsView,
     dead_letter_view,
 )
+
+if TYPE_CHECKING:
+    from engine.connections import Connections
 
 #: How often an operator action is re-applied when the engine advanced the saga first.
 OPERATOR_CONFLICT_RETRIES = 10
@@ -131,7 +132,7 @@ class SagaClient:
     async def connect(
         cls,
         database_url: str | None = None,
-        sagas: Iterable[str] | None = None,
+        sagas: Iterable[str | Saga] | None = None,
         *,
         settings: Settings | None = None,
         topology: Topology | None = None,
@@ -149,21 +150,42 @@ class SagaClient:
         """
         if settings is None:
             settings = load_settings()
-        registry = SagaRegistry.from_modules(settings.saga_modules if sagas is None else sagas)
-        engine = create_engine(
-            settings.database_url if database_url is None else database_url, must_exist=True
-        )
+        if database_url is not None:
+            settings = settings.model_copy(update={"database_url": database_url})
+        # Imported here: the client's module stays free of drivers and adapters.
+        from engine.connections import Connections
+
+        connections = Connections(settings, must_exist=True, topology=topology, limits=limits)
         try:
-            await check_schema(engine)
+            registry = connections.registry(sagas)
+            await connections.check_schema()
         except BaseException:
-            await engine.dispose()
+            await connections.close()
             raise
+        client = cls.over(connections, registry)
+        if messaging_system is not None:
+            client.messaging_system = messaging_system
+        return client
+
+    @classmethod
+    def over(
+        cls,
+        connections: Connections,
+        registry: SagaRegistry,
+        *,
+        on_commit: Callable[[], None] | None = None,
+    ) -> SagaClient:
+        """A client on the database, prefix, limits and outbox signal of
+        ``connections`` (what :meth:`connect` and :meth:`Wiring.client
+        <engine.wiring.Wiring.client>` return); closing it closes that database."""
         return cls(
-            SqlSagaStore(engine),
+            connections.store,
             registry,
-            topology=topology or Topology(settings.topic_prefix),
-            messaging_system=messaging_system or broker_kind(settings.broker_url),
-            limits=limits or settings.limits,
+            topology=connections.topology,
+            on_commit=on_commit,
+            messaging_system=connections.messaging_system,
+            signal=connections.signal,
+            limits=connections.limits,
         )
 
     async def __aenter__(self) -> SagaClient:
@@ -232,6 +254,25 @@ class SagaClient:
         if detail is None:
             raise SagaNotFoundError(f"no saga with id {saga_id!r}")
         return detail
+
+    async def wait(
+        self, saga_id: str, *, timeout: float = 30.0, interval: float = 0.05
+    ) -> SagaDetail:
+        """The saga once nothing more happens to it by itself: completed, compensated,
+        or parked (an operator must look). Read every ``interval`` seconds; a
+        :class:`TimeoutError` naming the saga and its last status after ``timeout``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            detail = await self.get(saga_id)
+            if detail.status.is_terminal or detail.status is SagaStatus.PARKED:
+                return detail
+            left = deadline - loop.time()
+            if left <= 0:
+                raise TimeoutError(
+                    f"saga {saga_id!r} is still {detail.status.value} after {timeout:g}s"
+                )
+            await asyncio.sleep(min(interval, left))
 
     async def list(
         self,

@@ -127,7 +127,13 @@ ADAPTERS = {
     "engine.transport.factory",
 }
 #: Where adapters are chosen: sagactl, the daemons, the embedded runner, the root.
-ENTRY_POINTS = {"engine", "engine.daemon", "engine.embedded", "engine.wiring"}
+ENTRY_POINTS = {
+    "engine",
+    "engine.connections",
+    "engine.daemon",
+    "engine.embedded",
+    "engine.wiring",
+}
 #: Libraries that only adapters import: brokers, database drivers, SQL, migrations.
 ADAPTER_LIBRARIES = {"aiokafka", "aio_pika", "aiormq", "asyncpg", "aiosqlite", "alembic"}
 #: Core modules that do the engine's and the workers' work; adapters stay below them.
@@ -151,11 +157,9 @@ ALLOWED = {
     ("engine.worker.worker", "sqlalchemy.ext.asyncio"),
     # Which errors pass is judged by SQLAlchemy's exception types and SQLSTATEs.
     ("engine.store.failures", "sqlalchemy.exc"),
-    # SagaClient.connect builds its own SQL store and database engine: the composition
-    # root's work, which it does once engine.wiring builds clients.
-    ("engine.client", "engine.database"),
-    ("engine.client", "engine.store.sql"),
-    ("engine.client", "engine.transport.factory"),
+    # SagaClient.connect() is a front door to the composition root's data half: it
+    # builds its store and engine there (engine.connections), not by itself.
+    ("engine.client", "engine.connections"),
 }
 
 
