@@ -28,10 +28,9 @@ from bench.order import SAGA_NAME, order_input
 from bench.procs import Group, Monitor, fixed, listener
 from bench.system import Finish, incident_lines
 from engine.client import SagaClient
-from engine.database import create_engine, parse_url, postgres_connect_args, upgrade
-from engine.registry import SagaRegistry
-from engine.store.sql import SqlSagaStore
-from engine.topology import Topology
+from engine.database import parse_url, postgres_connect_args
+from engine.settings import load_settings
+from engine.wiring import Wiring
 from tests.brokers import drop_topology
 from tests.pg import drop_database
 
@@ -88,6 +87,7 @@ class SagaEngineSystem:
         self.log_dir = log_dir
         self.daemons: list[Daemon] = []
         self.monitor = Monitor([])
+        self._wiring: Wiring | None = None
         self._client: SagaClient | None = None
         self._pool: asyncpg.Pool | None = None
         self._admin: asyncpg.Connection | None = None
@@ -148,11 +148,17 @@ class SagaEngineSystem:
     async def _start(self) -> None:
         self._admin = await asyncpg.connect(**pg_connect_args(self.postgres_url))
         await self._admin.execute(f'CREATE DATABASE "{self.database}"')
-        database = create_engine(self.database_url)
-        try:
-            await upgrade(database)
-        finally:
-            await database.dispose()
+        # The daemons' settings (this environment and the variables above), for the
+        # migrations and the client this process starts sagas with.
+        self._wiring = Wiring(
+            load_settings(
+                database_url=self.database_url,
+                broker_url=self.broker_url,
+                topic_prefix=self.prefix,
+                sagas="bench.order",
+            )
+        )
+        await self._wiring.migrate()
         for participant in PARTICIPANTS:
             self.spawn(
                 participant,
@@ -164,9 +170,7 @@ class SagaEngineSystem:
         for i in range(self.engines):
             self.spawn(f"engine-{i + 1}", "engine")
         await self._wait_ready()
-        store = SqlSagaStore(create_engine(self.database_url))
-        registry = SagaRegistry.from_modules(["bench.order"])
-        self._client = SagaClient(store, registry, topology=Topology(self.prefix))
+        self._client = self._wiring.client()
         self._pool = await asyncpg.create_pool(
             **{**pg_connect_args(self.postgres_url), "database": self.database},
             min_size=1,
@@ -239,8 +243,8 @@ class SagaEngineSystem:
                 await asyncio.to_thread(d.process.wait)
             d.log_file.close()
         try:
-            if self._client is not None:
-                await self._client.close()
+            if self._wiring is not None:
+                await self._wiring.close()  # the client's database too
             if self._pool is not None:
                 await self._pool.close()
             if self._admin is not None:

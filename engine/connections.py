@@ -90,10 +90,11 @@ class Connections:
             self._signal = self.store.outbox_signal()
         return self._signal
 
-    async def migrate(self, scripts: Iterable[str | Path] = ()) -> None:
-        """Create or upgrade the engine's tables, then each participant's Alembic
-        history in ``scripts`` (directories, or ``package:directory``)."""
-        await upgrade(self.database, scripts=scripts)
+    async def migrate(self, scripts: Iterable[str | Path] = (), *, revision: str = "heads") -> None:
+        """Create or upgrade the engine's tables (to ``revision``), then each
+        participant's Alembic history in ``scripts`` (directories, or
+        ``package:directory``) to its heads."""
+        await upgrade(self.database, revision, scripts=scripts)
 
     async def check_schema(self) -> None:
         """Fail clearly if the database is not migrated to this code's schema."""

@@ -76,7 +76,14 @@ def _why(exc: BaseException) -> str:
 
 
 class Settings(BaseSettings):
-    """Every ``SAGA_*`` setting; each may also come from a file (``SAGA_<NAME>_FILE``)."""
+    """Every ``SAGA_*`` setting; each may also come from a file (``SAGA_<NAME>_FILE``).
+
+    Read once per process and handed to :class:`~engine.wiring.Wiring`, which builds
+    every part from it; :func:`load_settings` gives clear errors::
+
+        settings = load_settings(topic_prefix="acme")  # over SAGA_* and their _FILEs
+        async with Wiring(settings) as wiring: ...
+    """
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 

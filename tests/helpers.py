@@ -12,29 +12,24 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from engine.client import SagaClient
-from engine.database import create_engine, upgrade
+from engine import embedded
 from engine.definition import RetryPolicy, Saga
+from engine.embedded import TransportFactory
 from engine.errors import TransportError
 from engine.messages import Envelope, MessageKind, decode
-from engine.orchestrator import Engine, EngineSettings
-from engine.registry import SagaRegistry
-from engine.relay import OutboxRelay
+from engine.orchestrator import EngineSettings
+from engine.settings import load_settings
 from engine.signing import NO_SIGNING, Signing
 from engine.states import SagaStatus, StepStatus
 from engine.store.schema import outbox
-from engine.store.sql import SqlSagaStore
-from engine.topology import Topology
 from engine.transport.base import Message, Subscription, Transport
 from engine.transport.memory import MemoryBroker, MemoryTransport
 from engine.views import DeadLetterView, SagaDetail
-from engine.worker.barrier import SqlBarrier
 from engine.worker.runner import WorkerRunner
 from engine.worker.worker import Registration, Worker
 from sagas.order import place_order
@@ -220,20 +215,19 @@ def flaky_worker(worker: Worker, rng: random.Random, error_rate: float) -> Worke
 
 # -- the embedded system ---------------------------------------------------------------
 
-TransportFactory = Callable[[MemoryBroker, str], Transport]
-
 
 def memory_transport(broker: MemoryBroker, role: str) -> Transport:
     return MemoryTransport(broker)
 
 
-class EmbeddedSystem:
-    """Engine + workers on one temp SQLite file and one MemoryBroker.
+class EmbeddedSystem(embedded.EmbeddedSystem):
+    """The public embedded runner on a temp SQLite file, set up for the example.
 
-    ``async with EmbeddedSystem(path) as system:`` migrates and seeds the database,
-    then starts the engine and the workers named in ``run_workers``. The engine can be
-    stopped (or crashed by cancelling its task) and restarted over the same database
-    and broker; workers can be started later than the engine.
+    ``async with EmbeddedSystem(path) as system:`` migrates (the engine's and the
+    example's histories) and seeds the database, then starts the engine and the
+    workers named in ``run_workers``, with short engine intervals. The engine can be
+    stopped (or crashed) and restarted over the same database and broker; workers can
+    be started later than the engine, each with a signing of its own.
     """
 
     def __init__(
@@ -251,15 +245,6 @@ class EmbeddedSystem:
         signing: Signing = NO_SIGNING,
     ) -> None:
         self.db_path = db_path
-        self.registry = SagaRegistry(sagas)
-        self.workers = dict(EXAMPLE_WORKERS if workers is None else workers)
-        self.initial_workers = list(self.workers if run_workers is None else run_workers)
-        self.stock = stock
-        self.balances = balances
-        self.transport_factory = transport_factory
-        #: The engine's and every worker's (``workers_signing`` overrides per worker).
-        self.signing = signing
-        self.workers_signing: dict[str, Signing] = {}
         # In one process nothing republishes replies after an outage: a short settle.
         self.settings = settings or EngineSettings(
             timer_interval=0.02,
@@ -267,137 +252,50 @@ class EmbeddedSystem:
             reply_settle=timedelta(seconds=0.1),
             watermark_interval=0.02,
         )
-        self.rng = random.Random(seed)
-        self.topology = Topology()
-        self.broker = MemoryBroker(dead_letters=self.topology.dead_letters)
-        self.db: AsyncEngine = create_engine(f"sqlite:///{db_path}")
-        self.store = SqlSagaStore(self.db)
-        self.client = SagaClient(self.store, self.registry, on_commit=self._wake)
-        self.engine: Engine | None = None
-        self.engine_task: asyncio.Task[None] | None = None
-        self.engine_transport: Transport | None = None
-        self.engines_started = 0
-        self.runners: dict[str, tuple[WorkerRunner, asyncio.Task[None]]] = {}
-        self.transports: list[Transport] = []
+        workers = EXAMPLE_WORKERS if workers is None else workers
+        super().__init__(
+            sagas=sagas,
+            workers=list(workers.values()),
+            settings=load_settings(database_url=f"sqlite:///{db_path}"),
+            migrations=[ledger.MIGRATIONS],
+            tunables=self.settings,
+            poll_interval=0.01,
+            signing=signing,
+            transport_factory=transport_factory,
+            seed=seed,
+        )
+        self.workers = dict(workers)  # by the names the test gave them
+        self.initial_workers = list(self.workers if run_workers is None else run_workers)
+        self.stock = stock
+        self.balances = balances
+        #: Per worker, a signing other than :attr:`signing` (the engine's).
+        self.workers_signing: dict[str, Signing] = {}
 
-    # -- lifecycle ---------------------------------------------------------------
+    @property
+    def db(self) -> AsyncEngine:
+        return self.database
 
-    async def __aenter__(self) -> EmbeddedSystem:
-        await upgrade(self.db, scripts=[ledger.MIGRATIONS])
-        await ledger.seed(self.db, stock_by_sku=self.stock, balances=self.balances)
+    async def start(self) -> None:
         try:
+            await self.wiring.migrate(self.migrations)
+            await ledger.seed(self.db, stock_by_sku=self.stock, balances=self.balances)
             await self.start_engine()
             for name in self.initial_workers:
                 await self.start_worker(name)
         except BaseException:
-            await self.close()
+            await self.stop()
             raise
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        errors: list[BaseException] = []
-        if self.engine is not None:
-            errors += await self._stop_engine(crash=False)
-        for name in list(self.runners):
-            errors += await self._stop_worker(name)
-        for transport in self.transports:
-            pending = getattr(transport, "pending", set())
-            for task in list(pending):
+    async def stop(self) -> None:
+        for transport in self.transports:  # a ChaosTransport's delayed publishes
+            for task in list(getattr(transport, "pending", ())):
                 task.cancel()
-            await transport.close()
-        await self.db.dispose()
-        if errors:
-            raise errors[0]
+        await super().stop()
 
-    def _wake(self) -> None:
-        if self.engine is not None:
-            self.engine.relay.wake()
-
-    async def _transport(self, role: str) -> Transport:
-        transport = self.transport_factory(self.broker, role)
-        await transport.connect()
-        self.transports.append(transport)
-        return transport
-
-    async def start_engine(self) -> Engine:
-        assert self.engine is None, "an engine is already running"
-        transport = await self._transport("engine")
-        self.engines_started += 1
-        engine = Engine(
-            self.store,
-            transport,
-            self.registry,
-            topology=self.topology,
-            settings=self.settings,
-            relay=OutboxRelay(self.store, transport, poll_interval=0.01),
-            rng=random.Random(self.rng.random()),
-            instance_id=f"test-engine-{self.engines_started}",
-            signing=self.signing,
-        )
-        self.engine = engine
-        self.engine_transport = transport
-        self.engine_task = asyncio.create_task(engine.run(), name="test-engine")
-        return engine
-
-    async def _stop_engine(self, *, crash: bool) -> list[BaseException]:
-        assert self.engine is not None and self.engine_task is not None
-        engine, task = self.engine, self.engine_task
-        self.engine = self.engine_task = None
-        if crash:
-            task.cancel()
-        else:
-            engine.stop()
-        result = await asyncio.gather(task, return_exceptions=True)
-        return [r for r in result if isinstance(r, BaseException) and not _cancelled(r)]
-
-    async def stop_engine(self, *, crash: bool = False) -> None:
-        errors = await self._stop_engine(crash=crash)
-        if errors:
-            raise errors[0]
-
-    async def restart_engine(self, *, crash: bool = False) -> Engine:
-        await self.stop_engine(crash=crash)
-        return await self.start_engine()
-
-    async def start_worker(self, name: str) -> WorkerRunner:
-        assert name not in self.runners, f"worker {name} already runs"
-        transport = await self._transport(f"worker-{name}")
-        runner = WorkerRunner(
-            self.workers[name],
-            transport,
-            SqlBarrier(self.db),
-            topology=self.topology,
-            signing=self.workers_signing.get(name, self.signing),
-        )
-        self.runners[name] = (runner, asyncio.create_task(runner.run(), name=f"test-{name}"))
-        return runner
-
-    async def _stop_worker(self, name: str) -> list[BaseException]:
-        runner, task = self.runners.pop(name)
-        runner.stop()
-        result = await asyncio.gather(task, return_exceptions=True)
-        return [r for r in result if isinstance(r, BaseException) and not _cancelled(r)]
-
-    async def stop_worker(self, name: str) -> None:
-        errors = await self._stop_worker(name)
-        if errors:
-            raise errors[0]
-
-    def check_tasks(self) -> None:
-        """Raise the error of an engine or worker task that died."""
-        tasks = [self.engine_task] if self.engine_task is not None else []
-        tasks += [task for _, task in self.runners.values()]
-        for task in tasks:
-            if task.done() and not task.cancelled() and task.exception() is not None:
-                raise task.exception()  # type: ignore[misc]
+    async def start_worker(self, name: str, *, signing: Signing | None = None) -> WorkerRunner:
+        if signing is None:
+            signing = self.workers_signing.get(name, self.signing)
+        return await super().start_worker(name, signing=signing)
 
     # -- sagas ---------------------------------------------------------------------
 
@@ -456,7 +354,7 @@ class EmbeddedSystem:
                 )
             engine = self.engine
             snapshot = (
-                sum(r.handled for r, _ in self.runners.values()),
+                sum(r.handled for r in self.runners.values()),
                 engine.replies_handled if engine else -1,
                 engine.timers_fired if engine else -1,
                 engine.relay.published if engine else -1,
@@ -494,10 +392,6 @@ class EmbeddedSystem:
     def command_envelopes(self, participant: str) -> list[Envelope]:
         """Drain the commands waiting for ``participant`` (its worker must be stopped)."""
         return envelopes(self.broker.drain(self.topology.commands(participant)))
-
-
-def _cancelled(exc: BaseException) -> bool:
-    return isinstance(exc, asyncio.CancelledError)
 
 
 def history_events(detail: SagaDetail, event: str) -> list[str | None]:

@@ -482,14 +482,11 @@ def db_upgrade(options: Options, revision: str, scripts: tuple[str, ...]) -> Non
     of each --scripts history (each keeps its own version table)."""
 
     from engine.cli import render
-    from engine.database import create_engine, upgrade
+    from engine.connections import Connections
 
     async def go() -> None:
-        engine = create_engine(options.settings.database_url)
-        try:
-            await upgrade(engine, revision, scripts=scripts)
-        finally:
-            await engine.dispose()
+        async with Connections(options.settings) as connections:
+            await connections.migrate(scripts, revision=revision)
 
     run(go())
     also = "".join(f"; {render.shown(location)} to heads" for location in scripts)
