@@ -507,8 +507,7 @@ async def scenario(broker: Broker, tmp_path: Path) -> AsyncIterator[Run]:
         await ledger.seed(database, stock_by_sku=STOCK, balances=BALANCES)
         cluster = FaultCluster(db_url, broker.url, tmp_path)
         cluster.switches.mkdir()
-        client = await SagaClient.connect(db_url, SAGA_MODULES)
-        client.topology = Topology(cluster.prefix)
+        client = await SagaClient.connect(db_url, SAGA_MODULES, topology=Topology(cluster.prefix))
         began = time.monotonic()
         try:
             yield Run(broker, cluster, client, database)
