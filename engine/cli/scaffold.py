@@ -141,7 +141,8 @@ _STEP = Template(
                 reservation_id=ctx.saga_id, quantity=_input(ctx).${p}
             ),
             compensation=Compensation(
-                "release_${p}", lambda ctx: Release${Class}(reservation_id=ctx.saga_id)
+                "release_${p}",
+                lambda ctx: Release${Class}(reservation_id=ctx.saga_id),
             ),
             retry=RETRY,
             timeout=TIMEOUT,
