@@ -14,6 +14,8 @@ from engine.states import SagaStatus, StepStatus
 
 
 class SagaSummary(BaseModel):
+    """One saga as a list shows it: name, version, status, times and its last error."""
+
     id: str
     name: str
     version: int
@@ -24,6 +26,8 @@ class SagaSummary(BaseModel):
 
 
 class StepView(BaseModel):
+    """One step of a saga: its state, attempts, times, error and reply."""
+
     name: str
     position: int
     status: StepStatus
@@ -44,6 +48,8 @@ class HistoryView(BaseModel):
 
 
 class SagaDetail(SagaSummary):
+    """One saga in full: its input, trace, steps and history (``SagaClient.get``)."""
+
     input: dict[str, Any]
     trace_id: str | None = None
     steps: list[StepView]

@@ -66,6 +66,11 @@ Handled = tuple[Delivery, Message, str | None]
 
 
 class WorkerRunner:
+    """Runs one :class:`Worker` against its command destination: each command's handler
+    in a database transaction with the participant barrier (a duplicate runs once, a
+    compensation before its action is a no-op, an action after it is refused), then the
+    reply, published before the delivery is acknowledged. ``sagactl worker`` runs one."""
+
     def __init__(
         self,
         worker: Worker,
@@ -109,13 +114,16 @@ class WorkerRunner:
 
     @property
     def destination(self) -> str:
+        """Where this worker's commands and compensations arrive."""
         return self.topology.commands(self.worker.name)
 
     @property
     def group(self) -> str:
+        """The consumer group every replica of this worker shares."""
         return self.topology.group(f"worker-{self.worker.name}")
 
     def stop(self) -> None:
+        """Ask :meth:`run` to finish what is in flight and return."""
         self._stop.set()
 
     async def run(self) -> None:
@@ -240,6 +248,7 @@ class WorkerRunner:
         return replies
 
     async def handle_delivery(self, delivery: Delivery) -> None:
+        """Handle one delivered command, as the consumer handles each batch."""
         envelope = await self._decode(delivery)
         if envelope is not None:
             await self._handle_one(delivery, envelope)
