@@ -265,3 +265,30 @@ def test_the_example_runs_on_the_installed_wheel_from_a_directory_of_its_own(
     assert demo.returncode == 0, demo.stderr
     summary = json.loads(demo.stdout)
     assert (summary["orders"], summary["unfinished"], summary["inconsistent_orders"]) == (6, 0, 0)
+
+
+def test_sagactl_new_writes_a_project_from_the_wheels_templates(venv: Path, tmp_path: Path) -> None:
+    """The templates are package data: a worker and a saga written from the installed
+    wheel, and the worker's table made by its own migration history."""
+    project = tmp_path / "trips"
+    project.mkdir()
+    database = project / "trips.db"
+    env = {
+        "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}",
+        "HOME": str(tmp_path),
+        "PYTHONPATH": str(project),
+        "SAGA_DATABASE_URL": f"sqlite:///{database}",
+    }
+    sagactl = venv / "bin" / "sagactl"
+    for args in (("worker", "hotel"), ("saga", "book_trip", "--participant", "hotel")):
+        made = _run(sagactl, "new", *args, cwd=project, env=env)
+        assert made.returncode == 0, made.stderr
+    upgraded = _run(sagactl, "db", "upgrade", "--scripts", "hotel/migrations", cwd=project, env=env)
+    assert upgraded.returncode == 0, upgraded.stderr
+
+    assert (project / "sagas" / "book_trip.py").is_file()
+    assert (project / "tests" / "test_book_trip.py").is_file()
+    with sqlite3.connect(database) as conn:
+        (revision,) = conn.execute("SELECT version_num FROM hotel_version").fetchone()
+        columns = [r[1] for r in conn.execute("PRAGMA table_info(hotel_reservations)")]
+    assert (revision, columns) == ("hotel_0001", ["reservation_id", "quantity", "status"])
