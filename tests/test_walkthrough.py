@@ -248,4 +248,4 @@ def test_the_walkthrough_finds_its_blocks() -> None:
     section = readme[readme.index(f"\n{SECTION}\n") :]
     section = section[: section.index("\n## ", 1)]
     assert len(walkthrough(readme)) == section.count("<!-- walkthrough:")
-    assert walkthrough(readme)[0].kind == "install"
+    assert "install" in [b.kind for b in walkthrough(readme)]
