@@ -43,8 +43,6 @@ from engine.states import SagaStatus
 from tests.brokers import drop_after_test, topology_objects
 from tests.e2e import fresh_database, service_url, wait_until
 
-pytestmark = pytest.mark.integration
-
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Your own saga"
 BLOCK = re.compile(r"<!-- walkthrough: (\w+)(?: (\S+))? -->\n```\w*\n(.*?)```\n", re.S)
@@ -158,6 +156,7 @@ def lines(block: str) -> list[str]:
     return [line.strip() for line in block.splitlines() if line.strip()]
 
 
+@pytest.mark.integration
 async def test_your_own_saga_as_the_readme_says(session: Session, postgres_url: str) -> None:
     broker_url = service_url("SAGA_TEST_AMQP_URL")
     blocks = walkthrough((ROOT / "README.md").read_text())
