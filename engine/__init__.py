@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from engine.client import SagaClient
     from engine.definition import Compensation, RetryPolicy, Saga, Step, StepContext
+    from engine.embedded import EmbeddedSystem
     from engine.errors import (
         BusinessFailure,
         ConfigError,
@@ -28,9 +29,11 @@ if TYPE_CHECKING:
     from engine.messages import Envelope, MessageKind, Outcome
     from engine.orchestrator import Engine, EngineSettings
     from engine.registry import SagaRegistry
+    from engine.settings import Settings
     from engine.states import SagaStatus, StepStatus
     from engine.topology import Topology
     from engine.views import SagaDetail, SagaSummary, StepView
+    from engine.wiring import Wiring
     from engine.worker import HandlerContext, Worker, WorkerRunner
 
 #: Where each public name lives.
@@ -40,6 +43,7 @@ _EXPORTS = {
     "ConfigError": "engine.errors",
     "DatabaseError": "engine.errors",
     "DefinitionError": "engine.errors",
+    "EmbeddedSystem": "engine.embedded",
     "Engine": "engine.orchestrator",
     "EngineSettings": "engine.orchestrator",
     "Envelope": "engine.messages",
@@ -58,12 +62,14 @@ _EXPORTS = {
     "SagaRegistry": "engine.registry",
     "SagaStatus": "engine.states",
     "SagaSummary": "engine.views",
+    "Settings": "engine.settings",
     "Step": "engine.definition",
     "StepContext": "engine.definition",
     "StepStatus": "engine.states",
     "StepView": "engine.views",
     "Topology": "engine.topology",
     "UnknownSagaError": "engine.errors",
+    "Wiring": "engine.wiring",
     "Worker": "engine.worker",
     "WorkerRunner": "engine.worker",
 }
@@ -74,6 +80,7 @@ __all__ = [
     "ConfigError",
     "DatabaseError",
     "DefinitionError",
+    "EmbeddedSystem",
     "Engine",
     "EngineSettings",
     "Envelope",
@@ -92,12 +99,14 @@ __all__ = [
     "SagaRegistry",
     "SagaStatus",
     "SagaSummary",
+    "Settings",
     "Step",
     "StepContext",
     "StepStatus",
     "StepView",
     "Topology",
     "UnknownSagaError",
+    "Wiring",
     "Worker",
     "WorkerRunner",
 ]

@@ -25,11 +25,10 @@ from datetime import datetime, timedelta
 from typing import Any, ClassVar, NamedTuple, Protocol, TypeVar
 
 from opentelemetry.trace import Span, SpanKind
-from sqlalchemy.exc import IntegrityError
 
 from engine.clock import Clock, utc_now
 from engine.definition import Saga
-from engine.errors import DecodeError, LimitError, SagaError, SagaNotFoundError, UnknownSagaError
+from engine.errors import DecodeError, LimitError, SagaNotFoundError, UnknownSagaError
 from engine.limits import ANY_SIZE, DEFAULT_LIMITS, Limits, MessageTooLarge
 from engine.messages import Envelope, decode
 from engine.model import TIMEOUTS, OutboxMessage, SagaState, Timer
@@ -334,11 +333,8 @@ class Advancer:
         changes: _Changes = {}
         with event.span(state):
             self._record(changes, transition)
-            try:
-                async with store.transaction() as tx:
-                    await self._write(tx, changes, new=True)
-            except IntegrityError:  # the id is taken
-                raise SagaError(f"a saga with id {saga_id!r} already exists") from None
+            async with store.transaction() as tx:  # SagaIdTaken if the id is taken
+                await self._write(tx, changes, new=True)
         self.committed(changes.values())
         return state
 

@@ -5,17 +5,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from datetime import timedelta
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.advance import Advancer, Cancelled, OperatorAction, Retried
 from engine.clock import Clock, utc_now
-from engine.database import check_schema, create_engine
 from engine.deadletters import describe, replay_headers
 from engine.definition import Saga
 from engine.errors import (
@@ -44,10 +44,8 @@ from engine.settings import Settings, load_settings
 from engine.signing import as_replayed
 from engine.states import SagaStatus
 from engine.store.base import OutboxSignal, SagaStore, StoreTransaction
-from engine.store.postgres import outbox_signal
-from engine.store.sql import SqlSagaStore, dead_letter_view
+from engine.store.queries import SagaQueries
 from engine.topology import Topology
-from engine.transport.factory import messaging_system as broker_kind
 from engine.views import (
     DeadLetterStats,
     DeadLetterView,
@@ -61,7 +59,11 @@ from engine.views import (
     SagaDetail,
     SagaSummary,
     StatsView,
+    dead_letter_view,
 )
+
+if TYPE_CHECKING:
+    from engine.connections import Connections
 
 #: How often an operator action is re-applied when the engine advanced the saga first.
 OPERATOR_CONFLICT_RETRIES = 10
@@ -93,8 +95,12 @@ class SagaClient:
         messaging_system: str = "memory",
         signal: OutboxSignal | None = None,
         limits: Limits = DEFAULT_LIMITS,
+        queries: SagaQueries | None = None,
     ) -> None:
         """A client over ``store``, serving the sagas of ``registry``.
+
+        It writes through ``store`` and reads through ``queries``, by default the
+        store itself when it answers queries too (the SQL store does).
 
         ``topology`` names the destinations commands go to (its prefix must be the
         workers'); ``on_commit`` is called after each commit that wrote outbox rows
@@ -102,6 +108,12 @@ class SagaClient:
         processes (by default the store's own: PostgreSQL ``NOTIFY``).
         """
         self.store = store
+        if queries is None:
+            if not isinstance(store, SagaQueries):
+                raise TypeError(f"{type(store).__name__} answers no queries: pass queries=")
+            queries = store
+        #: What :meth:`get`, :meth:`list`, :meth:`stats` ... read through.
+        self.queries: SagaQueries = queries
         self.registry = registry or SagaRegistry()
         self.topology = topology or Topology()
         self.clock = clock
@@ -109,7 +121,7 @@ class SagaClient:
         self.on_commit = on_commit
         #: Wakes relays in other processes when this client's outbox rows commit
         #: (PostgreSQL: NOTIFY); by default the store's own, if its database has one.
-        self.signal = signal if signal is not None else outbox_signal(store)
+        self.signal = signal if signal is not None else store.outbox_signal()
         #: ``messaging.system`` of the broker the relay will publish to (trace attribute).
         self.messaging_system = messaging_system
         #: Sizes a start refuses beyond (the first command), and the operator's
@@ -120,7 +132,7 @@ class SagaClient:
     async def connect(
         cls,
         database_url: str | None = None,
-        sagas: Iterable[str] | None = None,
+        sagas: Iterable[str | Saga] | None = None,
         *,
         settings: Settings | None = None,
         topology: Topology | None = None,
@@ -138,21 +150,42 @@ class SagaClient:
         """
         if settings is None:
             settings = load_settings()
-        registry = SagaRegistry.from_modules(settings.saga_modules if sagas is None else sagas)
-        engine = create_engine(
-            settings.database_url if database_url is None else database_url, must_exist=True
-        )
+        if database_url is not None:
+            settings = settings.model_copy(update={"database_url": database_url})
+        # Imported here: the client's module stays free of drivers and adapters.
+        from engine.connections import Connections
+
+        connections = Connections(settings, must_exist=True, topology=topology, limits=limits)
         try:
-            await check_schema(engine)
+            registry = connections.registry(sagas)
+            await connections.check_schema()
         except BaseException:
-            await engine.dispose()
+            await connections.close()
             raise
+        client = cls.over(connections, registry)
+        if messaging_system is not None:
+            client.messaging_system = messaging_system
+        return client
+
+    @classmethod
+    def over(
+        cls,
+        connections: Connections,
+        registry: SagaRegistry,
+        *,
+        on_commit: Callable[[], None] | None = None,
+    ) -> SagaClient:
+        """A client on the database, prefix, limits and outbox signal of
+        ``connections`` (what :meth:`connect` and :meth:`Wiring.client
+        <engine.wiring.Wiring.client>` return); closing it closes that database."""
         return cls(
-            SqlSagaStore(engine),
+            connections.store,
             registry,
-            topology=topology or Topology(settings.topic_prefix),
-            messaging_system=messaging_system or broker_kind(settings.broker_url),
-            limits=limits or settings.limits,
+            topology=connections.topology,
+            on_commit=on_commit,
+            messaging_system=connections.messaging_system,
+            signal=connections.signal,
+            limits=connections.limits,
         )
 
     async def __aenter__(self) -> SagaClient:
@@ -217,10 +250,29 @@ class SagaClient:
 
     async def get(self, saga_id: str) -> SagaDetail:
         """One saga with its steps and history; SagaNotFoundError if there is none."""
-        detail = await self.store.get_saga(saga_id)
+        detail = await self.queries.get_saga(saga_id)
         if detail is None:
             raise SagaNotFoundError(f"no saga with id {saga_id!r}")
         return detail
+
+    async def wait(
+        self, saga_id: str, *, timeout: float = 30.0, interval: float = 0.05
+    ) -> SagaDetail:
+        """The saga once nothing more happens to it by itself: completed, compensated,
+        or parked (an operator must look). Read every ``interval`` seconds; a
+        :class:`TimeoutError` naming the saga and its last status after ``timeout``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            detail = await self.get(saga_id)
+            if detail.status.is_terminal or detail.status is SagaStatus.PARKED:
+                return detail
+            left = deadline - loop.time()
+            if left <= 0:
+                raise TimeoutError(
+                    f"saga {saga_id!r} is still {detail.status.value} after {timeout:g}s"
+                )
+            await asyncio.sleep(min(interval, left))
 
     async def list(
         self,
@@ -230,7 +282,7 @@ class SagaClient:
         limit: int = 50,
     ) -> list[SagaSummary]:
         """Sagas, newest first, optionally of one status and one definition name."""
-        return await self.store.list_sagas(status=status, name=name, limit=limit)
+        return await self.queries.list_sagas(status=status, name=name, limit=limit)
 
     # -- operator repair ----------------------------------------------------------
 
@@ -287,7 +339,7 @@ class SagaClient:
         self, *, limit: int = 50, pending_only: bool = False
     ) -> builtins.list[DeadLetterView]:
         """Archived dead letters, newest first."""
-        return await self.store.list_dead_letters(limit=limit, pending_only=pending_only)
+        return await self.queries.list_dead_letters(limit=limit, pending_only=pending_only)
 
     async def replay_dead_letter(
         self,
@@ -372,7 +424,7 @@ class SagaClient:
     async def stats(self) -> StatsView:
         """Counts by state and saga, the oldest saga in progress, the outbox backlog
         and the dead letters not replayed."""
-        raw = await self.store.stats()
+        raw = await self.queries.stats()
         now = self.clock()
         by_status = dict.fromkeys(SagaStatus, 0)
         by_saga: dict[str, dict[SagaStatus, int]] = {}
@@ -461,11 +513,11 @@ class SagaClient:
 
     async def counts(self) -> dict[SagaStatus, int]:
         """How many sagas are in each status."""
-        return await self.store.count_by_status()
+        return await self.queries.count_by_status()
 
     async def statuses(self, saga_ids: Sequence[str]) -> dict[str, SagaStatus]:
         """Status of each given saga (absent ids are left out)."""
-        return await self.store.statuses(saga_ids)
+        return await self.queries.statuses(saga_ids)
 
 
 def _check_awaited(

@@ -11,34 +11,18 @@ import asyncio
 import functools
 import logging
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Coroutine
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
-
-from engine.database import check_schema, create_engine, upgrade
 from engine.errors import ConfigError, SagaError
-from engine.loader import load_worker
-from engine.orchestrator import Engine, EngineSettings
-from engine.registry import SagaRegistry
-from engine.relay import OutboxRelay
 from engine.retention import Pruner, PruneRule
 from engine.settings import Settings
 from engine.store.base import SagaStore
-from engine.store.postgres import outbox_signal
-from engine.store.sql import SqlSagaStore
-from engine.telemetry.http import Readiness, TelemetryServer
 from engine.telemetry.logs import started
-from engine.telemetry.monitor import watch
-from engine.telemetry.setup import configure_metrics, configure_tracing
-from engine.topology import Topology
 from engine.transport.base import Transport
-from engine.transport.factory import messaging_system, transport_from_url
-from engine.worker import barrier
-from engine.worker.runner import WorkerRunner
+from engine.wiring import Wiring
+from engine.worker.base import Barrier
 
 log = logging.getLogger("saga.daemon")
 
@@ -91,43 +75,6 @@ async def _connect(transport: Transport, url: str) -> None:
     await transport.connect()
 
 
-@asynccontextmanager
-async def _observed(
-    settings: Settings,
-    service: str,
-    *,
-    ping: Callable[[], Awaitable[None]],
-    consuming: Callable[[], bool],
-    broker: Callable[[], bool] = lambda: True,
-    store: SqlSagaStore | None = None,
-) -> AsyncIterator[None]:
-    """Tracing always (real trace ids; exported only if OTEL_* says so); health and
-    metrics endpoints when a port is configured."""
-    provider = configure_tracing(service)
-    stop = asyncio.Event()
-    server: TelemetryServer | None = None
-    watcher: asyncio.Task[None] | None = None
-    if settings.metrics_port is not None:
-        configure_metrics(service)
-        readiness = Readiness()
-        server = TelemetryServer(settings.metrics_host, settings.metrics_port, readiness)
-        server.start()
-        log.info("health and metrics on http://%s:%d", settings.metrics_host, server.port)
-        watcher = asyncio.create_task(
-            watch(readiness, stop, ping=ping, consuming=consuming, broker=broker, store=store)
-        )
-    try:
-        yield
-    finally:
-        stop.set()
-        if watcher is not None:
-            await watcher
-        if server is not None:
-            server.stop()
-        if provider is not None:
-            provider.shutdown()  # flush spans still in the batch
-
-
 #: A barrier retention shorter than this is almost surely a mistake (see barrier.prune).
 SHORT_BARRIER_RETENTION = timedelta(days=1)
 
@@ -154,7 +101,7 @@ def engine_pruner(store: SagaStore, settings: Settings) -> Pruner | None:
     )
 
 
-def barrier_pruner(database: AsyncEngine, participant: str, settings: Settings) -> Pruner | None:
+def barrier_pruner(barrier: Barrier, participant: str, settings: Settings) -> Pruner | None:
     """A worker's scheduled pruning: its participant's barrier rows by age."""
     keep = settings.barrier_retention
     if timedelta(0) < keep < SHORT_BARRIER_RETENTION:
@@ -163,7 +110,7 @@ def barrier_pruner(database: AsyncEngine, participant: str, settings: Settings) 
             "runs its effect twice",
             keep,
         )
-    prune = functools.partial(barrier.prune, database, participant)
+    prune = functools.partial(barrier.prune, participant)
     return _pruner(settings, [PruneRule("barrier", keep, prune)])
 
 
@@ -187,119 +134,48 @@ def _alongside(
     return both
 
 
-def _pinger(database: AsyncEngine) -> Callable[[], Awaitable[None]]:
-    async def ping() -> None:
-        async with database.connect() as conn:
-            await conn.execute(text("SELECT 1"))
-
-    return ping
-
-
-def engine_settings(settings: Settings) -> EngineSettings:
-    """The engine's tunables that the environment sets (``SAGA_TIMEOUT_HOLD``, ...)."""
-    return EngineSettings(
-        timeout_hold=settings.timeout_hold,
-        reply_settle=settings.reply_settle,
-        watermark_interval=settings.watermark_interval.total_seconds(),
-    )
-
-
 async def run_engine(settings: Settings, *, migrate: bool, grace: float) -> None:
-    registry = SagaRegistry.from_modules(settings.saga_modules)
-    if not len(registry):
-        raise ConfigError(
-            "no sagas to serve: name their modules in SAGA_SAGAS (or sagactl --sagas)"
-        )
-    topology = Topology(settings.topic_prefix)
-    signing = settings.message_signing
-    database = create_engine(settings.database_url)
-    participants = {step.participant for saga in registry for step in saga.steps}
-    transport = transport_from_url(
-        settings.broker_url,
-        topology,
-        kafka=settings.kafka,
-        # Replies and dead letters it consumes, commands it sends.
-        destinations=[
-            topology.replies,
-            topology.dead_letters,
-            *(topology.commands(p) for p in participants),
-        ],
-    )
-    try:
+    async with Wiring(settings) as wiring:
+        registry = wiring.registry()
+        if not len(registry):
+            raise ConfigError(
+                "no sagas to serve: name their modules in SAGA_SAGAS (or sagactl --sagas)"
+            )
+        transport = wiring.transport(wiring.engine_destinations(registry))
         if migrate:
-            await upgrade(database)
-        await check_schema(database)
+            await wiring.migrate()
+        await wiring.check_schema()
         await _connect(transport, settings.broker_url)
-        store = SqlSagaStore(database)
-        engine = Engine(
-            store,
-            transport,
-            registry,
-            topology=topology,
-            # Woken by the clients' NOTIFY on PostgreSQL, not only by its poll.
-            relay=OutboxRelay(store, transport, signal=outbox_signal(store)),
-            messaging_system=messaging_system(settings.broker_url),
-            limits=settings.limits,
-            settings=engine_settings(settings),
-            signing=signing,
-        )
-        log.info("%s", signing.describe())
+        engine = wiring.engine(registry, transport)
+        log.info("%s", wiring.signing.describe())
         names = ", ".join(f"{s.name} v{s.version}" for s in registry)
-        ready = f"engine {engine.instance_id} consuming {topology.replies}, serving {names}"
-        async with _observed(
-            settings,
+        replies = wiring.topology.replies
+        ready = f"engine {engine.instance_id} consuming {replies}, serving {names}"
+        async with wiring.observed(
             "saga-engine",
-            ping=_pinger(database),
             consuming=lambda: engine.consuming,
             broker=lambda: engine.relay.healthy,
-            store=store,
+            store=wiring.store,
         ):
-            run = _alongside(engine.run, engine_pruner(store, settings))
+            run = _alongside(engine.run, engine_pruner(wiring.store, settings))
             await _serve("engine", run, engine.stop, grace, ready)
-    finally:
-        await transport.close()
-        await database.dispose()
 
 
 async def run_worker(
     settings: Settings, spec: str, *, concurrency: int, migrate: bool, grace: float
 ) -> None:
-    worker = load_worker(spec, settings.worker_paths)
-    topology = Topology(settings.topic_prefix)
-    signing = settings.message_signing
-    database = create_engine(settings.database_url)
-    transport = transport_from_url(
-        settings.broker_url,
-        topology,
-        kafka=settings.kafka,
-        # Commands it consumes, replies and dead letters it sends.
-        destinations=[topology.commands(worker.name), topology.replies, topology.dead_letters],
-    )
-    try:
+    async with Wiring(settings) as wiring:
+        [worker] = wiring.workers([spec])
+        transport = wiring.transport(wiring.worker_destinations(worker.name))
         if migrate:
-            await upgrade(database)
-        await check_schema(database)
+            await wiring.migrate()
+        await wiring.check_schema()
         await _connect(transport, settings.broker_url)
-        runner = WorkerRunner(
-            worker,
-            transport,
-            database,
-            topology=topology,
-            concurrency=concurrency,
-            messaging_system=messaging_system(settings.broker_url),
-            limits=settings.limits,
-            signing=signing,
-        )
-        log.info("%s", signing.describe())
+        runner = wiring.worker_runner(worker, transport, concurrency=concurrency)
+        log.info("%s", wiring.signing.describe())
         ready = f"worker {worker.name} consuming {runner.destination}"
-        async with _observed(
-            settings,
-            f"saga-worker-{worker.name}",
-            ping=_pinger(database),
-            consuming=lambda: runner.consuming,
+        async with wiring.observed(
+            f"saga-worker-{worker.name}", consuming=lambda: runner.consuming
         ):
-            run = _alongside(runner.run, barrier_pruner(database, worker.name, settings))
+            run = _alongside(runner.run, barrier_pruner(runner.barrier, worker.name, settings))
             await _serve(f"worker {worker.name}", run, runner.stop, grace, ready)
-    finally:
-        await transport.close()
-        await database.dispose()

@@ -19,19 +19,16 @@ from urllib.parse import urlencode
 
 from sqlalchemy import event, inspect
 from sqlalchemy.engine import URL, Connection, make_url
-from sqlalchemy.exc import (
-    ArgumentError,
-    DBAPIError,
-    DisconnectionError,
-    InterfaceError,
-    NoSuchModuleError,
-    OperationalError,
-)
+from sqlalchemy.exc import ArgumentError, DBAPIError, DisconnectionError, NoSuchModuleError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from engine.errors import ConfigError, DatabaseError
 from engine.redact import redact
-from engine.tls import tls_refusal
+from engine.store.failures import connection_refusal, reason
+
+# Which errors pass, as before; their home is engine.store.failures.
+from engine.store.failures import error_text as error_text
+from engine.store.failures import is_transient as is_transient
 
 _DRIVERS = {
     "sqlite": "sqlite+aiosqlite",
@@ -53,72 +50,6 @@ POSTGRES_PARAMETERS = (
     "application_name",
     "ssl",
 )
-
-#: SQLSTATE classes of errors that pass: connection exception, transaction rollback
-#: (serialization failure, deadlock), insufficient resources, operator intervention
-#: (shutdown, query cancelled), system error.
-_TRANSIENT_SQLSTATE_CLASSES = frozenset({"08", "40", "53", "57", "58"})
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Whether ``exc`` may pass by itself (the database or the network is away or busy)
-    rather than being this message's own problem (a value the database refuses, a bug).
-
-    A transient error is everyone's: whoever meets it retries later and dead-letters
-    nothing. Anything else fails one message, which is retried a bounded number of
-    times and then set aside with the error as its reason.
-    """
-    if connection_refusal(exc) is not None:
-        # The database refused this process (its login, its certificate): not this
-        # message's problem. A daemon does not start so (check_schema); when it
-        # happens during a run, nothing is dead-lettered over it while it lasts.
-        return True
-    chain = _chain(exc)
-    for error in chain:  # the database's own word first
-        sqlstate = getattr(error, "sqlstate", None) or getattr(error, "pgcode", None)
-        if isinstance(sqlstate, str) and len(sqlstate) == 5:
-            return sqlstate[:2] in _TRANSIENT_SQLSTATE_CLASSES
-    for error in chain:
-        if isinstance(error, DBAPIError) and error.connection_invalidated:
-            return True
-        if isinstance(error, OperationalError | InterfaceError | DisconnectionError | OSError):
-            return True
-    return False
-
-
-def _chain(exc: BaseException) -> list[BaseException]:
-    """``exc`` and what it wraps: SQLAlchemy's ``orig``, else ``__cause__``."""
-    chain: list[BaseException] = []
-    current: BaseException | None = exc
-    while current is not None and current not in chain:
-        chain.append(current)
-        orig = getattr(current, "orig", None)
-        current = orig if isinstance(orig, BaseException) else current.__cause__
-    return chain
-
-
-def connection_refusal(exc: BaseException) -> str | None:
-    """Why the database refused this process's connection, if that is what ``exc``
-    is: a login refused (a wrong user or password, no ``pg_hba.conf`` entry), a server
-    certificate that is not trusted or not the host's, a failed TLS handshake.
-
-    Configuration errors that no retry mends: a daemon or ``sagactl`` ends on one
-    over one line. A database that is merely unreachable is not one of them.
-    """
-    for error in _chain(exc):
-        sqlstate = getattr(error, "sqlstate", None) or getattr(error, "pgcode", None)
-        if isinstance(sqlstate, str) and sqlstate.startswith("28"):  # invalid authorization
-            return f"login refused: {_first_line(error)}"
-        refused = tls_refusal(error)
-        if refused is not None:
-            return refused
-    return None
-
-
-def error_text(exc: BaseException) -> str:
-    """One line saying what failed: the database's own message where there is one."""
-    orig = getattr(exc, "orig", None) or exc
-    return f"{type(orig).__name__}: {_reason(exc)}"
 
 
 def parse_url(url: str) -> URL:
@@ -518,13 +449,4 @@ def _unusable(engine: AsyncEngine, exc: BaseException, doing: str) -> DatabaseEr
     refusal = connection_refusal(exc)
     if refusal is not None:
         return DatabaseError(f"database {shown(engine.url)}: {refusal}")
-    return DatabaseError(f"{doing} database {shown(engine.url)}: {_reason(exc)}")
-
-
-def _reason(exc: BaseException) -> str:
-    return _first_line(getattr(exc, "orig", None) or exc)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    return DatabaseError(f"{doing} database {shown(engine.url)}: {reason(exc)}")

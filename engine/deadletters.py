@@ -15,13 +15,13 @@ from datetime import datetime
 
 from engine._aio import wait_either
 from engine.clock import Clock, utc_now
-from engine.database import error_text, is_transient
 from engine.errors import DecodeError, SagaError
 from engine.limits import ANY_SIZE, storable
 from engine.messages import Envelope, decode
 from engine.model import HistoryEntry
 from engine.redact import redact
 from engine.store.base import DeadLetterRecord, SagaStore, StoreTransaction
+from engine.store.failures import error_text, is_transient
 from engine.transport.base import (
     DEAD_LETTER_ID,
     DEAD_LETTER_REASON,

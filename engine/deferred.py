@@ -19,13 +19,13 @@ from datetime import datetime, timedelta
 
 from engine._aio import wait_either
 from engine.clock import Clock
-from engine.database import error_text, is_transient
 from engine.deadletters import keep_dead_letter, letter_record
 from engine.errors import ConcurrencyConflict, DecodeError
 from engine.limits import ANY_SIZE, storable
 from engine.messages import Envelope, decode
 from engine.replies import Change, ReplyOutcome, ReplyResult
 from engine.store.base import DeferredReply, SagaStore, StoreTransaction
+from engine.store.failures import error_text, is_transient
 from engine.telemetry.logs import saga_context
 from engine.transport.base import Message, new_dead_letter_id
 

@@ -19,7 +19,6 @@ from datetime import timedelta
 from engine._aio import batched, wait_either
 from engine.advance import Advancer
 from engine.clock import Clock, utc_now
-from engine.database import error_text, is_transient
 from engine.deadletters import DeadLetterArchive
 from engine.deferred import DeferredReplyScan, deferral
 from engine.errors import ConcurrencyConflict, DecodeError, SagaError, UnknownSagaError
@@ -31,6 +30,7 @@ from engine.relay import OutboxRelay
 from engine.replies import ReplyOutcome, ReplyResult
 from engine.signing import NO_SIGNING, Signing
 from engine.store.base import SagaStore
+from engine.store.failures import error_text, is_transient
 from engine.telemetry.logs import saga_context
 from engine.topology import Topology
 from engine.transport.base import Delivery, Message, Transport

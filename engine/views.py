@@ -11,6 +11,7 @@ from pydantic import BaseModel
 from engine.errors import DecodeError
 from engine.messages import MessageKind, decode
 from engine.states import SagaStatus, StepStatus
+from engine.store.base import DeadLetterRecord, PruneCounts
 
 
 class SagaSummary(BaseModel):
@@ -186,27 +187,6 @@ class StatsView(BaseModel):
     replies_deferred: int = 0
 
 
-class PruneCounts(BaseModel):
-    """Rows of finished sagas that ``sagactl prune`` removed (or, dry, would remove)."""
-
-    sagas: int = 0
-    steps: int = 0
-    history: int = 0
-    timers: int = 0
-    #: Sent outbox rows (unsent ones are never removed: their saga is skipped).
-    outbox: int = 0
-    #: The engine's inbox rows of the sagas' replies.
-    inbox: int = 0
-
-    def __add__(self, other: PruneCounts) -> PruneCounts:
-        return PruneCounts(
-            **{
-                name: getattr(self, name) + getattr(other, name)
-                for name in PruneCounts.model_fields
-            }
-        )
-
-
 class PruneResult(BaseModel):
     """``sagactl prune``: what went (or would go), and the cut-off it was judged by."""
 
@@ -217,3 +197,40 @@ class PruneResult(BaseModel):
     #: Transactions it took (0 for a dry run).
     batches: int
     rows: PruneCounts
+
+
+def dead_letter_view(letter: DeadLetterRecord) -> DeadLetterView:
+    """How an archived dead letter is shown."""
+    return DeadLetterView.of(
+        letter.body,
+        id=letter.id,
+        received_at=letter.received_at,
+        source=letter.source,
+        reason=letter.reason,
+        key=letter.key,
+        saga_id=letter.saga_id,
+        headers=letter.headers,
+        replayed_at=letter.replayed_at,
+        replayed_by=letter.replayed_by,
+    )
+
+
+__all__ = [
+    "DeadLetterStats",
+    "DeadLetterView",
+    "DispatchView",
+    "HistoryView",
+    "OldestRunning",
+    "OperatorResult",
+    "OutboxStats",
+    "PruneCounts",
+    "PruneResult",
+    "ReplayResult",
+    "SagaCount",
+    "SagaDetail",
+    "SagaSummary",
+    "StatsView",
+    "StepView",
+    "StoreStats",
+    "dead_letter_view",
+]

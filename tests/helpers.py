@@ -34,6 +34,7 @@ from engine.topology import Topology
 from engine.transport.base import Message, Subscription, Transport
 from engine.transport.memory import MemoryBroker, MemoryTransport
 from engine.views import DeadLetterView, SagaDetail
+from engine.worker.barrier import SqlBarrier
 from engine.worker.runner import WorkerRunner
 from engine.worker.worker import Registration, Worker
 from sagas.order import place_order
@@ -372,7 +373,7 @@ class EmbeddedSystem:
         runner = WorkerRunner(
             self.workers[name],
             transport,
-            self.db,
+            SqlBarrier(self.db),
             topology=self.topology,
             signing=self.workers_signing.get(name, self.signing),
         )

@@ -23,7 +23,7 @@ from engine.store.schema import barrier
 from engine.topology import Topology
 from engine.transport.base import Message
 from engine.transport.memory import MemoryBroker, MemoryTransport
-from engine.worker.barrier import REFUSED
+from engine.worker.barrier import REFUSED, SqlBarrier
 from engine.worker.barrier import prune as barrier_prune
 from engine.worker.runner import WorkerRunner
 from engine.worker.worker import HandlerContext, Registration, Worker
@@ -58,7 +58,7 @@ class Participant:
         self.db = db
         self.broker = broker
         self.transport = MemoryTransport(broker)
-        self.runner = WorkerRunner(worker, self.transport, db, topology=TOPOLOGY)
+        self.runner = WorkerRunner(worker, self.transport, SqlBarrier(db), topology=TOPOLOGY)
 
     async def deliver(self, envelope: Envelope) -> tuple[list[str], list[Envelope]]:
         """Hand one delivery to the runner; return how it settled and the replies sent."""

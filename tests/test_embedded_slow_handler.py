@@ -22,7 +22,6 @@ from engine.database import create_engine, upgrade
 from engine.definition import Compensation, Saga, Step
 from engine.embedded import EmbeddedSystem
 from engine.orchestrator import EngineSettings
-from engine.registry import SagaRegistry
 from engine.states import SagaStatus, StepStatus
 from engine.worker.worker import HandlerContext, Worker
 from tests.helpers import wait_until
@@ -102,10 +101,11 @@ async def test_a_held_handler_holds_up_no_other_saga_nor_timeout(
     release, entered = asyncio.Event(), asyncio.Event()
     settings = EngineSettings(timer_interval=0.02, reply_settle=timedelta(seconds=0.1))
     system = EmbeddedSystem(
-        database,
-        SagaRegistry(SAGAS),
-        workers(slow_part(release), entered),
-        engine_settings=settings,
+        sagas=SAGAS,
+        workers=workers(slow_part(release), entered),
+        database=database,
+        migrate=False,
+        tunables=settings,
         poll_interval=0.01,
     )
     try:

@@ -124,7 +124,12 @@ async def test_a_command_over_the_limit_fails_its_step_and_compensates(
     workers = [inventory.worker, payment.worker, shipment.worker]
     registry = SagaRegistry([BIG_CHARGE, place_order])
     async with EmbeddedSystem(
-        database, registry, workers, poll_interval=0.01, limits=SMALL
+        sagas=registry,
+        workers=workers,
+        database=database,
+        migrate=False,
+        poll_interval=0.01,
+        limits=SMALL,
     ) as system:
         big = await system.client.start("big_charge", ORDER)
         good = await system.client.start("place_order", ORDER)
@@ -180,7 +185,11 @@ async def test_a_reply_over_the_limit_is_a_failure_and_undoes_the_writes(
     worker, ran = oversized_inventory()
     registry = SagaRegistry([place_order])
     async with EmbeddedSystem(
-        database, registry, [worker, payment.worker, shipment.worker], limits=SMALL
+        sagas=registry,
+        workers=[worker, payment.worker, shipment.worker],
+        database=database,
+        migrate=False,
+        limits=SMALL,
     ) as system:
         saga_id = await system.client.start("place_order", ORDER)
 

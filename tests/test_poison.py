@@ -14,6 +14,7 @@ from engine.statemachine import Transition, new_saga
 from engine.topology import Topology
 from engine.transport.base import Message
 from engine.transport.memory import MemoryBroker, MemoryTransport
+from engine.worker.barrier import SqlBarrier
 from engine.worker.runner import WorkerRunner
 from engine.worker.worker import HandlerContext, Worker
 from sagas.order import place_order
@@ -95,7 +96,7 @@ async def handle(db: AsyncEngine, envelope: Envelope) -> tuple[list[str], list[E
     broker = MemoryBroker()
     transport = MemoryTransport(broker)
     await transport.connect()
-    runner = WorkerRunner(poisoned(), transport, db, topology=TOPOLOGY)
+    runner = WorkerRunner(poisoned(), transport, SqlBarrier(db), topology=TOPOLOGY)
     delivery = FakeDelivery(Message(TOPOLOGY.commands("payment"), "s1", encode(envelope)))
     await runner.handle_delivery(delivery)
     await transport.close()

@@ -20,6 +20,7 @@ from engine.settings import Settings
 from engine.states import SagaStatus
 from engine.store.schema import inbox, outbox
 from engine.store.sql import SqlSagaStore
+from engine.worker.barrier import SqlBarrier
 from tests.e2e import fresh_database
 from tests.services import service_url
 from tests.test_prune import Script
@@ -160,12 +161,14 @@ async def test_the_daemons_build_their_pruners_from_the_settings(
         off = Settings(outbox_retention=0, inbox_retention=0)
         assert daemon.engine_pruner(store, off) is None
 
-        worker = daemon.barrier_pruner(db, "payment", Settings(prune_batch=10))
+        worker = daemon.barrier_pruner(SqlBarrier(db), "payment", Settings(prune_batch=10))
         assert worker is not None and worker.batch == 10
         assert [(r.table, r.keep) for r in worker.rules] == [("barrier", 30 * DAY)]
-        assert daemon.barrier_pruner(db, "payment", Settings(barrier_retention=0)) is None
+        assert (
+            daemon.barrier_pruner(SqlBarrier(db), "payment", Settings(barrier_retention=0)) is None
+        )
         with caplog.at_level(logging.WARNING, "saga.daemon"):
-            daemon.barrier_pruner(db, "payment", Settings(barrier_retention="2h"))
+            daemon.barrier_pruner(SqlBarrier(db), "payment", Settings(barrier_retention="2h"))
         assert "runs its effect twice" in caplog.text
     finally:
         await db.dispose()

@@ -39,6 +39,7 @@ from engine.store.sql import SqlSagaStore
 from engine.topology import Topology
 from engine.transport.base import Message, Subscription
 from engine.transport.memory import MemoryTransport
+from engine.worker.barrier import SqlBarrier
 from engine.worker.runner import WorkerRunner
 from sagas.order import place_order
 from tests.helpers import EmbeddedSystem, FakeDelivery, charge_command, order_input
@@ -298,7 +299,7 @@ async def test_a_worker_refuses_a_forged_command_without_effect(db: AsyncEngine)
 
     await ledger.seed(db, stock_by_sku={}, balances={"alice": 1_000_000})
     sent = Recording()
-    runner = WorkerRunner(payment.worker, sent, db, signing=REQUIRE)
+    runner = WorkerRunner(payment.worker, sent, SqlBarrier(db), signing=REQUIRE)
     body = encode(charge())
     unsigned = FakeDelivery(Message(COMMANDS, "no-such-saga", body))
     forged = FakeDelivery(signing(SigningMode.REQUIRE, ("k1", S0)).sign(unsigned.message))

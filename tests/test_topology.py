@@ -12,6 +12,7 @@ from engine.store.sql import SqlSagaStore
 from engine.topology import Topology
 from engine.transport.base import Subscription
 from engine.transport.memory import MemoryBroker, MemoryTransport
+from engine.worker.barrier import SqlBarrier
 from engine.worker.runner import WorkerRunner
 from sagas.order import place_order
 from workers.inventory import worker as inventory
@@ -47,7 +48,7 @@ async def test_engine_and_workers_join_groups_of_their_own_deployment(
     transport = Recording()
     await transport.connect()
     engine = Engine(SqlSagaStore(db), transport, SagaRegistry([place_order]), topology=topology)
-    runner = WorkerRunner(inventory, transport, db, topology=topology)
+    runner = WorkerRunner(inventory, transport, SqlBarrier(db), topology=topology)
     tasks = [asyncio.create_task(engine.run()), asyncio.create_task(runner.run())]
     await asyncio.wait_for(transport.both.wait(), 10)
     engine.stop()

@@ -110,30 +110,21 @@ PROJECT = {
         import sys
 
         import engine
-        from engine import SagaClient
-        from engine.database import create_engine
-        from engine.embedded import EmbeddedSystem
-        from engine.registry import SagaRegistry
-        from workers.hotel import worker
+        from engine import EmbeddedSystem, SagaClient
 
 
         async def main(url: str) -> None:
             # connect checks the schema against the engine's own migrations.
             async with await SagaClient.connect(url, ["sagas.booking"]):
                 pass
-            database = create_engine(url)
-            registry = SagaRegistry.from_modules(["sagas.booking"])
-            try:
-                async with EmbeddedSystem(database, registry, [worker]) as system:
-                    saga_id = await system.client.start("book_trip", {"guest": "ada"})
-                    loop = asyncio.get_running_loop()
-                    deadline = loop.time() + 30
-                    detail = await system.client.get(saga_id)
-                    while not detail.status.is_terminal and loop.time() < deadline:
-                        await asyncio.sleep(0.05)
-                        detail = await system.client.get(saga_id)
-            finally:
-                await database.dispose()
+            async with EmbeddedSystem(
+                sagas=["sagas.booking"],
+                workers=["workers.hotel:worker"],
+                database_url=url,
+                migrate=False,
+            ) as system:
+                saga_id = await system.client.start("book_trip", {"guest": "ada"})
+                detail = await system.client.wait(saga_id, timeout=30)
             print(json.dumps({"engine": engine.__file__, "status": detail.status.value}))
 
 

@@ -588,13 +588,12 @@ def demo(options: Options, orders: int, seed: int, timeout: float) -> None:
 
     result = run(
         run_demo(
-            options.settings.database_url,
+            options.settings,
             orders=orders,
             seed=seed,
             timeout=timeout,
             console=stderr if options.as_json else stdout,
             quiet=options.as_json,
-            limits=options.settings.limits,
         )
     )
     if options.as_json:

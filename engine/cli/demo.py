@@ -19,12 +19,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from engine.database import create_engine, upgrade
 from engine.embedded import EmbeddedSystem
 from engine.errors import ConfigError
-from engine.limits import DEFAULT_LIMITS, Limits
-from engine.loader import import_object, load_worker
-from engine.registry import SagaRegistry
+from engine.loader import import_object
+from engine.settings import Settings
 from engine.states import SagaStatus
 from engine.views import SagaDetail
 
@@ -92,39 +90,37 @@ class DemoResult(BaseModel):
 
 
 async def run_demo(
-    database_url: str,
+    settings: Settings,
     *,
     orders: int,
     seed: int,
     timeout: float,
     console: Console,
     quiet: bool = False,
-    limits: Limits = DEFAULT_LIMITS,
     scenario: Scenario | None = None,
 ) -> DemoResult:
-    """Migrate, prepare, place ``orders`` and wait for them; judge the run by the books."""
+    """Migrate, prepare, place ``orders`` and wait for them; judge the run by the books.
+
+    On the embedded runner, with ``settings``' database, limits and signing."""
     scenario = scenario or load_scenario()
-    registry = SagaRegistry.from_modules(scenario.sagas)
-    workers = [load_worker(path) for path in scenario.workers]
-    database = create_engine(database_url)
-    try:
-        await upgrade(database, scripts=[scenario.migrations])
-        await scenario.prepare(database)
-        async with EmbeddedSystem(
-            database, registry, workers, poll_interval=0.01, limits=limits
-        ) as system:
-            ids, seconds = await _place_and_wait(
-                system,
-                scenario.saga,
-                scenario.orders(orders, seed),
-                timeout,
-                console,
-                quiet,
-            )
-            details = [await system.client.get(i) for i in ids]
-        audit = await scenario.audit(database, details)
-    finally:
-        await database.dispose()
+    async with EmbeddedSystem(
+        sagas=scenario.sagas,
+        workers=scenario.workers,
+        settings=settings,
+        migrations=[scenario.migrations],
+        poll_interval=0.01,
+    ) as system:
+        await scenario.prepare(system.database)
+        ids, seconds = await _place_and_wait(
+            system,
+            scenario.saga,
+            scenario.orders(orders, seed),
+            timeout,
+            console,
+            quiet,
+        )
+        details = [await system.client.get(i) for i in ids]
+        audit = await scenario.audit(system.database, details)
 
     outcomes: Counter[str] = Counter()
     for d in details:

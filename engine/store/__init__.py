@@ -1,8 +1,11 @@
-"""Persistence of saga state: a protocol the engine depends on, and its SQL adapter."""
+"""Persistence of saga state: the write protocol the engine depends on (base.py), the
+query protocol the client reads through (queries.py), and their SQL adapter."""
 
 from engine.store.base import (
     DueTimer,
     OutboxRecord,
+    PruneCounts,
+    SagaIdTaken,
     SagaStore,
     StoreTransaction,
     write_transition,
@@ -12,6 +15,8 @@ from engine.store.base import (
 __all__ = [
     "DueTimer",
     "OutboxRecord",
+    "PruneCounts",
+    "SagaIdTaken",
     "SagaStore",
     "StoreTransaction",
     "write_transition",

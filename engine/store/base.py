@@ -1,8 +1,11 @@
-"""The storage protocol the engine core is written against.
+"""The storage protocol the engine core writes through.
 
 The engine never sees SQL: it asks a :class:`StoreTransaction` for saga images and
 hands back changed images plus the messages to emit, all inside one transaction. That
 one transaction is what makes "advance and emit" atomic.
+
+This is the write side only; what ``sagactl`` and applications read (views of sagas,
+stats, dead letters) is the separate query protocol of :mod:`engine.store.queries`.
 """
 
 from __future__ import annotations
@@ -14,9 +17,35 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
+from pydantic import BaseModel
+
+from engine.errors import SagaError
 from engine.model import HistoryEntry, OutboxMessage, SagaState, Timer
-from engine.states import SagaStatus
-from engine.views import DeadLetterView, PruneCounts, SagaDetail, SagaSummary, StoreStats
+
+
+class SagaIdTaken(SagaError):
+    """:meth:`StoreTransaction.insert_saga` of an id that another saga has."""
+
+
+class PruneCounts(BaseModel):
+    """Rows of finished sagas that ``sagactl prune`` removed (or, dry, would remove)."""
+
+    sagas: int = 0
+    steps: int = 0
+    history: int = 0
+    timers: int = 0
+    #: Sent outbox rows (unsent ones are never removed: their saga is skipped).
+    outbox: int = 0
+    #: The engine's inbox rows of the sagas' replies.
+    inbox: int = 0
+
+    def __add__(self, other: PruneCounts) -> PruneCounts:
+        return PruneCounts(
+            **{
+                name: getattr(self, name) + getattr(other, name)
+                for name in PruneCounts.model_fields
+            }
+        )
 
 
 @dataclass(frozen=True)
@@ -71,7 +100,9 @@ class DeferredReply:
 
 
 class StoreTransaction(Protocol):
-    async def insert_saga(self, state: SagaState) -> None: ...
+    async def insert_saga(self, state: SagaState) -> None:
+        """Write a new saga; raises :class:`SagaIdTaken` if its id is taken."""
+        ...
 
     async def load_saga(self, saga_id: str) -> SagaState | None: ...
 
@@ -169,27 +200,14 @@ class StoreTransaction(Protocol):
 
 
 class SagaStore(Protocol):
+    """Transactions, retention and the connections behind them (the write side)."""
+
     def transaction(self) -> AbstractAsyncContextManager[StoreTransaction]: ...
 
-    async def get_saga(self, saga_id: str) -> SagaDetail | None: ...
-
-    async def list_sagas(
-        self,
-        *,
-        status: SagaStatus | None = None,
-        name: str | None = None,
-        limit: int = 50,
-    ) -> list[SagaSummary]: ...
-
-    async def count_by_status(self) -> dict[SagaStatus, int]: ...
-
-    async def statuses(self, saga_ids: Sequence[str]) -> dict[str, SagaStatus]: ...
-
-    async def list_dead_letters(
-        self, *, limit: int = 50, pending_only: bool = False
-    ) -> list[DeadLetterView]: ...
-
-    async def stats(self) -> StoreStats: ...
+    def outbox_signal(self) -> OutboxSignal | None:
+        """A new cross-process outbox signal over this store's database, if it has
+        such a mechanism (PostgreSQL: LISTEN / NOTIFY); None otherwise (SQLite)."""
+        ...
 
     # -- retention: every prune is one short transaction; replicas may run it at once.
 

@@ -16,12 +16,11 @@ from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from engine._aio import wait_either
 from engine.database import connect_postgres
 from engine.store.base import OutboxSignal, SagaStore, StoreTransaction
-from engine.store.sql import SqlSagaStore, SqlStoreTransaction
 
 log = logging.getLogger("saga.store.postgres")
 
@@ -55,9 +54,10 @@ class PgOutboxSignal:
         self.received = 0
 
     async def announce(self, tx: StoreTransaction) -> None:
-        if not isinstance(tx, SqlStoreTransaction):
+        conn = getattr(tx, "conn", None)  # the SQL store's transaction has its connection
+        if not isinstance(conn, AsyncConnection):
             raise TypeError(f"PgOutboxSignal announces in SQL transactions, not {tx!r}")
-        await tx.conn.execute(text("SELECT pg_notify(:channel, '')"), {"channel": self.channel})
+        await conn.execute(text("SELECT pg_notify(:channel, '')"), {"channel": self.channel})
 
     async def _connect(self) -> Any:
         """A connection of its own, made as the engine's pool makes them (TLS and all);
@@ -118,9 +118,7 @@ async def _close(conn: Any) -> None:
 
 def outbox_signal(store: SagaStore) -> OutboxSignal | None:
     """The cross-process outbox signal of ``store``'s database, if it has one."""
-    if isinstance(store, SqlSagaStore) and store.engine.dialect.name == "postgresql":
-        return PgOutboxSignal(store.engine)
-    return None
+    return store.outbox_signal()
 
 
 __all__ = ["CHANNEL", "PgOutboxSignal", "outbox_signal"]

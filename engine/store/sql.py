@@ -44,7 +44,15 @@ from engine.model import (
     TimerKind,
 )
 from engine.states import SagaStatus, StepStatus
-from engine.store.base import DeadLetterRecord, DeferredReply, DueTimer, OutboxRecord
+from engine.store.base import (
+    DeadLetterRecord,
+    DeferredReply,
+    DueTimer,
+    OutboxRecord,
+    OutboxSignal,
+    PruneCounts,
+    SagaIdTaken,
+)
 from engine.store.schema import (
     dead_letters,
     deferred_replies,
@@ -58,12 +66,12 @@ from engine.store.schema import (
 from engine.views import (
     DeadLetterView,
     HistoryView,
-    PruneCounts,
     SagaCount,
     SagaDetail,
     SagaSummary,
     StepView,
     StoreStats,
+    dead_letter_view,
 )
 
 #: Sagas still in progress, for the "oldest running" figure of the stats.
@@ -135,17 +143,20 @@ class SqlStoreTransaction:
         self._locked: set[str] = set()
 
     async def insert_saga(self, state: SagaState) -> None:
-        await self.conn.execute(
-            insert(sagas).values(
-                id=state.id,
-                name=state.name,
-                version=state.version,
-                input=state.input,
-                row_version=state.row_version,
-                created_at=state.created_at,
-                **_saga_values(state),
+        try:
+            await self.conn.execute(
+                insert(sagas).values(
+                    id=state.id,
+                    name=state.name,
+                    version=state.version,
+                    input=state.input,
+                    row_version=state.row_version,
+                    created_at=state.created_at,
+                    **_saga_values(state),
+                )
             )
-        )
+        except IntegrityError:  # the primary key: the id is taken
+            raise SagaIdTaken(f"a saga with id {state.id!r} already exists") from None
         await self.conn.execute(
             insert(steps), [_step_row(state.id, st) for st in state.ordered_steps()]
         )
@@ -572,6 +583,10 @@ class SqlStoreTransaction:
 
 
 class SqlSagaStore:
+    """Both sides over one database: the write protocol the engine advances sagas
+    through (:class:`~engine.store.base.SagaStore`) and the queries the client reads
+    (:class:`~engine.store.queries.SagaQueries`)."""
+
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
 
@@ -579,6 +594,13 @@ class SqlSagaStore:
     async def transaction(self) -> AsyncIterator[SqlStoreTransaction]:
         async with self.engine.begin() as conn:
             yield SqlStoreTransaction(conn)
+
+    def outbox_signal(self) -> OutboxSignal | None:
+        if self.engine.dialect.name != "postgresql":
+            return None
+        from engine.store.postgres import PgOutboxSignal  # the PostgreSQL driver, lazily
+
+        return PgOutboxSignal(self.engine)
 
     async def get_saga(self, saga_id: str) -> SagaDetail | None:
         async with self.engine.connect() as conn:
@@ -798,21 +820,6 @@ def _dead_letter_of(row: Any) -> DeadLetterRecord:
         received_at=row.received_at,
         replayed_at=row.replayed_at,
         replayed_by=row.replayed_by,
-    )
-
-
-def dead_letter_view(letter: DeadLetterRecord) -> DeadLetterView:
-    return DeadLetterView.of(
-        letter.body,
-        id=letter.id,
-        received_at=letter.received_at,
-        source=letter.source,
-        reason=letter.reason,
-        key=letter.key,
-        saga_id=letter.saga_id,
-        headers=letter.headers,
-        replayed_at=letter.replayed_at,
-        replayed_by=letter.replayed_by,
     )
 
 

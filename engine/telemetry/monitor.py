@@ -11,7 +11,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from engine._aio import wait_either
-from engine.store.base import SagaStore
+from engine.store.queries import SagaQueries
 from engine.telemetry import metrics
 from engine.telemetry.http import Readiness
 
@@ -25,7 +25,7 @@ async def watch(
     ping: Callable[[], Awaitable[None]],
     consuming: Callable[[], bool],
     broker: Callable[[], bool] = lambda: True,
-    store: SagaStore | None = None,
+    store: SagaQueries | None = None,
     interval: float = 2.0,
 ) -> None:
     """Refresh readiness (database, consumer) and, for the engine, the saga gauges."""

@@ -13,26 +13,33 @@ A concurrent duplicate loses on the primary key and its transaction rolls back.
 
 The rows are pruned by age (:func:`prune`); a row must outlive every copy of its
 message, or the anomaly it guards against comes back.
+
+:class:`SqlBarrier` is this module's implementation of the runner's barrier protocol
+(:class:`engine.worker.base.Barrier`), over the participant's SQLAlchemy database.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from datetime import datetime
+from time import monotonic
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
-from sqlalchemy import delete, exists, func, insert, select, tuple_
+from sqlalchemy import delete, event, exists, func, insert, select, tuple_
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.orm import Session
 
 from engine.clock import utc_now
+from engine.database import one_writer, reading
 from engine.errors import BusinessFailure, LimitError
 from engine.limits import DEFAULT_LIMITS, Limits
 from engine.messages import Envelope, MessageKind, Outcome, sized
 from engine.store.schema import barrier
+from engine.worker.base import ConcurrentDuplicate, Outcomes, Recorded
 from engine.worker.worker import HandlerContext, HandlerResult, Registration
 
 ACTION = "action"
@@ -58,16 +65,8 @@ def _payload(result: HandlerResult) -> dict[str, Any]:
     return dict(result)
 
 
-@dataclass(frozen=True)
-class _Row:
-    origin: str
-    outcome: str
-    reply: dict[str, Any] | None
-    error: str | None
-
-
 #: Barrier rows by (saga, step, op).
-Rows = dict[tuple[str, str, str], _Row]
+Rows = Outcomes
 
 
 async def read_rows(
@@ -83,7 +82,9 @@ async def read_rows(
     result = await reader.execute(
         select(barrier).where(barrier.c.participant == participant, where)
     )
-    return {(r.saga_id, r.step, r.op): _Row(r.origin, r.outcome, r.reply, r.error) for r in result}
+    return {
+        (r.saga_id, r.step, r.op): Recorded(r.origin, r.outcome, r.reply, r.error) for r in result
+    }
 
 
 class BarrierBook:
@@ -111,7 +112,7 @@ class BarrierBook:
         """Read the rows of ``envelopes``' sagas in the session's transaction."""
         self._rows.update(await read_rows(self.session, self.participant, envelopes))
 
-    def get(self, envelope: Envelope, op: str) -> _Row | None:
+    def get(self, envelope: Envelope, op: str) -> Recorded | None:
         return self._rows.get((envelope.saga_id, envelope.step, op))
 
     def record(
@@ -122,7 +123,7 @@ class BarrierBook:
         reply: dict[str, Any] | None = None,
         error: str | None = None,
     ) -> None:
-        row = _Row(envelope.kind.value, str(outcome), reply, error)
+        row = Recorded(envelope.kind.value, str(outcome), reply, error)
         self._rows[(envelope.saga_id, envelope.step, op)] = row
         self._new.append(
             {
@@ -297,3 +298,81 @@ def _prune_lock(participant: str) -> int:
     """The advisory lock key of ``participant``'s pruning (a signed 64-bit integer)."""
     digest = hashlib.blake2b(f"saga-barrier-prune:{participant}".encode(), digest_size=8)
     return int.from_bytes(digest.digest(), "big", signed=True)
+
+
+#: Key in a barrier session's ``info``: when its transaction began on a connection.
+BEGAN = "saga_began"
+
+
+class _TimedSession(Session):
+    """A session that notes when its transaction began on a connection, which on
+    SQLite is when it took the write lock."""
+
+
+@event.listens_for(_TimedSession, "after_begin")
+def _note_begin(session: Session, _transaction: Any, _connection: Any) -> None:
+    session.info[BEGAN] = monotonic()
+
+
+class SqlBarrierTransaction:
+    """The handlers' session (their ``ctx.session``) and the batch's barrier rows."""
+
+    def __init__(self, session: AsyncSession, book: BarrierBook, limits: Limits) -> None:
+        self.session = session
+        self.book = book
+        self.limits = limits
+
+    @property
+    def began(self) -> float | None:
+        began = self.session.info.get(BEGAN)
+        return began if isinstance(began, float) else None
+
+    async def handle(self, registration: Registration, envelope: Envelope) -> Envelope:
+        return await guarded(
+            self.session,
+            self.book.participant,
+            registration,
+            envelope,
+            self.book,
+            limits=self.limits,
+        )
+
+
+class SqlBarrier:
+    """The barrier over a participant's SQLAlchemy database (its ``barrier`` table)."""
+
+    def __init__(self, database: AsyncEngine) -> None:
+        self.database = database
+        self.sessions = async_sessionmaker(
+            database, expire_on_commit=False, sync_session_class=_TimedSession
+        )
+        self.one_writer = one_writer(database)
+
+    async def recorded(self, participant: str, envelopes: Sequence[Envelope]) -> Outcomes:
+        async with reading(self.database) as conn:
+            return await read_rows(conn, participant, envelopes)
+
+    @asynccontextmanager
+    async def transaction(
+        self,
+        participant: str,
+        envelopes: Sequence[Envelope],
+        *,
+        known: Outcomes | None = None,
+        limits: Limits = DEFAULT_LIMITS,
+    ) -> AsyncIterator[SqlBarrierTransaction]:
+        async with self.sessions() as session:
+            try:
+                async with session.begin():
+                    book = BarrierBook(session, participant, known)
+                    if known is None:
+                        await book.load(envelopes)
+                    yield SqlBarrierTransaction(session, book, limits)
+                    await book.flush()
+            except IntegrityError as exc:  # a concurrent copy's row, at flush or commit
+                raise ConcurrentDuplicate(str(exc.orig or exc)) from exc
+        if known is not None:
+            known.update(book.rows)  # committed
+
+    async def prune(self, participant: str, before: datetime, limit: int) -> int:
+        return await prune(self.database, participant, before, limit)

@@ -1,4 +1,4 @@
-"""Runs a :class:`Worker` against a transport and its database.
+"""Runs a :class:`Worker` against a transport and its barrier (its database).
 
 Per delivery: handle it behind the barrier in one database transaction, commit,
 publish the reply and wait for the broker's confirmation, and only then acknowledge
@@ -20,13 +20,7 @@ from contextlib import AbstractContextManager
 from time import monotonic as now
 from typing import Any
 
-from sqlalchemy import event
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
-from sqlalchemy.orm import Session
-
 from engine._aio import batched, wait_either
-from engine.database import one_writer, reading
 from engine.errors import DecodeError, SagaError
 from engine.faults import crashpoint
 from engine.limits import DEFAULT_LIMITS, Limits
@@ -37,7 +31,7 @@ from engine.telemetry.logs import saga_context
 from engine.telemetry.tracing import inject, process_span
 from engine.topology import Topology
 from engine.transport.base import Delivery, Message, Transport
-from engine.worker.barrier import BarrierBook, Rows, guarded, read_rows
+from engine.worker.base import Barrier, ConcurrentDuplicate, Outcomes
 from engine.worker.worker import Registration, Worker
 
 log = logging.getLogger("saga.worker")
@@ -45,20 +39,6 @@ log = logging.getLogger("saga.worker")
 #: On a one-writer database, a handler's transaction open longer than this (seconds)
 #: is logged: everything else that writes waited for it.
 LONG_HOLD = 1.0
-
-#: Key in a worker session's ``info``: when its transaction began on a connection.
-BEGAN = "saga_began"
-
-
-class _TimedSession(Session):
-    """A session that notes when its transaction began on a connection, which on
-    SQLite is when it took the write lock."""
-
-
-@event.listens_for(_TimedSession, "after_begin")
-def _note_begin(session: Session, _transaction: Any, _connection: Any) -> None:
-    session.info[BEGAN] = now()
-
 
 #: A handled delivery: the reply to publish, and the reason to park the command after
 #: it (poison), if any.
@@ -69,13 +49,17 @@ class WorkerRunner:
     """Runs one :class:`Worker` against its command destination: each command's handler
     in a database transaction with the participant barrier (a duplicate runs once, a
     compensation before its action is a no-op, an action after it is refused), then the
-    reply, published before the delivery is acknowledged. ``sagactl worker`` runs one."""
+    reply, published before the delivery is acknowledged. ``sagactl worker`` runs one.
+
+    ``barrier`` is the participant's database seen through the barrier protocol
+    (:class:`~engine.worker.barrier.SqlBarrier` over a SQLAlchemy engine).
+    """
 
     def __init__(
         self,
         worker: Worker,
         transport: Transport,
-        database: AsyncEngine,
+        barrier: Barrier,
         *,
         topology: Topology | None = None,
         concurrency: int = 1,
@@ -87,12 +71,7 @@ class WorkerRunner:
         self.worker = worker
         self.transport = transport
         self.topology = topology or Topology()
-        self.database = database
-        self.sessions = async_sessionmaker(
-            database, expire_on_commit=False, sync_session_class=_TimedSession
-        )
-        #: Keep handlers' waiting out of transactions (see the module's docstring).
-        self.one_writer = one_writer(database)
+        self.barrier = barrier
         self.concurrency = concurrency
         #: Most commands handled in one transaction.
         self.batch_size = batch_size
@@ -111,6 +90,11 @@ class WorkerRunner:
         self.max_error_backoff = 5.0
         self._failures = 0
         self._stop = asyncio.Event()
+
+    @property
+    def one_writer(self) -> bool:
+        """Keep handlers' waiting out of transactions (see the module's docstring)."""
+        return self.barrier.one_writer
 
     @property
     def destination(self) -> str:
@@ -213,10 +197,10 @@ class WorkerRunner:
 
     async def _handle_each(self, batch: Sequence[tuple[Delivery, Envelope, Registration]]) -> None:
         """Each command in its own transaction; the replies published together."""
-        known: Rows | None = None
+        known: Outcomes | None = None
         if self.one_writer and len(batch) > 1:
             try:
-                known = await self._read_ahead([e for _, e, _ in batch])
+                known = await self.barrier.recorded(self.worker.name, [e for _, e, _ in batch])
             except Exception as exc:  # each command reads its own and replies its error
                 log.warning("worker %s: barrier read failed: %r", self.worker.name, exc)
         handled: list[Handled] = []
@@ -235,16 +219,11 @@ class WorkerRunner:
         self, batch: Sequence[tuple[Delivery, Envelope, Registration]]
     ) -> list[Message]:
         replies: list[Message] = []
-        async with self.sessions() as session, session.begin():
-            book = BarrierBook(session, self.worker.name)
-            await book.load([envelope for _, envelope, _ in batch])
+        envelopes = [envelope for _, envelope, _ in batch]
+        async with self.barrier.transaction(self.worker.name, envelopes, limits=self.limits) as tx:
             for _, envelope, registration in batch:
                 with saga_context(envelope.saga_id, envelope.step), self._span(envelope):
-                    reply = await guarded(
-                        session, self.worker.name, registration, envelope, book, limits=self.limits
-                    )
-                    replies.append(self._reply_message(reply))
-            await book.flush()
+                    replies.append(self._reply_message(await tx.handle(registration, envelope)))
         return replies
 
     async def handle_delivery(self, delivery: Delivery) -> None:
@@ -284,7 +263,7 @@ class WorkerRunner:
         metrics.handled.add(1, {"saga.participant": self.worker.name, "saga.kind": envelope.kind})
 
     async def _handle(
-        self, delivery: Delivery, envelope: Envelope, known: Rows | None = None
+        self, delivery: Delivery, envelope: Envelope, known: Outcomes | None = None
     ) -> Handled | None:
         """Handle one command in its own transaction; return its reply to send, or
         None when the delivery was settled here (no handler, or handed back).
@@ -300,7 +279,7 @@ class WorkerRunner:
         poison: str | None = None
         try:
             reply = await self._guarded(registration, envelope, known)
-        except IntegrityError:
+        except ConcurrentDuplicate:
             # A concurrent delivery of the same message won the barrier row: try later,
             # when this one will find the row and just re-send the reply.
             await delivery.nack()
@@ -329,7 +308,7 @@ class WorkerRunner:
         return (delivery, self._reply_message(reply), poison)
 
     async def _guarded(
-        self, registration: Registration, envelope: Envelope, known: Rows | None
+        self, registration: Registration, envelope: Envelope, known: Outcomes | None
     ) -> Envelope:
         """The reply to ``envelope``, handled behind the barrier in its own transaction.
 
@@ -338,18 +317,12 @@ class WorkerRunner:
         handler's first statement: what it awaits before that holds up no other writer.
         """
         if self.one_writer and known is None:
-            known = await self._read_ahead([envelope])
-        async with self.sessions() as session, session.begin():
-            book = BarrierBook(session, self.worker.name, known)
-            if known is None:
-                await book.load([envelope])
-            reply = await guarded(
-                session, self.worker.name, registration, envelope, book, limits=self.limits
-            )
-            await book.flush()
-        if known is not None:
-            known.update(book.rows)  # committed
-        began = session.info.get(BEGAN)
+            known = await self.barrier.recorded(self.worker.name, [envelope])
+        async with self.barrier.transaction(
+            self.worker.name, [envelope], known=known, limits=self.limits
+        ) as tx:
+            reply = await tx.handle(registration, envelope)
+        began = tx.began
         if self.one_writer and began is not None and now() - began > LONG_HOLD:
             log.warning(
                 "worker %s: %s %s of saga %s kept the database's one write lock %.1fs, "
@@ -362,10 +335,6 @@ class WorkerRunner:
                 now() - began,
             )
         return reply
-
-    async def _read_ahead(self, envelopes: Sequence[Envelope]) -> Rows:
-        async with reading(self.database) as conn:
-            return await read_rows(conn, self.worker.name, envelopes)
 
     async def _send_and_settle(self, handled: Sequence[Handled]) -> None:
         """Publish the replies in one go, then settle each delivery: ack it, or park

@@ -1,0 +1,39 @@
+"""The query protocol: what ``sagactl`` and applications read, as views.
+
+Apart from the write side (:mod:`engine.store.base`) so that the engine core, which
+only advances sagas, never depends on the read models the client and the CLI show.
+One database may serve both; the SQL store does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+from engine.states import SagaStatus
+from engine.views import DeadLetterView, SagaDetail, SagaSummary, StoreStats
+
+
+@runtime_checkable
+class SagaQueries(Protocol):
+    """Reads of committed state, each in a short read-only transaction of its own."""
+
+    async def get_saga(self, saga_id: str) -> SagaDetail | None: ...
+
+    async def list_sagas(
+        self,
+        *,
+        status: SagaStatus | None = None,
+        name: str | None = None,
+        limit: int = 50,
+    ) -> list[SagaSummary]: ...
+
+    async def count_by_status(self) -> dict[SagaStatus, int]: ...
+
+    async def statuses(self, saga_ids: Sequence[str]) -> dict[str, SagaStatus]: ...
+
+    async def list_dead_letters(
+        self, *, limit: int = 50, pending_only: bool = False
+    ) -> list[DeadLetterView]: ...
+
+    async def stats(self) -> StoreStats: ...
