@@ -156,6 +156,62 @@ def lines(block: str) -> list[str]:
     return [line.strip() for line in block.splitlines() if line.strip()]
 
 
+def follow(session: Session, blocks: list[Block], ours: dict[str, str]) -> list[str]:
+    """Take the blocks in order, as a user would; the output of each ``run`` block.
+    ``ours``: the settings whose values are this test's (each must be exported)."""
+    outputs = []
+    for block in blocks:
+        if block.kind == "install":
+            assert re.search(r"pip install .*saga-engine", block.text), block.text
+        elif block.kind == "run":
+            outputs.append(session.run(block.text))
+        elif block.kind == "env":
+            session.run("\n".join(_exports(block.text, ours)))
+        elif block.kind == "daemons":
+            for line in lines(block.text):
+                command = line.split("#", 1)[0].strip()
+                assert command.endswith("&"), f"not a background command: {line}"
+                session.background(command.removesuffix("&").strip())
+        elif block.kind == "file":
+            assert block.arg
+            (session.cwd / block.arg).write_text(block.text)
+        elif block.kind == "excerpt":
+            assert block.arg
+            shown = "\n".join(lines(block.text))
+            written = "\n".join(lines((session.cwd / block.arg).read_text()))
+            assert shown in written, f"the README shows what {block.arg} does not say"
+        else:
+            raise AssertionError(f"unknown walkthrough block kind {block.kind!r}")
+    return outputs
+
+
+def _exports(block: str, ours: dict[str, str]) -> list[str]:
+    """The block's ``export SAGA_X=...`` lines, with this test's value for ``ours``."""
+    exports, missing = [], dict(ours)
+    for line in lines(block):
+        export = re.match(r"export (SAGA_\w+)=\S+", line)
+        assert export, f"not an export of a SAGA_ setting: {line}"
+        name = export[1]
+        exports.append(f"export {name}={shlex.quote(missing.pop(name))}" if name in ours else line)
+    assert not missing, f"the walkthrough never sets {sorted(missing)}"
+    return exports
+
+
+async def reservations(db_url: str) -> dict[str, dict[str, str]]:
+    """Each participant's table: status by reservation (saga) id."""
+    database = create_engine(db_url)
+    try:
+        async with database.connect() as conn:
+            return {
+                table: dict(
+                    (await conn.execute(text(f"SELECT reservation_id, status FROM {table}"))).all()
+                )
+                for table in ("flight_reservations", "hotel_reservations")
+            }
+    finally:
+        await database.dispose()
+
+
 @pytest.mark.integration
 async def test_your_own_saga_as_the_readme_says(session: Session, postgres_url: str) -> None:
     broker_url = service_url("SAGA_TEST_AMQP_URL")
@@ -165,80 +221,41 @@ async def test_your_own_saga_as_the_readme_says(session: Session, postgres_url: 
         assert kind in kinds, f"the walkthrough has no {kind!r} block: {kinds}"
     which = session.run("python -c 'import engine; print(engine.__file__)'")
     assert Path(which.strip()).is_relative_to(ROOT), "the session would not test this checkout"
-
     prefix = session.env["SAGA_TOPIC_PREFIX"]
     drop_after_test(lambda: topology_objects(broker_url, prefix, {"flight", "hotel"}))
-    outputs: list[str] = []
+
     async with fresh_database(postgres_url, migrate=False) as db_url:
-        ours = {"SAGA_DATABASE_URL": db_url, "SAGA_BROKER_URL": broker_url}
-        for block in blocks:
-            if block.kind == "install":
-                assert re.search(r"pip install .*saga-engine", block.text), block.text
-            elif block.kind == "run":
-                outputs.append(session.run(block.text))
-            elif block.kind == "env":
-                exports = []
-                for line in lines(block.text):
-                    export = re.match(r"export (SAGA_\w+)=\S+", line)
-                    assert export, f"not an export of a SAGA_ setting: {line}"
-                    name = export[1]
-                    exports.append(
-                        f"export {name}={shlex.quote(ours.pop(name))}" if name in ours else line
-                    )
-                assert not ours, f"the walkthrough never sets {sorted(ours)}"
-                session.run("\n".join(exports))
-            elif block.kind == "daemons":
-                for line in lines(block.text):
-                    command = line.split("#", 1)[0].strip()
-                    assert command.endswith("&"), f"not a background command: {line}"
-                    session.background(command.removesuffix("&").strip())
-            elif block.kind == "file":
-                assert block.arg
-                (session.cwd / block.arg).write_text(block.text)
-            elif block.kind == "excerpt":
-                assert block.arg
-                shown = "\n".join(lines(block.text))
-                written = "\n".join(lines((session.cwd / block.arg).read_text()))
-                assert shown in written, f"the README shows what {block.arg} does not say"
-            else:
-                raise AssertionError(f"unknown walkthrough block kind {block.kind!r}")
-
-        # The embedded part: the generated test ran, both of its cases passed.
-        assert any(re.search(r"\b2 passed\b", out) for out in outputs), outputs
-        # The daemon part: start_trip.py saw its saga complete; the refused one compensates.
-        assert any(re.search(r"^\S+ completed$", out, re.M) for out in outputs), outputs
-        client = await SagaClient.connect(db_url, sagas=())
-        async with client:
-
-            async def finished() -> bool:
-                sagas = await client.list()
-                return len(sagas) == 2 and all(s.status.is_terminal for s in sagas)
-
-            done = await wait_until(finished, timeout=60)
-            sagas = await client.list()
-            assert done, f"{[(s.id, s.status) for s in sagas]}\n{session.tails()}"
-            by_status = {s.status: s.id for s in sagas}
-            assert set(by_status) == {SagaStatus.COMPLETED, SagaStatus.COMPENSATED}
-        database = create_engine(db_url)
         try:
-            async with database.connect() as conn:
-                rows = {
-                    table: dict(
-                        (
-                            await conn.execute(text(f"SELECT reservation_id, status FROM {table}"))
-                        ).all()
-                    )
-                    for table in ("flight_reservations", "hotel_reservations")
-                }
+            outputs = follow(
+                session, blocks, {"SAGA_DATABASE_URL": db_url, "SAGA_BROKER_URL": broker_url}
+            )
+            async with await SagaClient.connect(db_url, sagas=()) as client:
+
+                async def finished() -> bool:
+                    sagas = await client.list()
+                    return len(sagas) == 2 and all(s.status.is_terminal for s in sagas)
+
+                done = await wait_until(finished, timeout=60)
+                sagas = await client.list()
+            books = await reservations(db_url)
         finally:
-            await database.dispose()
-        completed, compensated = by_status[SagaStatus.COMPLETED], by_status[SagaStatus.COMPENSATED]
-        assert rows == {
-            "flight_reservations": {completed: "reserved", compensated: "released"},
-            "hotel_reservations": {completed: "reserved"},
-        }
-        statuses = session.stop()
-        assert set(statuses.values()) == {0}, f"{statuses}\n{session.tails()}"
+            statuses = session.stop()
+
+    # The embedded part: the generated test ran, and both of its cases passed.
+    assert any(re.search(r"\b2 passed\b", out) for out in outputs), outputs
+    # The daemons: start_trip.py saw its saga complete; the one the hotel refused
+    # was compensated, the flight's reservation released.
+    assert any(re.search(r"^\S+ completed$", out, re.M) for out in outputs), outputs
+    assert done, f"{[(s.id, s.status) for s in sagas]}\n{session.tails()}"
+    ids = {s.status: s.id for s in sagas}
+    assert set(ids) == {SagaStatus.COMPLETED, SagaStatus.COMPENSATED}
+    completed, compensated = ids[SagaStatus.COMPLETED], ids[SagaStatus.COMPENSATED]
+    assert books == {
+        "flight_reservations": {completed: "reserved", compensated: "released"},
+        "hotel_reservations": {completed: "reserved"},
+    }
+    # Stopped as the README says (SIGTERM), each drained and exited cleanly.
+    assert set(statuses.values()) == {0}, f"{statuses}\n{session.tails()}"
 
 
 def test_the_walkthrough_finds_its_blocks() -> None:
