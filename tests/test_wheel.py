@@ -141,6 +141,17 @@ def _run(
     )
 
 
+def _user_env(venv: Path, home: Path, project: Path, database: Path) -> dict[str, str]:
+    """A user's shell: the wheel's virtualenv on PATH and, as a user makes their sagas
+    importable, their project first on the path; a SQLite database."""
+    return {
+        "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}",
+        "HOME": str(home),
+        "PYTHONPATH": str(project),
+        "SAGA_DATABASE_URL": f"sqlite:///{database}",
+    }
+
+
 def _pip(*args: str | Path) -> subprocess.CompletedProcess[str]:
     return _run(sys.executable, "-m", "pip", *args)
 
@@ -196,13 +207,7 @@ def test_a_users_own_saga_beside_its_own_migrations_and_sagas_packages(
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(textwrap.dedent(text).lstrip())
     database = project / "app.db"
-    env = {
-        "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}",
-        "HOME": str(tmp_path),
-        # As a user makes their sagas importable: their project first on the path.
-        "PYTHONPATH": str(project),
-        "SAGA_DATABASE_URL": f"sqlite:///{database}",
-    }
+    env = _user_env(venv, tmp_path, project, database)
     sagactl = venv / "bin" / "sagactl"
 
     upgraded = _run(sagactl, "db", "upgrade", "--scripts", "hotel_migrations", cwd=project, env=env)
@@ -241,12 +246,7 @@ def test_the_example_runs_on_the_installed_wheel_from_a_directory_of_its_own(
         shutil.copytree(
             ROOT / package, example / package, ignore=shutil.ignore_patterns("__pycache__")
         )
-    env = {
-        "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}",
-        "HOME": str(tmp_path),
-        "PYTHONPATH": str(example),
-        "SAGA_DATABASE_URL": f"sqlite:///{tmp_path / 'example.db'}",
-    }
+    env = _user_env(venv, tmp_path, example, tmp_path / "example.db")
     sagactl = venv / "bin" / "sagactl"
     upgraded = _run(
         sagactl, "db", "upgrade", "--scripts", "workers/migrations", cwd=example, env=env
@@ -264,12 +264,7 @@ def test_sagactl_new_writes_a_project_from_the_wheels_templates(venv: Path, tmp_
     project = tmp_path / "trips"
     project.mkdir()
     database = project / "trips.db"
-    env = {
-        "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}",
-        "HOME": str(tmp_path),
-        "PYTHONPATH": str(project),
-        "SAGA_DATABASE_URL": f"sqlite:///{database}",
-    }
+    env = _user_env(venv, tmp_path, project, database)
     sagactl = venv / "bin" / "sagactl"
     for args in (("worker", "hotel"), ("saga", "book_trip", "--participant", "hotel")):
         made = _run(sagactl, "new", *args, cwd=project, env=env)
