@@ -98,15 +98,20 @@ class Step:
 
     @property
     def action_name(self) -> str:
+        """The command name the participant dispatches on."""
         return self.command_name or self.name
 
     @property
     def is_pivot(self) -> bool:
+        """Without a compensation: once it succeeded the saga can no longer be undone."""
         return self.compensation is None
 
 
 @dataclass(frozen=True)
 class Saga:
+    """A saga definition: its name and version, the pydantic model of its input, and
+    its steps in order. Validated when built, so a mistake fails at import time."""
+
     name: str
     version: int
     input: type[BaseModel]
@@ -161,9 +166,11 @@ class Saga:
 
     @property
     def key(self) -> tuple[str, int]:
+        """(name, version): how the registry and every saga row name this definition."""
         return (self.name, self.version)
 
     def step(self, name: str) -> Step:
+        """The step called ``name``; a DefinitionError if there is none."""
         try:
             return self.steps[self._index[name]]
         except KeyError:
@@ -172,6 +179,7 @@ class Saga:
             ) from None
 
     def position(self, name: str) -> int:
+        """The 0-based place of step ``name`` in the saga."""
         return self._index[name]
 
     def parse_input(self, data: Any) -> BaseModel:

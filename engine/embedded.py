@@ -119,10 +119,13 @@ class EmbeddedSystem:
 
     @property
     def database(self) -> AsyncEngine:
+        """The database the engine, the workers and the client share (to read a
+        participant's tables in a test, say)."""
         return self.wiring.database
 
     @property
     def store(self) -> SqlSagaStore:
+        """The engine's saga store over that database."""
         return self.wiring.store
 
     # -- the whole system ------------------------------------------------------------

@@ -33,6 +33,8 @@ from engine.limits import (
 
 
 class MessageKind(StrEnum):
+    """What a message asks of its receiver: run a step, undo one, or report back."""
+
     COMMAND = "command"
     COMPENSATION = "compensation"
     REPLY = "reply"
@@ -70,6 +72,9 @@ Int32 = Annotated[int, Field(ge=1, le=2**31 - 1)]
 
 
 class Envelope(BaseModel):
+    """One message on the wire: a command, compensation or reply with its saga, step,
+    attempt and payload. Validated and bounded when decoded (engine/limits.py)."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     message_id: Id = Field(default_factory=new_message_id)

@@ -86,6 +86,10 @@ ACK = Ack()
 
 @dataclass(frozen=True)
 class EngineSettings:
+    """The engine's tunables: its consumer group, timer scan, batching, patience with
+    replies that come early, and the reply watermark. The daemon builds them from the
+    ``SAGA_*`` settings; the defaults suit one engine on a small machine."""
+
     group: str = "saga-engine"
     timer_interval: float = 0.1
     timer_batch: int = 100
@@ -124,6 +128,13 @@ class EngineSettings:
 
 
 class Engine:
+    """The orchestrator: consumes replies, fires due timers, relays the outbox and
+    archives dead letters, advancing each saga through one unit of work (``advance``).
+
+    Any number of engines may share a database and a broker: each saga row has one
+    writer at a time, and a reply or timer is applied once whichever engine takes it.
+    ``run`` until ``stop``; ``sagactl engine`` runs one with signals and a clean drain."""
+
     def __init__(
         self,
         store: SagaStore,
@@ -206,6 +217,7 @@ class Engine:
     # -- lifecycle ---------------------------------------------------------------
 
     def stop(self) -> None:
+        """Ask :meth:`run` to finish what is in flight and return."""
         self._stop.set()
 
     async def run(self) -> None:
@@ -280,6 +292,7 @@ class Engine:
     # -- replies -----------------------------------------------------------------
 
     async def handle_delivery(self, delivery: Delivery) -> None:
+        """Apply one delivered reply, as the consumer applies each batch."""
         await self.handle_deliveries([delivery])
 
     async def handle_deliveries(self, deliveries: Sequence[Delivery]) -> None:

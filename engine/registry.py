@@ -22,6 +22,7 @@ class SagaRegistry:
             self.register(saga)
 
     def register(self, saga: Saga) -> Saga:
+        """Add ``saga``; another definition of the same name and version is an error."""
         existing = self._sagas.get(saga.key)
         if existing is not None and existing is not saga:
             raise DefinitionError(f"saga {saga.name!r} v{saga.version} is registered twice")
@@ -29,6 +30,8 @@ class SagaRegistry:
         return saga
 
     def get(self, name: str, version: int | None = None) -> Saga:
+        """The definition of ``name`` at ``version``, by default its newest; an
+        UnknownSagaError naming the known ones otherwise."""
         if version is not None:
             saga = self._sagas.get((name, version))
             if saga is None:

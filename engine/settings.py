@@ -266,6 +266,7 @@ class Settings(BaseSettings):
 
     @property
     def saga_modules(self) -> list[str]:
+        """``SAGA_SAGAS`` as a list of module names."""
         return [p for p in self.sagas.split(",") if p]
 
     @property
@@ -281,6 +282,7 @@ class Settings(BaseSettings):
 
     @property
     def limits(self) -> Limits:
+        """The sizes every message and name is held to (``SAGA_MAX_MESSAGE_BYTES``)."""
         return Limits(max_message_bytes=self.max_message_bytes)
 
     @property

@@ -6,6 +6,8 @@ from enum import StrEnum
 
 
 class SagaStatus(StrEnum):
+    """Where a saga is: running, compensating, or finished one way or the other."""
+
     RUNNING = "running"
     COMPENSATING = "compensating"
     COMPLETED = "completed"
@@ -20,6 +22,8 @@ class SagaStatus(StrEnum):
 
 
 class StepStatus(StrEnum):
+    """Where one step is, from pending through dispatched to its outcome."""
+
     PENDING = "pending"
     DISPATCHED = "dispatched"
     SUCCEEDED = "succeeded"

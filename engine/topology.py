@@ -7,6 +7,9 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Topology:
+    """The names of topics, queues and consumer groups, all under one prefix
+    (``SAGA_TOPIC_PREFIX``), so deployments sharing a broker never see each other."""
+
     prefix: str = "saga"
 
     def commands(self, participant: str) -> str:
@@ -20,6 +23,7 @@ class Topology:
 
     @property
     def dead_letters(self) -> str:
+        """Messages no consumer could take, with the reason; the engine archives them."""
         return f"{self.prefix}.dead-letters"
 
     def group(self, name: str) -> str:

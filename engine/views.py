@@ -15,6 +15,8 @@ from engine.store.base import DeadLetterRecord, PruneCounts
 
 
 class SagaSummary(BaseModel):
+    """One saga as a list shows it: name, version, status, times and its last error."""
+
     id: str
     name: str
     version: int
@@ -25,6 +27,8 @@ class SagaSummary(BaseModel):
 
 
 class StepView(BaseModel):
+    """One step of a saga: its state, attempts, times, error and reply."""
+
     name: str
     position: int
     status: StepStatus
@@ -45,6 +49,8 @@ class HistoryView(BaseModel):
 
 
 class SagaDetail(SagaSummary):
+    """One saga in full: its input, trace, steps and history (``SagaClient.get``)."""
+
     input: dict[str, Any]
     trace_id: str | None = None
     steps: list[StepView]

@@ -141,6 +141,17 @@ def _run(
     )
 
 
+def _user_env(venv: Path, home: Path, project: Path, database: Path) -> dict[str, str]:
+    """A user's shell: the wheel's virtualenv on PATH and, as a user makes their sagas
+    importable, their project first on the path; a SQLite database."""
+    return {
+        "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}",
+        "HOME": str(home),
+        "PYTHONPATH": str(project),
+        "SAGA_DATABASE_URL": f"sqlite:///{database}",
+    }
+
+
 def _pip(*args: str | Path) -> subprocess.CompletedProcess[str]:
     return _run(sys.executable, "-m", "pip", *args)
 
@@ -196,13 +207,7 @@ def test_a_users_own_saga_beside_its_own_migrations_and_sagas_packages(
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(textwrap.dedent(text).lstrip())
     database = project / "app.db"
-    env = {
-        "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}",
-        "HOME": str(tmp_path),
-        # As a user makes their sagas importable: their project first on the path.
-        "PYTHONPATH": str(project),
-        "SAGA_DATABASE_URL": f"sqlite:///{database}",
-    }
+    env = _user_env(venv, tmp_path, project, database)
     sagactl = venv / "bin" / "sagactl"
 
     upgraded = _run(sagactl, "db", "upgrade", "--scripts", "hotel_migrations", cwd=project, env=env)
@@ -241,12 +246,7 @@ def test_the_example_runs_on_the_installed_wheel_from_a_directory_of_its_own(
         shutil.copytree(
             ROOT / package, example / package, ignore=shutil.ignore_patterns("__pycache__")
         )
-    env = {
-        "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}",
-        "HOME": str(tmp_path),
-        "PYTHONPATH": str(example),
-        "SAGA_DATABASE_URL": f"sqlite:///{tmp_path / 'example.db'}",
-    }
+    env = _user_env(venv, tmp_path, example, tmp_path / "example.db")
     sagactl = venv / "bin" / "sagactl"
     upgraded = _run(
         sagactl, "db", "upgrade", "--scripts", "workers/migrations", cwd=example, env=env
@@ -256,3 +256,25 @@ def test_the_example_runs_on_the_installed_wheel_from_a_directory_of_its_own(
     assert demo.returncode == 0, demo.stderr
     summary = json.loads(demo.stdout)
     assert (summary["orders"], summary["unfinished"], summary["inconsistent_orders"]) == (6, 0, 0)
+
+
+def test_sagactl_new_writes_a_project_from_the_wheels_templates(venv: Path, tmp_path: Path) -> None:
+    """The templates are package data: a worker and a saga written from the installed
+    wheel, and the worker's table made by its own migration history."""
+    project = tmp_path / "trips"
+    project.mkdir()
+    database = project / "trips.db"
+    env = _user_env(venv, tmp_path, project, database)
+    sagactl = venv / "bin" / "sagactl"
+    for args in (("worker", "hotel"), ("saga", "book_trip", "--participant", "hotel")):
+        made = _run(sagactl, "new", *args, cwd=project, env=env)
+        assert made.returncode == 0, made.stderr
+    upgraded = _run(sagactl, "db", "upgrade", "--scripts", "hotel/migrations", cwd=project, env=env)
+    assert upgraded.returncode == 0, upgraded.stderr
+
+    assert (project / "sagas" / "book_trip.py").is_file()
+    assert (project / "tests" / "test_book_trip.py").is_file()
+    with sqlite3.connect(database) as conn:
+        (revision,) = conn.execute("SELECT version_num FROM hotel_version").fetchone()
+        columns = [r[1] for r in conn.execute("PRAGMA table_info(hotel_reservations)")]
+    assert (revision, columns) == ("hotel_0001", ["reservation_id", "quantity", "status"])

@@ -493,6 +493,65 @@ def db_upgrade(options: Options, revision: str, scripts: tuple[str, ...]) -> Non
     stderr.print(f"database migrated to {render.shown(revision)}{also}")
 
 
+@cli.group()
+def new() -> None:
+    """Write a saga or a worker of your own into your project, ready to run and test."""
+
+
+_project_dir = click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=".",
+    show_default=True,
+    help="your project's directory",
+)
+
+
+@new.command(name="worker")
+@click.argument("name")
+@_project_dir
+def new_worker(name: str, directory: Path) -> None:
+    """A participant NAME as a package NAME/: its commands, its worker (a handler and
+    its compensation writing to its own table) and that table's Alembic history."""
+    from engine.cli.scaffold import new_worker as write
+
+    _wrote(lambda: write(name, directory))
+
+
+@new.command(name="saga")
+@click.argument("name")
+@click.option(
+    "--participant",
+    "-p",
+    "participants",
+    multiple=True,
+    required=True,
+    metavar="NAME",
+    help="a worker the saga reserves at, one step each, in this order; repeatable",
+)
+@_project_dir
+def new_saga(name: str, participants: tuple[str, ...], directory: Path) -> None:
+    """A saga NAME in sagas/NAME.py, and tests/test_NAME.py running it on the embedded
+    runner: completed, and compensated when the last participant refuses."""
+    from engine.cli.scaffold import new_saga as write
+
+    _wrote(lambda: write(name, participants, directory))
+
+
+def _wrote(write: Callable[[], Any]) -> None:
+    """Run a ``sagactl new`` writer; list what it wrote and what to run next."""
+    try:
+        written = write()
+    except ConfigError as exc:
+        fail(str(exc))
+    for path in written.files:
+        click.echo(f"wrote {path}")
+    click.echo("next:")
+    for line in written.next_steps:
+        click.echo(f"  {line}")
+
+
 @cli.command()
 @click.option(
     "--orders",

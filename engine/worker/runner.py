@@ -46,7 +46,10 @@ Handled = tuple[Delivery, Message, str | None]
 
 
 class WorkerRunner:
-    """Consumes one participant's commands and answers each behind its barrier.
+    """Runs one :class:`Worker` against its command destination: each command's handler
+    in a database transaction with the participant barrier (a duplicate runs once, a
+    compensation before its action is a no-op, an action after it is refused), then the
+    reply, published before the delivery is acknowledged. ``sagactl worker`` runs one.
 
     ``barrier`` is the participant's database seen through the barrier protocol
     (:class:`~engine.worker.barrier.SqlBarrier` over a SQLAlchemy engine).
@@ -95,13 +98,16 @@ class WorkerRunner:
 
     @property
     def destination(self) -> str:
+        """Where this worker's commands and compensations arrive."""
         return self.topology.commands(self.worker.name)
 
     @property
     def group(self) -> str:
+        """The consumer group every replica of this worker shares."""
         return self.topology.group(f"worker-{self.worker.name}")
 
     def stop(self) -> None:
+        """Ask :meth:`run` to finish what is in flight and return."""
         self._stop.set()
 
     async def run(self) -> None:
@@ -221,6 +227,7 @@ class WorkerRunner:
         return replies
 
     async def handle_delivery(self, delivery: Delivery) -> None:
+        """Handle one delivered command, as the consumer handles each batch."""
         envelope = await self._decode(delivery)
         if envelope is not None:
             await self._handle_one(delivery, envelope)

@@ -76,9 +76,14 @@ class Worker:
         self.handlers: dict[tuple[MessageKind, str], Registration] = {}
 
     def command(self, name: str) -> Callable[[Handler], Handler]:
+        """Decorator: the handler of the command ``name`` (a step's command name). It
+        returns the reply, raises BusinessFailure to fail the step, anything else to have
+        it retried."""
         return self._register(MessageKind.COMMAND, name)
 
     def compensation(self, name: str) -> Callable[[Handler], Handler]:
+        """Decorator: the handler of the compensation ``name``, which undoes a step. It
+        must succeed eventually: a failure is retried, then parks the saga."""
         return self._register(MessageKind.COMPENSATION, name)
 
     def _register(self, kind: MessageKind, name: str) -> Callable[[Handler], Handler]:
@@ -93,4 +98,5 @@ class Worker:
         return decorate
 
     def registration(self, kind: MessageKind, name: str) -> Registration | None:
+        """The handler registered for this kind and name, if any."""
         return self.handlers.get((kind, name))
