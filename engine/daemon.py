@@ -24,7 +24,7 @@ from engine.errors import ConfigError, SagaError
 from engine.loader import load_worker
 from engine.orchestrator import Engine, EngineSettings
 from engine.registry import SagaRegistry
-from engine.relay import OutboxRelay
+from engine.relay import OutboxRelay, RelayOptions
 from engine.retention import Pruner, PruneRule
 from engine.settings import Settings
 from engine.store.base import SagaStore
@@ -196,11 +196,25 @@ def _pinger(database: AsyncEngine) -> Callable[[], Awaitable[None]]:
 
 
 def engine_settings(settings: Settings) -> EngineSettings:
-    """The engine's tunables that the environment sets (``SAGA_TIMEOUT_HOLD``, ...)."""
+    """The engine's tunables that the environment sets (``SAGA_TIMEOUT_HOLD``,
+    ``SAGA_TIMER_INTERVAL``, ...)."""
     return EngineSettings(
         timeout_hold=settings.timeout_hold,
         reply_settle=settings.reply_settle,
         watermark_interval=settings.watermark_interval.total_seconds(),
+        timer_interval=settings.timer_interval.total_seconds(),
+        timer_batch=settings.timer_batch,
+    )
+
+
+def relay_options(settings: Settings) -> RelayOptions:
+    """The relay's tunables that the environment sets (``SAGA_RELAY_*``)."""
+    return RelayOptions(
+        batch_size=settings.relay_batch,
+        poll_interval=settings.relay_poll_interval.total_seconds(),
+        unroutable_pause=settings.relay_unroutable_pause.total_seconds(),
+        max_unroutable_pause=settings.relay_max_unroutable_pause.total_seconds(),
+        reader_check_delay=settings.relay_reader_check_delay.total_seconds(),
     )
 
 
@@ -237,7 +251,9 @@ async def run_engine(settings: Settings, *, migrate: bool, grace: float) -> None
             registry,
             topology=topology,
             # Woken by the clients' NOTIFY on PostgreSQL, not only by its poll.
-            relay=OutboxRelay(store, transport, signal=outbox_signal(store)),
+            relay=OutboxRelay(
+                store, transport, signal=outbox_signal(store), **relay_options(settings)
+            ),
             messaging_system=messaging_system(settings.broker_url),
             limits=settings.limits,
             settings=engine_settings(settings),
