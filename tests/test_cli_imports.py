@@ -3,7 +3,7 @@
 Checked on what is imported, never on time (performance is measured, not asserted):
 ``sagactl --help`` loads no database, broker, telemetry, migration or settings
 library; ``sagactl list`` on SQLite loads the database but no broker client, no
-telemetry SDK and no PostgreSQL driver.
+telemetry SDK, no PostgreSQL driver or dialect, no Alembic and no write path.
 """
 
 from __future__ import annotations
@@ -56,6 +56,14 @@ NOT_FOR_LIST = (
     "engine.daemon",
     "engine.orchestrator",
     "engine.worker",
+    # Nor migrations (the schema check reads the heads itself), the PostgreSQL
+    # dialect, or the write path (the state machine, tracing, the relay).
+    "alembic",
+    "sqlalchemy.dialects.postgresql",
+    "engine.advance",
+    "engine.statemachine",
+    "engine.relay",
+    "opentelemetry.trace",
 )
 
 
