@@ -92,7 +92,9 @@ def env(tmp_path: Path) -> dict[str, str]:
 
 
 def test_help_imports_no_database_broker_telemetry_or_settings(env: dict[str, str]) -> None:
-    assert loaded(imported(env, "--help"), HEAVY) == []
+    modules = imported(env, "--help")
+    assert loaded(modules, HEAVY) == []
+    assert "asyncio" not in modules  # nothing runs: the event loop is not needed either
 
 
 async def test_list_imports_no_broker_client_nor_telemetry_sdk(
