@@ -99,7 +99,12 @@ class EngineSettings:
 
 class Engine:
     """The saga orchestrator: consumes replies, fires timers, relays the outbox and
-    archives dead letters, until :meth:`stop`. Any number of replicas may run."""
+    archives dead letters, until :meth:`stop`. Any number of replicas may run.
+
+    ``relay`` and ``timers`` replace the default components (the relay the daemon
+    configures from ``SAGA_RELAY_*``; a fake scanner in tests); by default the timer
+    scanner is the store-backed one over this engine's :attr:`advancer`.
+    """
 
     def __init__(
         self,
