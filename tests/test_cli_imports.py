@@ -57,13 +57,13 @@ NOT_FOR_LIST = (
     "engine.orchestrator",
     "engine.worker",
     # Nor migrations (the schema check reads the heads itself), the PostgreSQL
-    # dialect, or the write path (the state machine, tracing, the relay).
+    # dialect, the write path (the state machine, the relay) or OpenTelemetry at all.
     "alembic",
     "sqlalchemy.dialects.postgresql",
     "engine.advance",
     "engine.statemachine",
     "engine.relay",
-    "opentelemetry.trace",
+    "opentelemetry",
 )
 
 
