@@ -14,7 +14,6 @@ from datetime import timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from engine.advance import Advancer, Cancelled, OperatorAction, Retried
 from engine.clock import Clock, utc_now
 from engine.deadletters import describe, replay_headers
 from engine.definition import Saga
@@ -63,7 +62,11 @@ from engine.views import (
 )
 
 if TYPE_CHECKING:
+    from engine.advance import Advancer, OperatorAction
     from engine.connections import Connections
+
+# The write path (engine.advance: the state machine, tracing) is imported by the
+# methods that write, so reading sagas (``sagactl list``) starts without it.
 
 #: How often an operator action is re-applied when the engine advanced the saga first.
 OPERATOR_CONFLICT_RETRIES = 10
@@ -233,6 +236,8 @@ class SagaClient:
 
     def _advancer(self) -> Advancer:
         """What advances sagas for this client, as it is configured now."""
+        from engine.advance import Advancer
+
         return Advancer(
             self.registry,
             topology=self.topology,
@@ -289,12 +294,16 @@ class SagaClient:
     async def retry(self, saga_id: str, *, actor: str, reason: str | None = None) -> OperatorResult:
         """Resume a parked saga (or end a retry backoff now): the step or compensation
         it stopped at is dispatched again with a fresh attempt budget."""
+        from engine.advance import Retried
+
         return await self._operate(saga_id, Retried(actor, reason))
 
     async def cancel(
         self, saga_id: str, *, actor: str, reason: str | None = None
     ) -> OperatorResult:
         """Stop a running saga and compensate what ran (the step in flight included)."""
+        from engine.advance import Cancelled
+
         return await self._operate(saga_id, Cancelled(actor, reason))
 
     async def _operate(self, saga_id: str, event: OperatorAction) -> OperatorResult:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
-from sqlalchemy import event, inspect
+from sqlalchemy import event, inspect, text
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, DisconnectionError, NoSuchModuleError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -311,11 +311,44 @@ def _alembic_config(location: str | Path, connection: Connection | None = None) 
     return cfg
 
 
-def head_revisions() -> set[str]:
-    """The heads of the engine's own history (what :func:`check_schema` expects)."""
-    from alembic.script import ScriptDirectory
+def head_revisions(location: Path | None = None) -> set[str]:
+    """The heads of the engine's own history (what :func:`check_schema` expects), or
+    of the Alembic scripts at ``location``.
 
-    return set(ScriptDirectory.from_config(_alembic_config(migrations_dir())).get_heads())
+    Read from each version script's ``revision`` and ``down_revision`` assignments
+    without importing Alembic, so ``sagactl`` starts fast (Alembic alone takes longer
+    to import than a command's whole budget); a test checks the answer against
+    Alembic's own reading of the scripts.
+    """
+    versions = (location or migrations_dir()) / "versions"
+    revisions: set[str] = set()
+    parents: set[str] = set()
+    for path in sorted(versions.glob("*.py")):
+        values = _revision_assignments(path)
+        revision = values.get("revision")
+        if not isinstance(revision, str):
+            continue  # not a version script (an __init__.py)
+        revisions.add(revision)
+        down = values.get("down_revision")
+        parents.update([down] if isinstance(down, str) else down or ())
+    return revisions - parents
+
+
+def _revision_assignments(path: Path) -> dict[str, Any]:
+    """The literal values a script assigns to ``revision`` and ``down_revision``."""
+    import ast
+
+    values: dict[str, Any] = {}
+    for node in ast.parse(path.read_text(encoding="utf-8"), str(path)).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target, value = node.targets[0], node.value
+        elif isinstance(node, ast.AnnAssign) and node.value is not None:
+            target, value = node.target, node.value
+        else:
+            continue
+        if isinstance(target, ast.Name) and target.id in ("revision", "down_revision"):
+            values[target.id] = ast.literal_eval(value)
+    return values
 
 
 async def upgrade(
@@ -420,12 +453,15 @@ def _metadatas(target: Any) -> list[Any]:
 
 
 async def current_revisions(engine: AsyncEngine) -> set[str]:
-    from alembic.runtime.migration import MigrationContext
+    """The revisions the database's engine history is at (none: not migrated).
+
+    Read from Alembic's version table with a plain query, as Alembic reads it."""
 
     def read(connection: Connection) -> set[str]:
-        if not inspect(connection).has_table("alembic_version"):
+        if not inspect(connection).has_table(ENGINE_VERSION_TABLE):
             return set()
-        return set(MigrationContext.configure(connection).get_current_heads())
+        rows = connection.execute(text(f"SELECT version_num FROM {ENGINE_VERSION_TABLE}"))
+        return {row[0] for row in rows}
 
     try:
         async with engine.connect() as conn:

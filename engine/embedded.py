@@ -25,7 +25,7 @@ from engine.store.sql import SqlSagaStore
 from engine.topology import Topology
 from engine.transport.base import Transport
 from engine.transport.memory import MemoryBroker
-from engine.wiring import DEFAULT_POLL_INTERVAL, Wiring
+from engine.wiring import Wiring
 from engine.worker.runner import WorkerRunner
 from engine.worker.worker import Worker
 
@@ -68,7 +68,7 @@ class EmbeddedSystem:
         migrations: Iterable[str | Path] = (),
         database: AsyncEngine | None = None,
         tunables: EngineSettings | None = None,
-        poll_interval: float = DEFAULT_POLL_INTERVAL,
+        poll_interval: float | None = None,
         limits: Limits | None = None,
         signing: Signing | None = None,
         transport_factory: TransportFactory | None = None,

@@ -1,8 +1,13 @@
-"""The orchestrator: consumes replies, fires timers, and relays the outbox.
+"""The orchestrator: composes the engine's components and runs them together.
 
-Every change to a saga happens in one store transaction that also records the
-reply's message id (inbox) and the messages the change emits (outbox); the broker
-delivery is acknowledged only after that transaction committed.
+Its parts, each with its own module: the reply consumer (:mod:`engine.consumer`),
+the timer scanner (:mod:`engine.timers`), the deferred-reply scan
+(:mod:`engine.deferred`), the outbox relay (:mod:`engine.relay`) and the dead-letter
+archive (:mod:`engine.deadletters`); all of them advance sagas through one
+:class:`~engine.advance.Advancer`. Every change to a saga happens in one store
+transaction that also records the reply's message id (inbox) and the messages the
+change emits (outbox); the broker delivery is acknowledged only after that
+transaction committed.
 """
 
 from __future__ import annotations
@@ -16,72 +21,37 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
-from engine._aio import batched, wait_either
 from engine.advance import Advancer
 from engine.clock import Clock, utc_now
+from engine.consumer import ACK, Ack, DeadLetter, Failed, Nack, ReplyConsumer, Settlement
 from engine.deadletters import DeadLetterArchive
-from engine.deferred import DeferredReplyScan, deferral
-from engine.errors import ConcurrencyConflict, DecodeError, SagaError, UnknownSagaError
-from engine.faults import crashpoint
+from engine.deferred import DeferredReplyScan
 from engine.limits import DEFAULT_LIMITS, Limits
-from engine.messages import Envelope, MessageKind, decode
+from engine.messages import Envelope
 from engine.registry import SagaRegistry
 from engine.relay import OutboxRelay
 from engine.replies import ReplyOutcome, ReplyResult
 from engine.signing import NO_SIGNING, Signing
 from engine.store.base import SagaStore
-from engine.store.failures import error_text, is_transient
-from engine.telemetry.logs import saga_context
+from engine.timers import StoreTimerScanner, TimerScanner, scan_timers
 from engine.topology import Topology
 from engine.transport.base import Delivery, Message, Transport
 from engine.watermark import ReplyWatermark
 
 log = logging.getLogger("saga.engine")
 
-
-class _NotVisible(Exception):
-    """The reply's saga row is not (yet) visible to this transaction."""
-
-
-def _log_duplicate(reply: Envelope) -> None:
-    with saga_context(reply.saga_id, reply.step):
-        log.info(
-            "reply %s of saga %s was applied before: a duplicate, acknowledged",
-            reply.message_id,
-            reply.saga_id,
-        )
-
-
-@dataclass(frozen=True)
-class Failed:
-    """A reply transaction that failed: retried, handed back or dead-lettered by the
-    error's kind."""
-
-    error: Exception
-
-
-@dataclass(frozen=True)
-class Ack:
-    """The reply's transaction committed (or it needed none): done with it."""
-
-
-@dataclass(frozen=True)
-class Nack:
-    """Hand the delivery back for redelivery; ``pause`` first when the database is away."""
-
-    pause: bool = False
-
-
-@dataclass(frozen=True)
-class DeadLetter:
-    """Move the delivery to the dead-letter destination, saying why."""
-
-    reason: str
-
-
-#: How a delivery is settled.
-Settlement = Ack | Nack | DeadLetter
-ACK = Ack()
+__all__ = [
+    "ACK",
+    "Ack",
+    "DeadLetter",
+    "Engine",
+    "EngineSettings",
+    "Failed",
+    "Nack",
+    "ReplyOutcome",
+    "ReplyResult",
+    "Settlement",
+]
 
 
 @dataclass(frozen=True)
@@ -91,7 +61,9 @@ class EngineSettings:
     ``SAGA_*`` settings; the defaults suit one engine on a small machine."""
 
     group: str = "saga-engine"
+    #: Pause of the timer scanner when a scan fired less than a full batch (seconds).
     timer_interval: float = 0.1
+    #: Most timers fired in one transaction.
     timer_batch: int = 100
     #: Most replies applied in one transaction.
     reply_batch: int = 100
@@ -133,7 +105,12 @@ class Engine:
 
     Any number of engines may share a database and a broker: each saga row has one
     writer at a time, and a reply or timer is applied once whichever engine takes it.
-    ``run`` until ``stop``; ``sagactl engine`` runs one with signals and a clean drain."""
+    ``run`` until ``stop``; ``sagactl engine`` runs one with signals and a clean drain.
+
+    ``relay`` and ``timers`` replace the default components (the relay the root
+    configures from ``SAGA_RELAY_*``; a fake scanner in tests); by default the timer
+    scanner is the store-backed one over this engine's :attr:`advancer`.
+    """
 
     def __init__(
         self,
@@ -150,6 +127,7 @@ class Engine:
         messaging_system: str = "memory",
         limits: Limits = DEFAULT_LIMITS,
         signing: Signing = NO_SIGNING,
+        timers: TimerScanner | None = None,
     ) -> None:
         self.store = store
         self.transport = transport
@@ -172,7 +150,6 @@ class Engine:
         self.rng = rng or random.Random()
         self.instance_id = instance_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         self._stop = asyncio.Event()
-        self.replies_handled = 0
         self.timers_fired = 0
         #: ``messaging.system`` trace attribute of the transport.
         self.messaging_system = messaging_system
@@ -207,6 +184,26 @@ class Engine:
             failure_attempts=settings.failure_attempts,
             failure_backoff=settings.failure_backoff,
             error_backoff=settings.error_backoff,
+        )
+        #: Applies the replies of the engine's subscription and settles their deliveries.
+        self.consumer = ReplyConsumer(
+            store,
+            self.advancer,
+            self.deferred,
+            stop=self._stop,
+            clock=clock,
+            signing=signing,
+            limits=limits,
+            batch=settings.reply_batch,
+            unknown_saga_patience=settings.unknown_saga_patience,
+            conflict_retries=settings.conflict_retries,
+            failure_attempts=settings.failure_attempts,
+            failure_backoff=settings.failure_backoff,
+            error_backoff=settings.error_backoff,
+        )
+        #: Fires due step timeouts and retry backoffs.
+        self.timers: TimerScanner = timers or StoreTimerScanner(
+            store, self.advancer, batch=settings.timer_batch
         )
         #: True while the reply consumer is attached (the daemon's readiness check).
         self.consuming = False
@@ -246,14 +243,9 @@ class Engine:
                 raise
             subscriptions.append(letters)
 
-        async def consume() -> None:
-            # Replies that arrived while the last batch was being applied are applied
-            # together, in one transaction: under load the database sees a few
-            # statements per batch instead of a dozen per reply; idle, a batch is one.
-            async for batch in batched(subscription, self.settings.reply_batch):
-                await self.handle_deliveries(batch)
-
-        consumer = asyncio.create_task(consume(), name="saga-engine-replies")
+        consumer = asyncio.create_task(
+            self.consumer.consume(subscription), name="saga-engine-replies"
+        )
         self.watermark = ReplyWatermark(
             subscription,
             clock=self.clock,
@@ -291,168 +283,29 @@ class Engine:
 
     # -- replies -----------------------------------------------------------------
 
+    @property
+    def replies_handled(self) -> int:
+        """Reply deliveries acknowledged (applied, duplicate or set aside)."""
+        return self.consumer.handled
+
     async def handle_delivery(self, delivery: Delivery) -> None:
-        """Apply one delivered reply, as the consumer applies each batch."""
-        await self.handle_deliveries([delivery])
+        """Apply one delivery and settle it (see :meth:`ReplyConsumer.handle_deliveries`)."""
+        await self.consumer.handle_deliveries([delivery])
 
     async def handle_deliveries(self, deliveries: Sequence[Delivery]) -> None:
-        """Apply a batch of deliveries, then settle each (ack after the commit).
-
-        Nothing here waits for anything but the database: a reply whose saga is not
-        visible is set aside in the same transaction (see :mod:`engine.deferred`).
-        """
-        decoded: list[tuple[Delivery, Envelope]] = []
-        for delivery in deliveries:
-            try:
-                self.signing.check(delivery.message, "reply")
-                envelope = decode(delivery.message.body, self.limits)
-                if envelope.kind is not MessageKind.REPLY:
-                    raise DecodeError(f"the engine takes replies, not a {envelope.kind}")
-            except DecodeError as exc:  # a SignatureError too: refused, never applied
-                log.error("dead-lettering a message it cannot take: %s", exc)
-                await self._settle(delivery, DeadLetter(str(exc)))
-                continue
-            decoded.append((delivery, envelope))
-        if len(decoded) > 1:
-            attempt = await self._attempt(
-                [envelope for _, envelope in decoded],
-                [delivery.message for delivery, _ in decoded],
-            )
-            if isinstance(attempt, Failed):
-                # A conflict, the database, or one bad reply failed the batch: each on
-                # its own now, with the retries and back-off of the single path.
-                log.warning(
-                    "batch of %d replies failed, applying one by one: %s",
-                    len(decoded),
-                    error_text(attempt.error),
-                )
-            else:
-                for (delivery, envelope), result in zip(decoded, attempt, strict=True):
-                    with saga_context(envelope.saga_id, envelope.step):
-                        await self._settle(delivery, self._settlement(envelope, result))
-                return
-        for delivery, envelope in decoded:
-            with saga_context(envelope.saga_id, envelope.step):
-                await self._settle(delivery, await self._apply_one(delivery, envelope))
-
-    async def _attempt(
-        self, replies: Sequence[Envelope], deliveries: Sequence[Message]
-    ) -> list[ReplyResult] | Failed:
-        """Apply replies in one transaction: what became of each, or why it failed."""
-        try:
-            return await self.apply_replies(replies, deliveries=deliveries)
-        except Exception as exc:
-            return Failed(exc)
-
-    async def _settle(self, delivery: Delivery, settlement: Settlement) -> None:
-        """Settle a delivery as decided (an ack only after its reply's commit)."""
-        try:
-            if isinstance(settlement, DeadLetter):
-                await delivery.dead_letter(settlement.reason)
-            elif isinstance(settlement, Nack):
-                await delivery.nack()
-                if settlement.pause:
-                    await wait_either(self._stop, None, self.settings.error_backoff)
-            else:
-                crashpoint("engine.after_commit")
-                self.replies_handled += 1
-                await delivery.ack()
-        except SagaError as exc:
-            # e.g. the dead-letter destination refused: the message was handed
-            # back to the broker, so pause instead of ending the consumer.
-            log.error("delivery not settled, broker will redeliver: %s", exc)
-            await wait_either(self._stop, None, self.settings.error_backoff)
-
-    def _settlement(self, envelope: Envelope, result: ReplyResult) -> Settlement:
-        """How to settle a delivery whose reply's transaction committed, by its outcome."""
-        outcome, reason = result
-        if outcome is ReplyOutcome.UNKNOWN:
-            log.error("dead-lettering reply for saga %s: %s", envelope.saga_id, reason)
-            return DeadLetter(reason or f"no definition of saga {envelope.saga_name}")
-        if outcome is ReplyOutcome.DUPLICATE:
-            _log_duplicate(envelope)
-        elif outcome is ReplyOutcome.DEFERRED:
-            log.warning(
-                "reply %s: saga %s is not visible (yet); set aside, retried for up to %gs",
-                envelope.message_id,
-                envelope.saga_id,
-                self.settings.unknown_saga_patience,
-            )
-        return ACK
-
-    async def _apply_one(self, delivery: Delivery, envelope: Envelope) -> Settlement:
-        """Apply one reply, retrying conflicts and (a bounded number of times) errors
-        that are not transient; how to settle its delivery."""
-        conflicts = 0
-        failures = 0
-        while True:
-            attempt = await self._attempt([envelope], [delivery.message])
-            if not isinstance(attempt, Failed):
-                (result,) = attempt
-                return self._settlement(envelope, result)
-            exc = attempt.error
-            if isinstance(exc, ConcurrencyConflict):
-                conflicts += 1
-                if conflicts > self.settings.conflict_retries:
-                    return Nack()
-                continue
-            if is_transient(exc):
-                # The database is away or busy: everyone's problem, nobody's dead
-                # letter. The broker redelivers; back off so it is not a hot loop.
-                log.error(
-                    "reply %s not applied, will be redelivered: %s",
-                    envelope.message_id,
-                    error_text(exc),
-                )
-                return Nack(pause=True)
-            failures += 1
-            if failures >= self.settings.failure_attempts:
-                reason = f"not applied after {failures} attempts: {error_text(exc)}"
-                log.error("dead-lettering reply %s: %s", envelope.message_id, reason, exc_info=exc)
-                return DeadLetter(reason)
-            log.warning(
-                "reply %s not applied (try %d of %d): %s",
-                envelope.message_id,
-                failures,
-                self.settings.failure_attempts,
-                error_text(exc),
-            )
-            await wait_either(self._stop, None, self.settings.failure_backoff)
+        """Apply a batch of deliveries, then settle each (ack after the commit)."""
+        await self.consumer.handle_deliveries(deliveries)
 
     async def handle_reply(self, reply: Envelope) -> bool:
         """Apply one reply in one transaction; False if it was a duplicate."""
-        ((outcome, reason),) = await self.apply_replies([reply])
-        if outcome is ReplyOutcome.NOT_VISIBLE:
-            raise _NotVisible(reply.saga_id)
-        if outcome is ReplyOutcome.UNKNOWN:
-            raise UnknownSagaError(reason or f"no definition of saga {reply.saga_name}")
-        return outcome is ReplyOutcome.APPLIED
+        return await self.consumer.handle_reply(reply)
 
     async def apply_replies(
         self, replies: Sequence[Envelope], *, deliveries: Sequence[Message] | None = None
     ) -> list[ReplyResult]:
-        """Apply replies in one transaction, in order; what became of each.
-
-        With ``deliveries`` (the messages the replies came in, in the same order), the
-        replies whose saga is not visible are set aside in the same transaction, in
-        one statement, and come back DEFERRED: the caller acknowledges them at once.
-        """
-        async with self.store.transaction() as tx:
-            outcomes, changed = await self.advancer.replies(tx, replies)
-            if deliveries is not None:
-                unseen = [
-                    i
-                    for i, (outcome, _) in enumerate(outcomes)
-                    if outcome is ReplyOutcome.NOT_VISIBLE
-                ]
-                now = self.clock()
-                await tx.defer_replies([deferral(deliveries[i], replies[i], now) for i in unseen])
-                for i in unseen:
-                    outcomes[i] = ReplyResult(ReplyOutcome.DEFERRED)
-        self.advancer.committed(changed)
-        if any(outcome is ReplyOutcome.DEFERRED for outcome, _ in outcomes):
-            self.deferred.wake.set()
-        return outcomes
+        """Apply replies in one transaction, in order; what became of each (see
+        :meth:`ReplyConsumer.apply_replies`)."""
+        return await self.consumer.apply_replies(replies, deliveries=deliveries)
 
     # -- deferred replies --------------------------------------------------------
 
@@ -468,30 +321,23 @@ class Engine:
     # -- timers ------------------------------------------------------------------
 
     async def fire_due_timers(self) -> int:
-        """Fire the timers due now, in one transaction; returns how many fired.
+        """Fire the timers due now (one scan of :attr:`timers`); returns how many fired.
 
         While replies are consumed, a timeout is due only once the reply watermark
         says no reply for it can wait unapplied, or past the hold bound."""
         now = self.clock()
         watermark = self.watermark
         timeouts_due_by = None if watermark is None else watermark.timeouts_due_by(now)
-        async with self.store.transaction() as tx:
-            fired, changed = await self.advancer.timers(
-                tx, now, self.settings.timer_batch, timeouts_due_by=timeouts_due_by
-            )
-        self.advancer.committed(changed)
+        fired = await self.timers.fire_due(now, timeouts_due_by=timeouts_due_by)
         self.timers_fired += fired
         return fired
 
     async def _timer_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                fired = await self.fire_due_timers()
-            except ConcurrencyConflict:
-                continue  # a reply won the race; the timer is re-read next round
-            except Exception as exc:
-                log.error("timer scan failed, retrying: %s", exc)
-                await wait_either(self._stop, None, self.settings.error_backoff)
-                continue
-            if fired < self.settings.timer_batch:
-                await wait_either(self._stop, None, self.settings.timer_interval)
+        # Through the attribute at each round, so a scan can be observed (tests).
+        await scan_timers(
+            lambda: self.fire_due_timers(),
+            self._stop,
+            batch=self.timers.batch,
+            interval=self.settings.timer_interval,
+            error_backoff=self.settings.error_backoff,
+        )

@@ -28,6 +28,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import TypedDict
 
 from engine._aio import wait_either
 from engine.clock import Clock, utc_now
@@ -65,7 +66,21 @@ UndeliverableHandler = Callable[
 ]
 
 
+class RelayOptions(TypedDict, total=False):
+    """The relay's tunables an operator sets (``SAGA_RELAY_*``), as keyword arguments
+    of :class:`OutboxRelay` (seconds for the pauses)."""
+
+    batch_size: int
+    poll_interval: float
+    unroutable_pause: float
+    max_unroutable_pause: float
+    reader_check_delay: float
+
+
 class OutboxRelay:
+    """Publishes committed outbox rows and marks them sent once the broker confirmed
+    them; any number of replicas may run (rows are claimed, skipped by the others)."""
+
     def __init__(
         self,
         store: SagaStore,

@@ -29,15 +29,20 @@ rest on.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
-from engine._aio import wait_either
 from engine.clock import Clock, utc_now
+
+if TYPE_CHECKING:
+    import asyncio
+
+# asyncio is imported in the pruner's methods: ``sagactl --help`` reads the age syntax
+# and PRUNE_BATCH from here, and starts faster without it (tests/test_cli_imports.py).
 
 log = logging.getLogger("saga.retention")
 
@@ -112,6 +117,8 @@ class Pruner:
     async def prune_once(self, stop: asyncio.Event | None = None) -> dict[str, int]:
         """One round: each rule, batch after batch until one comes back short (or
         ``stop`` is set). Returns the rows removed per table."""
+        import asyncio
+
         now = self.clock()
         removed: dict[str, int] = {}
         for rule in self.rules:
@@ -130,6 +137,8 @@ class Pruner:
     async def run(self, stop: asyncio.Event) -> None:
         """Prune now and then every ``interval`` until ``stop``; a failed round (the
         database is down) is logged and tried again at the next one."""
+        from engine._aio import wait_either
+
         while not stop.is_set():
             try:
                 removed = await self.prune_once(stop)

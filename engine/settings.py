@@ -189,6 +189,26 @@ class Settings(BaseSettings):
     #: How often the engine checks how far its reply consumer has caught up.
     watermark_interval: timedelta = timedelta(milliseconds=500)
 
+    # Engine: the timer scanner (engine/timers.py), which fires step timeouts and
+    # retry backoffs, and the outbox relay (engine/relay.py).
+    #: Pause between timer scans when the last one fired less than a full batch: how
+    #: late a timeout may fire at most, besides the watermark's hold.
+    timer_interval: timedelta = timedelta(milliseconds=100)
+    #: Most timers fired in one transaction.
+    timer_batch: int = Field(default=100, ge=1, le=100_000)
+    #: Most outbox rows published in one transaction.
+    relay_batch: int = Field(default=200, ge=1, le=100_000)
+    #: Pause between polls of an empty outbox; the engine's own commits and, on
+    #: PostgreSQL, the clients' (NOTIFY) wake the relay at once.
+    relay_poll_interval: timedelta = timedelta(milliseconds=50)
+    #: First pause before rows to a destination no queue receives go again; it
+    #: doubles up to ``relay_max_unroutable_pause``.
+    relay_unroutable_pause: timedelta = timedelta(seconds=1)
+    relay_max_unroutable_pause: timedelta = timedelta(seconds=30)
+    #: Kafka: how long after the first publish to a topic the relay asks whether a
+    #: consumer group reads it (longer than the workers take to join their groups).
+    relay_reader_check_delay: timedelta = timedelta(seconds=10)
+
     def model_post_init(self, context: Any, /) -> None:
         """Make every secret setting known to :mod:`engine.redact` before anything can
         print it: each ``SecretStr`` value and each URL password (no list to keep)."""
@@ -214,6 +234,11 @@ class Settings(BaseSettings):
         "timeout_hold",
         "reply_settle",
         "watermark_interval",
+        "timer_interval",
+        "relay_poll_interval",
+        "relay_unroutable_pause",
+        "relay_max_unroutable_pause",
+        "relay_reader_check_delay",
         mode="before",
     )
     @classmethod
@@ -246,11 +271,25 @@ class Settings(BaseSettings):
             value, has_keys=keys is not None and bool(parse_keys(keys.get_secret_value()))
         )
 
-    @field_validator("watermark_interval")
+    @field_validator(
+        "watermark_interval",
+        "timer_interval",
+        "relay_poll_interval",
+        "relay_unroutable_pause",
+        "relay_max_unroutable_pause",
+    )
     @classmethod
     def _positive(cls, value: timedelta) -> timedelta:
         if value <= timedelta(0):
             raise ValueError("must be positive")
+        return value
+
+    @field_validator("relay_max_unroutable_pause")
+    @classmethod
+    def _cap(cls, value: timedelta, info: ValidationInfo) -> timedelta:
+        first = info.data.get("relay_unroutable_pause")
+        if first is not None and value < first:
+            raise ValueError("must not be shorter than SAGA_RELAY_UNROUTABLE_PAUSE")
         return value
 
     @field_validator("kafka_security_protocol", "kafka_sasl_mechanism", mode="before")

@@ -48,7 +48,6 @@ from dataclasses import replace
 from enum import StrEnum
 
 from engine.errors import SignatureError
-from engine.telemetry import metrics
 from engine.transport.base import Message
 
 log = logging.getLogger("saga.signing")
@@ -210,6 +209,10 @@ class Signing:
             raise SignatureError(f"bad signature on {what} (key {key_id})")
 
     def _accepted_unsigned(self, message: Message) -> None:
+        # Imported here: the settings import this module, and a command that only
+        # reads (sagactl list) starts without OpenTelemetry.
+        from engine.telemetry import metrics
+
         self.unsigned_accepted += 1
         metrics.unsigned.add(1, {"messaging.destination.name": message.destination})
         if self.unsigned_accepted == 1:

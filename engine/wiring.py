@@ -23,7 +23,7 @@ from engine.limits import Limits
 from engine.loader import load_worker
 from engine.orchestrator import Engine, EngineSettings
 from engine.registry import SagaRegistry
-from engine.relay import OutboxRelay
+from engine.relay import OutboxRelay, RelayOptions
 from engine.settings import Settings
 from engine.signing import Signing
 from engine.store.queries import SagaQueries
@@ -36,16 +36,27 @@ from engine.worker.worker import Worker
 
 log = logging.getLogger("saga.wiring")
 
-#: How often a relay looks for unsent outbox rows when nothing woke it (seconds).
-DEFAULT_POLL_INTERVAL = 0.05
-
 
 def engine_settings(settings: Settings) -> EngineSettings:
-    """The engine's tunables that the environment sets (``SAGA_TIMEOUT_HOLD``, ...)."""
+    """The engine's tunables that the environment sets (``SAGA_TIMEOUT_HOLD``,
+    ``SAGA_TIMER_INTERVAL``, ...)."""
     return EngineSettings(
         timeout_hold=settings.timeout_hold,
         reply_settle=settings.reply_settle,
         watermark_interval=settings.watermark_interval.total_seconds(),
+        timer_interval=settings.timer_interval.total_seconds(),
+        timer_batch=settings.timer_batch,
+    )
+
+
+def relay_options(settings: Settings) -> RelayOptions:
+    """The relay's tunables that the environment sets (``SAGA_RELAY_*``)."""
+    return RelayOptions(
+        batch_size=settings.relay_batch,
+        poll_interval=settings.relay_poll_interval.total_seconds(),
+        unroutable_pause=settings.relay_unroutable_pause.total_seconds(),
+        max_unroutable_pause=settings.relay_max_unroutable_pause.total_seconds(),
+        reader_check_delay=settings.relay_reader_check_delay.total_seconds(),
     )
 
 
@@ -62,9 +73,9 @@ class Wiring(Connections):
             await engine.run()
 
     Besides :class:`~engine.connections.Connections`' overrides, a caller may give
-    the engine's ``tunables`` (by default mapped from the settings)
-    and the relay's ``poll_interval``. :meth:`close` closes every transport built
-    here and the database.
+    the engine's ``tunables`` and the relay's ``poll_interval`` (by default both
+    mapped from the settings: ``SAGA_TIMER_*``, ``SAGA_RELAY_*``, ...).
+    :meth:`close` closes every transport built here and the database.
     """
 
     def __init__(
@@ -78,7 +89,7 @@ class Wiring(Connections):
         limits: Limits | None = None,
         signing: Signing | None = None,
         tunables: EngineSettings | None = None,
-        poll_interval: float = DEFAULT_POLL_INTERVAL,
+        poll_interval: float | None = None,
     ) -> None:
         super().__init__(
             settings,
@@ -91,7 +102,10 @@ class Wiring(Connections):
         )
         #: The engine's tunables: ``tunables``, else mapped from the settings.
         self.engine_settings = tunables or engine_settings(self.settings)
-        self.poll_interval = poll_interval
+        #: The relay's tunables (``SAGA_RELAY_*``), with ``poll_interval`` if given.
+        self.relay_options = relay_options(self.settings)
+        if poll_interval is not None:
+            self.relay_options["poll_interval"] = poll_interval
 
     def workers(self, specs: Iterable[str | Worker] | None = None) -> list[Worker]:
         """The workers of ``specs`` (``module:attr`` paths, participant names listed in
@@ -118,9 +132,7 @@ class Wiring(Connections):
             registry,
             topology=self.topology,
             settings=self.engine_settings,
-            relay=OutboxRelay(
-                self.store, transport, poll_interval=self.poll_interval, signal=self.signal
-            ),
+            relay=OutboxRelay(self.store, transport, signal=self.signal, **self.relay_options),
             rng=rng,
             instance_id=instance_id,
             messaging_system=self.messaging_system,

@@ -35,6 +35,7 @@ from engine.relay import OutboxRelay
 from engine.states import SagaStatus
 from engine.store.schema import outbox
 from engine.store.sql import SqlSagaStore
+from engine.timers import StoreTimerScanner
 from engine.transport.base import Message, Transport
 from engine.transport.memory import MemoryBroker, MemoryTransport
 from engine.worker.worker import Registration, Worker
@@ -268,7 +269,9 @@ async def test_engine_loops_pause_while_the_database_fails_and_lose_nothing(
         engine = system.engine
         assert engine is not None
         engine.store = engine.relay.store = engine.archive.store = failing
-        engine.deferred.store = failing
+        engine.deferred.store = engine.consumer.store = failing
+        assert isinstance(engine.timers, StoreTimerScanner)
+        engine.timers.store = failing
         saga_id = await system.start_order()
 
         async def charge_waiting() -> bool:

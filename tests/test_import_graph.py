@@ -140,6 +140,7 @@ ADAPTER_LIBRARIES = {"aiokafka", "aio_pika", "aiormq", "asyncpg", "aiosqlite", "
 SERVICES = {
     "engine.advance",
     "engine.client",
+    "engine.consumer",
     "engine.deadletters",
     "engine.deferred",
     "engine.definition",
@@ -148,6 +149,7 @@ SERVICES = {
     "engine.registry",
     "engine.relay",
     "engine.statemachine",
+    "engine.timers",
     "engine.watermark",
     "engine.worker.runner",
 }

@@ -153,3 +153,32 @@ def test_sagactl_db_upgrade_applies_participant_histories(tmp_path: Path) -> Non
     assert missing.stderr.strip().splitlines() == [
         f"sagactl: error: no Alembic scripts directory {str(tmp_path / 'none')!r}"
     ]
+
+
+def _alembic_heads(location: Path) -> set[str]:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    config = Config()
+    config.set_main_option("script_location", str(location))
+    return set(ScriptDirectory.from_config(config).get_heads())
+
+
+def test_the_heads_are_read_as_alembic_reads_them_without_importing_it(tmp_path: Path) -> None:
+    # check_schema reads the heads itself (sagactl starts faster without Alembic):
+    # the engine's own history, and a branched one written the ways Alembic writes.
+    assert head_revisions() == _alembic_heads(migrations_dir())
+    versions = tmp_path / "versions"
+    versions.mkdir()
+    scripts = {
+        "a": 'revision = "a"\ndown_revision = None\n',
+        "b": 'revision: str = "b"\ndown_revision: str | None = "a"\n',
+        "c": "revision = 'c'\ndown_revision = 'a'\n",
+        "m": 'revision = "m"\ndown_revision = ("b", "c")\n',  # a merge
+        "d": 'revision = "d"\ndown_revision = "a"\nbranch_labels = ("other",)\n',
+    }
+    for name, body in scripts.items():
+        (versions / f"{name}.py").write_text(f'"""{name}"""\n{body}\n\ndef upgrade():\n    pass\n')
+    (versions / "__init__.py").write_text("")
+
+    assert head_revisions(tmp_path) == _alembic_heads(tmp_path) == {"m", "d"}

@@ -650,16 +650,31 @@ _broker = click.option(
 )
 
 
+def _interval_option(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    """A positive duration, spelled as its setting is: ``0.1s``, ``2m``, or seconds."""
+    if value is None:
+        return None
+    try:
+        interval = parse_age(value, bare_seconds=True)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+    if interval <= timedelta(0):
+        raise click.BadParameter("must be positive", ctx, param)
+    return interval
+
+
 def _daemon_settings(
     options: Options,
     broker_url: str | None,
     metrics_port: int | None,
     log_format: str | None,
     log_level: str,
+    **flags: Any,
 ) -> Settings:
-    """Flags over environment; sets up logging as a side effect (it needs the format),
-    holding the libraries' lines back until the daemon is up (engine.telemetry.logs)."""
-    updates: dict[str, Any] = {}
+    """Flags over environment (``flags``: more settings, None where not given); sets
+    up logging as a side effect (it needs the format), holding the libraries' lines
+    back until the daemon is up (engine.telemetry.logs)."""
+    updates: dict[str, Any] = {k: v for k, v in flags.items() if v is not None}
     if broker_url:
         updates["broker_url"] = broker_url
     if metrics_port is not None:
@@ -677,6 +692,18 @@ def _daemon_settings(
 @_broker
 @_migrate
 @_grace
+@click.option(
+    "--timer-interval",
+    metavar="AGE",
+    callback=_interval_option,
+    help="pause between timer scans when the last one fired less than a batch: "
+    "0.1s, 2m, or seconds [env SAGA_TIMER_INTERVAL; 0.1s]",
+)
+@click.option(
+    "--timer-batch",
+    type=click.IntRange(1, 100_000),
+    help="most timers fired per transaction [env SAGA_TIMER_BATCH; 100]",
+)
 @_metrics_port
 @_log_format
 @_log_level
@@ -686,6 +713,8 @@ def engine_cmd(
     broker_url: str | None,
     migrate: bool,
     grace: float,
+    timer_interval: timedelta | None,
+    timer_batch: int | None,
     metrics_port: int | None,
     log_format: str | None,
     log_level: str,
@@ -694,7 +723,15 @@ def engine_cmd(
     pruning of sent outbox and inbox rows (SAGA_OUTBOX_RETENTION, SAGA_INBOX_RETENTION)."""
     from engine.daemon import run_engine
 
-    settings = _daemon_settings(options, broker_url, metrics_port, log_format, log_level)
+    settings = _daemon_settings(
+        options,
+        broker_url,
+        metrics_port,
+        log_format,
+        log_level,
+        timer_interval=timer_interval,
+        timer_batch=timer_batch,
+    )
     run(run_engine(settings, migrate=migrate, grace=grace))
 
 
