@@ -10,12 +10,23 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
 from engine.states import SagaStatus
+from tests.e2e import Daemon
 from tests.faults.harness import Broker, scenario
+
+ASSIGNED = re.compile(r"assigned partitions \[([\d, ]*)\]")
+
+
+def assignment(daemon: Daemon) -> set[int]:
+    """The partitions a worker said it holds last (the transport's INFO line)."""
+    found = ASSIGNED.findall(daemon.log_path.read_text())
+    return {int(p) for p in found[-1].split(",") if p.strip()} if found else set()
+
 
 pytestmark = pytest.mark.faults
 
@@ -28,8 +39,17 @@ async def test_kafka_worker_added_and_one_killed_mid_run(broker: Broker, tmp_pat
         cluster.start_worker("inventory")
         cluster.start_worker("shipment")
         doomed = cluster.start_worker("payment", crash="worker.after_commit:10")
-        cluster.start_worker("payment")
+        other = cluster.start_worker("payment")
         await run.warm_up()
+
+        async def shared() -> bool:
+            # The group's first rebalance is over: each member holds its own share.
+            # Before that, the first member alone may take the whole load and the
+            # doomed one never reaches its 10th commit.
+            mine, theirs = assignment(doomed), assignment(other)
+            return bool(mine) and bool(theirs) and not mine & theirs
+
+        await run.wait_for("the payment workers to share the partitions", shared, 60)
         ids = await run.start_many(60)
         await cluster.crashed(doomed, "worker.after_commit")
         cluster.start_worker("payment")  # joins while the dead member still holds its share
