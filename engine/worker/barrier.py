@@ -39,7 +39,7 @@ from engine.errors import BusinessFailure, LimitError
 from engine.limits import DEFAULT_LIMITS, Limits
 from engine.messages import Envelope, MessageKind, Outcome, sized
 from engine.store.schema import barrier
-from engine.worker.base import ConcurrentDuplicate, Outcomes, Recorded
+from engine.worker.base import BatchAborted, ConcurrentDuplicate, Outcomes, Recorded
 from engine.worker.worker import HandlerContext, HandlerResult, Registration
 
 ACTION = "action"
@@ -152,7 +152,11 @@ class _ReplyRefused(Exception):
 
 
 async def _run(
-    session: AsyncSession, registration: Registration, envelope: Envelope, limits: Limits
+    session: AsyncSession,
+    participant: str,
+    registration: Registration,
+    envelope: Envelope,
+    limits: Limits,
 ) -> Envelope:
     """Run the handler in a savepoint and return its reply; a business failure, or a
     reply over the limits (too large, or holding a NUL), undoes its writes and is
@@ -174,6 +178,8 @@ async def _run(
         attempt=envelope.attempt,
         message_id=envelope.message_id,
         headers=envelope.headers,
+        participant=participant,
+        kind=envelope.kind,
     )
     try:
         async with session.begin_nested():
@@ -226,7 +232,7 @@ async def guarded(
             if action.origin == COMPENSATION:
                 return envelope.reply(Outcome.FAILURE, error=REFUSED)
             return envelope.reply(Outcome(action.outcome), action.reply, action.error)
-        reply = await _run(session, registration, envelope, limits)
+        reply = await _run(session, participant, registration, envelope, limits)
         assert reply.outcome is not None
         book.record(envelope, ACTION, reply.outcome, reply.payload, reply.error)
         return reply
@@ -243,7 +249,7 @@ async def guarded(
         # The action failed and rolled its writes back: nothing to undo either.
         book.record(envelope, COMPENSATION, Outcome.SUCCESS)
         return envelope.reply(Outcome.SUCCESS)
-    reply = await _run(session, registration, envelope, limits)
+    reply = await _run(session, participant, registration, envelope, limits)
     if reply.outcome is Outcome.SUCCESS:
         book.record(envelope, COMPENSATION, reply.outcome, reply.payload)
     return reply
@@ -328,14 +334,21 @@ class SqlBarrierTransaction:
         return began if isinstance(began, float) else None
 
     async def handle(self, registration: Registration, envelope: Envelope) -> Envelope:
-        return await guarded(
-            self.session,
-            self.book.participant,
-            registration,
-            envelope,
-            self.book,
-            limits=self.limits,
-        )
+        try:
+            return await guarded(
+                self.session,
+                self.book.participant,
+                registration,
+                envelope,
+                self.book,
+                limits=self.limits,
+            )
+        except Exception as exc:
+            # Its savepoint rolled back, unless that failed too (a lost connection):
+            # then the transaction cannot go on with the next command.
+            if self.session.in_nested_transaction() or not self.session.in_transaction():
+                raise BatchAborted(repr(exc)) from exc
+            raise
 
 
 class SqlBarrier:

@@ -39,6 +39,11 @@ class ConcurrentDuplicate(Exception):
     back. Handled again later, the command finds that outcome and re-sends it."""
 
 
+class BatchAborted(Exception):
+    """A handler raised and its writes could not be undone on their own (its savepoint
+    did not roll back): the whole transaction is lost and must roll back."""
+
+
 class BarrierTransaction(Protocol):
     """One participant transaction: handlers' writes and the outcomes, committed together."""
 
@@ -51,7 +56,11 @@ class BarrierTransaction(Protocol):
     async def handle(self, registration: Registration, envelope: Envelope) -> Envelope:
         """The reply to ``envelope``: its handler run behind the barrier, or the
         outcome recorded for it before (a duplicate, a compensation with no action, an
-        action after its compensation)."""
+        action after its compensation).
+
+        A handler that raises has its own writes undone (a savepoint), records no
+        outcome, and leaves the transaction usable for the next command; its exception
+        propagates. :class:`BatchAborted` when its writes could not be undone alone."""
         ...
 
 
