@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import delete, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import engine.worker.barrier as barrier_module
@@ -688,6 +688,52 @@ async def test_a_batch_whose_transaction_fails_is_handled_one_by_one(
     else:
         assert failed == [2] and calls["charge_payment"] == 4
     assert await ledger_rows(seeded) == [("o1", "charge", 700), ("o2", "charge", 700)]
+    await pay.transport.close()
+
+
+@pytest.fixture
+async def postgres() -> AsyncIterator[AsyncEngine]:
+    """A seeded participant database on PostgreSQL alone (batches share a transaction)."""
+    async with fresh_database(service_url("SAGA_TEST_POSTGRES_URL")) as url:
+        engine = create_engine(url)
+        await ledger.seed(engine, stock_by_sku={"A": 10}, balances={"alice": 5000, "poor": 100})
+        try:
+            yield engine
+        finally:
+            await engine.dispose()
+
+
+@pytest.mark.integration
+async def test_a_lost_connection_in_a_batch_runs_no_further_handler_in_it(
+    postgres: AsyncEngine, broker: MemoryBroker
+) -> None:
+    """A handler whose connection is lost leaves a transaction that cannot commit: the
+    handlers after it do not run in it, and the batch is handled again one by one."""
+    worker, calls = counting(payment.worker)
+    reg = worker.registration(MessageKind.COMMAND, "charge_payment")
+    assert reg is not None
+
+    async def cut(command: ChargePayment, context: HandlerContext) -> Any:
+        if command.order_id == "cut":
+            await context.session.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
+        return await reg.handler(command, context)
+
+    cutting = Worker("payment")
+    cutting.handlers = dict(worker.handlers)
+    cutting.handlers[(MessageKind.COMMAND, "charge_payment")] = Registration(
+        reg.name, reg.kind, reg.model, cut
+    )
+    pay = await participant(cutting, postgres, broker)
+    settled, replies = await deliver_batch(pay, [charge("o1"), charge("cut"), charge("o2")])
+    assert settled == [["ack"]] * 3
+    assert [(r.saga_id, r.outcome) for r in replies] == [
+        ("o1", Outcome.SUCCESS),
+        ("cut", Outcome.ERROR),
+        ("o2", Outcome.SUCCESS),
+    ]
+    # o1 ran in the lost batch and again alone (the documented case); o2 only alone.
+    assert calls["charge_payment"] == 3
+    assert await ledger_rows(postgres) == [("o1", "charge", 700), ("o2", "charge", 700)]
     await pay.transport.close()
 
 

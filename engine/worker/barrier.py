@@ -39,7 +39,7 @@ from engine.errors import BusinessFailure, LimitError
 from engine.limits import DEFAULT_LIMITS, Limits
 from engine.messages import Envelope, MessageKind, Outcome, sized
 from engine.store.schema import barrier
-from engine.worker.base import BatchAborted, ConcurrentDuplicate, Outcomes, Recorded
+from engine.worker.base import ConcurrentDuplicate, Outcomes, Recorded
 from engine.worker.worker import HandlerContext, HandlerResult, Registration
 
 ACTION = "action"
@@ -334,21 +334,28 @@ class SqlBarrierTransaction:
         return began if isinstance(began, float) else None
 
     async def handle(self, registration: Registration, envelope: Envelope) -> Envelope:
+        return await guarded(
+            self.session,
+            self.book.participant,
+            registration,
+            envelope,
+            self.book,
+            limits=self.limits,
+        )
+
+    async def intact(self) -> bool:
+        # A savepoint left open did not roll back; a lost connection invalidates the
+        # transaction without SQLAlchemy ending it (its commit would fail).
+        if self.session.in_nested_transaction():
+            return False
+        if self.began is None:  # no statement yet: nothing on a connection to lose
+            return True
         try:
-            return await guarded(
-                self.session,
-                self.book.participant,
-                registration,
-                envelope,
-                self.book,
-                limits=self.limits,
-            )
-        except Exception as exc:
-            # Its savepoint rolled back, unless that failed too (a lost connection):
-            # then the transaction cannot go on with the next command.
-            if self.session.in_nested_transaction() or not self.session.in_transaction():
-                raise BatchAborted(repr(exc)) from exc
-            raise
+            connection = await self.session.connection()
+        except Exception:
+            return False
+        transaction = connection.get_transaction()
+        return transaction is not None and transaction.is_valid
 
 
 class SqlBarrier:

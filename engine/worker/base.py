@@ -39,11 +39,6 @@ class ConcurrentDuplicate(Exception):
     back. Handled again later, the command finds that outcome and re-sends it."""
 
 
-class BatchAborted(Exception):
-    """A handler raised and its writes could not be undone on their own (its savepoint
-    did not roll back): the whole transaction is lost and must roll back."""
-
-
 class BarrierTransaction(Protocol):
     """One participant transaction: handlers' writes and the outcomes, committed together."""
 
@@ -58,9 +53,16 @@ class BarrierTransaction(Protocol):
         outcome recorded for it before (a duplicate, a compensation with no action, an
         action after its compensation).
 
-        A handler that raises has its own writes undone (a savepoint), records no
-        outcome, and leaves the transaction usable for the next command; its exception
-        propagates. :class:`BatchAborted` when its writes could not be undone alone."""
+        A handler that raises has its own writes undone (a savepoint) and records no
+        outcome; its exception propagates, and the transaction goes on unless
+        :meth:`intact` says otherwise."""
+        ...
+
+    async def intact(self) -> bool:
+        """Whether the transaction can still handle commands and commit after one
+        raised: False when that command's writes could not be undone alone (its
+        savepoint did not roll back, the connection was lost), and the whole
+        transaction must roll back."""
         ...
 
 

@@ -37,7 +37,7 @@ from engine.telemetry.logs import saga_context
 from engine.telemetry.tracing import inject, process_span
 from engine.topology import Topology
 from engine.transport.base import Delivery, Message, Transport
-from engine.worker.base import Barrier, BatchAborted, ConcurrentDuplicate, Outcomes
+from engine.worker.base import Barrier, ConcurrentDuplicate, Outcomes
 from engine.worker.worker import Registration, Worker
 
 log = logging.getLogger("saga.worker")
@@ -237,9 +237,10 @@ class WorkerRunner:
                     poison: str | None = None
                     try:
                         reply = await tx.handle(registration, envelope)
-                    except BatchAborted:
-                        raise
-                    except Exception as exc:  # its savepoint rolled back, the rest goes on
+                    except Exception as exc:
+                        if not await tx.intact():
+                            raise  # the batch is lost: no handler runs in it any more
+                        # Its savepoint rolled back; the others go on and commit.
                         reply, poison = self._raised(envelope, exc)
                     handled.append((delivery, self._reply_message(reply), poison))
         return handled
