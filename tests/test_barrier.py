@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import delete, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+import engine.worker.barrier as barrier_module
 import engine.worker.runner as runner_module
 from engine.clock import utc_now
 from engine.database import create_engine, upgrade
@@ -605,33 +606,169 @@ async def test_a_batch_is_handled_in_order_with_the_barrier_of_each(
     await pay.transport.close()
 
 
-async def test_a_batch_with_a_raising_handler_falls_back_to_one_by_one(
-    seeded: AsyncEngine, broker: MemoryBroker
-) -> None:
-    worker, _ = counting(payment.worker)
-    broken = Worker("payment")
-    broken.handlers = dict(worker.handlers)
+def with_flaky_charge(worker: Worker, raising: set[str]) -> Worker:
+    """``worker`` whose charge handler raises for the orders in ``raising``, after
+    writing a ledger row (which must roll back)."""
+    flaky_worker = Worker(worker.name)
+    flaky_worker.handlers = dict(worker.handlers)
     reg = worker.registration(MessageKind.COMMAND, "charge_payment")
     assert reg is not None
 
     async def flaky(command: ChargePayment, context: HandlerContext) -> Any:
-        if command.order_id == "bad":
+        result = await reg.handler(command, context)
+        if command.order_id in raising:
             raise RuntimeError("the payment provider is down")
-        return await reg.handler(command, context)
+        return result
 
-    broken.handlers[(MessageKind.COMMAND, "charge_payment")] = Registration(
+    flaky_worker.handlers[(MessageKind.COMMAND, "charge_payment")] = Registration(
         reg.name, reg.kind, reg.model, flaky
     )
-    pay = await participant(broken, seeded, broker)
-    settled, replies = await deliver_batch(pay, [charge("o1"), charge("bad"), charge("o2")])
-    assert settled == [["ack"]] * 3
+    return flaky_worker
+
+
+async def test_a_raising_handler_in_a_batch_runs_no_other_handler_again(
+    seeded: AsyncEngine, broker: MemoryBroker
+) -> None:
+    """Each handler of a batch runs in its own savepoint: the one that raises undoes
+    only its writes and replies its error as on its own; the others run once and commit."""
+    worker, calls = counting(with_flaky_charge(payment.worker, {"bad"}))
+    pay = await participant(worker, seeded, broker)
+    batch = [charge("o1"), charge("bad"), charge("o2"), charge("o3")]
+    settled, replies = await deliver_batch(pay, batch)
+    assert settled == [["ack"]] * 4
     assert [(r.saga_id, r.outcome) for r in replies] == [
         ("o1", Outcome.SUCCESS),
         ("bad", Outcome.ERROR),
         ("o2", Outcome.SUCCESS),
+        ("o3", Outcome.SUCCESS),
     ]
-    # o1 ran in the rolled-back batch and again on its own: charged once all the same.
+    assert replies[1].error == "RuntimeError: the payment provider is down"
+    assert calls["charge_payment"] == 4  # one run per command, none again
+    assert await ledger_rows(seeded) == [
+        ("o1", "charge", 700),
+        ("o2", "charge", 700),
+        ("o3", "charge", 700),
+    ]
+    assert await balance(seeded) == 5000 - 3 * 700
+    # No outcome recorded for the error: its redelivery runs it again, the rest re-send.
+    assert [r["saga_id"] for r in await pay.barrier_rows()] == ["o1", "o2", "o3"]
+    # Alone, the same command replies the same error (the one-by-one path).
+    (alone,) = (await pay.deliver(charge("bad")))[1]
+    assert (alone.outcome, alone.error) == (replies[1].outcome, replies[1].error)
+    await pay.transport.close()
+
+
+async def test_a_batch_whose_transaction_fails_is_handled_one_by_one(
+    seeded: AsyncEngine, broker: MemoryBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The one case a handler runs twice for one delivery short of a crash: the batch's
+    transaction itself fails (here its barrier rows cannot be written), everything
+    rolls back, and each command is handled again in a transaction of its own."""
+    worker, calls = counting(payment.worker)
+    pay = await participant(worker, seeded, broker)
+    flush = barrier_module.BarrierBook.flush
+    failed: list[int] = []
+
+    async def fail_once(book: barrier_module.BarrierBook) -> None:
+        if len(book._new) > 1 and not failed:
+            failed.append(len(book._new))
+            raise ConnectionError("connection lost")
+        await flush(book)
+
+    monkeypatch.setattr(barrier_module.BarrierBook, "flush", fail_once)
+    batch = [charge("o1"), charge("o2")]
+    settled, replies = await deliver_batch(pay, batch)
+    assert settled == [["ack"]] * 2
+    assert [(r.saga_id, r.outcome) for r in replies] == [
+        ("o1", Outcome.SUCCESS),
+        ("o2", Outcome.SUCCESS),
+    ]
+    if pay.runner.one_writer:  # SQLite: one transaction per command, never a batch
+        assert failed == [] and calls["charge_payment"] == 2
+    else:
+        assert failed == [2] and calls["charge_payment"] == 4
     assert await ledger_rows(seeded) == [("o1", "charge", 700), ("o2", "charge", 700)]
+    await pay.transport.close()
+
+
+@pytest.fixture
+async def postgres() -> AsyncIterator[AsyncEngine]:
+    """A seeded participant database on PostgreSQL alone (batches share a transaction)."""
+    async with fresh_database(service_url("SAGA_TEST_POSTGRES_URL")) as url:
+        engine = create_engine(url)
+        await ledger.seed(engine, stock_by_sku={"A": 10}, balances={"alice": 5000, "poor": 100})
+        try:
+            yield engine
+        finally:
+            await engine.dispose()
+
+
+@pytest.mark.integration
+async def test_a_lost_connection_in_a_batch_runs_no_further_handler_in_it(
+    postgres: AsyncEngine, broker: MemoryBroker
+) -> None:
+    """A handler whose connection is lost leaves a transaction that cannot commit: the
+    handlers after it do not run in it, and the batch is handled again one by one."""
+    worker, calls = counting(payment.worker)
+    reg = worker.registration(MessageKind.COMMAND, "charge_payment")
+    assert reg is not None
+
+    async def cut(command: ChargePayment, context: HandlerContext) -> Any:
+        if command.order_id == "cut":
+            await context.session.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
+        return await reg.handler(command, context)
+
+    cutting = Worker("payment")
+    cutting.handlers = dict(worker.handlers)
+    cutting.handlers[(MessageKind.COMMAND, "charge_payment")] = Registration(
+        reg.name, reg.kind, reg.model, cut
+    )
+    pay = await participant(cutting, postgres, broker)
+    settled, replies = await deliver_batch(pay, [charge("o1"), charge("cut"), charge("o2")])
+    assert settled == [["ack"]] * 3
+    assert [(r.saga_id, r.outcome) for r in replies] == [
+        ("o1", Outcome.SUCCESS),
+        ("cut", Outcome.ERROR),
+        ("o2", Outcome.SUCCESS),
+    ]
+    # o1 ran in the lost batch and again alone (the documented case); o2 only alone.
+    assert calls["charge_payment"] == 3
+    assert await ledger_rows(postgres) == [("o1", "charge", 700), ("o2", "charge", 700)]
+    await pay.transport.close()
+
+
+async def test_the_idempotency_key_is_the_attempts(
+    seeded: AsyncEngine, broker: MemoryBroker
+) -> None:
+    """The same on a redelivery of an attempt, different for the next attempt and for
+    the compensation's (same attempt number)."""
+    keys: list[str] = []
+    worker = Worker("payment")
+    worker.handlers = dict(payment.worker.handlers)
+    for kind, name in [
+        (MessageKind.COMMAND, "charge_payment"),
+        (MessageKind.COMPENSATION, "refund_payment"),
+    ]:
+        reg = payment.worker.registration(kind, name)
+        assert reg is not None
+
+        def keeping(reg: Registration) -> Registration:
+            async def handler(command: Any, context: HandlerContext) -> Any:
+                keys.append(context.idempotency_key)
+                if reg.kind is MessageKind.COMMAND and context.attempt == 1:
+                    raise RuntimeError("timed out")  # nothing recorded: every copy runs
+                return await reg.handler(command, context)
+
+            return Registration(reg.name, reg.kind, reg.model, handler)
+
+        worker.handlers[(kind, name)] = keeping(reg)
+    pay = await participant(worker, seeded, broker)
+    for envelope in [charge(attempt=1), charge(attempt=1), charge(attempt=2), refund(attempt=1)]:
+        await pay.deliver(envelope)
+    first, redelivered, retried, compensation = keys
+    assert first == redelivered
+    assert len({first, retried, compensation}) == 3
+    assert len(first) == 64 and set(first) <= set("0123456789abcdef")
     await pay.transport.close()
 
 

@@ -47,6 +47,12 @@ step_duration = _meter.create_histogram(
 handled = _meter.create_counter(
     "saga.messages.handled", unit="{message}", description="messages handled by this process"
 )
+batch_redone = _meter.create_counter(
+    "saga.worker.batch_redone",
+    unit="{message}",
+    description="commands handled again one by one after their batch's transaction failed "
+    "(their handlers ran twice)",
+)
 unsigned = _meter.create_counter(
     "saga.messages.unsigned",
     unit="{message}",

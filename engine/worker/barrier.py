@@ -152,7 +152,11 @@ class _ReplyRefused(Exception):
 
 
 async def _run(
-    session: AsyncSession, registration: Registration, envelope: Envelope, limits: Limits
+    session: AsyncSession,
+    participant: str,
+    registration: Registration,
+    envelope: Envelope,
+    limits: Limits,
 ) -> Envelope:
     """Run the handler in a savepoint and return its reply; a business failure, or a
     reply over the limits (too large, or holding a NUL), undoes its writes and is
@@ -174,6 +178,8 @@ async def _run(
         attempt=envelope.attempt,
         message_id=envelope.message_id,
         headers=envelope.headers,
+        participant=participant,
+        kind=envelope.kind,
     )
     try:
         async with session.begin_nested():
@@ -226,7 +232,7 @@ async def guarded(
             if action.origin == COMPENSATION:
                 return envelope.reply(Outcome.FAILURE, error=REFUSED)
             return envelope.reply(Outcome(action.outcome), action.reply, action.error)
-        reply = await _run(session, registration, envelope, limits)
+        reply = await _run(session, participant, registration, envelope, limits)
         assert reply.outcome is not None
         book.record(envelope, ACTION, reply.outcome, reply.payload, reply.error)
         return reply
@@ -243,7 +249,7 @@ async def guarded(
         # The action failed and rolled its writes back: nothing to undo either.
         book.record(envelope, COMPENSATION, Outcome.SUCCESS)
         return envelope.reply(Outcome.SUCCESS)
-    reply = await _run(session, registration, envelope, limits)
+    reply = await _run(session, participant, registration, envelope, limits)
     if reply.outcome is Outcome.SUCCESS:
         book.record(envelope, COMPENSATION, reply.outcome, reply.payload)
     return reply
@@ -336,6 +342,20 @@ class SqlBarrierTransaction:
             self.book,
             limits=self.limits,
         )
+
+    async def intact(self) -> bool:
+        # A savepoint left open did not roll back; a lost connection invalidates the
+        # transaction without SQLAlchemy ending it (its commit would fail).
+        if self.session.in_nested_transaction():
+            return False
+        if self.began is None:  # no statement yet: nothing on a connection to lose
+            return True
+        try:
+            connection = await self.session.connection()
+        except Exception:
+            return False
+        transaction = connection.get_transaction()
+        return transaction is not None and transaction.is_valid
 
 
 class SqlBarrier:

@@ -51,7 +51,18 @@ class BarrierTransaction(Protocol):
     async def handle(self, registration: Registration, envelope: Envelope) -> Envelope:
         """The reply to ``envelope``: its handler run behind the barrier, or the
         outcome recorded for it before (a duplicate, a compensation with no action, an
-        action after its compensation)."""
+        action after its compensation).
+
+        A handler that raises has its own writes undone (a savepoint) and records no
+        outcome; its exception propagates, and the transaction goes on unless
+        :meth:`intact` says otherwise."""
+        ...
+
+    async def intact(self) -> bool:
+        """Whether the transaction can still handle commands and commit after one
+        raised: False when that command's writes could not be undone alone (its
+        savepoint did not roll back, the connection was lost), and the whole
+        transaction must roll back."""
         ...
 
 

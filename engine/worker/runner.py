@@ -5,6 +5,12 @@ publish the reply and wait for the broker's confirmation, and only then acknowle
 the command. A crash anywhere before the ack means redelivery, which the barrier turns
 into a re-sent reply without a second effect.
 
+A batch of commands shares one transaction, each handler in a savepoint of its own, so
+a handler that raises undoes only its own writes and runs no other handler again. A
+handler runs twice for one delivered attempt only when its writes did not commit: a
+crash, the batch's transaction failing (then each command is handled again on its own),
+or a copy of the command delivered while the first was still being handled.
+
 On a database with one write lock for everything (SQLite, the embedded store) the
 transaction must not be open while a handler waits on something slow, or every other
 writer waits with it: there the barrier is read before the transaction, which then
@@ -158,8 +164,13 @@ class WorkerRunner:
             await subscription.close()
 
     async def handle_deliveries(self, deliveries: Sequence[Delivery]) -> None:
-        """Handle a batch in one transaction; anything unusual (a handler that raised,
-        a concurrent duplicate) rolls it back and each is handled on its own."""
+        """Handle a batch in one transaction, each handler in a savepoint of its own: a
+        handler that raises undoes only its own writes and replies its error, the others
+        commit together. Only when the transaction itself fails (its commit, the
+        connection, a concurrent duplicate) is each command handled again on its own,
+        and then the handlers that ran in it run a second time (their writes were rolled
+        back, their calls to other services were not): counted in
+        ``saga.worker.batch_redone``."""
         batch: list[tuple[Delivery, Envelope, Registration]] = []
         for delivery in deliveries:
             envelope = await self._decode(delivery)
@@ -176,23 +187,23 @@ class WorkerRunner:
             await self._handle_each(batch)
             return
         try:
-            replies = await self._handle_together(batch)
+            handled = await self._handle_together(batch)
         except Exception as exc:
             log.warning(
-                "worker %s: a batch of %d failed, handling one by one: %r",
+                "worker %s: the transaction of a batch of %d failed, handling one by one "
+                "(their handlers run again): %r",
                 self.worker.name,
                 len(batch),
                 exc,
             )
+            metrics.batch_redone.add(len(batch), {"saga.participant": self.worker.name})
             await self._handle_each(batch)
             return
-        handled: list[Handled] = []
-        for (delivery, envelope, _), reply in zip(batch, replies, strict=True):
+        for _, envelope, _ in batch:
             crashpoint("worker.after_commit")
             metrics.handled.add(
                 1, {"saga.participant": self.worker.name, "saga.kind": envelope.kind}
             )
-            handled.append((delivery, reply, None))
         await self._send_and_settle(handled)
 
     async def _handle_each(self, batch: Sequence[tuple[Delivery, Envelope, Registration]]) -> None:
@@ -217,14 +228,22 @@ class WorkerRunner:
 
     async def _handle_together(
         self, batch: Sequence[tuple[Delivery, Envelope, Registration]]
-    ) -> list[Message]:
-        replies: list[Message] = []
+    ) -> list[Handled]:
+        handled: list[Handled] = []
         envelopes = [envelope for _, envelope, _ in batch]
         async with self.barrier.transaction(self.worker.name, envelopes, limits=self.limits) as tx:
-            for _, envelope, registration in batch:
+            for delivery, envelope, registration in batch:
                 with saga_context(envelope.saga_id, envelope.step), self._span(envelope):
-                    replies.append(self._reply_message(await tx.handle(registration, envelope)))
-        return replies
+                    poison: str | None = None
+                    try:
+                        reply = await tx.handle(registration, envelope)
+                    except Exception as exc:
+                        if not await tx.intact():
+                            raise  # the batch is lost: no handler runs in it any more
+                        # Its savepoint rolled back; the others go on and commit.
+                        reply, poison = self._raised(envelope, exc)
+                    handled.append((delivery, self._reply_message(reply), poison))
+        return handled
 
     async def handle_delivery(self, delivery: Delivery) -> None:
         """Handle one delivered command, as the consumer handles each batch."""
@@ -286,26 +305,32 @@ class WorkerRunner:
             await self._pause()
             return None
         except Exception as exc:
-            log.warning(
-                "worker %s: %s %s of saga %s raised %r",
-                self.worker.name,
-                envelope.kind,
-                envelope.name,
-                envelope.saga_id,
-                exc,
-            )
-            error = f"{type(exc).__name__}: {exc}"
-            reply = envelope.reply(Outcome.ERROR, error=error)
-            last = last_attempt(envelope)
-            if last is not None and envelope.attempt >= last:
-                # The engine gives up after this one: keep the message for a look.
-                poison = (
-                    f"{envelope.kind} {envelope.name} of saga {envelope.saga_id} raised on "
-                    f"its last attempt ({envelope.attempt}): {error}"
-                )
+            reply, poison = self._raised(envelope, exc)
         else:
             crashpoint("worker.after_commit")
         return (delivery, self._reply_message(reply), poison)
+
+    def _raised(self, envelope: Envelope, exc: Exception) -> tuple[Envelope, str | None]:
+        """The reply to a command whose handler raised ``exc`` (an error, retried by
+        the engine), and the reason to park the command when that was its last attempt."""
+        log.warning(
+            "worker %s: %s %s of saga %s raised %r",
+            self.worker.name,
+            envelope.kind,
+            envelope.name,
+            envelope.saga_id,
+            exc,
+        )
+        error = f"{type(exc).__name__}: {exc}"
+        reply = envelope.reply(Outcome.ERROR, error=error)
+        last = last_attempt(envelope)
+        if last is not None and envelope.attempt >= last:
+            # The engine gives up after this one: keep the message for a look.
+            return reply, (
+                f"{envelope.kind} {envelope.name} of saga {envelope.saga_id} raised on "
+                f"its last attempt ({envelope.attempt}): {error}"
+            )
+        return reply, None
 
     async def _guarded(
         self, registration: Registration, envelope: Envelope, known: Outcomes | None

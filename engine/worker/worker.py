@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import typing
 from collections.abc import Awaitable, Callable, Mapping
@@ -31,6 +32,27 @@ class HandlerContext:
     attempt: int
     message_id: str
     headers: Mapping[str, str]
+    #: The worker handling the command.
+    participant: str = ""
+    #: Whether this is the step's command or its compensation.
+    kind: MessageKind = MessageKind.COMMAND
+
+    @property
+    def idempotency_key(self) -> str:
+        """A key for this attempt's calls to other services (a payment provider's
+        ``Idempotency-Key``), which do not roll back with ``session``.
+
+        The same for every delivery of this attempt (a redelivery after a crash, a
+        duplicate), so the provider does the call once however often the handler runs
+        for it; different for the next attempt the engine sends after an error, and
+        for the compensation, so a retry or a refund is a new call. It is the SHA-256
+        hex digest (64 characters of ``0-9a-f``) of the participant, saga id, step,
+        direction (``command``/``compensation``) and attempt, joined by NUL (which no
+        id may hold). Key a call on ``saga_id`` and ``step`` instead to make it once
+        per step across attempts.
+        """
+        parts = (self.participant, self.saga_id, self.step, self.kind.value, str(self.attempt))
+        return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 
 HandlerResult = BaseModel | Mapping[str, Any] | None
