@@ -6,6 +6,9 @@ compensates. A routine failure is no dead letter (issue 12).
   retried per the step's policy; on the last attempt (the engine names it in the
   ``saga-last-attempt`` header) the worker replies the error like on the others and
   nothing is dead-lettered; the saga gives up on the step and compensates.
+* A command its worker has no handler for (``unhandled_order``): the worker answers
+  with a failure naming the cause, the saga compensates at once (long before its
+  step's timeout), and nothing is dead-lettered.
 * An undecodable command (its body mangled on the way): dead-lettered at once by the
   worker; its saga never hears back, times out (``quick_order``) and compensates.
 * An undecodable reply: dead-lettered by the engine, which goes on with its work.
@@ -22,6 +25,7 @@ import pytest
 from engine.messages import encode
 from engine.states import SagaStatus
 from tests.faults.harness import Broker, scenario
+from tests.faults.sagas import UNHANDLED
 from tests.faults.workers import POISON
 
 pytestmark = pytest.mark.faults
@@ -39,6 +43,7 @@ async def test_poison_messages_are_dead_lettered_and_their_sagas_compensate_rout
         await run.warm_up()
 
         bug = await run.start(address=f"13 {POISON} street", expect=SagaStatus.COMPENSATED)
+        unhandled = await run.start("unhandled_order", expect=SagaStatus.COMPENSATED)
         mangled, command = await run.start_lost("quick_order")
         body = encode(command.envelope)
         await run.publish(command.destination, mangled, body[: len(body) // 2])
@@ -59,7 +64,7 @@ async def test_poison_messages_are_dead_lettered_and_their_sagas_compensate_rout
         }
         # The handler bug failed its step and is no dead letter: only the undecodable.
         assert set(letters) == {run.topology.commands("inventory"), run.topology.replies}
-        assert bug not in {r.saga_id for r in letters.values()}
+        assert {bug, unhandled}.isdisjoint(r.saga_id for r in letters.values())
         step = run.client.registry.get("place_order").step("create_shipment")
         assert "not a saga envelope" in letters[run.topology.commands("inventory")].reason
         assert "not a saga envelope" in letters[run.topology.replies].reason
@@ -76,6 +81,15 @@ async def test_poison_messages_are_dead_lettered_and_their_sagas_compensate_rout
         )
         after = (await run.client.get(bug)).history
         assert not any(h.event == "dead_lettered" for h in after), after
+
+        # No handler: failed by the worker's answer, not by the step's timeout.
+        assert details[unhandled].error == (
+            f"step 'create_shipment' failed: worker 'shipment' has no handler for command "
+            f"'{UNHANDLED}'"
+        )
+        events = [(h.event, h.step) for h in details[unhandled].history]
+        assert ("step_failed", "create_shipment") in events, events
+        assert ("step_timed_out", "create_shipment") not in events, events
 
         lost = [(h.event, h.step) for h in details[mangled].history]
         assert ("step_timed_out", "reserve_inventory") in lost, lost
