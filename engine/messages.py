@@ -124,12 +124,6 @@ class Envelope(BaseModel):
         )
 
 
-def last_attempt(envelope: Envelope) -> int | None:
-    """The attempt the engine gives up after (None: not said, as from older engines)."""
-    value = envelope.headers.get(LAST_ATTEMPT_HEADER, "")
-    return int(value) if value.isdigit() else None
-
-
 def encode(envelope: Envelope) -> bytes:
     return envelope.model_dump_json().encode()
 
