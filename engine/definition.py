@@ -131,6 +131,8 @@ class Saga:
             raise DefinitionError(f"saga {self.name!r}: needs at least one step")
         object.__setattr__(self, "steps", tuple(self.steps))
         index: dict[str, int] = {}
+        #: Command name -> what already uses it ("step 'a'", "compensation of step 'a'").
+        names: dict[str, str] = {}
         pivot: str | None = None
         for position, step in enumerate(self.steps):
             if not isinstance(step, Step):
@@ -161,8 +163,23 @@ class Saga:
                     raise DefinitionError(f"{where}: compensation.build must be callable")
             elif pivot is None:
                 pivot = step.name
+            self._claim(names, step.action_name, f"step {step.name!r}")
+            if step.compensation is not None:
+                self._claim(names, step.compensation.name, f"compensation of step {step.name!r}")
             index[step.name] = position
         object.__setattr__(self, "_index", index)
+
+    def _claim(self, names: dict[str, str], name: str, user: str) -> None:
+        """Record that ``user`` sends command ``name``. Two uses of one name in a saga
+        are refused: a participant's handler, its barrier row and every reply are told
+        apart by that name, so a shared one would run the wrong handler or be mistaken
+        for the other's outcome."""
+        first = names.setdefault(name, user)
+        if first != user:
+            raise DefinitionError(
+                f"saga {self.name!r}: {user} and {first} both use the command name {name!r}; "
+                "give each its own"
+            )
 
     @property
     def key(self) -> tuple[str, int]:

@@ -51,8 +51,8 @@ class Outcome(StrEnum):
 
 
 #: On commands and compensations: the attempt after which the engine stops retrying
-#: (the step's retry policy, within its current budget). A worker whose handler raises
-#: on that attempt dead-letters the message as well as replying, for a human to see.
+#: (the step's retry policy, within its current budget). A worker replies to that attempt
+#: like to any other (an error fails the step); the header tells the participant so.
 LAST_ATTEMPT_HEADER = "saga-last-attempt"
 
 
@@ -122,12 +122,6 @@ class Envelope(BaseModel):
             outcome=outcome,
             error=clip(error, ERROR_LENGTH) if error is not None else None,
         )
-
-
-def last_attempt(envelope: Envelope) -> int | None:
-    """The attempt the engine gives up after (None: not said, as from older engines)."""
-    value = envelope.headers.get(LAST_ATTEMPT_HEADER, "")
-    return int(value) if value.isdigit() else None
 
 
 def encode(envelope: Envelope) -> bytes:

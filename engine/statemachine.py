@@ -151,10 +151,7 @@ class Transition:
         st.finished_at = self.now
         st.error = f"command could not be delivered: {reason}"
         self._record("step_failed", st.name, st.error)
-        cause = f"step {st.name!r} failed: {st.error}"
-        self._fail(cause)
-        if self.state.status is SagaStatus.PARKED:  # past the pivot: keep the cause
-            self.state.error = f"{cause}; {self.state.error}"
+        self._fail(f"step {st.name!r} failed: {st.error}")
         return True
 
     def postpone(self, timer: Timer, sent_at: datetime | None = None) -> bool:
@@ -415,7 +412,9 @@ class Transition:
                 continue
             step = self.definition.step(st.name)
             if step.compensation is None:
-                self._park(f"step {st.name!r} is a pivot ({st.status}) and cannot be compensated")
+                # Only ever reached first, from _fail: keep its real cause ahead.
+                pivot = f"step {st.name!r} is a pivot ({st.status}) and cannot be compensated"
+                self._park(f"{self.state.error}; {pivot}" if self.state.error else pivot)
                 return
             st.status = StepStatus.COMPENSATING
             self._dispatch_compensation(step)

@@ -512,13 +512,13 @@ async def test_a_reply_sent_to_a_worker_is_dead_lettered(pay: Participant) -> No
     assert replies == []
 
 
-async def test_command_without_handler_fails_the_step_and_is_dead_lettered(
+async def test_command_without_handler_fails_the_step_and_is_acknowledged(
     pay: Participant,
 ) -> None:
     unknown = charge().model_copy(update={"name": "teleport"})
     settled, replies = await pay.deliver(unknown)
-    reason = "worker 'payment' has no command handler 'teleport'"
-    assert settled == [f"dead_letter: {reason}"]
+    reason = "worker 'payment' has no handler for command 'teleport'"
+    assert settled == ["ack"]
     (reply,) = replies
     assert (reply.outcome, reply.error) == (Outcome.FAILURE, reason)
 

@@ -61,6 +61,37 @@ def test_duplicate_step_names_are_rejected() -> None:
         saga(step("a"), step("b"), step("a"))
 
 
+def test_two_steps_with_one_command_name_are_rejected_naming_both() -> None:
+    with pytest.raises(DefinitionError) as info:
+        saga(step("a", command_name="reserve"), step("b"), step("c", command_name="reserve"))
+    assert str(info.value) == (
+        "saga 's': step 'c' and step 'a' both use the command name 'reserve'; give each its own"
+    )
+
+
+def test_a_step_named_like_another_steps_command_is_rejected() -> None:
+    with pytest.raises(DefinitionError, match=r"step 'b' and step 'a' both use .* 'b'"):
+        saga(step("a", command_name="b"), step("b"))
+
+
+def test_a_compensation_named_like_a_command_is_rejected_naming_both() -> None:
+    undo_b = Compensation("b", cmd)
+    with pytest.raises(DefinitionError) as info:
+        saga(Step(name="a", participant="p", command=cmd, compensation=undo_b), step("b"))
+    assert "step 'b' and compensation of step 'a' both use the command name 'b'" in str(info.value)
+    own = Compensation("a", cmd)
+    with pytest.raises(DefinitionError, match=r"compensation of step 'a' and step 'a'"):
+        saga(Step(name="a", participant="p", command=cmd, compensation=own))
+
+
+def test_two_compensations_with_one_name_are_rejected() -> None:
+    undo = Compensation("undo", cmd)
+    a = Step(name="a", participant="p", command=cmd, compensation=undo)
+    b = Step(name="b", participant="q", command=cmd, compensation=undo)
+    with pytest.raises(DefinitionError, match=r"compensation of step 'b' and compensation of"):
+        saga(a, b)
+
+
 def test_compensation_after_pivot_is_rejected_naming_both_steps() -> None:
     with pytest.raises(DefinitionError) as info:
         saga(step("a"), step("pay", compensated=False), step("ship"))

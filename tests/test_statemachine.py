@@ -512,13 +512,34 @@ def test_failure_after_the_pivot_parks_instead_of_compensating() -> None:
     run.succeed_through(2)
     assert run.reply(Outcome.FAILURE, error="carrier strike")
     assert run.state.status is SagaStatus.PARKED
-    assert run.state.error == "step 'pay' is a pivot (succeeded) and cannot be compensated"
+    # The real cause first, then why the saga cannot be undone (issue 12).
+    assert run.state.error == (
+        "step 'ship' failed: carrier strike; "
+        "step 'pay' is a pivot (succeeded) and cannot be compensated"
+    )
     assert [k for _, k, _, _ in run.sent()].count(MessageKind.COMPENSATION) == 0
     assert run.statuses() == {
         "a": StepStatus.SUCCEEDED,
         "pay": StepStatus.SUCCEEDED,
         "ship": StepStatus.FAILED,
     }
+
+
+def test_retries_exhausted_after_the_pivot_park_with_the_real_cause() -> None:
+    run = Run(PIVOTED)
+    run.succeed_through(2)
+    for attempt in range(1, RETRY.max_attempts + 1):
+        assert run.last.attempt == attempt
+        assert run.reply(Outcome.ERROR, error=f"ConnectionError: carrier down {attempt}")
+        if attempt < RETRY.max_attempts:
+            run.fire()
+    assert run.state.status is SagaStatus.PARKED
+    assert run.state.error == (
+        f"step 'ship' failed after {RETRY.max_attempts} attempts: ConnectionError: carrier "
+        f"down {RETRY.max_attempts}; step 'pay' is a pivot (succeeded) and cannot be compensated"
+    )
+    assert run.statuses()["ship"] is StepStatus.FAILED
+    assert [k for _, k, _, _ in run.sent()].count(MessageKind.COMPENSATION) == 0
 
 
 def test_failure_of_the_pivot_itself_compensates_the_steps_before_it() -> None:

@@ -30,7 +30,7 @@ from engine._aio import batched, wait_either
 from engine.errors import DecodeError, SagaError
 from engine.faults import crashpoint
 from engine.limits import DEFAULT_LIMITS, Limits
-from engine.messages import Envelope, MessageKind, Outcome, decode, encode, last_attempt
+from engine.messages import Envelope, MessageKind, Outcome, decode, encode
 from engine.signing import NO_SIGNING, Signing
 from engine.telemetry import metrics
 from engine.telemetry.logs import saga_context
@@ -46,9 +46,8 @@ log = logging.getLogger("saga.worker")
 #: is logged: everything else that writes waited for it.
 LONG_HOLD = 1.0
 
-#: A handled delivery: the reply to publish, and the reason to park the command after
-#: it (poison), if any.
-Handled = tuple[Delivery, Message, str | None]
+#: A handled delivery and the reply to publish before acknowledging it.
+Handled = tuple[Delivery, Message]
 
 
 class WorkerRunner:
@@ -234,15 +233,14 @@ class WorkerRunner:
         async with self.barrier.transaction(self.worker.name, envelopes, limits=self.limits) as tx:
             for delivery, envelope, registration in batch:
                 with saga_context(envelope.saga_id, envelope.step), self._span(envelope):
-                    poison: str | None = None
                     try:
                         reply = await tx.handle(registration, envelope)
                     except Exception as exc:
                         if not await tx.intact():
                             raise  # the batch is lost: no handler runs in it any more
                         # Its savepoint rolled back; the others go on and commit.
-                        reply, poison = self._raised(envelope, exc)
-                    handled.append((delivery, self._reply_message(reply), poison))
+                        reply = self._raised(envelope, exc)
+                    handled.append((delivery, self._reply_message(reply)))
         return handled
 
     async def handle_delivery(self, delivery: Delivery) -> None:
@@ -285,17 +283,17 @@ class WorkerRunner:
         self, delivery: Delivery, envelope: Envelope, known: Outcomes | None = None
     ) -> Handled | None:
         """Handle one command in its own transaction; return its reply to send, or
-        None when the delivery was settled here (no handler, or handed back).
+        None when the delivery was handed back (a concurrent duplicate).
         ``known``: barrier rows read ahead (see :meth:`_guarded`)."""
         registration = self.worker.registration(envelope.kind, envelope.name)
         if registration is None:
-            reason = f"worker {self.worker.name!r} has no {envelope.kind} handler {envelope.name!r}"
+            # Nothing to run it: the step fails now, naming the cause, instead of
+            # waiting for its timeout. Routine for a saga, so no dead letter.
+            reason = (
+                f"worker {self.worker.name!r} has no handler for {envelope.kind} {envelope.name!r}"
+            )
             log.error("%s (saga %s)", reason, envelope.saga_id)
-            # The saga learns of it (and compensates); the message is kept for a look.
-            await self._reply(envelope.reply(Outcome.FAILURE, error=reason))
-            await delivery.dead_letter(reason)
-            return None
-        poison: str | None = None
+            return (delivery, self._reply_message(envelope.reply(Outcome.FAILURE, error=reason)))
         try:
             reply = await self._guarded(registration, envelope, known)
         except ConcurrentDuplicate:
@@ -305,14 +303,15 @@ class WorkerRunner:
             await self._pause()
             return None
         except Exception as exc:
-            reply, poison = self._raised(envelope, exc)
+            reply = self._raised(envelope, exc)
         else:
             crashpoint("worker.after_commit")
-        return (delivery, self._reply_message(reply), poison)
+        return (delivery, self._reply_message(reply))
 
-    def _raised(self, envelope: Envelope, exc: Exception) -> tuple[Envelope, str | None]:
-        """The reply to a command whose handler raised ``exc`` (an error, retried by
-        the engine), and the reason to park the command when that was its last attempt."""
+    def _raised(self, envelope: Envelope, exc: Exception) -> Envelope:
+        """The reply to a command whose handler raised ``exc``: an error, on every
+        attempt, the last one too. The engine retries or, out of attempts, fails the
+        step; a dead letter is for messages nobody can take, not a handler that raised."""
         log.warning(
             "worker %s: %s %s of saga %s raised %r",
             self.worker.name,
@@ -321,16 +320,7 @@ class WorkerRunner:
             envelope.saga_id,
             exc,
         )
-        error = f"{type(exc).__name__}: {exc}"
-        reply = envelope.reply(Outcome.ERROR, error=error)
-        last = last_attempt(envelope)
-        if last is not None and envelope.attempt >= last:
-            # The engine gives up after this one: keep the message for a look.
-            return reply, (
-                f"{envelope.kind} {envelope.name} of saga {envelope.saga_id} raised on "
-                f"its last attempt ({envelope.attempt}): {error}"
-            )
-        return reply, None
+        return envelope.reply(Outcome.ERROR, error=f"{type(exc).__name__}: {exc}")
 
     async def _guarded(
         self, registration: Registration, envelope: Envelope, known: Outcomes | None
@@ -362,34 +352,27 @@ class WorkerRunner:
         return reply
 
     async def _send_and_settle(self, handled: Sequence[Handled]) -> None:
-        """Publish the replies in one go, then settle each delivery: ack it, or park
-        it when it is poison. If the broker refused the replies, every delivery goes
-        back to it (the barrier re-sends their stored outcomes) after a pause."""
+        """Publish the replies in one go, then acknowledge each delivery. If the broker
+        refused the replies, every delivery goes back to it (the barrier re-sends their
+        stored outcomes) after a pause."""
         try:
-            await self.transport.publish([reply for _, reply, _ in handled])
+            await self.transport.publish([reply for _, reply in handled])
         except SagaError as exc:
             log.warning("worker %s could not send replies, will redo: %s", self.worker.name, exc)
-            for delivery, _, _ in handled:
+            for delivery, _ in handled:
                 await delivery.nack()
             await self._pause()
             return
-        for delivery, _, poison in handled:
+        for delivery, _ in handled:
             crashpoint("worker.after_reply")
             self.handled += 1
             self._failures = 0
-            if poison is None:
-                await delivery.ack()
-                continue
-            log.error("worker %s dead-letters a message: %s", self.worker.name, poison)
-            await delivery.dead_letter(poison)
+            await delivery.ack()
 
     async def _pause(self) -> None:
         delay = min(self.max_error_backoff, self.error_backoff * 2**self._failures)
         self._failures += 1
         await wait_either(self._stop, None, delay)
-
-    async def _reply(self, reply: Envelope) -> None:
-        await self.transport.publish([self._reply_message(reply)])
 
     def _reply_message(self, reply: Envelope) -> Message:
         # The reply continues the trace from this worker's span, not the sender's.

@@ -76,3 +76,20 @@ bulky_order = _charging_too_much("bulky_order", BULK)
 #: the engine's own default limit (1 MB), which would refuse ``bulky_order`` first.
 PLUMP = 200_000
 plump_order = _charging_too_much("plump_order", PLUMP)
+
+
+#: The order saga with a shipment command no shipment worker has a handler for (a
+#: participant deployed without it): the worker answers with a failure naming the
+#: cause, and the saga compensates at once instead of after the step's timeout.
+UNHANDLED = "create_shipment_v2"
+unhandled_order = Saga(
+    name="unhandled_order",
+    version=1,
+    input=order.OrderInput,
+    steps=[
+        dataclasses.replace(step, command_name=UNHANDLED)
+        if step.name == "create_shipment"
+        else step
+        for step in order.place_order.steps
+    ],
+)

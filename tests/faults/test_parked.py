@@ -75,15 +75,10 @@ async def test_a_failing_compensation_backs_off_parks_and_an_operator_retry_fini
         )
         assert sorted(kind for _, kind in books) == ["charge", "charge"]
 
-        # The last failing refunds are kept as dead letters, with their reason.
-        async def kept() -> bool:
-            return await run.scalar("SELECT count(*) FROM saga_dead_letters") >= len(stuck)
-
-        await run.wait_for("the last refunds in the dead letters", kept, 30)
-        letters = await run.rows("SELECT saga_id, reason FROM saga_dead_letters")
-        assert sorted(r.saga_id for r in letters) == sorted(stuck)
-        last = f"raised on its last attempt ({policy.max_attempts})"
-        assert all(last in r.reason and "ConnectionError" in r.reason for r in letters), letters
+        # The parked saga names the cause; a routine failure is no dead letter (checked
+        # at the end, once the archive had all this time to receive one).
+        cause = "ConnectionError: payment provider unreachable (test switch refund_fails)"
+        assert all(cause in (d.error or "") for d in parked.values()), parked
 
         # Visible to an operator...
         listed = sagactl(cluster.env, "list", "--status", "parked", "--json")
@@ -104,3 +99,4 @@ async def test_a_failing_compensation_backs_off_parks_and_an_operator_retry_fini
             retried = [h for h in history if h.event == "retried"]
             assert len(retried) == 1 and retried[0].actor == "ops", history
             assert history[-1].event == "compensated", history
+        assert await run.scalar("SELECT count(*) FROM saga_dead_letters") == 0
