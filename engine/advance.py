@@ -27,7 +27,7 @@ from typing import Any, ClassVar, NamedTuple, Protocol, TypeVar
 from opentelemetry.trace import Span, SpanKind
 
 from engine.clock import Clock, utc_now
-from engine.definition import Saga
+from engine.definition import Saga, timer_length
 from engine.errors import DecodeError, LimitError, SagaNotFoundError, UnknownSagaError
 from engine.limits import ANY_SIZE, DEFAULT_LIMITS, Limits, MessageTooLarge
 from engine.messages import Envelope, decode
@@ -428,7 +428,7 @@ class Advancer:
             at = self.clock()
             late: datetime | bool = False
             if due.timer.kind in TIMEOUTS:
-                timeout = definition.step(due.timer.step).timeout
+                timeout = timer_length(definition.step(due.timer.step))
                 late = await self._published_late(tx, state.id, timeout)
             fired += self._advance(changes, definition, state, TimerDue(due.timer, late), at)
         await self._write(tx, changes)

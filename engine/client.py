@@ -403,7 +403,7 @@ class SagaClient:
                 envelope = None
             saga = await tx.load_saga(envelope.saga_id) if envelope is not None else None
             if envelope is not None and saga is not None and not force:
-                _check_awaited(letter, envelope, saga.awaiting, saga.status)
+                _check_awaited(letter, envelope, saga.tokens(), saga.status)
             headers = as_replayed(replay_headers(record.headers), letter, re_sign=re_sign)
             await tx.add_raw_outbox(record.source, record.key, body, headers, now)
             if not await tx.mark_replayed(letter, now, actor):
@@ -530,19 +530,19 @@ class SagaClient:
 
 
 def _check_awaited(
-    letter: int, envelope: Envelope, awaiting: Awaiting | None, status: SagaStatus
+    letter: int, envelope: Envelope, awaiting: Sequence[Awaiting], status: SagaStatus
 ) -> None:
     """Refuse to replay a message its saga no longer waits for."""
     kind = envelope.in_reply_to if envelope.kind is MessageKind.REPLY else envelope.kind
     wanted = Awaiting(envelope.step, kind, envelope.attempt) if kind is not None else None
-    if awaiting is not None and awaiting == wanted:
+    if wanted in awaiting:
         return
-    if awaiting is None:
+    if not awaiting:
         now_waits = f"it is {status} and waits for no reply"
     else:
-        now_waits = (
-            f"it waits for the {awaiting.kind} of step {awaiting.step!r} "
-            f"(attempt {awaiting.attempt})"
+        now_waits = "it waits for " + ", ".join(
+            f"the {token.kind} of step {token.step!r} (attempt {token.attempt})"
+            for token in awaiting
         )
     raise OperationRefused(
         f"dead letter {letter} is a {describe(envelope)} of step {envelope.step!r} that saga "

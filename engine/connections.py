@@ -126,7 +126,9 @@ class Connections:
     def engine_destinations(self, registry: SagaRegistry) -> list[str]:
         """What an engine serving ``registry`` uses: replies and dead letters it
         consumes, its participants' commands it sends."""
-        participants = sorted({step.participant for saga in registry for step in saga.steps})
+        participants = sorted(
+            {step.participant for saga in registry for step in saga.participant_steps}
+        )
         topology = self.topology
         return [topology.replies, topology.dead_letters, *map(topology.commands, participants)]
 

@@ -43,21 +43,37 @@ class RetryPolicy:
     retrying the same failure spread out instead of hammering together.
     """
 
-    max_attempts: int = 3
+    #: None: retry until it succeeds (steps after the pivot, which cannot be undone).
+    max_attempts: int | None = 3
     initial_backoff: float = 0.2
     max_backoff: float = 30.0
     multiplier: float = 2.0
     jitter: float = 0.2
 
     def __post_init__(self) -> None:
-        if self.max_attempts < 1:
-            raise DefinitionError("RetryPolicy.max_attempts must be at least 1")
+        if self.max_attempts is not None and (
+            isinstance(self.max_attempts, bool)
+            or not isinstance(self.max_attempts, int)
+            or self.max_attempts < 1
+        ):
+            raise DefinitionError(
+                "RetryPolicy.max_attempts must be at least 1 (a whole number), or None "
+                f"for no limit (got {self.max_attempts!r})"
+            )
         if self.initial_backoff < 0 or self.max_backoff < self.initial_backoff:
             raise DefinitionError("RetryPolicy needs 0 <= initial_backoff <= max_backoff")
         if self.multiplier < 1:
             raise DefinitionError("RetryPolicy.multiplier must be at least 1")
         if not 0 <= self.jitter <= 1:
             raise DefinitionError("RetryPolicy.jitter must be between 0 and 1")
+
+    def allows(self, used: int) -> bool:
+        """Whether another attempt may follow ``used`` failed ones."""
+        return self.max_attempts is None or used < self.max_attempts
+
+    def shown(self, base: int) -> str:
+        """The last attempt number of a budget starting after ``base``, for messages."""
+        return "unlimited" if self.max_attempts is None else str(base + self.max_attempts)
 
     def delay(self, attempt: int, rng: random.Random | None = None) -> float:
         """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
@@ -108,20 +124,111 @@ class Step:
 
 
 @dataclass(frozen=True)
+class WaitFor:
+    """A step completed when the application signals the named event to the saga
+    (:meth:`engine.SagaClient.signal`, ``sagactl signal``); its payload becomes the
+    step's reply, visible to later builders. No signal within ``timeout`` fails the
+    step. A signal that comes before the saga reaches the step is kept for it.
+
+    It has nothing to undo, so compensating it is a no-op."""
+
+    name: str
+    #: The event's name; defaults to the step's name.
+    event: str | None = None
+    timeout: timedelta = timedelta(days=1)
+
+    @property
+    def event_name(self) -> str:
+        """The name a signal must carry to complete this step."""
+        return self.event or self.name
+
+
+@dataclass(frozen=True)
+class Delay:
+    """A durable pause: a timer row, so it survives restarts of every engine.
+
+    It has nothing to undo, so compensating it is a no-op."""
+
+    name: str
+    duration: timedelta
+
+
+LocalFunction = Callable[[StepContext], Payload | None]
+
+
+@dataclass(frozen=True)
+class Local:
+    """A function the engine runs itself, with no broker round trip, in the
+    transaction that advances the saga: its result is the step's reply, written with
+    the saga's state or not at all. It must not do I/O that a rollback cannot undo.
+
+    Raising :class:`~engine.errors.BusinessFailure` fails the step; any other
+    exception is retried under ``retry``. ``compensation`` (optional) is run the same
+    way when the saga is compensated; without one the step has nothing to undo."""
+
+    name: str
+    run: LocalFunction
+    compensation: LocalFunction | None = None
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    compensation_retry: RetryPolicy = DEFAULT_COMPENSATION_RETRY
+
+
+#: A node of a saga that runs: a participant step, a wait, a delay, a local function.
+Node = Step | WaitFor | Delay | Local
+
+
+@dataclass(frozen=True)
+class Parallel:
+    """Branches run at once; the group succeeds when every branch has.
+
+    A branch is a sequence of nodes run one after the other. When one fails, the
+    branches in flight are stopped (their outcome is unknown), and every node that
+    succeeded or may have run is compensated in reverse order of completion, then the
+    nodes before the group. ``limit`` caps how many branches run at the same time."""
+
+    name: str
+    branches: Sequence[Sequence[Node]]
+    limit: int | None = None
+
+
+#: What a saga's ``steps`` holds: a node, or a group of parallel branches.
+Element = Node | Parallel
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One element of a saga as the state machine walks it: its branches of node
+    names (a single node is one branch of one), the group's name and limit."""
+
+    group: str | None
+    branches: tuple[tuple[str, ...], ...]
+    limit: int | None = None
+
+
+def _shown_kind(node: object) -> str:
+    return type(node).__name__
+
+
+@dataclass(frozen=True)
 class Saga:
     """A saga definition: its name and version, the pydantic model of its input, and
-    its steps in order. Validated when built, so a mistake fails at import time."""
+    its steps in order (nodes, or :class:`Parallel` groups of them). Validated when
+    built, so a mistake fails at import time."""
 
     name: str
     version: int
     input: type[BaseModel]
-    steps: Sequence[Step]
+    steps: Sequence[Element]
+    _nodes: Mapping[str, Node] = field(init=False, repr=False, compare=False)
     _index: Mapping[str, int] = field(init=False, repr=False, compare=False)
+    _stages: tuple[Stage, ...] = field(init=False, repr=False, compare=False)
+    _lanes: Mapping[str, str] = field(init=False, repr=False, compare=False)
+    _forward_only: frozenset[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
             raise DefinitionError(
-                f"saga name {self.name!r} must be lowercase letters, digits, '_', '.', '-'"
+                f"saga {self.name!r} must be lowercase letters, digits, '_', '.', '-'"
             )
         if self.version < 1:
             raise DefinitionError(f"saga {self.name!r}: version must be at least 1")
@@ -130,44 +237,7 @@ class Saga:
         if not self.steps:
             raise DefinitionError(f"saga {self.name!r}: needs at least one step")
         object.__setattr__(self, "steps", tuple(self.steps))
-        index: dict[str, int] = {}
-        #: Command name -> what already uses it ("step 'a'", "compensation of step 'a'").
-        names: dict[str, str] = {}
-        pivot: str | None = None
-        for position, step in enumerate(self.steps):
-            if not isinstance(step, Step):
-                raise DefinitionError(f"saga {self.name!r}: steps must be Step objects")
-            where = f"saga {self.name!r} step {step.name!r}"
-            if not _NAME.match(step.name):
-                raise DefinitionError(
-                    f"{where}: name must be lowercase letters, digits, '_', '.', '-'"
-                )
-            if step.name in index:
-                raise DefinitionError(f"saga {self.name!r}: duplicate step name {step.name!r}")
-            if not _NAME.match(step.participant):
-                raise DefinitionError(f"{where}: participant {step.participant!r} is not a name")
-            if not callable(step.command):
-                raise DefinitionError(f"{where}: command must be a callable building the payload")
-            if step.timeout <= timedelta(0):
-                raise DefinitionError(f"{where}: timeout must be positive")
-            if step.compensation is not None:
-                if pivot is not None:
-                    raise DefinitionError(
-                        f"{where}: cannot have a compensation, it comes after the pivot "
-                        f"step {pivot!r} (a step without compensation) and so can never "
-                        "be undone"
-                    )
-                if not _NAME.match(step.compensation.name):
-                    raise DefinitionError(f"{where}: compensation name is not a name")
-                if not callable(step.compensation.build):
-                    raise DefinitionError(f"{where}: compensation.build must be callable")
-            elif pivot is None:
-                pivot = step.name
-            self._claim(names, step.action_name, f"step {step.name!r}")
-            if step.compensation is not None:
-                self._claim(names, step.compensation.name, f"compensation of step {step.name!r}")
-            index[step.name] = position
-        object.__setattr__(self, "_index", index)
+        _Validator(self).run()
 
     def _claim(self, names: dict[str, str], name: str, user: str) -> None:
         """Record that ``user`` sends command ``name``. Two uses of one name in a saga
@@ -186,18 +256,46 @@ class Saga:
         """(name, version): how the registry and every saga row name this definition."""
         return (self.name, self.version)
 
-    def step(self, name: str) -> Step:
-        """The step called ``name``; a DefinitionError if there is none."""
+    @property
+    def nodes(self) -> tuple[Node, ...]:
+        """Every node, groups flattened, in definition order."""
+        return tuple(self._nodes.values())
+
+    @property
+    def stages(self) -> tuple[Stage, ...]:
+        """The elements as the state machine walks them, one after the other."""
+        return self._stages
+
+    @property
+    def participant_steps(self) -> tuple[Step, ...]:
+        """The nodes that are commands to participants."""
+        return tuple(n for n in self._nodes.values() if isinstance(n, Step))
+
+    def step(self, name: str) -> Node:
+        """The node called ``name``; a DefinitionError if there is none."""
         try:
-            return self.steps[self._index[name]]
+            return self._nodes[name]
         except KeyError:
             raise DefinitionError(
                 f"saga {self.name!r} v{self.version} has no step {name!r}"
             ) from None
 
     def position(self, name: str) -> int:
-        """The 0-based place of step ``name`` in the saga."""
+        """The 0-based place of node ``name`` in the saga, groups flattened."""
         return self._index[name]
+
+    def lane(self, name: str) -> str | None:
+        """``group[branch]`` for a node inside a parallel group (branches from 1)."""
+        return self._lanes.get(name)
+
+    def forward_only(self, name: str) -> bool:
+        """Whether a pivot always completes before node ``name`` runs: from there the
+        saga can only go forward, so the node is retried, never compensated."""
+        return name in self._forward_only
+
+    def waits_for(self, event: str) -> list[WaitFor]:
+        """The wait nodes a signal named ``event`` completes."""
+        return [n for n in self._nodes.values() if isinstance(n, WaitFor) and n.event_name == event]
 
     def parse_input(self, data: Any) -> BaseModel:
         """Validate raw input; the error names the first bad field."""
@@ -211,6 +309,175 @@ class Saga:
                 for err in exc.errors()
             )
             raise InvalidInputError(f"invalid input for saga {self.name!r}: {problems}") from None
+
+
+def timer_length(node: Node) -> timedelta:
+    """How long a node's timer runs: a step's or a wait's timeout, a delay's length
+    (a local step has none)."""
+    if isinstance(node, Delay):
+        return node.duration
+    if isinstance(node, (Step, WaitFor)):
+        return node.timeout
+    return timedelta(0)
+
+
+def undoes(node: Node) -> bool:
+    """Whether compensating ``node`` sends or runs anything."""
+    return isinstance(node, (Step, Local)) and node.compensation is not None
+
+
+def is_pivot(node: Node) -> bool:
+    """A participant step without compensation: once it succeeded (or may have),
+    the saga can no longer be undone."""
+    return isinstance(node, Step) and node.compensation is None
+
+
+class _Validator:
+    """Checks a saga's structure and fills its indexes: unique names, one owner per
+    command name, and the pivot rule: every node that can be undone completes before
+    any pivot can run (a branch running beside a pivot cannot have a compensation)."""
+
+    def __init__(self, saga: Saga) -> None:
+        self.saga = saga
+        self.nodes: dict[str, Node] = {}
+        self.index: dict[str, int] = {}
+        self.lanes: dict[str, str] = {}
+        self.commands: dict[str, str] = {}
+        self.groups: set[str] = set()
+        #: The first pivot met, in walking order; nodes after it are forward-only.
+        self.pivot: str | None = None
+        self.forward_only: set[str] = set()
+
+    def run(self) -> None:
+        stages: list[Stage] = []
+        for element in self.saga.steps:
+            if isinstance(element, Parallel):
+                stages.append(self._group(element))
+            else:
+                self._node(element)
+                if self.pivot is not None and self.pivot != element.name:
+                    self.forward_only.add(element.name)
+                if is_pivot(element) and self.pivot is None:
+                    self.pivot = element.name
+                stages.append(Stage(None, ((element.name,),)))
+        saga = self.saga
+        object.__setattr__(saga, "_nodes", self.nodes)
+        object.__setattr__(saga, "_index", self.index)
+        object.__setattr__(saga, "_stages", tuple(stages))
+        object.__setattr__(saga, "_lanes", self.lanes)
+        object.__setattr__(saga, "_forward_only", frozenset(self.forward_only))
+
+    def _where(self, name: str) -> str:
+        return f"saga {self.saga.name!r} step {name!r}"
+
+    def _name(self, name: object, what: str) -> None:
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise DefinitionError(
+                f"saga {self.saga.name!r} {what} {name!r}: name must be lowercase letters, "
+                "digits, '_', '.', '-'"
+            )
+        if name in self.nodes or name in self.groups:
+            raise DefinitionError(f"saga {self.saga.name!r}: duplicate step name {name!r}")
+
+    def _group(self, group: Parallel) -> Stage:
+        self._name(group.name, "group")
+        self.groups.add(group.name)
+        where = f"saga {self.saga.name!r} group {group.name!r}"
+        branches = tuple(tuple(b) for b in group.branches)
+        if not branches or any(not b for b in branches):
+            raise DefinitionError(f"{where}: needs at least one branch, and no empty branch")
+        if group.limit is not None and group.limit < 1:
+            raise DefinitionError(f"{where}: limit must be at least 1")
+        before = self.pivot
+        pivots: dict[int, str] = {}
+        for b, branch in enumerate(branches, start=1):
+            seen_pivot: str | None = None
+            for node in branch:
+                if isinstance(node, Parallel):
+                    raise DefinitionError(
+                        f"{where}: parallel groups do not nest; make the inner group a "
+                        "step of its own before or after this one"
+                    )
+                self._node(node, pivot=seen_pivot or before)
+                self.lanes[node.name] = f"{group.name}[{b}]"
+                if (seen_pivot or before) is not None:
+                    self.forward_only.add(node.name)
+                if is_pivot(node) and seen_pivot is None:
+                    seen_pivot = node.name
+            if seen_pivot is not None:
+                pivots[b] = seen_pivot
+        if pivots and before is None:
+            # A branch beside a pivot may run after it: nothing there may need undoing.
+            for b, branch in enumerate(branches, start=1):
+                for node in branch:
+                    if b not in pivots and undoes(node):
+                        raise DefinitionError(
+                            f"{self._where(node.name)}: cannot have a compensation, its branch "
+                            f"runs beside the pivot step {next(iter(pivots.values()))!r} "
+                            "(a step without compensation), so it could complete after it "
+                            "and never be undone; move it before the group"
+                        )
+            self.pivot = next(iter(pivots.values()))
+        return Stage(group.name, tuple(tuple(n.name for n in br) for br in branches), group.limit)
+
+    def _node(self, node: object, pivot: str | None = None) -> None:
+        pivot = pivot if pivot is not None else self.pivot
+        if not isinstance(node, (Step, WaitFor, Delay, Local)):
+            raise DefinitionError(
+                f"saga {self.saga.name!r}: steps must be Step objects (or WaitFor, Delay, "
+                f"Local, Parallel), not {_shown_kind(node)}"
+            )
+        self._name(node.name, "step")
+        where = self._where(node.name)
+        if isinstance(node, Step):
+            self._step(node, where, pivot)
+        elif isinstance(node, WaitFor):
+            self._name_only(node.event_name, where, "event")
+            if node.timeout <= timedelta(0):
+                raise DefinitionError(f"{where}: timeout must be positive")
+        elif isinstance(node, Delay):
+            if node.duration < timedelta(0):
+                raise DefinitionError(f"{where}: duration must not be negative")
+        else:
+            if not callable(node.run):
+                raise DefinitionError(f"{where}: run must be a callable")
+            if node.compensation is not None:
+                if not callable(node.compensation):
+                    raise DefinitionError(f"{where}: compensation must be a callable")
+                self._after_pivot(where, pivot)
+        self.index[node.name] = len(self.nodes)
+        self.nodes[node.name] = node
+
+    def _name_only(self, name: str, where: str, what: str) -> None:
+        if not _NAME.match(name):
+            raise DefinitionError(f"{where}: {what} {name!r} is not a name")
+
+    def _after_pivot(self, where: str, pivot: str | None) -> None:
+        if pivot is not None:
+            raise DefinitionError(
+                f"{where}: cannot have a compensation, it comes after the pivot "
+                f"step {pivot!r} (a step without compensation) and so can never "
+                "be undone"
+            )
+
+    def _step(self, step: Step, where: str, pivot: str | None) -> None:
+        if not _NAME.match(step.participant):
+            raise DefinitionError(f"{where}: participant {step.participant!r} is not a name")
+        if not callable(step.command):
+            raise DefinitionError(f"{where}: command must be a callable building the payload")
+        if step.timeout <= timedelta(0):
+            raise DefinitionError(f"{where}: timeout must be positive")
+        if step.compensation is not None:
+            self._after_pivot(where, pivot)
+            if not _NAME.match(step.compensation.name):
+                raise DefinitionError(f"{where}: compensation name is not a name")
+            if not callable(step.compensation.build):
+                raise DefinitionError(f"{where}: compensation.build must be callable")
+        self.saga._claim(self.commands, step.action_name, f"step {step.name!r}")
+        if step.compensation is not None:
+            self.saga._claim(
+                self.commands, step.compensation.name, f"compensation of step {step.name!r}"
+            )
 
 
 def build_payload(builder: Builder, context: StepContext) -> dict[str, Any]:

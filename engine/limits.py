@@ -22,6 +22,8 @@ from engine.redact import redact
 ID_LENGTH = 36
 #: Saga, step, command and actor names: ``saga_instances.name``, ``saga_steps.name``, ...
 NAME_LENGTH = 200
+#: A parallel step's lane, ``group[branch]``: a name and a branch number.
+LANE_LENGTH = NAME_LENGTH + 16
 #: An operator's reason for an action (``--reason``): kept in the saga's history
 #: (``saga_history.detail``) and, for a cancel, its error. Text columns: the limit is ours.
 REASON_LENGTH = 2_000

@@ -20,6 +20,8 @@ class TimerKind(StrEnum):
     RETRY = "retry"
     COMPENSATION_TIMEOUT = "compensation_timeout"
     COMPENSATION_RETRY = "compensation_retry"
+    #: A :class:`~engine.definition.Delay` node's end.
+    DELAY = "delay"
 
 
 #: Timers that end a wait for a reply (the others end a backoff): postponed while
@@ -29,7 +31,8 @@ TIMEOUTS = (TimerKind.STEP_TIMEOUT, TimerKind.COMPENSATION_TIMEOUT)
 
 @dataclass(frozen=True)
 class Timer:
-    """A saga's one pending timer; a saga never waits on two things at once."""
+    """A pending timer of one step; a step waits on one thing at a time, a saga on as
+    many as it has branches in flight."""
 
     kind: TimerKind
     step: str
@@ -39,7 +42,7 @@ class Timer:
 
 @dataclass(frozen=True)
 class Awaiting:
-    """The attempt token of the one reply the saga accepts next."""
+    """The attempt token of a reply the saga accepts next (one per step in flight)."""
 
     step: str
     kind: MessageKind
@@ -61,6 +64,24 @@ class StepState:
     #: a fresh budget here, so attempt numbers (the tokens) keep growing.
     attempt_base: int = 0
     compensation_attempt_base: int = 0
+    #: The kind of reply this step waits for (its attempt is the current one), if any.
+    awaiting: MessageKind | None = None
+    #: The step's pending timer (a timeout, a retry's backoff, a delay), if any.
+    timer: Timer | None = None
+    #: When the step came to need compensating (succeeded, or its outcome became
+    #: unknown), counted per saga: compensation runs in reverse of this order.
+    completed: int | None = None
+    #: ``group[branch]`` for a step inside a parallel group.
+    lane: str | None = None
+
+    def token(self) -> Awaiting | None:
+        """The attempt token of the reply this step waits for, if it waits for one."""
+        if self.awaiting is None:
+            return None
+        attempt = (
+            self.attempt if self.awaiting is MessageKind.COMMAND else self.compensation_attempt
+        )
+        return Awaiting(self.name, self.awaiting, attempt)
 
 
 @dataclass(frozen=True)
@@ -89,8 +110,6 @@ class SagaState:
     updated_at: datetime
     status: SagaStatus = SagaStatus.RUNNING
     steps: dict[str, StepState] = field(default_factory=dict)
-    awaiting: Awaiting | None = None
-    timer: Timer | None = None
     error: str | None = None
     trace_id: str | None = None
     #: W3C trace context (traceparent, ...) of the saga's latest step: a timer or an
@@ -101,3 +120,37 @@ class SagaState:
 
     def ordered_steps(self) -> list[StepState]:
         return sorted(self.steps.values(), key=lambda s: s.position)
+
+    def tokens(self) -> list[Awaiting]:
+        """Every reply the saga waits for, in step order."""
+        return [t for st in self.ordered_steps() if (t := st.token()) is not None]
+
+    def timers(self) -> list[Timer]:
+        """Every pending timer, in step order."""
+        return [st.timer for st in self.ordered_steps() if st.timer is not None]
+
+    @property
+    def awaiting(self) -> Awaiting | None:
+        """The first reply the saga waits for (a straight-line saga waits for one)."""
+        tokens = self.tokens()
+        return tokens[0] if tokens else None
+
+    @awaiting.setter
+    def awaiting(self, token: Awaiting | None) -> None:
+        for st in self.steps.values():
+            st.awaiting = None
+        if token is not None:
+            self.steps[token.step].awaiting = token.kind
+
+    @property
+    def timer(self) -> Timer | None:
+        """The first pending timer (a straight-line saga has one at most)."""
+        timers = self.timers()
+        return timers[0] if timers else None
+
+    @timer.setter
+    def timer(self, timer: Timer | None) -> None:
+        for st in self.steps.values():
+            st.timer = None
+        if timer is not None:
+            self.steps[timer.step].timer = timer

@@ -13,12 +13,24 @@ from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
-from engine.definition import Saga, Step, StepContext, build_payload
-from engine.errors import LimitError, OperationRefused
+from engine.definition import (
+    Delay,
+    Local,
+    Node,
+    Saga,
+    Stage,
+    Step,
+    StepContext,
+    WaitFor,
+    build_payload,
+    is_pivot,
+    timer_length,
+    undoes,
+)
+from engine.errors import BusinessFailure, LimitError, OperationRefused
 from engine.limits import DEFAULT_LIMITS, ERROR_LENGTH, Limits, clip
 from engine.messages import LAST_ATTEMPT_HEADER, Envelope, MessageKind, Outcome, sized
 from engine.model import (
-    Awaiting,
     HistoryEntry,
     OutboxMessage,
     SagaState,
@@ -51,8 +63,10 @@ def new_saga(
         created_at=now,
         updated_at=now,
     )
-    for position, step in enumerate(definition.steps):
-        state.steps[step.name] = StepState(name=step.name, position=position)
+    for position, node in enumerate(definition.nodes):
+        state.steps[node.name] = StepState(
+            name=node.name, position=position, lane=definition.lane(node.name)
+        )
     return state
 
 
@@ -84,36 +98,75 @@ class Transition:
         #: Why a built command or compensation was not emitted (over the size limit,
         #: or holding a NUL), if one was not; ``start`` refuses such an input.
         self.refused: LimitError | None = None
+        #: Set while :meth:`_forward` runs; a step that succeeds meanwhile (a local
+        #: step, a wait whose signal came early) asks for another pass instead.
+        self._forwarding = False
+        self._again = False
 
     # -- events ------------------------------------------------------------------
 
     def start(self) -> None:
         self._record("started")
-        self._dispatch(self.definition.steps[0])
+        self._forward()
 
     def on_reply(self, reply: Envelope) -> bool:
-        """Apply a participant's reply; False if it is not the one the saga awaits."""
-        token = self.state.awaiting
+        """Apply a participant's reply; False if it is not a reply the saga awaits."""
+        st = self.state.steps.get(reply.step)
+        token = st.token() if st is not None else None
         if (
-            token is None
-            or reply.step != token.step
+            st is None
+            or token is None
             or reply.in_reply_to is not token.kind
             or reply.attempt != token.attempt
         ):
             self._record(
                 "reply_ignored",
-                reply.step,
+                reply.step if st is not None else None,
                 f"{reply.in_reply_to} attempt {reply.attempt} ({reply.outcome}) is not awaited",
             )
             return False
-        self.state.awaiting = None
-        self.state.timer = None
-        step = self.definition.step(reply.step)
+        st.awaiting = None
+        st.timer = None
+        node = self.definition.step(reply.step)
+        assert isinstance(node, Step)  # only participant steps hold reply tokens
         if token.kind is MessageKind.COMMAND:
-            self._on_action_reply(step, reply)
+            self._on_action_reply(node, st, reply)
         else:
-            self._on_compensation_reply(step, reply)
+            self._on_compensation_reply(node, st, reply)
         return True
+
+    def on_signal(self, event: str, payload: Mapping[str, Any], actor: str) -> str:
+        """The application's event ``event`` for this saga (:class:`WaitFor`): it
+        completes the step waiting for it, or is kept for a wait the saga has not
+        reached yet. Returns what was done; refused where it means nothing."""
+        state = self.state
+        waits = self.definition.waits_for(event)
+        if not waits:
+            known = sorted({n.event_name for n in self.definition.nodes if isinstance(n, WaitFor)})
+            raise OperationRefused(
+                f"saga {state.name!r} v{state.version} waits for no event {event!r}"
+                + (f" (it waits for: {', '.join(known)})" if known else " (it has no wait step)")
+            )
+        if state.status is not SagaStatus.RUNNING:
+            raise OperationRefused(f"saga {state.id} is {state.status}: it takes no signal now")
+        for node in waits:
+            st = state.steps[node.name]
+            if st.status is StepStatus.DISPATCHED and st.timer is not None:
+                st.timer = None
+                st.reply = dict(payload)
+                what = f"step {node.name!r} completed"
+                self._record("signal_received", node.name, f"{event!r}: {what}", actor=actor)
+                self._succeed(st, f"signal {event!r}")
+                return what
+            if st.attempt == 0 and st.reply is None:
+                st.reply = dict(payload)
+                what = f"kept for step {node.name!r}, which the saga has not reached yet"
+                self._record("signal_received", node.name, f"{event!r}: {what}", actor=actor)
+                return what
+        raise OperationRefused(
+            f"saga {state.id} has already had its signal {event!r} "
+            f"(step {waits[-1].name!r} is {state.steps[waits[-1].name].status})"
+        )
 
     def on_undeliverable(self, message: Envelope, reason: str) -> bool:
         """The broker refused one of this saga's messages for good (too large, ...);
@@ -124,7 +177,8 @@ class Transition:
         compensates the steps before it (or, past the pivot, parks with this cause).
         An awaited compensation parks the saga: retrying cannot make it smaller.
         """
-        token = self.state.awaiting
+        st = self.state.steps.get(message.step)
+        token = st.token() if st is not None else None
         what = f"{message.kind} {message.name} (attempt {message.attempt})"
         awaited = (
             token is not None
@@ -134,15 +188,14 @@ class Transition:
         )
         self._record(
             "undeliverable",
-            message.step if message.step in self.state.steps else None,
+            message.step if st is not None else None,
             f"{what} refused by the broker: {reason}"
             + ("" if awaited else "; the saga was not waiting for it"),
         )
-        if not awaited:
+        if not awaited or st is None:
             return False
-        self.state.awaiting = None
-        self.state.timer = None
-        st = self.state.steps[message.step]
+        st.awaiting = None
+        st.timer = None
         if message.kind is MessageKind.COMPENSATION:
             st.error = f"compensation could not be delivered: {reason}"
             self._park(f"compensation of step {st.name!r} could not be delivered: {reason}")
@@ -161,88 +214,124 @@ class Transition:
         so its outcome is not unknown: the timeout runs again from now, or from
         ``sent_at``, instead of compensating (and, after a long outage, parking) every
         saga that was in flight. False if stale."""
-        if self.state.timer != timer:
+        st = self.state.steps.get(timer.step)
+        if st is None or st.timer != timer:
             return False
-        step = self.definition.step(timer.step)
+        timeout = timer_length(self.definition.step(timer.step))
         start = self.now if sent_at is None else sent_at
-        self.state.timer = Timer(timer.kind, timer.step, timer.attempt, start + step.timeout)
+        st.timer = Timer(timer.kind, timer.step, timer.attempt, start + timeout)
         if sent_at is None:
             why = f"attempt {timer.attempt} is not published yet"
         else:
             why = f"attempt {timer.attempt} was published only at {sent_at.isoformat()}"
         self._record(
             "timeout_postponed",
-            step.name,
-            f"{why}; waiting until {step.timeout.total_seconds():g}s after that",
+            timer.step,
+            f"{why}; waiting until {timeout.total_seconds():g}s after that",
         )
         return True
 
     def on_timer(self, timer: Timer) -> bool:
         """Fire a due timer; False if the saga moved on and the timer is stale."""
-        if self.state.timer != timer:
+        st = self.state.steps.get(timer.step)
+        if st is None or st.timer != timer:
             return False
-        self.state.timer = None
-        state = self.state
-        step = self.definition.step(timer.step)
-        st = state.steps[timer.step]
+        st.timer = None
+        node = self.definition.step(timer.step)
         if timer.kind is TimerKind.STEP_TIMEOUT:
-            state.awaiting = None
-            st.status = StepStatus.TIMED_OUT
-            st.finished_at = self.now
-            st.error = f"no reply within {step.timeout.total_seconds():g}s (attempt {st.attempt})"
-            self._record("step_timed_out", st.name, st.error)
-            self._fail(f"step {st.name!r} timed out; its outcome is unknown")
+            st.awaiting = None
+            self._timed_out(node, st)
         elif timer.kind is TimerKind.RETRY:
-            self._dispatch(step)
+            self._dispatch(node)
+        elif timer.kind is TimerKind.DELAY:
+            self._succeed(st, f"waited {timer_length(node).total_seconds():g}s")
         elif timer.kind is TimerKind.COMPENSATION_TIMEOUT:
-            state.awaiting = None
-            self._compensation_error(step, st, f"no reply within {step.timeout.total_seconds():g}s")
+            st.awaiting = None
+            self._compensation_error(
+                node, st, f"no reply within {timer_length(node).total_seconds():g}s"
+            )
         else:
-            self._dispatch_compensation(step)
+            self._dispatch_compensation(node)
         return True
+
+    def _timed_out(self, node: Node, st: StepState) -> None:
+        seconds = timer_length(node).total_seconds()
+        if isinstance(node, WaitFor):
+            st.status = StepStatus.FAILED
+            st.finished_at = self.now
+            st.error = f"no signal {node.event_name!r} within {seconds:g}s"
+            self._record("step_failed", st.name, st.error)
+            self._fail(f"step {st.name!r} failed: {st.error}")
+            return
+        assert isinstance(node, Step)  # the other nodes' timers are not timeouts
+        error = f"no reply within {seconds:g}s (attempt {st.attempt})"
+        if self.definition.forward_only(st.name):
+            # Past the pivot the saga can only go forward: a timeout is one more
+            # failed attempt (the barrier answers a step that did run with its outcome).
+            self._record("step_timed_out", st.name, error)
+            self._transient(node, st, error)
+            return
+        st.status = StepStatus.TIMED_OUT
+        st.finished_at = self.now
+        st.error = error
+        self._completed(st)
+        self._record("step_timed_out", st.name, st.error)
+        self._fail(f"step {st.name!r} timed out; its outcome is unknown")
 
     # -- operator events ---------------------------------------------------------
 
     def operator_retry(self, actor: str, reason: str | None = None) -> str:
         """An operator's retry: resume a parked saga, or end a retry backoff now.
 
-        The retried step (or compensation) gets a fresh attempt budget and is
+        The retried steps (or compensation) get a fresh attempt budget and are
         dispatched at once with a new, higher attempt token, so a late reply to an
         earlier attempt is still told apart and ignored. Returns what was done, in
         words; raises :class:`OperationRefused` where a retry means nothing.
         """
         state = self.state
-        name, kind = self._retry_target()
-        step = self.definition.step(name)
-        st = state.steps[name]
-        state.awaiting = None
-        state.timer = None
+        names, kind = self._retry_targets()
+        for name in names:
+            state.steps[name].awaiting = None
+            state.steps[name].timer = None
         if kind is MessageKind.COMPENSATION:
+            (name,) = names
+            node = self.definition.step(name)
+            st = state.steps[name]
             st.compensation_attempt_base = st.compensation_attempt
             state.status = SagaStatus.COMPENSATING
             what = (
                 f"compensation of step {name!r} dispatched as attempt "
                 f"{st.compensation_attempt + 1}, with a fresh budget of "
-                f"{step.compensation_retry.max_attempts} attempts"
+                f"{_budget(node, compensation=True)}"
             )
             self._operator("retried", name, what, actor, reason)
-            self._dispatch_compensation(step)
-        else:
+            self._dispatch_compensation(node)
+            return what
+        state.status = SagaStatus.RUNNING
+        state.error = None
+        said: list[str] = []
+        for name in names:
+            node = self.definition.step(name)
+            st = state.steps[name]
             st.attempt_base = st.attempt
             st.finished_at = None
             st.error = None
-            state.status = SagaStatus.RUNNING
-            state.error = None
-            what = (
+            st.completed = None
+            st.status = StepStatus.PENDING
+            said.append(
                 f"step {name!r} dispatched as attempt {st.attempt + 1}, with a fresh "
-                f"budget of {step.retry.max_attempts} attempts"
+                f"budget of {_budget(node)}"
             )
-            self._operator("retried", name, what, actor, reason)
-            self._dispatch(step)
+        what = "; ".join(said)
+        self._operator("retried", names[0] if len(names) == 1 else None, what, actor, reason)
+        for name in names:
+            if self.state.status is SagaStatus.RUNNING:
+                self._dispatch(self.definition.step(name))
+        self._forward()
         return what
 
-    def _retry_target(self) -> tuple[str, MessageKind]:
-        """The step (and which half of it) an operator retry dispatches again."""
+    def _retry_targets(self) -> tuple[list[str], MessageKind]:
+        """The steps (and which half of them) an operator retry dispatches again."""
         state = self.state
         if state.status.is_terminal:
             raise OperationRefused(f"saga {state.id} is {state.status}: there is nothing to retry")
@@ -251,38 +340,47 @@ class Transition:
             undoing = [st for st in ordered if st.status is StepStatus.COMPENSATING]
             if undoing:
                 # Parked because this compensation kept failing (or could not be built).
-                return undoing[-1].name, MessageKind.COMPENSATION
+                latest = max(undoing, key=_completion_order)
+                return [latest.name], MessageKind.COMPENSATION
             if any(st.status is StepStatus.COMPENSATED for st in ordered):
                 raise OperationRefused(
                     f"saga {state.id} is parked half compensated with no compensation "
                     "pending: there is nothing to retry"
                 )
             # Parked going backward at a step without compensation (the pivot or after
-            # it): such a saga can only go forward, so retry the first unfinished step.
-            for st in ordered:
-                if st.status is not StepStatus.SUCCEEDED:
-                    return st.name, MessageKind.COMMAND
-            raise OperationRefused(f"saga {state.id} is parked with every step succeeded")
-        if state.awaiting is not None:
-            token = state.awaiting
+            # it): such a saga can only go forward, so retry what is unfinished.
+            stage = self._current_stage()
+            if stage is None:
+                raise OperationRefused(f"saga {state.id} is parked with every step succeeded")
+            unfinished = [
+                name
+                for branch in stage.branches
+                if (name := self._cursor(branch)) is not None
+                and state.steps[name].status is not StepStatus.SUCCEEDED
+                and (state.steps[name].attempt > 0 or len(stage.branches) == 1)
+            ]
+            return unfinished, MessageKind.COMMAND
+        backoffs = [t for t in state.timers() if t.kind is TimerKind.RETRY]
+        if backoffs:
+            return [t.step for t in backoffs], MessageKind.COMMAND
+        compensation = [t for t in state.timers() if t.kind is TimerKind.COMPENSATION_RETRY]
+        if compensation:
+            return [compensation[0].step], MessageKind.COMPENSATION
+        token = state.awaiting
+        if token is not None:
             raise OperationRefused(
                 f"saga {state.id} is {state.status}: the {token.kind} of step {token.step!r} "
                 f"(attempt {token.attempt}) is in flight; wait for its reply or timeout"
             )
-        timer = state.timer
-        if timer is not None and timer.kind is TimerKind.RETRY:
-            return timer.step, MessageKind.COMMAND
-        if timer is not None and timer.kind is TimerKind.COMPENSATION_RETRY:
-            return timer.step, MessageKind.COMPENSATION
         raise OperationRefused(f"saga {state.id} is {state.status} and waits for nothing to retry")
 
     def cancel(self, actor: str, reason: str | None = None) -> str:
         """An operator stops a running saga and compensates what ran.
 
-        The step in flight (or between two of its attempts) has an unknown outcome:
-        it is compensated like a timed-out step, which the participant's barrier makes
-        safe, then the completed steps in reverse order. A saga past its pivot cannot
-        be undone, so it cannot be cancelled either.
+        The steps in flight (or between two of their attempts) have an unknown
+        outcome: they are compensated like timed-out steps, which the participant's
+        barrier makes safe, then the completed steps in reverse order of completion.
+        A saga past its pivot cannot be undone, so it cannot be cancelled either.
         """
         state = self.state
         if state.status is not SagaStatus.RUNNING:
@@ -292,29 +390,19 @@ class Transition:
             }.get(state.status, "it has finished")
             raise OperationRefused(f"saga {state.id} is {state.status}: cannot cancel, {why}")
         for st in state.ordered_steps():
-            if self.definition.step(st.name).compensation is None and st.attempt > 0:
+            if is_pivot(self.definition.step(st.name)) and st.attempt > 0:
                 did = "succeeded" if st.status is StepStatus.SUCCEEDED else "been dispatched"
                 raise OperationRefused(
                     f"saga {state.id} cannot be cancelled: step {st.name!r} has no "
                     f"compensation (it is the pivot or after it) and has {did}; "
                     "this saga can only go forward"
                 )
-        in_flight = [
-            st
-            for st in state.ordered_steps()
-            if st.status in (StepStatus.DISPATCHED, StepStatus.PENDING) and st.attempt > 0
-        ]
-        undo = [st.name for st in reversed(state.ordered_steps()) if st.status in _COMPENSABLE]
-        undo = [st.name for st in reversed(in_flight)] + undo
+        in_flight = self._in_flight()
+        undo = [st.name for st in reversed(in_flight) if undoes(self.definition.step(st.name))]
+        undo += [st.name for st in self._to_compensate()]
         what = f"compensating {', '.join(repr(n) for n in undo)}" if undo else "nothing ran to undo"
         self._operator("cancelled", None, what, actor, reason)
-        for st in in_flight:
-            st.status = StepStatus.CANCELLED
-            st.finished_at = self.now
-            st.error = f"cancelled by {actor} with attempt {st.attempt} in flight: outcome unknown"
-            self._record("step_cancelled", st.name, st.error)
-        state.awaiting = None
-        state.timer = None
+        self._stop(in_flight, f"cancelled by {actor}")
         self._fail(f"cancelled by {actor}" + (f": {reason}" if reason else ""))
         return what
 
@@ -326,11 +414,90 @@ class Transition:
 
     # -- forward -----------------------------------------------------------------
 
-    def _dispatch(self, step: Step) -> None:
-        st = self.state.steps[step.name]
+    def _forward(self) -> None:
+        """Dispatch what may run now; complete the saga when every stage has.
+
+        Walks the stages in order: the first one not finished is the saga's place;
+        in it, each begun branch runs its next node, and branches not begun start
+        while the group's limit allows."""
+        if self._forwarding:
+            self._again = True
+            return
+        self._forwarding = True
+        try:
+            while self.state.status is SagaStatus.RUNNING:
+                self._again = False
+                stage = self._current_stage()
+                if stage is None:
+                    self.state.status = SagaStatus.COMPLETED
+                    self._record("completed")
+                    return
+                self._run(stage)
+                if not self._again:
+                    return
+        finally:
+            self._forwarding = False
+
+    def _current_stage(self) -> Stage | None:
+        steps = self.state.steps
+        for stage in self.definition.stages:
+            if any(
+                steps[name].status is not StepStatus.SUCCEEDED
+                for branch in stage.branches
+                for name in branch
+            ):
+                return stage
+        return None
+
+    def _cursor(self, branch: tuple[str, ...]) -> str | None:
+        """A branch's first node not succeeded; None when it is done."""
+        for name in branch:
+            if self.state.steps[name].status is not StepStatus.SUCCEEDED:
+                return name
+        return None
+
+    def _run(self, stage: Stage) -> None:
+        steps = self.state.steps
+        idle: list[str] = []
+        running = 0
+        for branch in stage.branches:
+            cursor = self._cursor(branch)
+            if cursor is None:
+                continue
+            if steps[branch[0]].attempt == 0 and cursor == branch[0]:
+                idle.append(cursor)
+                continue
+            running += 1
+            if steps[cursor].attempt == 0:
+                self._dispatch(self.definition.step(cursor))
+                if self.state.status is not SagaStatus.RUNNING:
+                    return
+        for cursor in idle:
+            if stage.limit is not None and running >= stage.limit:
+                return
+            running += 1
+            self._dispatch(self.definition.step(cursor))
+            if self.state.status is not SagaStatus.RUNNING:
+                return
+
+    def _dispatch(self, node: Node) -> None:
+        st = self.state.steps[node.name]
         st.attempt += 1
         st.status = StepStatus.DISPATCHED
         st.started_at = st.started_at or self.now
+        if isinstance(node, Step):
+            self._send_command(node, st)
+        elif isinstance(node, WaitFor):
+            if st.reply is not None:  # its signal came before the saga got here
+                self._succeed(st, "its signal had come before")
+            else:
+                st.timer = Timer(TimerKind.STEP_TIMEOUT, node.name, st.attempt, self._at(node))
+        elif isinstance(node, Delay):
+            st.timer = Timer(TimerKind.DELAY, node.name, st.attempt, self._at(node))
+        else:
+            self._run_local(node, st)
+
+    def _send_command(self, step: Step, st: StepState) -> None:
         try:
             payload = build_payload(step.command, self._context())
         except Exception as exc:  # a bug in the user's builder: fail the step visibly
@@ -348,24 +515,37 @@ class Transition:
             self._record("step_failed", st.name, st.error)
             self._fail(f"step {st.name!r} could not send its command: {refused}")
             return
-        self.state.timer = Timer(
-            TimerKind.STEP_TIMEOUT, step.name, st.attempt, self.now + step.timeout
-        )
+        st.timer = Timer(TimerKind.STEP_TIMEOUT, step.name, st.attempt, self.now + step.timeout)
 
-    def _on_action_reply(self, step: Step, reply: Envelope) -> None:
-        st = self.state.steps[step.name]
-        if reply.outcome is Outcome.SUCCESS:
-            st.status = StepStatus.SUCCEEDED
+    def _run_local(self, node: Local, st: StepState) -> None:
+        try:
+            result = node.run(self._context())
+            reply = build_payload(lambda _: result, self._context()) if result is not None else {}
+        except BusinessFailure as exc:
+            st.status = StepStatus.FAILED
             st.finished_at = self.now
+            st.error = clip(str(exc) or "business failure", ERROR_LENGTH // 2)
+            self._record("step_failed", st.name, st.error)
+            self._fail(f"step {st.name!r} failed: {st.error}")
+            return
+        except Exception as exc:  # retried like a participant's transient error
+            self._transient(node, st, f"raised {_shown(exc)}")
+            return
+        st.reply = reply
+        self._succeed(st, f"attempt {st.attempt}")
+
+    def _succeed(self, st: StepState, detail: str) -> None:
+        st.status = StepStatus.SUCCEEDED
+        st.finished_at = self.now
+        st.error = None
+        self._completed(st)
+        self._record("step_succeeded", st.name, detail)
+        self._forward()
+
+    def _on_action_reply(self, step: Step, st: StepState, reply: Envelope) -> None:
+        if reply.outcome is Outcome.SUCCESS:
             st.reply = dict(reply.payload)
-            st.error = None
-            self._record("step_succeeded", st.name, f"attempt {st.attempt}")
-            position = self.definition.position(step.name)
-            if position + 1 < len(self.definition.steps):
-                self._dispatch(self.definition.steps[position + 1])
-            else:
-                self.state.status = SagaStatus.COMPLETED
-                self._record("completed")
+            self._succeed(st, f"attempt {st.attempt}")
         elif reply.outcome is Outcome.FAILURE:
             st.status = StepStatus.FAILED
             st.finished_at = self.now
@@ -373,103 +553,157 @@ class Transition:
             self._record("step_failed", st.name, st.error)
             self._fail(f"step {st.name!r} failed: {st.error}")
         else:
-            st.error = reply.error or "transient error"
-            policy = step.retry
-            used = st.attempt - st.attempt_base
-            if used < policy.max_attempts:
-                st.status = StepStatus.PENDING
-                delay = policy.delay(used, self.rng)
-                self.state.timer = Timer(TimerKind.RETRY, step.name, st.attempt, self._after(delay))
-                self._record(
-                    "step_error",
-                    st.name,
-                    f"attempt {st.attempt}/{st.attempt_base + policy.max_attempts}: {st.error}; "
-                    f"retry in {delay:.3f}s",
-                )
-            else:
-                st.status = StepStatus.FAILED
-                st.finished_at = self.now
-                self._record("step_failed", st.name, f"gave up after {used} attempts")
-                if step.compensation is not None:
-                    # Only this attempt is known to have rolled back: an earlier one may
-                    # still be delivered (redelivery, a second publish) and run. So the
-                    # step is compensated first, like a timed-out one; the participant's
-                    # barrier makes that a no-op if it never ran and refuses it later.
-                    st.status = StepStatus.COMPENSATING
-                self._fail(f"step {st.name!r} failed after {used} attempts: {st.error}")
+            self._transient(step, st, reply.error or "transient error")
+
+    def _transient(self, node: Step | Local, st: StepState, error: str) -> None:
+        """A failed attempt that may be retried: back off, or give up under the policy."""
+        st.error = error
+        policy = node.retry
+        used = st.attempt - st.attempt_base
+        if policy.allows(used):
+            st.status = StepStatus.PENDING
+            delay = policy.delay(used, self.rng)
+            st.timer = Timer(TimerKind.RETRY, node.name, st.attempt, self._after(delay))
+            self._record(
+                "step_error",
+                st.name,
+                f"attempt {st.attempt}/{policy.shown(st.attempt_base)}: {st.error}; "
+                f"retry in {delay:.3f}s",
+            )
+            return
+        st.status = StepStatus.FAILED
+        st.finished_at = self.now
+        self._record("step_failed", st.name, f"gave up after {used} attempts")
+        if isinstance(node, Step) and node.compensation is not None:
+            # Only this attempt is known to have rolled back: an earlier one may
+            # still be delivered (redelivery, a second publish) and run. So the
+            # step is compensated first, like a timed-out one; the participant's
+            # barrier makes that a no-op if it never ran and refuses it later.
+            st.status = StepStatus.COMPENSATING
+            self._completed(st)
+        self._fail(f"step {st.name!r} failed after {used} attempts: {st.error}")
 
     # -- backward ----------------------------------------------------------------
 
     def _fail(self, reason: str) -> None:
         self.state.error = reason
+        # Branches still in flight beside the failed one: their outcome is unknown.
+        self._stop(self._in_flight(), f"stopped when {reason}")
         self.state.status = SagaStatus.COMPENSATING
         self._record("compensating", detail=reason)
         self._compensate_next()
 
+    def _in_flight(self) -> list[StepState]:
+        """Steps dispatched and unanswered, or between two attempts, in step order."""
+        return [
+            st
+            for st in self.state.ordered_steps()
+            if st.status in (StepStatus.DISPATCHED, StepStatus.PENDING) and st.attempt > 0
+        ]
+
+    def _stop(self, in_flight: list[StepState], why: str) -> None:
+        for st in in_flight:
+            st.awaiting = None
+            st.timer = None
+            st.status = StepStatus.CANCELLED
+            st.finished_at = self.now
+            st.error = f"{why} with attempt {st.attempt} in flight: outcome unknown"
+            self._completed(st)
+            self._record("step_cancelled", st.name, st.error)
+
+    def _to_compensate(self) -> list[StepState]:
+        """The steps still to undo, latest completed first; a pivot (or a step past
+        it) among them stops the walk where it stands. Waits, delays and local steps
+        without compensation have nothing to undo and are left as they are."""
+        found = [
+            st
+            for st in self.state.steps.values()
+            if st.status in _COMPENSABLE
+            and (undoes(node := self.definition.step(st.name)) or is_pivot(node))
+        ]
+        return sorted(found, key=_completion_order, reverse=True)
+
     def _compensate_next(self) -> None:
-        for st in reversed(self.state.ordered_steps()):
-            if st.status not in _COMPENSABLE:
-                continue
-            step = self.definition.step(st.name)
-            if step.compensation is None:
+        for st in self._to_compensate():
+            node = self.definition.step(st.name)
+            if not undoes(node):
                 # Only ever reached first, from _fail: keep its real cause ahead.
-                pivot = f"step {st.name!r} is a pivot ({st.status}) and cannot be compensated"
+                if self.definition.forward_only(st.name):
+                    what = f"step {st.name!r} comes after the pivot ({st.status})"
+                else:
+                    what = f"step {st.name!r} is a pivot ({st.status})"
+                pivot = f"{what} and cannot be compensated"
                 self._park(f"{self.state.error}; {pivot}" if self.state.error else pivot)
                 return
             st.status = StepStatus.COMPENSATING
-            self._dispatch_compensation(step)
+            self._dispatch_compensation(node)
             return
         self.state.status = SagaStatus.COMPENSATED
         self._record("compensated")
 
-    def _dispatch_compensation(self, step: Step) -> None:
-        assert step.compensation is not None
-        st = self.state.steps[step.name]
+    def _dispatch_compensation(self, node: Node) -> None:
+        st = self.state.steps[node.name]
         st.compensation_attempt += 1
+        if isinstance(node, Local):
+            self._run_local_compensation(node, st)
+            return
+        assert isinstance(node, Step) and node.compensation is not None
         try:
-            payload = build_payload(step.compensation.build, self._context())
+            payload = build_payload(node.compensation.build, self._context())
         except Exception as exc:  # retrying cannot fix a builder bug
             st.error = f"compensation builder raised {_shown(exc)}"
             self._park(f"compensation of step {st.name!r} could not be built: {_shown(exc)}")
             return
         refused = self._emit(
-            step, MessageKind.COMPENSATION, step.compensation.name, st.compensation_attempt, payload
+            node, MessageKind.COMPENSATION, node.compensation.name, st.compensation_attempt, payload
         )
         if refused is not None:  # retrying cannot shrink it either
             st.error = f"compensation not sent: {refused}"
             self._park(f"compensation of step {st.name!r} could not be sent: {refused}")
             return
-        self.state.timer = Timer(
+        st.timer = Timer(
             TimerKind.COMPENSATION_TIMEOUT,
-            step.name,
+            node.name,
             st.compensation_attempt,
-            self.now + step.timeout,
+            self.now + node.timeout,
         )
 
-    def _on_compensation_reply(self, step: Step, reply: Envelope) -> None:
-        st = self.state.steps[step.name]
+    def _run_local_compensation(self, node: Local, st: StepState) -> None:
+        assert node.compensation is not None
+        try:
+            node.compensation(self._context())
+        except Exception as exc:
+            self._compensation_error(node, st, f"raised {_shown(exc)}")
+            return
+        self._compensated(st)
+
+    def _on_compensation_reply(self, step: Step, st: StepState, reply: Envelope) -> None:
         if reply.outcome is Outcome.SUCCESS:
-            st.status = StepStatus.COMPENSATED
-            st.finished_at = self.now
-            self._record("step_compensated", st.name, f"attempt {st.compensation_attempt}")
-            self._compensate_next()
+            self._compensated(st)
         else:
             self._compensation_error(step, st, reply.error or str(reply.outcome))
 
-    def _compensation_error(self, step: Step, st: StepState, error: str) -> None:
+    def _compensated(self, st: StepState) -> None:
+        st.status = StepStatus.COMPENSATED
+        st.finished_at = self.now
+        self._record("step_compensated", st.name, f"attempt {st.compensation_attempt}")
+        self._compensate_next()
+
+    def _compensation_error(self, node: Node, st: StepState, error: str) -> None:
         st.error = error
-        policy = step.compensation_retry
+        assert isinstance(node, (Step, Local))
+        policy = node.compensation_retry
         used = st.compensation_attempt - st.compensation_attempt_base
-        if used < policy.max_attempts:
+        if policy.allows(used):
             delay = policy.delay(used, self.rng)
-            self.state.timer = Timer(
-                TimerKind.COMPENSATION_RETRY, step.name, st.compensation_attempt, self._after(delay)
+            st.timer = Timer(
+                TimerKind.COMPENSATION_RETRY, node.name, st.compensation_attempt, self._after(delay)
             )
-            limit = st.compensation_attempt_base + policy.max_attempts
             self._record(
                 "compensation_error",
                 st.name,
-                f"attempt {st.compensation_attempt}/{limit}: {error}; retry in {delay:.3f}s",
+                f"attempt {st.compensation_attempt}/"
+                f"{policy.shown(st.compensation_attempt_base)}: {error}; retry in {delay:.3f}s",
             )
         else:
             self._park(f"compensation of step {st.name!r} failed {used} times: {error}")
@@ -477,14 +711,23 @@ class Transition:
     def _park(self, reason: str) -> None:
         self.state.status = SagaStatus.PARKED
         self.state.error = reason
-        self.state.awaiting = None
-        self.state.timer = None
+        for st in self.state.steps.values():
+            st.awaiting = None
+            st.timer = None
         self._record("parked", detail=reason)
 
     # -- helpers -----------------------------------------------------------------
 
+    def _completed(self, st: StepState) -> None:
+        """Number ``st`` after every step completed before it (see StepState.completed)."""
+        st.completed = 1 + max((s.completed or 0 for s in self.state.steps.values()), default=0)
+
     def _context(self) -> StepContext:
-        replies = {st.name: st.reply for st in self.state.steps.values() if st.reply is not None}
+        replies = {
+            st.name: st.reply
+            for st in self.state.steps.values()
+            if st.reply is not None and st.attempt > 0
+        }
         return StepContext(
             saga_id=self.state.id,
             input=self.definition.parse_input(self.state.input),
@@ -498,9 +741,12 @@ class Transition:
         refusal (nothing is queued)."""
         st = self.state.steps[step.name]
         if kind is MessageKind.COMMAND:
-            last = st.attempt_base + step.retry.max_attempts
+            policy, base = step.retry, st.attempt_base
         else:
-            last = st.compensation_attempt_base + step.compensation_retry.max_attempts
+            policy, base = step.compensation_retry, st.compensation_attempt_base
+        headers = dict(self.headers)
+        if policy.max_attempts is not None:
+            headers[LAST_ATTEMPT_HEADER] = str(base + policy.max_attempts)
         envelope = Envelope(
             saga_id=self.state.id,
             saga_name=self.state.name,
@@ -511,7 +757,7 @@ class Transition:
             attempt=attempt,
             payload=payload,
             created_at=self.now,
-            headers={**self.headers, LAST_ATTEMPT_HEADER: str(last)},
+            headers=headers,
         )
         try:
             sized(envelope, self.limits)
@@ -521,8 +767,11 @@ class Transition:
         self.messages.append(
             OutboxMessage(self.topology.commands(step.participant), self.state.id, envelope)
         )
-        self.state.awaiting = Awaiting(step.name, kind, attempt)
+        st.awaiting = kind
         return None
+
+    def _at(self, node: Node) -> datetime:
+        return self.now + timer_length(node)
 
     def _after(self, seconds: float) -> datetime:
         return self.now + timedelta(seconds=seconds)
@@ -536,6 +785,21 @@ class Transition:
     ) -> None:
         self.state.updated_at = self.now
         self.history.append(HistoryEntry(self.now, event, step, detail, actor))
+
+
+def _budget(node: Node, *, compensation: bool = False) -> str:
+    if isinstance(node, (Step, Local)):
+        policy = node.compensation_retry if compensation else node.retry
+        if policy.max_attempts is None:
+            return "unlimited attempts"
+        return f"{policy.max_attempts} attempts"
+    return "one attempt"
+
+
+def _completion_order(st: StepState) -> tuple[int, int]:
+    """Sort key of completion: steps completed before StepState.completed existed
+    (None) come first, in step order."""
+    return (st.completed if st.completed is not None else -1, st.position)
 
 
 def _shown(exc: Exception) -> str:

@@ -26,7 +26,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Dialect
 
-from engine.limits import ID_LENGTH, NAME_LENGTH
+from engine.limits import ID_LENGTH, LANE_LENGTH, NAME_LENGTH
 
 metadata = MetaData()
 
@@ -66,9 +66,6 @@ sagas = Table(
     Column("error", Text),
     Column("trace_id", String(32)),
     Column("trace_context", JSON),
-    Column("awaiting_step", String(NAME_LENGTH)),
-    Column("awaiting_kind", String(20)),
-    Column("awaiting_attempt", Integer),
     Column("row_version", Integer, nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
@@ -99,6 +96,12 @@ steps = Table(
     #: Attempts made before the current retry budget (an operator retry resets it).
     Column("attempt_base", Integer, nullable=False, server_default="0"),
     Column("compensation_attempt_base", Integer, nullable=False, server_default="0"),
+    #: The kind of reply the step waits for (its attempt is the current one).
+    Column("awaiting_kind", String(20)),
+    #: Completion order within the saga: compensation runs in reverse of it.
+    Column("completed", Integer),
+    #: ``group[branch]`` of a step in a parallel group.
+    Column("lane", String(LANE_LENGTH)),
 )
 
 timers = Table(
@@ -111,7 +114,8 @@ timers = Table(
         primary_key=True,
     ),
     Column("kind", String(30), nullable=False),
-    Column("step", String(NAME_LENGTH), nullable=False),
+    #: One timer per step at most; a saga has one per branch in flight.
+    Column("step", String(NAME_LENGTH), primary_key=True),
     Column("attempt", Integer, nullable=False),
     Column("due_at", UTCDateTime, nullable=False),
     Index("ix_saga_timers_due_at", "due_at"),

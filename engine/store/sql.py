@@ -24,6 +24,7 @@ from sqlalchemy import (
     insert,
     or_,
     select,
+    tuple_,
     update,
 )
 from sqlalchemy.exc import IntegrityError
@@ -34,7 +35,6 @@ from engine.errors import ConcurrencyConflict
 from engine.messages import MessageKind, encode, new_message_id
 from engine.model import (
     TIMEOUTS,
-    Awaiting,
     HistoryEntry,
     OutboxMessage,
     SagaState,
@@ -83,8 +83,13 @@ _SAGA_ID_LENGTH = 36
 
 #: A step's fields as a tuple, to tell which steps a transition changed. Shallow (not
 #: ``dataclasses.astuple``, which deep-copies and was a fifth of the engine's CPU):
-#: the state machine replaces a step's reply, it never edits one in place.
-_step_snapshot = attrgetter(*(f.name for f in fields(StepState)))
+#: the state machine replaces a step's reply, it never edits one in place. Its timer
+#: lives in saga_timers, so it is compared apart.
+_step_snapshot = attrgetter(*(f.name for f in fields(StepState) if f.name != "timer"))
+
+
+def _timers_of(state: SagaState) -> dict[str, Timer]:
+    return {st.name: st.timer for st in state.steps.values() if st.timer is not None}
 
 
 def _step_row(saga_id: str, st: StepState) -> dict[str, Any]:
@@ -101,19 +106,18 @@ def _step_row(saga_id: str, st: StepState) -> dict[str, Any]:
         "error": st.error,
         "attempt_base": st.attempt_base,
         "compensation_attempt_base": st.compensation_attempt_base,
+        "awaiting_kind": st.awaiting.value if st.awaiting is not None else None,
+        "completed": st.completed,
+        "lane": st.lane,
     }
 
 
 def _saga_values(state: SagaState) -> dict[str, Any]:
-    awaiting = state.awaiting
     return {
         "status": state.status.value,
         "error": state.error,
         "trace_id": state.trace_id,
         "trace_context": state.trace_context or None,
-        "awaiting_step": awaiting.step if awaiting else None,
-        "awaiting_kind": awaiting.kind.value if awaiting else None,
-        "awaiting_attempt": awaiting.attempt if awaiting else None,
         "updated_at": state.updated_at,
     }
 
@@ -150,7 +154,7 @@ class SqlStoreTransaction:
 
     def __init__(self, conn: AsyncConnection) -> None:
         self.conn = conn
-        self._loaded: dict[str, tuple[dict[str, tuple[Any, ...]], Timer | None]] = {}
+        self._loaded: dict[str, tuple[dict[str, tuple[Any, ...]], dict[str, Timer]]] = {}
         #: Sagas whose rows this transaction holds locked (:meth:`lock_sagas`).
         self._locked: set[str] = set()
 
@@ -172,8 +176,8 @@ class SqlStoreTransaction:
         await self.conn.execute(
             insert(steps), [_step_row(state.id, st) for st in state.ordered_steps()]
         )
-        if state.timer is not None:
-            await self.conn.execute(insert(timers).values(_timer_row(state.id, state.timer)))
+        if new_timers := [_timer_row(state.id, t) for t in state.timers()]:
+            await self.conn.execute(insert(timers), new_timers)
 
     async def load_saga(self, saga_id: str) -> SagaState | None:
         row = (await self.conn.execute(select(sagas).where(sagas.c.id == saga_id))).first()
@@ -214,13 +218,6 @@ class SqlStoreTransaction:
                 trace_id=row.trace_id,
                 trace_context=dict(row.trace_context or {}),
                 row_version=row.row_version,
-                awaiting=(
-                    Awaiting(
-                        row.awaiting_step, MessageKind(row.awaiting_kind), row.awaiting_attempt
-                    )
-                    if row.awaiting_step is not None
-                    else None
-                ),
             )
         if not states:
             return states
@@ -240,14 +237,19 @@ class SqlStoreTransaction:
                 error=s.error,
                 attempt_base=s.attempt_base,
                 compensation_attempt_base=s.compensation_attempt_base,
+                awaiting=MessageKind(s.awaiting_kind) if s.awaiting_kind is not None else None,
+                completed=s.completed,
+                lane=s.lane,
             )
         timer_filter = timers.c.saga_id == ids[0] if one else timers.c.saga_id.in_(ids)
         for t in await self.conn.execute(select(timers).where(timer_filter)):
-            states[t.saga_id].timer = _timer_of(t)
+            step = states[t.saga_id].steps.get(t.step)
+            if step is not None:
+                step.timer = _timer_of(t)
         for state in states.values():
             self._loaded[state.id] = (
                 {n: _step_snapshot(s) for n, s in state.steps.items()},
-                state.timer,
+                _timers_of(state),
             )
         return states
 
@@ -287,34 +289,37 @@ class SqlStoreTransaction:
                 if result.rowcount != 1:
                     raise ConcurrencyConflict(f"saga {state.id} was advanced by another writer")
         step_rows: list[dict[str, Any]] = []
-        timer_deletes: list[str] = []
+        #: (saga, step) whose timer row goes; sagas whose timer rows all go.
+        timer_deletes: list[tuple[str, str]] = []
+        saga_timer_deletes: list[str] = []
         timer_inserts: list[dict[str, Any]] = []
         timer_updates: list[dict[str, Any]] = []
         for state in states:
             state.row_version += 1
             loaded = self._loaded.get(state.id)
-            old_steps, old_timer = loaded if loaded is not None else ({}, None)
+            old_steps, old_timers = loaded if loaded is not None else ({}, {})
             new_steps = {n: _step_snapshot(st) for n, st in state.steps.items()}
             for name, st in state.steps.items():
                 if old_steps.get(name) != new_steps[name]:
                     row = _step_row(state.id, st)
                     del row["saga_id"], row["name"]
                     step_rows.append({"b_saga_id": state.id, "b_name": name, **row})
+            new_timers = _timers_of(state)
             if loaded is None:
-                # An image from another transaction: what its timer row holds is unknown.
-                timer_deletes.append(state.id)
-                if state.timer is not None:
-                    timer_inserts.append(_timer_row(state.id, state.timer))
-            elif state.timer != old_timer:
-                if state.timer is None:
-                    timer_deletes.append(state.id)
-                elif old_timer is None:
-                    timer_inserts.append(_timer_row(state.id, state.timer))
-                else:
-                    timer_updates.append(
-                        {"b_saga_id": state.id, **_timer_row(state.id, state.timer)}
-                    )
-            self._loaded[state.id] = (new_steps, state.timer)
+                # An image from another transaction: what its timer rows hold is unknown.
+                saga_timer_deletes.append(state.id)
+                timer_inserts.extend(_timer_row(state.id, t) for t in new_timers.values())
+            elif new_timers != old_timers:
+                for step, timer in new_timers.items():
+                    old = old_timers.get(step)
+                    if old is None:
+                        timer_inserts.append(_timer_row(state.id, timer))
+                    elif old != timer:
+                        timer_updates.append(
+                            {"b_saga_id": state.id, "b_step": step, **_timer_row(state.id, timer)}
+                        )
+                timer_deletes.extend((state.id, step) for step in old_timers.keys() - new_timers)
+            self._loaded[state.id] = (new_steps, new_timers)
         if step_rows:
             await self.conn.execute(
                 update(steps).where(
@@ -322,13 +327,21 @@ class SqlStoreTransaction:
                 ),
                 step_rows,
             )
+        if saga_timer_deletes:
+            await self.conn.execute(delete(timers).where(timers.c.saga_id.in_(saga_timer_deletes)))
         if timer_deletes:
-            await self.conn.execute(delete(timers).where(timers.c.saga_id.in_(timer_deletes)))
+            await self.conn.execute(
+                delete(timers).where(tuple_(timers.c.saga_id, timers.c.step).in_(timer_deletes))
+            )
         if timer_inserts:
             await self.conn.execute(insert(timers), timer_inserts)
         if timer_updates:
             await self.conn.execute(
-                update(timers).where(timers.c.saga_id == bindparam("b_saga_id")), timer_updates
+                update(timers).where(
+                    timers.c.saga_id == bindparam("b_saga_id"),
+                    timers.c.step == bindparam("b_step"),
+                ),
+                timer_updates,
             )
 
     async def add_outbox(self, messages: Sequence[OutboxMessage]) -> None:
