@@ -20,7 +20,7 @@ import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, ClassVar, NamedTuple, Protocol, TypeVar
 
@@ -201,6 +201,20 @@ class Cancelled(OperatorAction):
 
     def apply(self, transition: Transition) -> str:
         return transition.cancel(self.actor, self.reason)
+
+
+@dataclass(frozen=True)
+class Signalled(OperatorAction):
+    """The application's named event for a saga: it completes the wait step waiting
+    for it (:class:`~engine.definition.WaitFor`), or is kept until the saga gets
+    there. ``step`` is filled by nothing: the event's name chooses the step."""
+
+    action: ClassVar[str] = "signal"
+    event: str = ""
+    payload: Mapping[str, Any] = field(default_factory=dict)
+
+    def apply(self, transition: Transition) -> str:
+        return transition.on_signal(self.event, self.payload, self.actor)
 
 
 class Operated(NamedTuple):

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import json
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from datetime import timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel
 
 from engine.clock import Clock, utc_now
 from engine.deadletters import describe, replay_headers
@@ -31,6 +34,7 @@ from engine.limits import (
     DEFAULT_LIMITS,
     Limits,
     check_actor,
+    check_name,
     check_reason,
     check_saga_id,
     nul_path,
@@ -96,7 +100,7 @@ class SagaClient:
         clock: Clock = utc_now,
         on_commit: Callable[[], None] | None = None,
         messaging_system: str = "memory",
-        signal: OutboxSignal | None = None,
+        outbox_signal: OutboxSignal | None = None,
         limits: Limits = DEFAULT_LIMITS,
         queries: SagaQueries | None = None,
     ) -> None:
@@ -107,7 +111,7 @@ class SagaClient:
 
         ``topology`` names the destinations commands go to (its prefix must be the
         workers'); ``on_commit`` is called after each commit that wrote outbox rows
-        (an in-process engine wakes its relay); ``signal`` wakes relays in other
+        (an in-process engine wakes its relay); ``outbox_signal`` wakes relays in other
         processes (by default the store's own: PostgreSQL ``NOTIFY``).
         """
         self.store = store
@@ -124,7 +128,7 @@ class SagaClient:
         self.on_commit = on_commit
         #: Wakes relays in other processes when this client's outbox rows commit
         #: (PostgreSQL: NOTIFY); by default the store's own, if its database has one.
-        self.signal = signal if signal is not None else store.outbox_signal()
+        self.outbox_signal = outbox_signal if outbox_signal is not None else store.outbox_signal()
         #: ``messaging.system`` of the broker the relay will publish to (trace attribute).
         self.messaging_system = messaging_system
         #: Sizes a start refuses beyond (the first command), and the operator's
@@ -187,7 +191,7 @@ class SagaClient:
             topology=connections.topology,
             on_commit=on_commit,
             messaging_system=connections.messaging_system,
-            signal=connections.signal,
+            outbox_signal=connections.signal,
             limits=connections.limits,
         )
 
@@ -245,13 +249,13 @@ class SagaClient:
             limits=self.limits,
             messaging_system=self.messaging_system,
             wake=self.on_commit,
-            signal=self.signal,
+            signal=self.outbox_signal,
         )
 
     async def _announce(self, tx: StoreTransaction) -> None:
         """Inside a transaction that wrote outbox rows: wake the relays on commit."""
-        if self.signal is not None:
-            await self.signal.announce(tx)
+        if self.outbox_signal is not None:
+            await self.outbox_signal.announce(tx)
 
     async def get(self, saga_id: str) -> SagaDetail:
         """One saga with its steps and history; SagaNotFoundError if there is none."""
@@ -305,6 +309,38 @@ class SagaClient:
         from engine.advance import Cancelled
 
         return await self._operate(saga_id, Cancelled(actor, reason))
+
+    async def signal(
+        self,
+        saga_id: str,
+        event: str,
+        payload: BaseModel | Mapping[str, Any] | None = None,
+        *,
+        actor: str = "application",
+    ) -> OperatorResult:
+        """Send the application's event ``event`` (an approval, a provider's webhook)
+        to a saga: it completes the :class:`~engine.definition.WaitFor` step waiting
+        for it, its payload the step's reply; one the saga has not reached yet is
+        kept for it. Refused (:class:`OperationRefused`) if the saga waits for no
+        such event, has had it already, or is no longer running."""
+        from engine.advance import Signalled
+
+        check_name(event, "the event name")
+        data = (
+            payload.model_dump(mode="json")
+            if isinstance(payload, BaseModel)
+            else dict(payload or {})
+        )
+        size = len(json.dumps(data, separators=(",", ":")))
+        if size > self.limits.max_message_bytes:
+            raise LimitError(
+                f"signal payload too large: it is {size:,} bytes as JSON, the limit is "
+                f"{self.limits.max_message_bytes:,} (SAGA_MAX_MESSAGE_BYTES)"
+            )
+        where = nul_path(data)
+        if where is not None:
+            raise LimitError(f"signal payload refused: {where} holds a NUL character")
+        return await self._operate(saga_id, Signalled(actor, event=event, payload=data))
 
     async def _operate(self, saga_id: str, event: OperatorAction) -> OperatorResult:
         """Apply an operator event in one transaction with its outbox messages, under

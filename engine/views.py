@@ -38,6 +38,10 @@ class StepView(BaseModel):
     finished_at: datetime | None
     error: str | None
     reply: dict[str, Any] | None
+    #: ``group[branch]`` of a step inside a parallel group, else None.
+    lane: str | None = None
+    #: Completion order (compensation runs in reverse of it); None if not completed.
+    completed: int | None = None
 
 
 class HistoryView(BaseModel):

@@ -120,7 +120,7 @@ async def pg_url() -> AsyncIterator[str]:
 
 async def test_a_saga_started_elsewhere_is_published_long_before_the_poll(pg_url: str) -> None:
     async with relay_on(pg_url) as engine, client_on(pg_url) as client:
-        assert isinstance(client.signal, PgOutboxSignal)  # picked from the store
+        assert isinstance(client.outbox_signal, PgOutboxSignal)  # picked from the store
         saga_id = await client.start("place_order", order_input())
         [command] = await engine.published(1)
         assert command.key == saga_id
@@ -133,7 +133,7 @@ async def test_without_the_notification_the_row_waits_for_the_poll(pg_url: str) 
     """The control: the same commit without NOTIFY is not published before the poll,
     so the test above measures the notification and not something else."""
     async with relay_on(pg_url) as engine, client_on(pg_url) as client:
-        client.signal = None
+        client.outbox_signal = None
         await client.start("place_order", order_input())
         await asyncio.sleep(1.0)
         assert engine.transport.messages == []

@@ -171,16 +171,7 @@ def start(options: Options, saga: str, input_text: str, saga_id: str | None) -> 
 
     if saga_id is not None:
         checked(saga_id, check_saga_id, "--id")
-    if input_text.startswith("@"):
-        path = Path(input_text[1:])
-        try:
-            input_text = path.read_text()
-        except OSError as exc:
-            fail(f"cannot read input file {str(path)!r}: {exc.strerror}")
-    try:
-        data = json.loads(input_text)
-    except json.JSONDecodeError as exc:
-        fail(f"invalid JSON for --input: {exc.msg} at line {exc.lineno} column {exc.colno}")
+    data = _json_argument(input_text, "--input")
 
     async def go() -> str:
         client = await _client(options, with_sagas=True)
@@ -192,6 +183,20 @@ def start(options: Options, saga: str, input_text: str, saga_id: str | None) -> 
         render.dump_json(stdout, {"id": new_id, "saga": saga})
     else:
         stdout.print(render.shown(new_id))
+
+
+def _json_argument(text: str, flag: str) -> Any:
+    """JSON given on the command line, or ``@path`` to a file holding it."""
+    if text.startswith("@"):
+        path = Path(text[1:])
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            fail(f"cannot read {flag} file {str(path)!r}: {exc.strerror}")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        fail(f"invalid JSON for {flag}: {exc.msg} at line {exc.lineno} column {exc.colno}")
 
 
 @cli.command(name="list")
@@ -314,6 +319,40 @@ def retry(options: Options, saga_id: str, reason: str | None, actor: str | None)
 def cancel(options: Options, saga_id: str, reason: str | None, actor: str | None) -> None:
     """Stop a running saga and compensate what ran, the step in flight included."""
     _operate(options, "cancel", saga_id, actor, reason)
+
+
+@cli.command()
+@click.argument("saga_id")
+@click.argument("event")
+@click.option(
+    "--payload",
+    "payload_text",
+    metavar="JSON",
+    help="the event's data, a JSON object, or @path to a file holding one",
+)
+@_actor_option
+@_json_option
+@pass_options
+def signal(
+    options: Options, saga_id: str, event: str, payload_text: str | None, actor: str | None
+) -> None:
+    """Send the event EVENT to a saga: it completes the wait step waiting for it (or
+    is kept until the saga gets there); PAYLOAD becomes that step's reply."""
+    from engine.cli import render
+
+    checked(saga_id, check_saga_id, "the saga id")
+    checked(event, check_name, "the event name")
+    payload = {} if payload_text is None else _json_argument(payload_text, "--payload")
+    if not isinstance(payload, dict):
+        fail("--payload must be a JSON object")
+    who = _actor(actor)
+
+    async def go() -> Any:
+        client = await _client(options, with_sagas=True)
+        async with client:
+            return await client.signal(saga_id, event, payload, actor=who)
+
+    _output(options, run(go()), render.operator_result)
 
 
 @cli.group()

@@ -119,7 +119,7 @@ def saga_detail(console: Console, saga: SagaDetail) -> None:
         outcome = st.error or (json.dumps(st.reply, sort_keys=True) if st.reply else "")
         steps.add_row(
             str(st.position + 1),
-            shown(st.name),
+            shown(f"{st.lane} {st.name}" if st.lane else st.name),
             styled(st.status),
             str(st.attempts),
             str(st.compensation_attempts),
@@ -151,7 +151,9 @@ def saga_detail(console: Console, saga: SagaDetail) -> None:
 
 
 def operator_result(console: Console, result: OperatorResult) -> None:
-    past = {"retry": "retried", "cancel": "cancelled"}.get(result.action, result.action)
+    past = {"retry": "retried", "cancel": "cancelled", "signal": "signalled"}.get(
+        result.action, result.action
+    )
     console.print(
         f"saga {shown(result.saga_id)} {past} by {shown(result.actor)}: "
         f"{styled(result.previous_status)} -> {styled(result.status)}",

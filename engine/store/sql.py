@@ -651,6 +651,8 @@ class SqlSagaStore:
                         finished_at=s.finished_at,
                         error=s.error,
                         reply=s.reply,
+                        lane=s.lane,
+                        completed=s.completed,
                     )
                     for s in step_rows
                 ],
