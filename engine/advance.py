@@ -31,7 +31,7 @@ from engine.definition import Saga
 from engine.errors import DecodeError, LimitError, SagaNotFoundError, UnknownSagaError
 from engine.limits import ANY_SIZE, DEFAULT_LIMITS, Limits, MessageTooLarge
 from engine.messages import Envelope, decode
-from engine.model import TIMEOUTS, OutboxMessage, SagaState, Timer
+from engine.model import TIMEOUTS, OutboxMessage, SagaState, Timer, TimerKind
 from engine.registry import SagaRegistry
 from engine.relay import Undeliverable
 from engine.replies import Change, ReplyOutcome, ReplyResult
@@ -129,6 +129,8 @@ class TimerDue:
 
     timer: Timer
     late: datetime | bool = False
+    #: Why no reply may have come, as far as the relay knows (a step timeout's error).
+    cause: str | None = None
 
     @property
     def step(self) -> str | None:
@@ -143,7 +145,7 @@ class TimerDue:
         if self.late:
             transition.postpone(self.timer, None if self.late is True else self.late)
             return False
-        return transition.on_timer(self.timer)
+        return transition.on_timer(self.timer, self.cause)
 
 
 @dataclass(frozen=True)
@@ -256,6 +258,9 @@ class Advancer:
         self.wake = wake
         #: Wakes relays in other processes (PostgreSQL: NOTIFY) on such a commit.
         self.signal = signal
+        #: What the relay knows of a destination nobody reads (OutboxRelay.unserved),
+        #: added to the error of a step that timed out; None: nothing known.
+        self.unserved: Callable[[str], str | None] | None = None
         #: Sagas whose due timers were left alone for want of their definition.
         self._foreign: set[str] = set()
 
@@ -430,9 +435,17 @@ class Advancer:
             if due.timer.kind in TIMEOUTS:
                 timeout = definition.step(due.timer.step).timeout
                 late = await self._published_late(tx, state.id, timeout)
-            fired += self._advance(changes, definition, state, TimerDue(due.timer, late), at)
+            event = TimerDue(due.timer, late, self._unserved(definition, due.timer))
+            fired += self._advance(changes, definition, state, event, at)
         await self._write(tx, changes)
         return fired, list(changes.values())
+
+    def _unserved(self, definition: Saga, timer: Timer) -> str | None:
+        """Why a step timeout's command may have got no reply: nobody reads its
+        participant's destination, if the relay knows that."""
+        if self.unserved is None or timer.kind is not TimerKind.STEP_TIMEOUT:
+            return None
+        return self.unserved(self.topology.commands(definition.step(timer.step).participant))
 
     def _timer_definition(self, state: SagaState) -> Saga | None:
         """The definition a timer of ``state`` needs; None (said once) if this process

@@ -177,8 +177,9 @@ class Transition:
         )
         return True
 
-    def on_timer(self, timer: Timer) -> bool:
-        """Fire a due timer; False if the saga moved on and the timer is stale."""
+    def on_timer(self, timer: Timer, cause: str | None = None) -> bool:
+        """Fire a due timer; False if the saga moved on and the timer is stale. A step
+        timeout's error ends with ``cause``: what is known of why no reply came."""
         if self.state.timer != timer:
             return False
         self.state.timer = None
@@ -190,6 +191,7 @@ class Transition:
             st.status = StepStatus.TIMED_OUT
             st.finished_at = self.now
             st.error = f"no reply within {step.timeout.total_seconds():g}s (attempt {st.attempt})"
+            st.error += f"; {cause}" if cause else ""
             self._record("step_timed_out", st.name, st.error)
             self._fail(f"step {st.name!r} timed out; its outcome is unknown")
         elif timer.kind is TimerKind.RETRY:

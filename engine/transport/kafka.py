@@ -642,6 +642,9 @@ class KafkaTransport:
             if not isinstance(committed, BaseException)
         )
 
+    def nobody_reads(self, destination: str) -> str:
+        return f"no consumer group reads {destination}"
+
     async def ensure_topics(self, names: Iterable[str]) -> None:
         """Create missing topics as the options say (idempotent); in no-create mode,
         raise TransportError naming those that do not exist."""
