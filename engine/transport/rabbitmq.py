@@ -687,6 +687,7 @@ class RabbitTransport:
         return bool(queue.declaration_result.consumer_count)
 
     def nobody_reads(self, destination: str) -> str:
+        """What :meth:`has_readers` saying no means here, for the relay's warning."""
         return f"no consumer reads queue {destination}"
 
     async def subscribe(self, destination: str, *, group: str) -> RabbitSubscription:
