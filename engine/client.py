@@ -475,6 +475,7 @@ class SagaClient:
         check_reason(reason)
         if saga_id is not None:
             check_saga_id(saga_id)
+        check_reason(reason_contains, "the text to find in reasons")
         if batch < 1:
             raise SagaError("the replay batch must hold at least one dead letter")
         if limit is not None and limit < 1:

@@ -229,3 +229,6 @@ def test_sagactl_dlq_replay_selection_usage(db: Path) -> None:
     assert_one_line_error(
         sagactl(db, "dlq", "replay", "--saga", "a\tb"), "--saga holds a control character"
     )
+    assert_one_line_error(
+        sagactl(db, "dlq", "replay", "--reason-contains", "a\x00"), "--reason-contains", "U+0000"
+    )

@@ -399,6 +399,8 @@ def dlq_replay(
         raise click.UsageError("give a dead letter ID, --saga, --reason-contains or --all")
     if saga_id is not None:
         checked(saga_id, check_saga_id, "--saga")
+    if reason_contains is not None:
+        checked(reason_contains, check_reason, "--reason-contains")
     who, why = _actor(actor), _reason(reason)
     if letter is None:
         _replay_many(options, saga_id, reason_contains, limit, dry_run, who, why, force, re_sign)
