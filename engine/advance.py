@@ -27,11 +27,11 @@ from typing import Any, ClassVar, NamedTuple, Protocol, TypeVar
 from opentelemetry.trace import Span, SpanKind
 
 from engine.clock import Clock, utc_now
-from engine.definition import Saga, timer_length
+from engine.definition import Saga, Step
 from engine.errors import DecodeError, LimitError, SagaNotFoundError, UnknownSagaError
 from engine.limits import ANY_SIZE, DEFAULT_LIMITS, Limits, MessageTooLarge
 from engine.messages import Envelope, decode
-from engine.model import TIMEOUTS, OutboxMessage, SagaState, Timer
+from engine.model import TIMEOUTS, OutboxMessage, SagaState, Timer, TimerKind
 from engine.registry import SagaRegistry
 from engine.relay import Undeliverable
 from engine.replies import Change, ReplyOutcome, ReplyResult
@@ -129,6 +129,8 @@ class TimerDue:
 
     timer: Timer
     late: datetime | bool = False
+    #: Why no reply may have come, as far as the relay knows (a step timeout's error).
+    cause: str | None = None
 
     @property
     def step(self) -> str | None:
@@ -143,7 +145,7 @@ class TimerDue:
         if self.late:
             transition.postpone(self.timer, None if self.late is True else self.late)
             return False
-        return transition.on_timer(self.timer)
+        return transition.on_timer(self.timer, self.cause)
 
 
 @dataclass(frozen=True)
@@ -270,6 +272,9 @@ class Advancer:
         self.wake = wake
         #: Wakes relays in other processes (PostgreSQL: NOTIFY) on such a commit.
         self.signal = signal
+        #: What the relay knows of a destination nobody reads (OutboxRelay.unserved),
+        #: added to the error of a step that timed out; None: nothing known.
+        self.unserved: Callable[[str], str | None] | None = None
         #: Sagas whose due timers were left alone for want of their definition.
         self._foreign: set[str] = set()
 
@@ -441,12 +446,25 @@ class Advancer:
                 continue
             at = self.clock()
             late: datetime | bool = False
-            if due.timer.kind in TIMEOUTS:
-                timeout = timer_length(definition.step(due.timer.step))
-                late = await self._published_late(tx, state.id, timeout)
-            fired += self._advance(changes, definition, state, TimerDue(due.timer, late), at)
+            node = definition.step(due.timer.step)
+            if due.timer.kind in TIMEOUTS and isinstance(node, Step):
+                # Only a participant's message can still wait in the outbox (a wait
+                # step's timeout times the application, not the broker).
+                late = await self._published_late(tx, state.id, node.timeout)
+            event = TimerDue(due.timer, late, self._unserved(definition, due.timer))
+            fired += self._advance(changes, definition, state, event, at)
         await self._write(tx, changes)
         return fired, list(changes.values())
+
+    def _unserved(self, definition: Saga, timer: Timer) -> str | None:
+        """Why a step timeout's command may have got no reply: nobody reads its
+        participant's destination, if the relay knows that."""
+        node = definition.step(timer.step)
+        if self.unserved is None or timer.kind is not TimerKind.STEP_TIMEOUT:
+            return None
+        if not isinstance(node, Step):
+            return None
+        return self.unserved(self.topology.commands(node.participant))
 
     def _timer_definition(self, state: SagaState) -> Saga | None:
         """The definition a timer of ``state`` needs; None (said once) if this process

@@ -50,9 +50,12 @@ from engine.store.base import OutboxSignal, SagaStore, StoreTransaction
 from engine.store.queries import SagaQueries
 from engine.topology import Topology
 from engine.views import (
+    BulkReplayResult,
+    DeadLetterRef,
     DeadLetterStats,
     DeadLetterView,
     DispatchView,
+    LetterReplay,
     OldestRunning,
     OperatorResult,
     OutboxStats,
@@ -71,6 +74,9 @@ if TYPE_CHECKING:
 
 # The write path (engine.advance: the state machine, tracing) is imported by the
 # methods that write, so reading sagas (``sagactl list``) starts without it.
+
+#: Dead letters a bulk replay reads at a time (ids only; each replays on its own).
+REPLAY_BATCH = 200
 
 #: How often an operator action is re-applied when the engine advanced the saga first.
 OPERATOR_CONFLICT_RETRIES = 10
@@ -394,9 +400,11 @@ class SagaClient:
         reason: str | None = None,
         force: bool = False,
         re_sign: bool = False,
+        dry_run: bool = False,
     ) -> ReplayResult:
         """Send an archived dead letter back to its source destination, through the
         outbox (the relay publishes it), and mark it replayed: all in one transaction.
+        With ``dry_run``, only check that it would be (the same refusals), write nothing.
 
         It goes as it was archived, with its own signature or none: a consumer that
         refused it as unsigned or forged refuses it again. With ``re_sign`` the
@@ -440,6 +448,14 @@ class SagaClient:
             saga = await tx.load_saga(envelope.saga_id) if envelope is not None else None
             if envelope is not None and saga is not None and not force:
                 _check_awaited(letter, envelope, saga.tokens(), saga.status)
+            if dry_run:
+                return ReplayResult(
+                    dead_letter=dead_letter_view(record),
+                    destination=record.source,
+                    actor=actor,
+                    reason=reason,
+                    saga_id=saga.id if saga is not None else None,
+                )
             headers = as_replayed(replay_headers(record.headers), letter, re_sign=re_sign)
             await tx.add_raw_outbox(record.source, record.key, body, headers, now)
             if not await tx.mark_replayed(letter, now, actor):
@@ -462,6 +478,111 @@ class SagaClient:
             actor=actor,
             reason=reason,
             saga_id=saga.id if saga is not None else None,
+        )
+
+    async def replay_dead_letters(
+        self,
+        saga_id: str | None = None,
+        reason_contains: str | None = None,
+        limit: int | None = None,
+        *,
+        actor: str,
+        reason: str | None = None,
+        force: bool = False,
+        re_sign: bool = False,
+        dry_run: bool = False,
+        batch: int = REPLAY_BATCH,
+        progress: Callable[[int], None] | None = None,
+    ) -> BulkReplayResult:
+        """Replay every dead letter not replayed yet, oldest first: those of saga
+        ``saga_id`` and whose reason contains ``reason_contains`` (any case), where
+        given; all of them if neither is; at most ``limit``.
+
+        Each goes through :meth:`replay_dead_letter` in a transaction of its own, with
+        the same checks: one it refuses (its saga no longer waits for it, its body is
+        not text, ...) is reported in the result with the refusal's words, and the
+        others still go. ``actor``, ``reason``, ``force``, ``re_sign`` and ``dry_run``
+        are the single replay's. Only letters archived when it starts are looked at
+        (one dead-lettered again meanwhile waits for the next run). They are read
+        ``batch`` at a time (ids only), so any number can be replayed; ``progress`` is
+        called with how many were done.
+        """
+        check_actor(actor)
+        check_reason(reason)
+        if saga_id is not None:
+            check_saga_id(saga_id)
+        check_reason(reason_contains, "the text to find in reasons")
+        if batch < 1:
+            raise SagaError("the replay batch must hold at least one dead letter")
+        if limit is not None and limit < 1:
+            raise SagaError("the most dead letters to replay must be at least 1")
+        done: builtins.list[LetterReplay] = []
+        # Only letters archived before the run: a replay that is dead-lettered again
+        # while it goes on is a new letter, which this run must not replay in a loop.
+        newest = await self.queries.list_dead_letters(limit=1)
+        through, after = (newest[0].id if newest else 0), 0
+        while limit is None or len(done) < limit:
+            page = await self.queries.pending_dead_letters(
+                saga_id=saga_id,
+                reason_contains=reason_contains,
+                after=after,
+                through=through,
+                limit=batch if limit is None else min(batch, limit - len(done)),
+            )
+            if not page:
+                break
+            for ref in page:
+                done.append(
+                    await self._replay_one(
+                        ref,
+                        actor=actor,
+                        reason=reason,
+                        force=force,
+                        re_sign=re_sign,
+                        dry_run=dry_run,
+                    )
+                )
+                if progress is not None:
+                    progress(len(done))
+            after = page[-1].id
+        return BulkReplayResult(
+            dry_run=dry_run,
+            saga_id=saga_id,
+            reason_contains=reason_contains,
+            actor=actor,
+            reason=reason,
+            letters=done,
+        )
+
+    async def _replay_one(self, ref: DeadLetterRef, **options: Any) -> LetterReplay:
+        """One letter of a bulk replay; a refusal is its outcome, not an error."""
+        try:
+            result = await self.replay_dead_letter(ref.id, **options)
+        except (OperationRefused, DeadLetterNotFoundError) as exc:
+            return LetterReplay(
+                id=ref.id,
+                saga_id=ref.saga_id,
+                source=ref.source,
+                outcome="refused",
+                refusal=str(exc),
+            )
+        letter = result.dead_letter
+        return LetterReplay(
+            id=ref.id,
+            saga_id=ref.saga_id,
+            source=ref.source,
+            outcome="would replay" if options.get("dry_run") else "replayed",
+            message=(
+                f"{letter.kind} {letter.name} (attempt {letter.attempt})" if letter.kind else None
+            ),
+        )
+
+    async def count_dead_letters(
+        self, saga_id: str | None = None, reason_contains: str | None = None
+    ) -> int:
+        """How many dead letters :meth:`replay_dead_letters` would look at."""
+        return await self.queries.count_pending_dead_letters(
+            saga_id=saga_id, reason_contains=reason_contains
         )
 
     # -- stats ------------------------------------------------------------------------

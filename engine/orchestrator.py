@@ -170,6 +170,7 @@ class Engine:
         )
         if self.relay.on_undeliverable is None:
             self.relay.on_undeliverable = self.advancer.undeliverable
+        self.advancer.unserved = self.relay.unserved
         self.deferred = DeferredReplyScan(
             store,
             self.advancer.replies,

@@ -16,9 +16,17 @@ A row no queue receives (RabbitMQ: no queue bound for its destination, as when t
 process that wrote it has another ``SAGA_TOPIC_PREFIX``) is not refused for good:
 the queue may be declared later, by its consumer starting. It stays pending, the
 others go, and its destination is held back with a growing pause (one warning per
-destination, naming it) until a publish there is routed. On Kafka, the first publish
-to each topic asks, in the background, whether any consumer group reads it, and
-warns once if none does.
+destination, naming it) until a publish there is routed. Past ``unroutable_timeout``
+(``SAGA_RELAY_UNROUTABLE_TIMEOUT``) no queue is bound yet and the rows are refused
+for good, as above, naming the participant no worker serves: the step fails fast
+instead of waiting for a queue that may never come.
+
+Where the transport can tell whether anyone reads a destination (Kafka: a consumer
+group; RabbitMQ: a consumer on its queue), a while after a publish there the relay
+asks, in the background, and warns once if nobody does; it asks again after the
+next publishes, so the answer follows workers that start or stop.
+:meth:`OutboxRelay.unserved` gives what it knows, which the engine adds to the error
+of a step that timed out.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ from engine.errors import MessagesRefused, MessagesUnroutable, PublishError, Tra
 from engine.faults import crashpoint
 from engine.signing import NO_SIGNING, Signing
 from engine.store.base import OutboxRecord, OutboxSignal, SagaStore, StoreTransaction
+from engine.topology import participant_of
 from engine.transport.base import Message, ReaderCheck, Transport, dead_letter_copy
 
 log = logging.getLogger("saga.relay")
@@ -53,10 +62,12 @@ class Undeliverable:
 @dataclass
 class _Held:
     """A destination no queue received messages for: its rows wait until ``until``
-    (``time.monotonic``), then go again; the pause doubles each time."""
+    (``time.monotonic``), then go again; the pause doubles each time. Unroutable
+    since ``since``: past the relay's ``unroutable_timeout``, its rows are refused."""
 
     until: float
     pause: float
+    since: float
 
 
 #: What the engine does about refused rows, inside the relay's transaction (the
@@ -74,6 +85,7 @@ class RelayOptions(TypedDict, total=False):
     poll_interval: float
     unroutable_pause: float
     max_unroutable_pause: float
+    unroutable_timeout: float
     reader_check_delay: float
 
 
@@ -96,6 +108,7 @@ class OutboxRelay:
         signing: Signing = NO_SIGNING,
         unroutable_pause: float = 1.0,
         max_unroutable_pause: float = 30.0,
+        unroutable_timeout: float = 10.0,
         reader_check_delay: float = 10.0,
     ) -> None:
         self.store = store
@@ -123,12 +136,18 @@ class OutboxRelay:
         #: First and longest pause before rows no queue received go again.
         self.unroutable_pause = unroutable_pause
         self.max_unroutable_pause = max_unroutable_pause
+        #: How long rows no queue receives stay pending before they are refused.
+        self.unroutable_timeout = unroutable_timeout
         #: Destinations held back, their rows pending (see module docstring).
         self.held: dict[str, _Held] = {}
-        #: How long after the first publish to a topic its readers are looked for
+        #: How long after a publish to a destination its readers are looked for
         #: (workers started with the engine have joined their groups by then).
         self.reader_check_delay = reader_check_delay
-        self._checked: set[str] = set()
+        #: The last answer of the transport for each destination asked about.
+        self.read: dict[str, bool] = {}
+        #: When each destination was last published to (``time.monotonic``).
+        self._published_at: dict[str, float] = {}
+        self._checking: dict[str, asyncio.Task[None]] = {}
         self._checks: set[asyncio.Task[None]] = set()
 
     def wake(self) -> None:
@@ -138,6 +157,7 @@ class OutboxRelay:
     async def relay_once(self) -> int:
         """Publish one batch; returns how many rows left the outbox (sent or refused)."""
         refused: list[Undeliverable] = []
+        given_up: list[Undeliverable] = []
         after: Callable[[], None] | None = None
         held: dict[int, str] = {}
         now = time.monotonic()
@@ -157,6 +177,8 @@ class OutboxRelay:
             except MessagesUnroutable as exc:  # the same, and these stay pending
                 held = exc.unroutable
                 refused = [Undeliverable(rows[i], why) for i, why in exc.refused.items()]
+                given_up = self._give_up(rows, held)
+                refused += given_up
             except TimeoutError:
                 raise PublishError(
                     f"broker did not confirm {len(messages)} messages "
@@ -178,14 +200,49 @@ class OutboxRelay:
             )
         if refused:
             self.wake()  # the sagas' next messages (compensations) are waiting
-        self._note_routes(rows, held)
+        self._note_routes(rows, held, {item.record.destination for item in given_up})
         self.published += len(rows) - len(refused) - len(held)
         self.refused += len(refused)
         return len(rows) - len(held)
 
-    def _note_routes(self, rows: Sequence[OutboxRecord], held: dict[int, str]) -> None:
-        """Hold back the destinations no queue received, release the ones routed now,
-        and have the readers of each new destination looked for."""
+    def _give_up(self, rows: Sequence[OutboxRecord], held: dict[int, str]) -> list[Undeliverable]:
+        """The rows of ``held`` whose destination no queue has received for longer than
+        ``unroutable_timeout``, taken out of ``held``: refused for good."""
+        now = time.monotonic()
+        refused = []
+        for i, destination in list(held.items()):
+            before = self.held.get(destination)
+            if before is not None and now - before.since >= self.unroutable_timeout:
+                del held[i]
+                refused.append(Undeliverable(rows[i], self._no_queue(destination)))
+        return refused
+
+    def _no_queue(self, destination: str) -> str:
+        """Why rows to ``destination`` are refused after ``unroutable_timeout``."""
+        participant = participant_of(destination)
+        return f"no queue is bound for {destination} after {self.unroutable_timeout:g}s" + (
+            f": no worker serves participant {participant!r}" if participant else ""
+        )
+
+    def unserved(self, destination: str) -> str | None:
+        """What this relay knows of nobody receiving ``destination``'s messages, in
+        words for a step's error (``no worker consumes 'saga.commands.x' (participant
+        'x')``); None if it knows of nothing wrong. As of its last publish or reader
+        check there: another replica's relay may know better."""
+        participant = participant_of(destination)
+        whose = f" (participant {participant!r})" if participant else ""
+        if destination in self.held:
+            return f"no queue is bound for {destination!r}{whose}"
+        if self.read.get(destination) is False:
+            return f"no worker consumes {destination!r}{whose}"
+        return None
+
+    def _note_routes(
+        self, rows: Sequence[OutboxRecord], held: dict[int, str], given_up: set[str]
+    ) -> None:
+        """Hold back the destinations no queue received, stop holding back those whose
+        rows were refused (``given_up``), release the ones routed now, and have the
+        readers of each destination published to looked for."""
         now = time.monotonic()
         for destination in sorted(set(held.values())):
             count = sum(1 for d in held.values() if d == destination)
@@ -198,34 +255,50 @@ class OutboxRelay:
                     destination,
                     count,
                 )
-                pause = self.unroutable_pause
+                pause, since = self.unroutable_pause, now
             else:
                 log.debug("still no queue receives messages to %s", destination)
-                pause = min(self.max_unroutable_pause, before.pause * 2)
-            self.held[destination] = _Held(now + pause, pause)
-        for destination in sorted({r.destination for r in rows} - set(held.values())):
+                pause, since = min(self.max_unroutable_pause, before.pause * 2), before.since
+            # Tried again by the time its rows are to be refused, not a pause later.
+            until = min(now + pause, since + self.unroutable_timeout)
+            self.held[destination] = _Held(until, pause, since)
+        for destination in given_up:
+            # Its rows were refused: the next ones are tried (and refused) at once.
+            self.held[destination].until = now
+        for destination in sorted({r.destination for r in rows} - set(held.values()) - given_up):
             if self.held.pop(destination, None) is not None:
                 log.info("messages to %s are routed again: the pending rows went", destination)
-            if destination not in self._checked and isinstance(self.transport, ReaderCheck):
-                self._checked.add(destination)
+            self._published_at[destination] = now
+            if destination not in self._checking and isinstance(self.transport, ReaderCheck):
                 task = asyncio.create_task(self._check_readers(self.transport, destination))
+                self._checking[destination] = task
                 self._checks.add(task)
                 task.add_done_callback(self._checks.discard)
 
     async def _check_readers(self, transport: ReaderCheck, destination: str) -> None:
-        """Warn once if no consumer group reads ``destination`` (off the hot path)."""
-        await asyncio.sleep(self.reader_check_delay)
+        """Ask whether anyone reads ``destination`` a while after a publish there, and
+        again while publishes came after what the last answer covers; warn when it
+        turns out nobody does (off the hot path)."""
         try:
-            read = await transport.has_readers(destination)
-        except Exception as exc:  # a question only: never a reason to stop relaying
-            log.debug("could not tell who reads %s: %s", destination, exc)
-            return
-        if not read:
-            log.warning(
-                "no consumer group reads %s: its messages wait there unread (is a "
-                "consumer of it running, with the same SAGA_TOPIC_PREFIX?)",
-                destination,
-            )
+            while True:
+                await asyncio.sleep(self.reader_check_delay)
+                covers = time.monotonic() - self.reader_check_delay
+                try:
+                    read = await transport.has_readers(destination)
+                except Exception as exc:  # a question only: never a reason to stop relaying
+                    log.debug("could not tell who reads %s: %s", destination, exc)
+                    return
+                if not read and self.read.get(destination) is not False:
+                    log.warning(
+                        "%s: its messages wait there unread (is a consumer of it running, "
+                        "with the same SAGA_TOPIC_PREFIX?)",
+                        transport.nobody_reads(destination),
+                    )
+                self.read[destination] = read
+                if self._published_at.get(destination, covers) <= covers:
+                    return
+        finally:
+            self._checking.pop(destination, None)
 
     async def _set_aside(
         self, tx: StoreTransaction, refused: Sequence[Undeliverable]

@@ -205,8 +205,13 @@ class Settings(BaseSettings):
     #: doubles up to ``relay_max_unroutable_pause``.
     relay_unroutable_pause: timedelta = timedelta(seconds=1)
     relay_max_unroutable_pause: timedelta = timedelta(seconds=30)
-    #: Kafka: how long after the first publish to a topic the relay asks whether a
-    #: consumer group reads it (longer than the workers take to join their groups).
+    #: How long rows to a destination no queue receives stay pending before they are
+    #: refused (their step fails, naming the participant no worker serves); well
+    #: under a step's default timeout (30s), which waits while they are pending.
+    relay_unroutable_timeout: timedelta = timedelta(seconds=10)
+    #: How long after a publish to a destination the relay asks whether anyone reads
+    #: it (Kafka: a consumer group; RabbitMQ: a consumer on its queue), longer than
+    #: workers take to join; it warns if nobody does, and a step that times out says so.
     relay_reader_check_delay: timedelta = timedelta(seconds=10)
 
     def model_post_init(self, context: Any, /) -> None:
@@ -238,6 +243,7 @@ class Settings(BaseSettings):
         "relay_poll_interval",
         "relay_unroutable_pause",
         "relay_max_unroutable_pause",
+        "relay_unroutable_timeout",
         "relay_reader_check_delay",
         mode="before",
     )
@@ -277,6 +283,7 @@ class Settings(BaseSettings):
         "relay_poll_interval",
         "relay_unroutable_pause",
         "relay_max_unroutable_pause",
+        "relay_unroutable_timeout",
     )
     @classmethod
     def _positive(cls, value: timedelta) -> timedelta:

@@ -231,8 +231,9 @@ class Transition:
         )
         return True
 
-    def on_timer(self, timer: Timer) -> bool:
-        """Fire a due timer; False if the saga moved on and the timer is stale."""
+    def on_timer(self, timer: Timer, cause: str | None = None) -> bool:
+        """Fire a due timer; False if the saga moved on and the timer is stale. A step
+        timeout's error ends with ``cause``: what is known of why no reply came."""
         st = self.state.steps.get(timer.step)
         if st is None or st.timer != timer:
             return False
@@ -240,7 +241,7 @@ class Transition:
         node = self.definition.step(timer.step)
         if timer.kind is TimerKind.STEP_TIMEOUT:
             st.awaiting = None
-            self._timed_out(node, st)
+            self._timed_out(node, st, cause)
         elif timer.kind is TimerKind.RETRY:
             self._dispatch(node)
         elif timer.kind is TimerKind.DELAY:
@@ -254,7 +255,7 @@ class Transition:
             self._dispatch_compensation(node)
         return True
 
-    def _timed_out(self, node: Node, st: StepState) -> None:
+    def _timed_out(self, node: Node, st: StepState, cause: str | None = None) -> None:
         seconds = timer_length(node).total_seconds()
         if isinstance(node, WaitFor):
             st.status = StepStatus.FAILED
@@ -265,6 +266,7 @@ class Transition:
             return
         assert isinstance(node, Step)  # the other nodes' timers are not timeouts
         error = f"no reply within {seconds:g}s (attempt {st.attempt})"
+        error += f"; {cause}" if cause else ""
         if self.definition.forward_only(st.name):
             # Past the pivot the saga can only go forward: a timeout is one more
             # failed attempt (the barrier answers a step that did run with its outcome).

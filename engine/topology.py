@@ -31,3 +31,11 @@ class Topology:
         shared by two prefixes would stall one deployment's consumers whenever the
         other's rebalance (e.g. a crashed member's session running out)."""
         return f"{self.prefix}.{name}"
+
+
+def participant_of(destination: str) -> str | None:
+    """The participant a command destination is named for (``<prefix>.commands.<name>``,
+    whatever the prefix: a row may come from a process with another); None for any
+    other destination."""
+    _, commands, name = destination.rpartition(".commands.")
+    return name if commands and name else None

@@ -6,7 +6,7 @@ import base64
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, computed_field
 
 from engine.errors import DecodeError
 from engine.messages import MessageKind, decode
@@ -137,6 +137,52 @@ class ReplayResult(BaseModel):
     saga_id: str | None
 
 
+class DeadLetterRef(BaseModel):
+    """A dead letter picked for a bulk replay: which, and the saga it names."""
+
+    id: int
+    saga_id: str | None
+    source: str
+
+
+class LetterReplay(BaseModel):
+    """What a bulk replay did (or, dry, would do) with one dead letter."""
+
+    id: int
+    saga_id: str | None
+    source: str
+    #: ``replayed`` (or ``would replay`` in a dry run), else ``refused``.
+    outcome: Literal["replayed", "would replay", "refused"]
+    #: What the message is (``command reserve #1``), if its body is a saga envelope.
+    message: str | None = None
+    #: Why it was refused (the single replay's words), None otherwise.
+    refusal: str | None = None
+
+
+class BulkReplayResult(BaseModel):
+    """What ``dlq replay --saga / --reason-contains / --all`` did, letter by letter,
+    oldest first."""
+
+    dry_run: bool
+    saga_id: str | None
+    reason_contains: str | None
+    actor: str
+    reason: str | None
+    letters: list[LetterReplay]
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def replayed(self) -> int:
+        """Letters sent back (in a dry run: that would be)."""
+        return sum(1 for letter in self.letters if letter.outcome != "refused")
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def refused(self) -> int:
+        """Letters refused, each with its reason in :attr:`letters`."""
+        return sum(1 for letter in self.letters if letter.outcome == "refused")
+
+
 class SagaCount(BaseModel):
     name: str
     status: SagaStatus
@@ -220,10 +266,13 @@ def dead_letter_view(letter: DeadLetterRecord) -> DeadLetterView:
 
 
 __all__ = [
+    "BulkReplayResult",
+    "DeadLetterRef",
     "DeadLetterStats",
     "DeadLetterView",
     "DispatchView",
     "HistoryView",
+    "LetterReplay",
     "OldestRunning",
     "OperatorResult",
     "OutboxStats",

@@ -56,6 +56,7 @@ def relay_options(settings: Settings) -> RelayOptions:
         poll_interval=settings.relay_poll_interval.total_seconds(),
         unroutable_pause=settings.relay_unroutable_pause.total_seconds(),
         max_unroutable_pause=settings.relay_max_unroutable_pause.total_seconds(),
+        unroutable_timeout=settings.relay_unroutable_timeout.total_seconds(),
         reader_check_delay=settings.relay_reader_check_delay.total_seconds(),
     )
 

@@ -107,6 +107,7 @@ def test_timer_and_relay_settings_come_from_the_environment(
         "RELAY_POLL_INTERVAL": "0.2",
         "RELAY_UNROUTABLE_PAUSE": "2s",
         "RELAY_MAX_UNROUTABLE_PAUSE": "1m",
+        "RELAY_UNROUTABLE_TIMEOUT": "5s",
         "RELAY_READER_CHECK_DELAY": "0",
     }.items():
         monkeypatch.setenv(f"SAGA_{name}", value)
@@ -119,6 +120,7 @@ def test_timer_and_relay_settings_come_from_the_environment(
         "poll_interval": 0.2,
         "unroutable_pause": 2.0,
         "max_unroutable_pause": 60.0,
+        "unroutable_timeout": 5.0,
         "reader_check_delay": 0.0,
     }
 
@@ -131,6 +133,7 @@ def test_timer_and_relay_settings_come_from_the_environment(
         ("RELAY_BATCH", "0"),
         ("RELAY_POLL_INTERVAL", "-1"),
         ("RELAY_MAX_UNROUTABLE_PAUSE", "0.5s"),  # shorter than the first pause
+        ("RELAY_UNROUTABLE_TIMEOUT", "0"),
     ],
 )
 def test_bad_timer_and_relay_settings_are_refused(

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
     from engine.client import SagaClient
     from engine.settings import Settings
-    from engine.views import PruneResult
+    from engine.views import BulkReplayResult, PruneResult
 
 # Only what ``sagactl --help`` needs is imported above: click, rich's console, and
 # small modules. The database, the brokers, telemetry, Alembic and the settings'
@@ -378,7 +378,18 @@ def dlq_list(options: Options, limit: int, pending: bool) -> None:
 
 
 @dlq.command(name="replay")
-@click.argument("letter", metavar="ID", type=int)
+@click.argument("letter", metavar="[ID]", type=int, required=False)
+@click.option("--saga", "saga_id", metavar="ID", help="every pending dead letter of saga ID")
+@click.option(
+    "--reason-contains",
+    metavar="TEXT",
+    help="every pending dead letter whose reason contains TEXT (any case)",
+)
+@click.option("--all", "every", is_flag=True, help="every pending dead letter")
+@click.option(
+    "--limit", type=click.IntRange(1), metavar="N", help="with a selection: at most N letters"
+)
+@click.option("--dry-run", is_flag=True, help="only list what would be replayed or refused")
 @_reason_option
 @_actor_option
 @click.option(
@@ -395,7 +406,12 @@ def dlq_list(options: Options, limit: int, pending: bool) -> None:
 @pass_options
 def dlq_replay(
     options: Options,
-    letter: int,
+    letter: int | None,
+    saga_id: str | None,
+    reason_contains: str | None,
+    every: bool,
+    limit: int | None,
+    dry_run: bool,
     reason: str | None,
     actor: str | None,
     force: bool,
@@ -403,10 +419,31 @@ def dlq_replay(
 ) -> None:
     """Send dead letter ID back to the destination it came from (through the outbox:
     the engine's relay publishes it) and mark it replayed. It goes as archived, with
-    its own signature or none; --re-sign has the engine sign it with its key."""
+    its own signature or none; --re-sign has the engine sign it with its key.
+
+    Or many, oldest first: those of --saga, those whose reason contains
+    --reason-contains (both: those of the saga with that reason), or --all. Each is
+    checked as one alone; a refused one is listed with why, and the others go."""
     from engine.cli import render
 
+    selected = saga_id is not None or reason_contains is not None
+    if letter is not None and (selected or every or limit is not None or dry_run):
+        raise click.UsageError(
+            "give a dead letter ID or a selection (--saga, --reason-contains, --all; "
+            "with --limit, --dry-run), not both"
+        )
+    if every and selected:
+        raise click.UsageError("--all selects every pending letter: drop --saga/--reason-contains")
+    if letter is None and not (selected or every):
+        raise click.UsageError("give a dead letter ID, --saga, --reason-contains or --all")
+    if saga_id is not None:
+        checked(saga_id, check_saga_id, "--saga")
+    if reason_contains is not None:
+        checked(reason_contains, check_reason, "--reason-contains")
     who, why = _actor(actor), _reason(reason)
+    if letter is None:
+        _replay_many(options, saga_id, reason_contains, limit, dry_run, who, why, force, re_sign)
+        return
 
     async def go() -> Any:
         async with await _client(options) as client:
@@ -416,6 +453,63 @@ def dlq_replay(
 
     result = run(go())
     _output(options, result, render.replay_result)
+
+
+def _replay_many(
+    options: Options,
+    saga_id: str | None,
+    reason_contains: str | None,
+    limit: int | None,
+    dry_run: bool,
+    actor: str,
+    reason: str | None,
+    force: bool,
+    re_sign: bool,
+) -> None:
+    """``dlq replay`` of a selection: a progress bar on stderr while it runs (not with
+    --json), then the summary. Refused letters are listed, not an error: the exit
+    status is 0 once the selection was gone through."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    from engine.cli import render
+
+    async def go() -> BulkReplayResult:
+        async with await _client(options) as client:
+
+            async def replay(progress: Callable[[int], None] | None = None) -> BulkReplayResult:
+                return await client.replay_dead_letters(
+                    saga_id,
+                    reason_contains,
+                    limit,
+                    actor=actor,
+                    reason=reason,
+                    force=force,
+                    re_sign=re_sign,
+                    dry_run=dry_run,
+                    progress=progress,
+                )
+
+            if options.as_json:
+                return await replay()
+            total = await client.count_dead_letters(saga_id, reason_contains)
+            columns = (
+                TextColumn("checking dead letters" if dry_run else "replaying dead letters"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+            )
+            with Progress(*columns, console=stderr, transient=True) as bar:
+                task = bar.add_task("replay", total=min(total, limit or total))
+                return await replay(lambda done: bar.update(task, completed=done))
+
+    result = run(go())
+    _output(options, result, render.bulk_replay_result)
 
 
 @cli.command()

@@ -18,6 +18,7 @@ from engine.redact import escape_controls, redact
 from engine.retention import format_age
 from engine.states import SagaStatus, StepStatus
 from engine.views import (
+    BulkReplayResult,
     DeadLetterView,
     OperatorResult,
     PruneResult,
@@ -205,6 +206,51 @@ def replay_result(console: Console, result: ReplayResult) -> None:
     )
     if result.saga_id:
         console.print(f"  recorded in the history of saga {shown(result.saga_id)}", soft_wrap=True)
+
+
+def bulk_replay_result(console: Console, result: BulkReplayResult) -> None:
+    """A bulk replay: the letters a dry run would send (a table), the count sent,
+    and each refused letter with why."""
+    selection = []
+    if result.saga_id is not None:
+        selection.append(f"of saga {shown(result.saga_id)}")
+    if result.reason_contains is not None:
+        selection.append(f"with {shown(repr(result.reason_contains))} in the reason")
+    which = " ".join(selection) or "all pending"
+    if result.dry_run:
+        console.print(
+            f"dry run: {result.replayed} dead letter(s) {which} would be replayed",
+            highlight=False,
+        )
+        table = Table()
+        table.add_column("id", no_wrap=True, justify="right")
+        for column in ("saga", "message", "back to"):
+            table.add_column(column, overflow="fold")
+        for d in result.letters:
+            if d.outcome != "refused":
+                table.add_row(
+                    str(d.id),
+                    shown(d.saga_id or "-"),
+                    shown(d.message or "(not an envelope)"),
+                    shown(d.source),
+                )
+        if result.replayed:
+            console.print(table)
+    else:
+        console.print(
+            f"replayed {result.replayed} dead letter(s) {which}, as {shown(result.actor)}",
+            highlight=False,
+        )
+    refused = [d for d in result.letters if d.outcome == "refused"]
+    if refused:
+        verb = "would refuse" if result.dry_run else "refused"
+        console.print(f"{verb} {len(refused)}:", highlight=False)
+        reasons = Table.grid(padding=(0, 1))  # a hanging indent when a reason wraps
+        reasons.add_column(no_wrap=True)
+        reasons.add_column(overflow="fold")
+        for d in refused:
+            reasons.add_row(" -", shown(d.refusal))
+        console.print(reasons, highlight=False)
 
 
 def _age(seconds: float | None) -> str:

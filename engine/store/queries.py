@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 from engine.states import SagaStatus
-from engine.views import DeadLetterView, SagaDetail, SagaSummary, StoreStats
+from engine.views import DeadLetterRef, DeadLetterView, SagaDetail, SagaSummary, StoreStats
 
 
 @runtime_checkable
@@ -35,5 +35,25 @@ class SagaQueries(Protocol):
     async def list_dead_letters(
         self, *, limit: int = 50, pending_only: bool = False
     ) -> list[DeadLetterView]: ...
+
+    async def pending_dead_letters(
+        self,
+        *,
+        saga_id: str | None = None,
+        reason_contains: str | None = None,
+        after: int = 0,
+        through: int | None = None,
+        limit: int = 500,
+    ) -> list[DeadLetterRef]:
+        """Dead letters not replayed, with an id above ``after`` (and up to ``through``),
+        oldest first: of one saga, and whose reason contains a text (any case), if
+        given. A page of a bulk replay: ids and sagas only, never the bodies."""
+        ...
+
+    async def count_pending_dead_letters(
+        self, *, saga_id: str | None = None, reason_contains: str | None = None
+    ) -> int:
+        """How many dead letters :meth:`pending_dead_letters` would page through."""
+        ...
 
     async def stats(self) -> StoreStats: ...

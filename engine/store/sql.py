@@ -63,6 +63,7 @@ from engine.store.schema import (
     timers,
 )
 from engine.views import (
+    DeadLetterRef,
     DeadLetterView,
     HistoryView,
     SagaCount,
@@ -702,6 +703,36 @@ class SqlSagaStore:
         async with self.engine.connect() as conn:
             return [dead_letter_view(_dead_letter_of(r)) for r in await conn.execute(query)]
 
+    async def pending_dead_letters(
+        self,
+        *,
+        saga_id: str | None = None,
+        reason_contains: str | None = None,
+        after: int = 0,
+        through: int | None = None,
+        limit: int = 500,
+    ) -> list[DeadLetterRef]:
+        query = (
+            select(dead_letters.c.id, dead_letters.c.saga_id, dead_letters.c.source)
+            .where(_pending_letters(saga_id, reason_contains), dead_letters.c.id > after)
+            .order_by(dead_letters.c.id)
+            .limit(limit)
+        )
+        if through is not None:
+            query = query.where(dead_letters.c.id <= through)
+        async with self.engine.connect() as conn:
+            return [
+                DeadLetterRef(id=r.id, saga_id=r.saga_id, source=r.source)
+                for r in await conn.execute(query)
+            ]
+
+    async def count_pending_dead_letters(
+        self, *, saga_id: str | None = None, reason_contains: str | None = None
+    ) -> int:
+        query = select(func.count()).where(_pending_letters(saga_id, reason_contains))
+        async with self.engine.connect() as conn:
+            return (await conn.scalar(query.select_from(dead_letters))) or 0
+
     async def stats(self) -> StoreStats:
         async with self.engine.connect() as conn:
             counts = await conn.execute(
@@ -830,6 +861,17 @@ def _deferred_row(reply: DeferredReply) -> dict[str, Any]:
         "last_error": reply.last_error,
         "next_attempt_at": reply.next_attempt_at,
     }
+
+
+def _pending_letters(saga_id: str | None, reason_contains: str | None) -> ColumnElement[bool]:
+    """Dead letters not replayed, of ``saga_id`` and with ``reason_contains`` (any
+    case, ``%`` and ``_`` taken literally) in their reason, where given."""
+    where: list[ColumnElement[bool]] = [dead_letters.c.replayed_at.is_(None)]
+    if saga_id is not None:
+        where.append(dead_letters.c.saga_id == saga_id)
+    if reason_contains is not None:
+        where.append(dead_letters.c.reason.icontains(reason_contains, autoescape=True))
+    return and_(*where)
 
 
 def _dead_letter_of(row: Any) -> DeadLetterRecord:

@@ -100,9 +100,14 @@ class Subscription(Protocol):
 @runtime_checkable
 class ReaderCheck(Protocol):
     """A transport that can tell whether anyone reads a destination (Kafka: whether a
-    consumer group subscribes to the topic, or committed offsets on it)."""
+    consumer group committed offsets on the topic; RabbitMQ: whether a consumer is
+    attached to its queue)."""
 
     async def has_readers(self, destination: str) -> bool: ...
+
+    def nobody_reads(self, destination: str) -> str:
+        """``has_readers`` said no, in this broker's words (for a warning)."""
+        ...
 
 
 class Transport(Protocol):

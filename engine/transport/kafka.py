@@ -629,8 +629,9 @@ class KafkaTransport:
 
         Committed offsets rather than live members: a reader that is down for a
         deploy still counts, and ours commit once they handled a message (the relay
-        asks a while after its first publish). One request per group, off the hot
-        path (the relay asks once per topic)."""
+        asks a while after publishing). One request per group, off the hot path: the
+        relay asks at most once per ``SAGA_RELAY_READER_CHECK_DELAY`` per topic, and
+        only while publishes to it continue."""
         admin = self.admin()
         groups = [group for group, *_ in await admin.list_consumer_groups()]
         offsets = await asyncio.gather(
@@ -641,6 +642,10 @@ class KafkaTransport:
             for committed in offsets
             if not isinstance(committed, BaseException)
         )
+
+    def nobody_reads(self, destination: str) -> str:
+        """What :meth:`has_readers` saying no means here, for the relay's warning."""
+        return f"no consumer group reads {destination}"
 
     async def ensure_topics(self, names: Iterable[str]) -> None:
         """Create missing topics as the options say (idempotent); in no-create mode,

@@ -35,7 +35,12 @@ from aio_pika.abc import (
     AbstractRobustChannel,
     AbstractRobustConnection,
 )
-from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, ChannelPreconditionFailed
+from aio_pika.exceptions import (
+    AMQPError,
+    ChannelInvalidStateError,
+    ChannelNotFoundEntity,
+    ChannelPreconditionFailed,
+)
 from aio_pika.exceptions import PublishError as Unroutable
 from aiormq.exceptions import (
     AuthenticationError,
@@ -665,6 +670,25 @@ class RabbitTransport:
                 routing_key=destination,
                 mandatory=True,
             )
+
+    async def has_readers(self, destination: str) -> bool:
+        """Whether a consumer is attached to ``destination``'s queue now (False if no
+        queue is bound for it). Asked on a short-lived channel of its own: the broker
+        closes the channel of a passive declare of a missing queue."""
+        connection = self._connection
+        if connection is None:
+            raise TransportError("RabbitMQ transport is not connected")
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                async with aio_pika.Channel(connection, publisher_confirms=False) as channel:
+                    queue = await channel.declare_queue(destination, passive=True)
+        except ChannelNotFoundEntity:
+            return False
+        return bool(queue.declaration_result.consumer_count)
+
+    def nobody_reads(self, destination: str) -> str:
+        """What :meth:`has_readers` saying no means here, for the relay's warning."""
+        return f"no consumer reads queue {destination}"
 
     async def subscribe(self, destination: str, *, group: str) -> RabbitSubscription:
         if self._connection is None:
