@@ -182,3 +182,53 @@ def test_the_heads_are_read_as_alembic_reads_them_without_importing_it(tmp_path:
     (versions / "__init__.py").write_text("")
 
     assert head_revisions(tmp_path) == _alembic_heads(tmp_path) == {"m", "d"}
+
+
+async def test_running_sagas_keep_their_reply_token_and_timer_through_the_graph_state(
+    empty: AsyncEngine,
+) -> None:
+    """0009 moves the one awaited token of a saga row to its step's row and keys timers
+    by step: a saga in flight when the engine is upgraded waits for the same reply and
+    fires the same timer afterwards."""
+    from datetime import UTC, datetime
+
+    from engine.messages import MessageKind
+    from engine.model import Awaiting, Timer, TimerKind
+    from engine.store.sql import SqlSagaStore
+
+    await upgrade(empty, "0007")
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    async with empty.begin() as conn:
+        await conn.execute(
+            text(
+                "INSERT INTO saga_instances (id, name, version, status, input, awaiting_step, "
+                "awaiting_kind, awaiting_attempt, row_version, created_at, updated_at) VALUES "
+                "('s1', 'order', 1, 'compensating', '{}', 'pay', 'compensation', 2, 3, :at, :at)"
+            ),
+            {"at": at},
+        )
+        for position, (name, status, attempt, comp) in enumerate(
+            [("reserve", "succeeded", 1, 0), ("pay", "compensating", 1, 2)]
+        ):
+            await conn.execute(
+                text(
+                    "INSERT INTO saga_steps (saga_id, name, position, status, attempt, "
+                    "compensation_attempt) VALUES ('s1', :n, :p, :s, :a, :c)"
+                ),
+                {"n": name, "p": position, "s": status, "a": attempt, "c": comp},
+            )
+        await conn.execute(
+            text(
+                "INSERT INTO saga_timers (saga_id, kind, step, attempt, due_at) "
+                "VALUES ('s1', 'compensation_timeout', 'pay', 2, :at)"
+            ),
+            {"at": at},
+        )
+    await upgrade(empty)
+    store = SqlSagaStore(empty)
+    async with store.transaction() as tx:
+        state = await tx.load_saga("s1")
+    assert state is not None
+    assert state.tokens() == [Awaiting("pay", MessageKind.COMPENSATION, 2)]
+    assert state.timers() == [Timer(TimerKind.COMPENSATION_TIMEOUT, "pay", 2, at)]
+    assert state.steps["reserve"].awaiting is None

@@ -33,10 +33,10 @@ def upgrade() -> None:
         "AND i.awaiting_attempt = CASE WHEN i.awaiting_kind = 'command' "
         "THEN saga_steps.attempt ELSE saga_steps.compensation_attempt END)"
     )
-    with op.batch_alter_table("saga_instances") as batch:
-        batch.drop_column("awaiting_step")
-        batch.drop_column("awaiting_kind")
-        batch.drop_column("awaiting_attempt")
+    # Not a batch: on SQLite a batch copies the table and drops the old one, which
+    # would cascade to every saga's steps. DROP COLUMN alters it in place.
+    for column in ("awaiting_step", "awaiting_kind", "awaiting_attempt"):
+        op.execute(f"ALTER TABLE saga_instances DROP COLUMN {column}")
     _timers("saga_timers_graph", ("saga_id", "step"))
     op.execute(
         "INSERT INTO saga_timers_graph (saga_id, kind, step, attempt, due_at) "
@@ -86,7 +86,5 @@ def downgrade() -> None:
     op.drop_table("saga_timers")
     op.rename_table("saga_timers_line", "saga_timers")
     op.create_index("ix_saga_timers_due_at", "saga_timers", ["due_at"])
-    with op.batch_alter_table("saga_steps") as batch:
-        batch.drop_column("lane")
-        batch.drop_column("completed")
-        batch.drop_column("awaiting_kind")
+    for column in ("lane", "completed", "awaiting_kind"):
+        op.execute(f"ALTER TABLE saga_steps DROP COLUMN {column}")
