@@ -27,10 +27,11 @@ from typing import Any, ClassVar, NamedTuple, Protocol, TypeVar
 from opentelemetry.trace import Span, SpanKind
 
 from engine.clock import Clock, utc_now
+from engine.deferred import internal
 from engine.definition import Saga, Step
 from engine.errors import DecodeError, LimitError, SagaNotFoundError, UnknownSagaError
 from engine.limits import ANY_SIZE, DEFAULT_LIMITS, Limits, MessageTooLarge
-from engine.messages import Envelope, decode
+from engine.messages import Envelope, MessageKind, decode
 from engine.model import TIMEOUTS, OutboxMessage, SagaState, Timer, TimerKind
 from engine.registry import SagaRegistry
 from engine.relay import Undeliverable
@@ -119,6 +120,24 @@ class ReplyReceived:
 
     def apply(self, transition: Transition) -> bool:
         return transition.on_reply(self.reply)
+
+
+@dataclass(frozen=True)
+class ChildRequested:
+    """A parent saga's request that this child saga undo itself; applied: False if
+    stale."""
+
+    request: Envelope
+
+    @property
+    def step(self) -> str | None:
+        return None
+
+    def span(self, state: SagaState) -> AbstractContextManager[object]:
+        return _saga_span("saga compensation requested", state, "saga.parent", self.request.step)
+
+    def apply(self, transition: Transition) -> bool:
+        return transition.on_child_request(self.request)
 
 
 @dataclass(frozen=True)
@@ -228,8 +247,15 @@ class Operated(NamedTuple):
     messages: list[OutboxMessage]
 
 
-#: The changes of one transaction, by saga id.
-_Changes = dict[str, Change]
+class _Changes(dict[str, Change]):
+    """The changes of one transaction, by saga id; with the sagas they create (child
+    sagas) and the messages between children and parents they send."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.new: set[str] = set()
+        self.notices: list[Envelope] = []
+
 
 R = TypeVar("R")
 
@@ -275,6 +301,10 @@ class Advancer:
         #: What the relay knows of a destination nobody reads (OutboxRelay.unserved),
         #: added to the error of a step that timed out; None: nothing known.
         self.unserved: Callable[[str], str | None] | None = None
+        #: Wakes the deferred-reply scan, which applies messages between child and
+        #: parent sagas (set by the engine); without it the scan finds them by polling.
+        self.wake_deferred: Callable[[], None] | None = None
+        self._noticed = False
         #: Sagas whose due timers were left alone for want of their definition.
         self._foreign: set[str] = set()
 
@@ -298,6 +328,10 @@ class Advancer:
         _, emitted, entries = changes.setdefault(state.id, (state, [], []))
         emitted.extend(messages)
         entries.extend(transition.history)
+        changes.notices.extend(transition.notices)
+        for child in transition.spawned:
+            changes.new.add(child.state.id)
+            self._record(changes, child)
 
     def _advance(
         self, changes: _Changes, definition: Saga, state: SagaState, event: Event[R], now: datetime
@@ -311,14 +345,19 @@ class Advancer:
             self._record(changes, transition)
         return result
 
-    async def _write(self, tx: StoreTransaction, changes: _Changes, *, new: bool = False) -> None:
+    async def _write(self, tx: StoreTransaction, changes: _Changes) -> None:
         """Write the changed sagas with their messages and history, a few statements
-        for any number; announce the messages to other processes' relays."""
-        if new:
-            ((state, messages, entries),) = changes.values()
+        for any number, and the sagas they start; announce the messages to other
+        processes' relays. Messages between child and parent sagas are set aside as
+        deferred replies: the engine's deferred-reply scan applies them (no broker)."""
+        for saga_id in sorted(changes.new):
+            state, messages, entries = changes[saga_id]
             await write_transition(tx, state, messages, entries, new=True)
-        else:
-            await write_transitions(tx, list(changes.values()))
+        await write_transitions(tx, [c for c in changes.values() if c[0].id not in changes.new])
+        if changes.notices:
+            now = self.clock()
+            await tx.defer_replies([internal(notice, now) for notice in changes.notices])
+            self._noticed = True
         if self.signal is not None and _emitted(changes.values()):
             await self.signal.announce(tx)
 
@@ -329,6 +368,9 @@ class Advancer:
             metrics.record_transition(state, entries)
         if self.wake is not None and _emitted(changed):
             self.wake()
+        if self._noticed and self.wake_deferred is not None:
+            self._noticed = False
+            self.wake_deferred()
 
     # -- event sources -------------------------------------------------------------
 
@@ -349,18 +391,19 @@ class Advancer:
             )
         if refused is not None:
             raise LimitError(f"input refused: the first command: {refused}")
-        changes: _Changes = {}
+        changes = _Changes()
         with event.span(state):
             self._record(changes, transition)
+            changes.new.add(state.id)
             async with store.transaction() as tx:  # SagaIdTaken if the id is taken
-                await self._write(tx, changes, new=True)
+                await self._write(tx, changes)
         self.committed(changes.values())
         return state
 
     async def operate(self, store: SagaStore, saga_id: str, event: OperatorAction) -> Operated:
         """Apply an operator's action in a transaction of its own, under the saga's
         optimistic row version: ConcurrencyConflict if the engine advanced it first."""
-        changes: _Changes = {}
+        changes = _Changes()
         async with store.transaction() as tx:
             state = await tx.load_saga(saga_id)
             if state is None:
@@ -406,7 +449,7 @@ class Advancer:
         claimed = await tx.claim_inboxes(
             {replies[i].message_id: replies[i].saga_id for i in candidates}, self.group
         )
-        changes: _Changes = {}
+        changes = _Changes()
         now = self.clock()
         for i in candidates:
             reply = replies[i]
@@ -415,7 +458,11 @@ class Advancer:
                 continue
             claimed.discard(reply.message_id)  # a second copy in this batch: duplicate
             state = states[reply.saga_id]
-            event = ReplyReceived(reply, self.messaging_system, self.topology.replies, self.group)
+            event: Event[bool] = (
+                ChildRequested(reply)
+                if reply.kind is MessageKind.COMPENSATION
+                else ReplyReceived(reply, self.messaging_system, self.topology.replies, self.group)
+            )
             self._advance(changes, definitions[state.id], state, event, now)
             outcomes[i] = ReplyResult(ReplyOutcome.APPLIED)
         await self._write(tx, changes)
@@ -435,7 +482,7 @@ class Advancer:
         due_timers = await tx.due_timers(now, limit, timeouts_due_by=timeouts_due_by)
         # Their rows are locked with the timers already: this only reads them, at once.
         states = await tx.lock_sagas(due.saga_id for due in due_timers)
-        changes: _Changes = {}
+        changes = _Changes()
         fired = 0
         for due in due_timers:
             state = states.get(due.saga_id)
@@ -509,7 +556,7 @@ class Advancer:
             except DecodeError:
                 continue  # not one of ours (a replayed dead letter): archived only
         states = await tx.lock_sagas(event.message.saga_id for event in found)
-        changes: _Changes = {}
+        changes = _Changes()
         now = self.clock()
         for event in found:
             state = states.get(event.message.saga_id)

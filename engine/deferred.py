@@ -22,7 +22,7 @@ from engine.clock import Clock
 from engine.deadletters import keep_dead_letter, letter_record
 from engine.errors import ConcurrencyConflict, DecodeError
 from engine.limits import ANY_SIZE, storable
-from engine.messages import Envelope, decode
+from engine.messages import Envelope, decode, encode
 from engine.replies import Change, ReplyOutcome, ReplyResult
 from engine.store.base import DeferredReply, SagaStore, StoreTransaction
 from engine.store.failures import error_text, is_transient
@@ -45,6 +45,20 @@ def deferral(message: Message, reply: Envelope, now: datetime) -> DeferredReply:
         key=storable(message.key)[:255],
         body=message.body,
         headers={storable(k): storable(v) for k, v in message.headers.items()},
+        first_seen_at=now,
+        next_attempt_at=now,
+    )
+
+
+def internal(envelope: Envelope, now: datetime) -> DeferredReply:
+    """The row that hands a message between a child saga and its parent to the
+    engine: applied by the next scan like a reply that came over the broker."""
+    return DeferredReply(
+        message_id=envelope.message_id,
+        saga_id=envelope.saga_id,
+        key=envelope.saga_id,
+        body=encode(envelope),
+        headers={},
         first_seen_at=now,
         next_attempt_at=now,
     )

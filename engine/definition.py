@@ -173,8 +173,24 @@ class Local:
     compensation_retry: RetryPolicy = DEFAULT_COMPENSATION_RETRY
 
 
-#: A node of a saga that runs: a participant step, a wait, a delay, a local function.
-Node = Step | WaitFor | Delay | Local
+@dataclass(frozen=True)
+class Child:
+    """Another saga started as a step of this one, with the input ``input`` builds.
+
+    Its outcome is the step's: completed, the step succeeded (its reply holds the
+    child's id and replies); compensated, the step failed. Compensating the step
+    compensates the child (cancelling it if it still runs). A child with a pivot is a
+    pivot of its parent: once started it can only go forward. The engine that runs the
+    parent runs the child too (registering a saga registers its children)."""
+
+    name: str
+    saga: Saga
+    input: Builder
+
+
+#: A node of a saga that runs: a participant step, a wait, a delay, a local function,
+#: a child saga.
+Node = Step | WaitFor | Delay | Local | Child
 
 
 @dataclass(frozen=True)
@@ -267,6 +283,16 @@ class Saga:
         return self._stages
 
     @property
+    def undoable(self) -> bool:
+        """Whether the whole saga can be undone (it has no pivot)."""
+        return not any(is_pivot(n) for n in self._nodes.values())
+
+    @property
+    def children(self) -> tuple[Saga, ...]:
+        """The sagas this one starts as steps (:class:`Child`), directly."""
+        return tuple(n.saga for n in self._nodes.values() if isinstance(n, Child))
+
+    @property
     def participant_steps(self) -> tuple[Step, ...]:
         """The nodes that are commands to participants."""
         return tuple(n for n in self._nodes.values() if isinstance(n, Step))
@@ -323,12 +349,16 @@ def timer_length(node: Node) -> timedelta:
 
 def undoes(node: Node) -> bool:
     """Whether compensating ``node`` sends or runs anything."""
+    if isinstance(node, Child):
+        return node.saga.undoable
     return isinstance(node, (Step, Local)) and node.compensation is not None
 
 
 def is_pivot(node: Node) -> bool:
-    """A participant step without compensation: once it succeeded (or may have),
-    the saga can no longer be undone."""
+    """A participant step without compensation, or a child saga with a pivot: once
+    it succeeded (or may have), the saga can no longer be undone."""
+    if isinstance(node, Child):
+        return not node.saga.undoable
     return isinstance(node, Step) and node.compensation is None
 
 
@@ -422,10 +452,10 @@ class _Validator:
 
     def _node(self, node: object, pivot: str | None = None) -> None:
         pivot = pivot if pivot is not None else self.pivot
-        if not isinstance(node, (Step, WaitFor, Delay, Local)):
+        if not isinstance(node, (Step, WaitFor, Delay, Local, Child)):
             raise DefinitionError(
                 f"saga {self.saga.name!r}: steps must be Step objects (or WaitFor, Delay, "
-                f"Local, Parallel), not {_shown_kind(node)}"
+                f"Local, Child, Parallel), not {_shown_kind(node)}"
             )
         self._name(node.name, "step")
         where = self._where(node.name)
@@ -438,6 +468,13 @@ class _Validator:
         elif isinstance(node, Delay):
             if node.duration < timedelta(0):
                 raise DefinitionError(f"{where}: duration must not be negative")
+        elif isinstance(node, Child):
+            if not isinstance(node.saga, Saga):
+                raise DefinitionError(f"{where}: saga must be a Saga definition")
+            if not callable(node.input):
+                raise DefinitionError(f"{where}: input must be a callable building the input")
+            if undoes(node):
+                self._after_pivot(where, pivot)
         else:
             if not callable(node.run):
                 raise DefinitionError(f"{where}: run must be a callable")

@@ -49,6 +49,40 @@ class Awaiting:
     attempt: int
 
 
+@dataclass(frozen=True)
+class ParentLink:
+    """Where a child saga reports its outcome: its parent's step, and the message of
+    the parent it answers (the command that started it, or a request to compensate)."""
+
+    id: str
+    name: str
+    version: int
+    step: str
+    kind: MessageKind
+    attempt: int
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "version": self.version,
+            "step": self.step,
+            "kind": self.kind.value,
+            "attempt": self.attempt,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ParentLink:
+        return cls(
+            data["id"],
+            data["name"],
+            int(data["version"]),
+            data["step"],
+            MessageKind(data["kind"]),
+            int(data["attempt"]),
+        )
+
+
 @dataclass
 class StepState:
     name: str
@@ -117,6 +151,8 @@ class SagaState:
     trace_context: dict[str, str] = field(default_factory=dict)
     #: Optimistic concurrency: the version read; the write must find it unchanged.
     row_version: int = 0
+    #: Set on a child saga: where its outcome goes.
+    parent: ParentLink | None = None
 
     def ordered_steps(self) -> list[StepState]:
         return sorted(self.steps.values(), key=lambda s: s.position)

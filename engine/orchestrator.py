@@ -186,6 +186,7 @@ class Engine:
             failure_backoff=settings.failure_backoff,
             error_backoff=settings.error_backoff,
         )
+        self.advancer.wake_deferred = self.deferred.wake.set
         #: Applies the replies of the engine's subscription and settles their deliveries.
         self.consumer = ReplyConsumer(
             store,

@@ -27,6 +27,8 @@ class SagaRegistry:
         if existing is not None and existing is not saga:
             raise DefinitionError(f"saga {saga.name!r} v{saga.version} is registered twice")
         self._sagas[saga.key] = saga
+        for child in saga.children:  # an engine that runs a saga runs its children
+            self.register(child)
         return saga
 
     def get(self, name: str, version: int | None = None) -> Saga:

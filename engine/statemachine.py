@@ -9,11 +9,13 @@ lets the engine batch many transitions into one database transaction.
 from __future__ import annotations
 
 import random
+import uuid
 from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
 from engine.definition import (
+    Child,
     Delay,
     Local,
     Node,
@@ -27,12 +29,13 @@ from engine.definition import (
     timer_length,
     undoes,
 )
-from engine.errors import BusinessFailure, LimitError, OperationRefused
+from engine.errors import BusinessFailure, InvalidInputError, LimitError, OperationRefused
 from engine.limits import DEFAULT_LIMITS, ERROR_LENGTH, Limits, clip
 from engine.messages import LAST_ATTEMPT_HEADER, Envelope, MessageKind, Outcome, sized
 from engine.model import (
     HistoryEntry,
     OutboxMessage,
+    ParentLink,
     SagaState,
     StepState,
     Timer,
@@ -102,6 +105,11 @@ class Transition:
         #: step, a wait whose signal came early) asks for another pass instead.
         self._forwarding = False
         self._again = False
+        #: Child sagas this change starts (:class:`Child`), each with its own start.
+        self.spawned: list[Transition] = []
+        #: Messages between a child saga and its parent: the engine applies them like
+        #: replies (written with the change, see :mod:`engine.deferred`), no broker.
+        self.notices: list[Envelope] = []
 
     # -- events ------------------------------------------------------------------
 
@@ -128,7 +136,7 @@ class Transition:
         st.awaiting = None
         st.timer = None
         node = self.definition.step(reply.step)
-        assert isinstance(node, Step)  # only participant steps hold reply tokens
+        assert isinstance(node, (Step, Child))  # the nodes that hold reply tokens
         if token.kind is MessageKind.COMMAND:
             self._on_action_reply(node, st, reply)
         else:
@@ -167,6 +175,37 @@ class Transition:
             f"saga {state.id} has already had its signal {event!r} "
             f"(step {waits[-1].name!r} is {state.steps[waits[-1].name].status})"
         )
+
+    def on_child_request(self, request: Envelope) -> bool:
+        """The parent saga asks this child to undo itself (it is compensating the
+        step that started it): compensate what completed, or cancel what runs; the
+        outcome is reported to the parent once compensated. False if stale."""
+        state = self.state
+        link = state.parent
+        if link is None or (
+            link.kind is MessageKind.COMPENSATION and request.attempt <= link.attempt
+        ):
+            self._record("request_ignored", None, f"{request.kind} attempt {request.attempt}")
+            return False
+        state.parent = ParentLink(
+            link.id, link.name, link.version, link.step, MessageKind.COMPENSATION, request.attempt
+        )
+        self._record(
+            "compensation_requested", None, f"by parent saga {link.id} (step {link.step!r})"
+        )
+        why = f"compensated at the request of its parent saga {link.id}"
+        if state.status is SagaStatus.COMPENSATED:
+            self._notify_parent()
+        elif state.status is SagaStatus.COMPLETED:
+            state.error = why
+            state.status = SagaStatus.COMPENSATING
+            self._record("compensating", detail=why)
+            self._compensate_next()
+        elif state.status is SagaStatus.RUNNING:
+            self._stop(self._in_flight(), f"cancelled by its parent saga {link.id}")
+            self._fail(f"cancelled by its parent saga {link.id}")
+        # Compensating, or parked: the parent hears when it is compensated.
+        return True
 
     def on_undeliverable(self, message: Envelope, reason: str) -> bool:
         """The broker refused one of this saga's messages for good (too large, ...);
@@ -433,6 +472,7 @@ class Transition:
                 if stage is None:
                     self.state.status = SagaStatus.COMPLETED
                     self._record("completed")
+                    self._notify_parent()
                     return
                 self._run(stage)
                 if not self._again:
@@ -496,8 +536,85 @@ class Transition:
                 st.timer = Timer(TimerKind.STEP_TIMEOUT, node.name, st.attempt, self._at(node))
         elif isinstance(node, Delay):
             st.timer = Timer(TimerKind.DELAY, node.name, st.attempt, self._at(node))
+        elif isinstance(node, Child):
+            self._start_child(node, st)
         else:
             self._run_local(node, st)
+
+    def _start_child(self, node: Child, st: StepState) -> None:
+        """Start the child saga in this change; its outcome comes back as a reply."""
+        try:
+            data = build_payload(node.input, self._context())
+            node.saga.parse_input(data)
+        except InvalidInputError as exc:
+            self._step_failed(st, f"child saga input refused: {exc}")
+            return
+        except Exception as exc:  # a bug in the user's builder
+            self._step_failed(st, f"child saga input builder raised {_shown(exc)}")
+            return
+        state = self.state
+        child = new_saga(node.saga, child_id(state.id, node.name, st.attempt), data, self.now)
+        child.parent = ParentLink(
+            state.id, state.name, state.version, node.name, MessageKind.COMMAND, st.attempt
+        )
+        child.trace_context = dict(state.trace_context)
+        start = Transition(
+            node.saga,
+            child,
+            now=self.now,
+            topology=self.topology,
+            rng=self.rng,
+            headers=self.headers,
+            limits=self.limits,
+        )
+        start.start()
+        if start.refused is not None:
+            self._step_failed(st, f"child saga refused its first command: {start.refused}")
+            return
+        st.awaiting = MessageKind.COMMAND
+        self.spawned.append(start)
+        self._record(
+            "child_started", node.name, f"saga {node.saga.name!r} v{node.saga.version} {child.id}"
+        )
+
+    def _step_failed(self, st: StepState, error: str) -> None:
+        st.status = StepStatus.FAILED
+        st.finished_at = self.now
+        st.error = error
+        self._record("step_failed", st.name, st.error)
+        self._fail(f"step {st.name!r} failed: {st.error}")
+
+    def _notify_parent(self) -> None:
+        """A child saga that finished tells its parent, answering the parent's last
+        message to it: completed, the step succeeded; compensated, the step failed
+        (or, asked to compensate, the compensation succeeded)."""
+        state, link = self.state, self.state.parent
+        if link is None:
+            return
+        request = Envelope(
+            saga_id=link.id,
+            saga_name=link.name,
+            saga_version=link.version,
+            step=link.step,
+            kind=link.kind,
+            name=link.step,
+            attempt=link.attempt,
+            created_at=self.now,
+        )
+        if state.status is SagaStatus.COMPLETED:
+            replies = {st.name: st.reply for st in state.ordered_steps() if st.reply is not None}
+            reply = request.reply(Outcome.SUCCESS, {"saga_id": state.id, "replies": replies})
+            try:
+                sized(reply, self.limits)
+            except LimitError:  # the child's replies are in its own row anyway
+                reply = request.reply(Outcome.SUCCESS, {"saga_id": state.id})
+        elif link.kind is MessageKind.COMMAND:
+            reply = request.reply(
+                Outcome.FAILURE, {"saga_id": state.id}, f"child saga {state.id}: {state.error}"
+            )
+        else:
+            reply = request.reply(Outcome.SUCCESS, {"saga_id": state.id})
+        self.notices.append(reply)
 
     def _send_command(self, step: Step, st: StepState) -> None:
         try:
@@ -544,7 +661,7 @@ class Transition:
         self._record("step_succeeded", st.name, detail)
         self._forward()
 
-    def _on_action_reply(self, step: Step, st: StepState, reply: Envelope) -> None:
+    def _on_action_reply(self, step: Step | Child, st: StepState, reply: Envelope) -> None:
         if reply.outcome is Outcome.SUCCESS:
             st.reply = dict(reply.payload)
             self._succeed(st, f"attempt {st.attempt}")
@@ -554,6 +671,8 @@ class Transition:
             st.error = reply.error or "business failure"
             self._record("step_failed", st.name, st.error)
             self._fail(f"step {st.name!r} failed: {st.error}")
+        elif isinstance(step, Child):  # a child saga answers success or failure only
+            self._step_failed(st, reply.error or str(reply.outcome))
         else:
             self._transient(step, st, reply.error or "transient error")
 
@@ -642,12 +761,30 @@ class Transition:
             return
         self.state.status = SagaStatus.COMPENSATED
         self._record("compensated")
+        self._notify_parent()
 
     def _dispatch_compensation(self, node: Node) -> None:
         st = self.state.steps[node.name]
         st.compensation_attempt += 1
         if isinstance(node, Local):
             self._run_local_compensation(node, st)
+            return
+        if isinstance(node, Child):
+            # The child compensates itself and answers; it always does, or parks
+            # visibly, so there is no timeout.
+            self.notices.append(
+                Envelope(
+                    saga_id=child_id(self.state.id, node.name, st.attempt),
+                    saga_name=node.saga.name,
+                    saga_version=node.saga.version,
+                    step=node.name,
+                    kind=MessageKind.COMPENSATION,
+                    name=node.name,
+                    attempt=st.compensation_attempt,
+                    created_at=self.now,
+                )
+            )
+            st.awaiting = MessageKind.COMPENSATION
             return
         assert isinstance(node, Step) and node.compensation is not None
         try:
@@ -679,9 +816,11 @@ class Transition:
             return
         self._compensated(st)
 
-    def _on_compensation_reply(self, step: Step, st: StepState, reply: Envelope) -> None:
+    def _on_compensation_reply(self, step: Step | Child, st: StepState, reply: Envelope) -> None:
         if reply.outcome is Outcome.SUCCESS:
             self._compensated(st)
+        elif isinstance(step, Child):
+            self._park(f"child saga of step {st.name!r} could not be compensated: {reply.error}")
         else:
             self._compensation_error(step, st, reply.error or str(reply.outcome))
 
@@ -796,6 +935,12 @@ def _budget(node: Node, *, compensation: bool = False) -> str:
             return "unlimited attempts"
         return f"{policy.max_attempts} attempts"
     return "one attempt"
+
+
+def child_id(parent_id: str, step: str, attempt: int) -> str:
+    """The id of the child saga a parent's step starts on its ``attempt``: derived, so
+    the parent finds it again to compensate it, and a redone start is the same saga."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"saga:{parent_id}/{step}/{attempt}"))
 
 
 def _completion_order(st: StepState) -> tuple[int, int]:

@@ -67,6 +67,8 @@ sagas = Table(
     Column("trace_id", String(32)),
     Column("trace_context", JSON),
     Column("row_version", Integer, nullable=False),
+    #: A child saga's parent: its id, name, version, step, and the message answered.
+    Column("parent", JSON),
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
     Index("ix_saga_instances_status_created", "status", "created_at"),

@@ -37,6 +37,7 @@ from engine.model import (
     TIMEOUTS,
     HistoryEntry,
     OutboxMessage,
+    ParentLink,
     SagaState,
     StepState,
     Timer,
@@ -119,6 +120,7 @@ def _saga_values(state: SagaState) -> dict[str, Any]:
         "error": state.error,
         "trace_id": state.trace_id,
         "trace_context": state.trace_context or None,
+        "parent": state.parent.as_json() if state.parent is not None else None,
         "updated_at": state.updated_at,
     }
 
@@ -219,6 +221,7 @@ class SqlStoreTransaction:
                 trace_id=row.trace_id,
                 trace_context=dict(row.trace_context or {}),
                 row_version=row.row_version,
+                parent=ParentLink.from_json(row.parent) if row.parent else None,
             )
         if not states:
             return states

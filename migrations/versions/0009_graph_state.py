@@ -1,4 +1,4 @@
-"""graph state: a reply token and a timer per step, completion order, lanes
+"""graph state: a reply token and a timer per step, completion order, lanes, parents
 
 Revision ID: 0009
 Revises: 0007
@@ -37,6 +37,8 @@ def upgrade() -> None:
     # would cascade to every saga's steps. DROP COLUMN alters it in place.
     for column in ("awaiting_step", "awaiting_kind", "awaiting_attempt"):
         op.execute(f"ALTER TABLE saga_instances DROP COLUMN {column}")
+    with op.batch_alter_table("saga_instances") as batch:  # adding alters in place
+        batch.add_column(sa.Column("parent", sa.JSON))
     _timers("saga_timers_graph", ("saga_id", "step"))
     op.execute(
         "INSERT INTO saga_timers_graph (saga_id, kind, step, attempt, due_at) "
@@ -65,6 +67,7 @@ def _timers(name: str, key: tuple[str, ...]) -> None:
 
 
 def downgrade() -> None:
+    op.execute("ALTER TABLE saga_instances DROP COLUMN parent")
     with op.batch_alter_table("saga_instances") as batch:
         batch.add_column(sa.Column("awaiting_step", sa.String(NAME_LENGTH)))
         batch.add_column(sa.Column("awaiting_kind", sa.String(20)))
