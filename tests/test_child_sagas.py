@@ -8,8 +8,8 @@ from pathlib import Path
 
 from engine.definition import Child, Local, Saga
 from engine.errors import BusinessFailure
-from engine.states import SagaStatus, StepStatus
 from engine.statemachine import child_id
+from engine.states import SagaStatus, StepStatus
 from sagas.order import OrderInput
 from tests.helpers import EmbeddedSystem, fast_order_saga, history_events, order_input
 
