@@ -329,9 +329,10 @@ class Advancer:
         emitted.extend(messages)
         entries.extend(transition.history)
         changes.notices.extend(transition.notices)
-        for child in transition.spawned:
-            changes.new.add(child.state.id)
-            self._record(changes, child)
+        for definition, child in transition.spawned:
+            changes.new.add(child.id)
+            start, _ = self._decide(definition, child, Started(), transition.now)
+            self._record(changes, start)
 
     def _advance(
         self, changes: _Changes, definition: Saga, state: SagaState, event: Event[R], now: datetime

@@ -105,8 +105,8 @@ class Transition:
         #: step, a wait whose signal came early) asks for another pass instead.
         self._forwarding = False
         self._again = False
-        #: Child sagas this change starts (:class:`Child`), each with its own start.
-        self.spawned: list[Transition] = []
+        #: Child sagas this change creates (:class:`Child`), to be started with it.
+        self.spawned: list[tuple[Saga, SagaState]] = []
         #: Messages between a child saga and its parent: the engine applies them like
         #: replies (written with the change, see :mod:`engine.deferred`), no broker.
         self.notices: list[Envelope] = []
@@ -558,21 +558,10 @@ class Transition:
             state.id, state.name, state.version, node.name, MessageKind.COMMAND, st.attempt
         )
         child.trace_context = dict(state.trace_context)
-        start = Transition(
-            node.saga,
-            child,
-            now=self.now,
-            topology=self.topology,
-            rng=self.rng,
-            headers=self.headers,
-            limits=self.limits,
-        )
-        start.start()
-        if start.refused is not None:
-            self._step_failed(st, f"child saga refused its first command: {start.refused}")
-            return
         st.awaiting = MessageKind.COMMAND
-        self.spawned.append(start)
+        # Started by the advancer in this change (a first command it refuses fails
+        # the child, which then answers this step with the failure).
+        self.spawned.append((node.saga, child))
         self._record(
             "child_started", node.name, f"saga {node.saga.name!r} v{node.saga.version} {child.id}"
         )

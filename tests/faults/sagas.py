@@ -13,7 +13,7 @@ from datetime import timedelta
 from typing import Any
 
 from engine import RetryPolicy, Saga, StepContext
-from engine.definition import Builder, build_payload
+from engine.definition import Builder, Parallel, build_payload
 from sagas import order
 
 #: The step timeout of ``quick_order``: a lost reply is noticed this fast.
@@ -93,3 +93,20 @@ unhandled_order = Saga(
         for step in order.place_order.steps
     ],
 )
+
+
+def _parallel(name: str, timeout: float) -> Saga:
+    """The order saga with its reservation and its charge as parallel branches, then
+    the shipment (the pivot): a refused shipment compensates both branches."""
+    steps = {
+        step.name: dataclasses.replace(step, timeout=timedelta(seconds=timeout))
+        for step in order.place_order.steps
+    }
+    group = Parallel("prepare", [[steps["reserve_inventory"]], [steps["charge_payment"]]])
+    return Saga(
+        name=name, version=1, input=order.OrderInput, steps=[group, steps["create_shipment"]]
+    )
+
+
+#: Patient like ``patient_order``: crashes and restarts, not timeouts, are the point.
+parallel_order = _parallel("parallel_order", PATIENT_TIMEOUT)
