@@ -192,7 +192,7 @@ def _json_argument(text: str, flag: str) -> Any:
         try:
             text = path.read_text()
         except OSError as exc:
-            fail(f"cannot read {flag} file {str(path)!r}: {exc.strerror}")
+            fail(f"cannot read {flag.lstrip('-')} file {str(path)!r}: {exc.strerror}")
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
