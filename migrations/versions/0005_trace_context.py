@@ -21,5 +21,6 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("saga_instances") as batch:
-        batch.drop_column("trace_context")
+    # In place: on SQLite a batch copies the table and drops the old one, which the
+    # ON DELETE CASCADE of saga_steps would follow, deleting every saga's steps.
+    op.execute("ALTER TABLE saga_instances DROP COLUMN trace_context")
