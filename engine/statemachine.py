@@ -439,7 +439,12 @@ class Transition:
                     "this saga can only go forward"
                 )
         in_flight = self._in_flight()
-        undo = [st.name for st in reversed(in_flight) if undoes(self.definition.step(st.name))]
+        undo = [
+            st.name
+            for st in reversed(in_flight)
+            if undoes(node := self.definition.step(st.name))
+            and not isinstance(node, Local)  # between attempts: it did not run
+        ]
         undo += [st.name for st in self._to_compensate()]
         what = f"compensating {', '.join(repr(n) for n in undo)}" if undo else "nothing ran to undo"
         self._operator("cancelled", None, what, actor, reason)
@@ -730,8 +735,15 @@ class Transition:
             for st in self.state.steps.values()
             if st.status in _COMPENSABLE
             and (undoes(node := self.definition.step(st.name)) or is_pivot(node))
+            and self._may_have_run(node, st)
         ]
         return sorted(found, key=_completion_order, reverse=True)
+
+    def _may_have_run(self, node: Node, st: StepState) -> bool:
+        """A local step stopped between its attempts did not run: each attempt that
+        raised was rolled back with its transaction. Anything else stopped in flight
+        may have."""
+        return not (isinstance(node, Local) and st.status is StepStatus.CANCELLED)
 
     def _compensate_next(self) -> None:
         for st in self._to_compensate():
