@@ -59,8 +59,9 @@ class Driver:
 
         return str(asyncio.run(self._with_engine(go)))
 
-    def succeed(self, saga_id: str) -> list[str]:
-        """Answer SUCCESS to the saga's unanswered commands; the steps answered."""
+    def succeed(self, saga_id: str, kind: MessageKind = MessageKind.COMMAND) -> list[str]:
+        """Answer SUCCESS to the saga's unanswered commands (or compensations); the
+        steps answered, in the order they were sent."""
         self.now += timedelta(seconds=1)
 
         async def go(engine: Engine, database: Any) -> list[str]:
@@ -75,7 +76,7 @@ class Driver:
             steps = []
             for message_id, body in rows:
                 envelope: Envelope = decode(body.encode())
-                if message_id in self.answered or envelope.kind is not MessageKind.COMMAND:
+                if message_id in self.answered or envelope.kind is not kind:
                     continue
                 self.answered.add(message_id)
                 assert await engine.handle_reply(envelope.reply(Outcome.SUCCESS))
@@ -170,6 +171,26 @@ def test_signal_completes_the_wait_and_the_saga_goes_on(
         sagactl(db, "signal", saga_id, "manager_approval"),
         f"saga {saga_id} is completed: it takes no signal now",
     )
+
+
+def test_a_saga_in_its_cooling_off_delay_can_still_be_cancelled(db: Path, driver: Driver) -> None:
+    saga_id = driver.waiting()  # reserve_inventory answered before charge_payment
+    ok = sagactl(db, "signal", saga_id, "manager_approval", "--payload", '{"approved": true}')
+    assert ok.exit_code == 0, ok.output
+    result = sagactl(db, "--json", "cancel", saga_id, "--actor", "erin", "--reason", "changed mind")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["summary"] == (
+        "compensating 'charge_payment', 'reserve_inventory'"
+    )
+    detail = show(db, saga_id)
+    assert step(detail, "cooling_off")["status"] == "cancelled"
+    # One compensation at a time, the latest completed first.
+    assert driver.succeed(saga_id, MessageKind.COMPENSATION) == ["charge_payment"]
+    assert driver.succeed(saga_id, MessageKind.COMPENSATION) == ["reserve_inventory"]
+    detail = show(db, saga_id)
+    assert detail["status"] == "compensated"
+    assert step(detail, "check_approval")["status"] == "succeeded"  # nothing to undo
+    assert driver.fire() == 0  # the delay's timer went with the cancel
 
 
 def test_signal_json_kept_before_the_wait_then_a_rejection_compensates(
