@@ -86,7 +86,7 @@ def where(url: str) -> str:
 def saga_participants(modules: Iterable[str]) -> set[str]:
     """Every participant of the sagas in these modules (e.g. ``SAGA_SAGAS``)."""
     registry = SagaRegistry.from_modules(m for m in modules if m.strip())
-    return {step.participant for saga in registry for step in saga.steps}
+    return {step.participant for saga in registry for step in saga.participant_steps}
 
 
 def topology_objects(
