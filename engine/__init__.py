@@ -12,7 +12,17 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from engine.client import SagaClient
-    from engine.definition import Compensation, RetryPolicy, Saga, Step, StepContext
+    from engine.definition import (
+        Compensation,
+        Delay,
+        Local,
+        Parallel,
+        RetryPolicy,
+        Saga,
+        Step,
+        StepContext,
+        WaitFor,
+    )
     from engine.embedded import EmbeddedSystem
     from engine.errors import (
         BusinessFailure,
@@ -21,6 +31,7 @@ if TYPE_CHECKING:
         DefinitionError,
         InvalidInputError,
         LimitError,
+        OperationRefused,
         SagaError,
         SagaNotFoundError,
         UnknownSagaError,
@@ -43,6 +54,7 @@ _EXPORTS = {
     "ConfigError": "engine.errors",
     "DatabaseError": "engine.errors",
     "DefinitionError": "engine.errors",
+    "Delay": "engine.definition",
     "EmbeddedSystem": "engine.embedded",
     "Engine": "engine.orchestrator",
     "EngineSettings": "engine.orchestrator",
@@ -51,8 +63,11 @@ _EXPORTS = {
     "InvalidInputError": "engine.errors",
     "LimitError": "engine.errors",
     "Limits": "engine.limits",
+    "Local": "engine.definition",
     "MessageKind": "engine.messages",
+    "OperationRefused": "engine.errors",
     "Outcome": "engine.messages",
+    "Parallel": "engine.definition",
     "RetryPolicy": "engine.definition",
     "Saga": "engine.definition",
     "SagaClient": "engine.client",
@@ -69,6 +84,7 @@ _EXPORTS = {
     "StepView": "engine.views",
     "Topology": "engine.topology",
     "UnknownSagaError": "engine.errors",
+    "WaitFor": "engine.definition",
     "Wiring": "engine.wiring",
     "Worker": "engine.worker",
     "WorkerRunner": "engine.worker",
@@ -80,6 +96,7 @@ __all__ = [
     "ConfigError",
     "DatabaseError",
     "DefinitionError",
+    "Delay",
     "EmbeddedSystem",
     "Engine",
     "EngineSettings",
@@ -88,8 +105,11 @@ __all__ = [
     "InvalidInputError",
     "LimitError",
     "Limits",
+    "Local",
     "MessageKind",
+    "OperationRefused",
     "Outcome",
+    "Parallel",
     "RetryPolicy",
     "Saga",
     "SagaClient",
@@ -106,6 +126,7 @@ __all__ = [
     "StepView",
     "Topology",
     "UnknownSagaError",
+    "WaitFor",
     "Wiring",
     "Worker",
     "WorkerRunner",

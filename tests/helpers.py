@@ -18,7 +18,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from engine import embedded
-from engine.definition import RetryPolicy, Saga
+from engine.definition import Delay, Local, Parallel, RetryPolicy, Saga, Step, WaitFor
 from engine.embedded import TransportFactory
 from engine.errors import TransportError
 from engine.messages import Envelope, MessageKind, decode
@@ -32,6 +32,7 @@ from engine.transport.memory import MemoryBroker, MemoryTransport
 from engine.views import DeadLetterView, SagaDetail
 from engine.worker.runner import WorkerRunner
 from engine.worker.worker import Registration, Worker
+from sagas.large_order import large_order
 from sagas.order import place_order
 from workers import inventory, ledger, payment, shipment
 
@@ -65,6 +66,35 @@ def fast_order_saga(timeout: float = 30.0) -> Saga:
             )
             for step in place_order.steps
         ],
+    )
+
+
+def fast_large_order_saga(approval_timeout: float = 30.0, timeout: float = 30.0) -> Saga:
+    """The large order with fast retries, a short cooling-off and the given approval
+    timeout (same structure, names and commands)."""
+
+    def fast(node: Any) -> Any:
+        if isinstance(node, Step):
+            return replace(
+                node,
+                retry=FAST_RETRY,
+                compensation_retry=FAST_COMPENSATION_RETRY,
+                timeout=timedelta(seconds=timeout),
+            )
+        if isinstance(node, WaitFor):
+            return replace(node, timeout=timedelta(seconds=approval_timeout))
+        if isinstance(node, Delay):
+            return replace(node, duration=timedelta(seconds=0.05))
+        if isinstance(node, Local):
+            return replace(node, retry=FAST_RETRY)
+        assert isinstance(node, Parallel)
+        return replace(node, branches=[[fast(n) for n in branch] for branch in node.branches])
+
+    return Saga(
+        name=large_order.name,
+        version=large_order.version,
+        input=large_order.input,
+        steps=[fast(element) for element in large_order.steps],
     )
 
 
@@ -221,7 +251,8 @@ def memory_transport(broker: MemoryBroker, role: str) -> Transport:
 
 
 class EmbeddedSystem(embedded.EmbeddedSystem):
-    """The public embedded runner on a temp SQLite file, set up for the example.
+    """The public embedded runner on a temp SQLite file (or ``database_url``), set up
+    for the example.
 
     ``async with EmbeddedSystem(path) as system:`` migrates (the engine's and the
     example's histories) and seeds the database, then starts the engine and the
@@ -234,6 +265,7 @@ class EmbeddedSystem(embedded.EmbeddedSystem):
         self,
         db_path: Path,
         *,
+        database_url: str | None = None,
         sagas: Sequence[Saga] = (place_order,),
         workers: Mapping[str, Worker] | None = None,
         run_workers: Iterable[str] | None = None,
@@ -256,7 +288,7 @@ class EmbeddedSystem(embedded.EmbeddedSystem):
         super().__init__(
             sagas=sagas,
             workers=list(workers.values()),
-            settings=load_settings(database_url=f"sqlite:///{db_path}"),
+            settings=load_settings(database_url=database_url or f"sqlite:///{db_path}"),
             migrations=[ledger.MIGRATIONS],
             tunables=self.settings,
             poll_interval=0.01,

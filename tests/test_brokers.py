@@ -35,6 +35,8 @@ def test_a_topology_is_its_replies_dead_letters_commands_and_exchange() -> None:
     )
     assert objects.exchange == "t1"
     assert saga_participants(["sagas.order"]) == {"inventory", "payment", "shipment"}
+    # A graph saga's participants are those of its steps inside groups too.
+    assert saga_participants(["sagas.large_order"]) == {"inventory", "payment", "shipment"}
 
 
 @pytest.mark.parametrize(

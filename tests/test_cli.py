@@ -61,6 +61,29 @@ def test_demo_finishes_every_order_and_balances(demo_db: tuple[Path, dict[str, o
     assert any(k.startswith("compensated (failed at") for k in outcomes)
 
 
+def test_demo_runs_large_orders_approved_and_rejected_by_signal(
+    demo_db: tuple[Path, dict[str, object]],
+) -> None:
+    db, summary = demo_db
+    outcomes = summary["outcomes"]
+    assert isinstance(outcomes, dict)
+    # One in ten orders is a large order; the second of them is rejected.
+    assert outcomes["large_order: completed"] == 2
+    assert outcomes["large_order: compensated (failed at check_approval)"] == 1
+    assert (summary["signals"], summary["signals_refused"]) == (3, 0)
+    rejected = json.loads(
+        sagactl(db, "--json", "list", "--saga", "large_order", "--status", "compensated").stdout
+    )
+    detail = json.loads(sagactl(db, "--json", "show", rejected[0]["id"]).stdout)
+    undone = [h["step"] for h in detail["history"] if h["event"] == "step_compensated"]
+    by_completion = sorted(
+        (s for s in detail["steps"] if s["name"] in ("reserve_inventory", "charge_payment")),
+        key=lambda s: s["completed"],
+        reverse=True,
+    )
+    assert undone == [s["name"] for s in by_completion]
+
+
 def test_demo_human_output_shows_tables(tmp_path: Path) -> None:
     result = sagactl(tmp_path / "d.db", "demo", "--orders", "12", "--seed", "1")
     assert result.exit_code == 0, result.stderr
@@ -68,6 +91,8 @@ def test_demo_human_output_shows_tables(tmp_path: Path) -> None:
     assert "stock conserved: yes" in result.stdout
     assert "money conserved: yes" in result.stdout
     assert "sagas/s" in result.stdout
+    assert "large_order: completed" in result.stdout
+    assert "1 signal(s) sent to sagas waiting for them" in result.stdout
 
 
 def test_list_json_newest_first_with_filters(demo_db: tuple[Path, dict[str, object]]) -> None:

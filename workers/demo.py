@@ -1,6 +1,7 @@
 """The example's demo scenario, which ``sagactl demo`` loads by name
 (``workers.demo:scenario``): its sagas, workers and migrations, the order mix it
-places, and how the participants' books judge the run."""
+places (large orders among them, approved or rejected by a signal), and how the
+participants' books judge the run."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any, ClassVar
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from engine import SagaDetail, SagaStatus
-from engine.cli.demo import Audit
+from engine.cli.demo import Audit, Order
 from workers import ledger
 
 #: Shelf and account levels at the start of every demo run (topped up, never reset).
@@ -20,8 +21,29 @@ BALANCES = {"alice": 10**9, "bob": 10**9, "carol": 10**9, "mallory": 1_000}
 UNDELIVERABLE = "PO Box 7, Nowhere"
 
 #: The example's modules, as an application names its own in SAGA_SAGAS / SAGA_WORKERS.
-SAGAS = ("sagas.order",)
+SAGAS = ("sagas.order", "sagas.large_order")
 WORKERS = ("workers.inventory:worker", "workers.payment:worker", "workers.shipment:worker")
+
+
+def plan_large_orders(count: int, seed: int) -> list[Order]:
+    """Large orders (the large_order saga) and the manager's decision on each: one
+    in four rejected, the rest approved."""
+    rng = random.Random(seed)
+    orders = []
+    for i in range(count):
+        order = {
+            "customer_id": rng.choice(["alice", "bob", "carol"]),
+            "sku": "widget",
+            "quantity": rng.randint(20, 50),
+            "amount_cents": rng.randint(50_000, 200_000),
+            "address": f"{rng.randint(1, 99)} Harbour Road, Springfield",
+        }
+        if i % 4 == 1:
+            decision: dict[str, Any] = {"approved": False, "by": "dana", "reason": "over budget"}
+        else:
+            decision = {"approved": True, "by": "dana"}
+        orders.append(Order("large_order", order, [("manager_approval", decision)]))
+    return orders
 
 
 def plan_orders(count: int, seed: int) -> list[dict[str, Any]]:
@@ -50,7 +72,8 @@ def plan_orders(count: int, seed: int) -> list[dict[str, Any]]:
 
 
 class OrderScenario:
-    """The order saga with the inventory, payment and shipment workers."""
+    """The order saga and the large order with the inventory, payment and shipment
+    workers."""
 
     saga = "place_order"
     sagas = SAGAS
@@ -72,8 +95,13 @@ class OrderScenario:
         """Top the shelves and accounts up (earlier runs' history is kept)."""
         await ledger.restock(database, stock_by_sku=STOCK, balances=BALANCES)
 
-    def orders(self, count: int, seed: int) -> list[dict[str, Any]]:
-        return plan_orders(count, seed)
+    def orders(self, count: int, seed: int) -> list[Order]:
+        """One in ten a large order (placed first, approved or rejected by signal),
+        the rest the order saga's mix."""
+        large = count // 10
+        return plan_large_orders(large, seed) + [
+            Order("place_order", o) for o in plan_orders(count - large, seed)
+        ]
 
     async def audit(self, database: AsyncEngine, details: Sequence[SagaDetail]) -> Audit:
         """Stock and money conserved, and each order's books matching its saga's end."""

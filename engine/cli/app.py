@@ -709,9 +709,10 @@ def demo(options: Options, orders: int, seed: int, timeout: float) -> None:
     workers in this process, their tables migrated first; place orders.
 
     Some orders fail on purpose at each step (out of stock, insufficient funds,
-    undeliverable address) and are compensated. Ends with the outcomes and the
-    participants' ledger totals; exits 1 if any saga did not finish or a ledger does
-    not balance.
+    undeliverable address) and are compensated. One in ten is a large order (stock and
+    payment in parallel, then a manager's approval), approved or rejected by a signal
+    as `sagactl signal` sends one. Ends with the outcomes and the participants' ledger
+    totals; exits 1 if any saga did not finish or a ledger does not balance.
     """
     from engine.cli import render
     from engine.cli.demo import run_demo

@@ -11,6 +11,7 @@ import asyncio
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
 from pydantic import BaseModel
@@ -20,7 +21,7 @@ from rich.table import Table
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from engine.embedded import EmbeddedSystem
-from engine.errors import ConfigError
+from engine.errors import ConfigError, OperationRefused
 from engine.loader import import_object
 from engine.settings import Settings
 from engine.states import SagaStatus
@@ -41,8 +42,20 @@ class Audit(BaseModel):
     inconsistent_orders: int
 
 
+@dataclass(frozen=True)
+class Order:
+    """One saga the demo starts: which saga, its input, and the events it then sends
+    it with :meth:`~engine.client.SagaClient.signal` (a manager's decision), in order."""
+
+    saga: str
+    input: Mapping[str, Any]
+    signals: Sequence[tuple[str, Mapping[str, Any]]] = ()
+
+
 class Scenario(Protocol):
-    """What the demo runs: sagas, workers and migrations by name, an order mix, an audit."""
+    """What the demo runs: sagas, workers and migrations by name, an order mix, an audit.
+
+    ``saga`` is its main saga: the outcomes of the others are labelled with their name."""
 
     saga: str
     sagas: Sequence[str]
@@ -52,7 +65,7 @@ class Scenario(Protocol):
 
     async def prepare(self, database: AsyncEngine) -> None: ...
 
-    def orders(self, count: int, seed: int) -> list[dict[str, Any]]: ...
+    def orders(self, count: int, seed: int) -> list[Order]: ...
 
     async def audit(self, database: AsyncEngine, details: Sequence[SagaDetail]) -> Audit: ...
 
@@ -74,6 +87,10 @@ class DemoResult(BaseModel):
     sagas_per_second: float
     outcomes: dict[str, int]
     unfinished: int
+    #: Events sent to sagas (:meth:`~engine.client.SagaClient.signal`) and refused ones
+    #: (the saga had ended before, say compensated when its stock ran out).
+    signals: int = 0
+    signals_refused: int = 0
     ledger: dict[str, Any]
     stock_conserved: bool
     money_conserved: bool
@@ -111,15 +128,10 @@ async def run_demo(
         poll_interval=0.01,
     ) as system:
         await scenario.prepare(system.database)
-        ids, seconds = await _place_and_wait(
-            system,
-            scenario.saga,
-            scenario.orders(orders, seed),
-            timeout,
-            console,
-            quiet,
+        placed = await _place_and_wait(
+            system, scenario.orders(orders, seed), timeout, console, quiet
         )
-        details = [await system.client.get(i) for i in ids]
+        details = [await system.client.get(i) for i in placed.ids]
         audit = await scenario.audit(system.database, details)
 
     outcomes: Counter[str] = Counter()
@@ -127,14 +139,18 @@ async def run_demo(
         failed = next(
             (h.step for h in d.history if h.event in ("step_failed", "step_timed_out")), None
         )
-        outcomes[f"{d.status.value}" + (f" (failed at {failed})" if failed else "")] += 1
+        label = "" if d.name == scenario.saga else f"{d.name}: "
+        outcomes[f"{label}{d.status.value}" + (f" (failed at {failed})" if failed else "")] += 1
     unfinished = sum(1 for d in details if not d.status.is_terminal)
+    ids, seconds = placed.ids, placed.seconds
     result = DemoResult(
         orders=len(ids),
         seconds=round(seconds, 3),
         sagas_per_second=round(len(ids) / seconds, 1) if seconds else 0.0,
         outcomes=dict(sorted(outcomes.items())),
         unfinished=unfinished,
+        signals=placed.signals,
+        signals_refused=placed.refused,
         ledger=audit.ledger,
         stock_conserved=audit.stock_conserved,
         money_conserved=audit.money_conserved,
@@ -145,14 +161,26 @@ async def run_demo(
     return result
 
 
+class _Placed(BaseModel):
+    """What placing the orders did: the sagas started, the time until they settled,
+    the signals sent and how many of those were refused."""
+
+    ids: list[str]
+    seconds: float
+    signals: int
+    refused: int
+
+
 async def _place_and_wait(
     system: EmbeddedSystem,
-    saga: str,
-    orders: list[dict[str, Any]],
+    orders: list[Order],
     timeout: float,
     console: Console,
     quiet: bool,
-) -> tuple[list[str], float]:
+) -> _Placed:
+    """Start every order, then send each its signals (as a manager going through the
+    approvals once the orders are in: a saga not at its wait yet keeps the event for
+    it), then wait for every saga to settle."""
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -162,11 +190,24 @@ async def _place_and_wait(
     )
     began = time.perf_counter()
     ids: list[str] = []
+    sent = refused = 0
     with Progress(*columns, console=console, disable=quiet, transient=False) as progress:
         placing = progress.add_task("placing orders", total=len(orders), detail="")
         for order in orders:
-            ids.append(await system.client.start(saga, order))
+            ids.append(await system.client.start(order.saga, dict(order.input)))
             progress.advance(placing)
+        to_signal = [(i, s) for i, o in zip(ids, orders, strict=True) for s in o.signals]
+        if to_signal:
+            signalling = progress.add_task("signals sent", total=len(to_signal), detail="")
+            for saga_id, (event, payload) in to_signal:
+                try:
+                    await system.client.signal(saga_id, event, payload, actor="demo")
+                except OperationRefused:  # the saga ended before (failed at a step)
+                    refused += 1
+                sent += 1
+                progress.update(
+                    signalling, advance=1, detail=f"refused {refused}" if refused else ""
+                )
         finishing = progress.add_task("sagas finished", total=len(ids), detail="")
         deadline = began + timeout
         while True:
@@ -184,7 +225,7 @@ async def _place_and_wait(
             if done + counts[SagaStatus.PARKED] >= len(ids) or time.perf_counter() > deadline:
                 break
             await asyncio.sleep(0.05)
-    return ids, time.perf_counter() - began
+    return _Placed(ids=ids, seconds=time.perf_counter() - began, signals=sent, refused=refused)
 
 
 def _report(console: Console, result: DemoResult, labels: Mapping[str, str]) -> None:
@@ -212,6 +253,11 @@ def _report(console: Console, result: DemoResult, labels: Mapping[str, str]) -> 
         f"{mark(result.inconsistent_orders == 0)} "
         f"({result.orders - result.inconsistent_orders}/{result.orders})"
     )
+    if result.signals:
+        console.print(
+            f"{result.signals} signal(s) sent to sagas waiting for them"
+            + (f", {result.signals_refused} refused" if result.signals_refused else "")
+        )
     console.print(
         f"{result.orders} sagas in {result.seconds:.2f}s: "
         f"[bold]{result.sagas_per_second} sagas/s[/]"
