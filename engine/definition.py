@@ -6,11 +6,14 @@ that a mistake surfaces at import time with a precise message, never mid-saga.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import cached_property
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -181,6 +184,21 @@ class Saga:
                 "give each its own"
             )
 
+    def shape(self) -> list[dict[str, Any]]:
+        """The structure of the definition as JSON-able data, one dict per element of
+        ``steps``: what an instance in flight depends on (step names, where each goes,
+        what undoes it, where the pivot is). Timeouts, retry policies and builders are
+        left out: changing them does not strand a saga started before."""
+        return [_shape(node) for node in self.steps]
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """A short hash of :meth:`shape`: a saga stores the one it started with, and an
+        engine whose definition of the same name and version has another holds it
+        instead of advancing it with steps it never had."""
+        canonical = json.dumps(self.shape(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
     @property
     def key(self) -> tuple[str, int]:
         """(name, version): how the registry and every saga row name this definition."""
@@ -211,6 +229,18 @@ class Saga:
                 for err in exc.errors()
             )
             raise InvalidInputError(f"invalid input for saga {self.name!r}: {problems}") from None
+
+
+def _shape(node: Step) -> dict[str, Any]:
+    """One node's part of :meth:`Saga.shape` (each node kind adds its own fields)."""
+    return {
+        "kind": "step",
+        "name": node.name,
+        "participant": node.participant,
+        "command": node.action_name,
+        "compensation": node.compensation.name if node.compensation is not None else None,
+        "pivot": node.is_pivot,
+    }
 
 
 def build_payload(builder: Builder, context: StepContext) -> dict[str, Any]:

@@ -49,9 +49,8 @@ class SagaRegistry:
         return len(self._sagas)
 
     def _known(self) -> str:
-        names = sorted({n for n, _ in self._sagas})
-        if names:
-            return f" (known: {', '.join(names)})"
+        if self._sagas:
+            return f" (known: {', '.join(f'{n} v{v}' for n, v in sorted(self._sagas))})"
         return " (no sagas are loaded): name their modules in SAGA_SAGAS or sagactl --sagas"
 
     @classmethod

@@ -50,6 +50,7 @@ def new_saga(
         input=dict(input_data),
         created_at=now,
         updated_at=now,
+        fingerprint=definition.fingerprint,
     )
     for position, step in enumerate(definition.steps):
         state.steps[step.name] = StepState(name=step.name, position=position)

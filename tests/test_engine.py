@@ -102,7 +102,7 @@ async def test_invalid_input_and_unknown_saga_are_refused_before_anything_is_sto
 ) -> None:
     with pytest.raises(InvalidInputError, match="quantity: Input should be greater than 0"):
         await system.client.start("place_order", {**_order(), "quantity": 0})
-    with pytest.raises(UnknownSagaError, match=r"unknown saga 'nope' \(known: place_order\)"):
+    with pytest.raises(UnknownSagaError, match=r"unknown saga 'nope' \(known: place_order v1\)"):
         await system.client.start("nope", _order())
     saga_id = await system.client.start("place_order", _order(), saga_id="fixed-id")
     with pytest.raises(SagaError, match="a saga with id 'fixed-id' already exists"):

@@ -164,6 +164,7 @@ class SqlStoreTransaction:
                     input=state.input,
                     row_version=state.row_version,
                     created_at=state.created_at,
+                    fingerprint=state.fingerprint,
                     **_saga_values(state),
                 )
             )
@@ -214,6 +215,8 @@ class SqlStoreTransaction:
                 trace_id=row.trace_id,
                 trace_context=dict(row.trace_context or {}),
                 row_version=row.row_version,
+                fingerprint=row.fingerprint,
+                held=row.held,
                 awaiting=(
                     Awaiting(
                         row.awaiting_step, MessageKind(row.awaiting_kind), row.awaiting_attempt
