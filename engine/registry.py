@@ -42,6 +42,12 @@ class SagaRegistry:
             raise UnknownSagaError(f"unknown saga {name!r}{self._known()}")
         return max(versions, key=lambda s: s.version)
 
+    def versions(self, name: str) -> list[Saga]:
+        """Every definition of ``name`` loaded, oldest version first."""
+        return sorted(
+            (s for (n, _), s in self._sagas.items() if n == name), key=lambda s: s.version
+        )
+
     def __iter__(self) -> Iterator[Saga]:
         return iter(sorted(self._sagas.values(), key=lambda s: s.key))
 

@@ -24,6 +24,11 @@ class SagaSummary(BaseModel):
     created_at: datetime
     updated_at: datetime
     error: str | None = None
+    #: Why no engine advances it now, if it is held (engine/held.py): it resumes by
+    #: itself once an engine that serves its definition runs.
+    held: str | None = None
+    #: The fingerprint of the definition it started with (None before it was recorded).
+    fingerprint: str | None = None
 
 
 class StepView(BaseModel):
@@ -133,6 +138,15 @@ class ReplayResult(BaseModel):
     saga_id: str | None
 
 
+class HeldCount(BaseModel):
+    """How many sagas of one definition are held, and why the last one was."""
+
+    name: str
+    version: int
+    count: int
+    reason: str
+
+
 class SagaCount(BaseModel):
     name: str
     status: SagaStatus
@@ -151,6 +165,8 @@ class StoreStats(BaseModel):
     dead_letters_total: int
     #: Replies set aside because their saga was not visible (yet).
     replies_deferred: int = 0
+    #: Sagas held (no running engine serves them), by name and version.
+    held: list[HeldCount] = []
 
 
 class OldestRunning(BaseModel):
@@ -185,6 +201,9 @@ class StatsView(BaseModel):
     #: Replies set aside because their saga was not visible (yet); each is applied or
     #: dead-lettered within the engine's patience.
     replies_deferred: int = 0
+    #: Sagas held because no running engine serves them (each resumes by itself
+    #: once one does), by name and version.
+    held: list[HeldCount] = []
 
 
 class PruneResult(BaseModel):
@@ -219,6 +238,7 @@ __all__ = [
     "DeadLetterStats",
     "DeadLetterView",
     "DispatchView",
+    "HeldCount",
     "HistoryView",
     "OldestRunning",
     "OperatorResult",

@@ -91,10 +91,10 @@ def saga_list(console: Console, sagas: Sequence[SagaSummary]) -> None:
         table.add_row(
             shown(s.id),
             f"{shown(s.name)} v{s.version}",
-            styled(s.status),
+            styled(s.status) + (" [magenta]held[/]" if s.held else ""),
             when(s.created_at),
             when(s.updated_at),
-            shown(s.error or ""),
+            shown(f"held: {s.held}" if s.held else s.error or ""),
         )
     console.print(table)
 
@@ -106,8 +106,12 @@ def saga_detail(console: Console, saga: SagaDetail) -> None:
     console.print(f"created {when(saga.created_at)}  updated {when(saga.updated_at)}")
     if saga.trace_id:
         console.print(f"trace {shown(saga.trace_id)}")
+    if saga.held:
+        console.print(f"[magenta]held[/] {shown(saga.held)}")
     if saga.error:
         console.print(f"[red]error[/] {shown(saga.error)}")
+    if saga.fingerprint:
+        console.print(f"definition fingerprint {shown(saga.fingerprint)}")
     console.print(f"input {shown(json.dumps(saga.input, sort_keys=True))}")
     steps = Table(title="steps", title_justify="left")
     for column in ("#", "step", "state"):
@@ -251,6 +255,12 @@ def stats(console: Console, view: StatsView) -> None:
         soft_wrap=True,
     )
     console.print(f"replies set aside (saga not visible yet): {view.replies_deferred}")
+    held = sum(h.count for h in view.held)
+    console.print(f"held (no running engine serves them): {held}")
+    for h in view.held:
+        console.print(
+            f"  {shown(h.name)} v{h.version}: {h.count}, e.g. {shown(h.reason)}", soft_wrap=True
+        )
 
 
 #: Rows of ``sagactl prune``, in the order they are shown.

@@ -26,7 +26,11 @@ class SagaQueries(Protocol):
         status: SagaStatus | None = None,
         name: str | None = None,
         limit: int = 50,
-    ) -> list[SagaSummary]: ...
+        version: int | None = None,
+        held: bool = False,
+    ) -> list[SagaSummary]:
+        """Sagas newest first, of one status, name, version; only held ones."""
+        ...
 
     async def count_by_status(self) -> dict[SagaStatus, int]: ...
 

@@ -222,9 +222,8 @@ held_replies = Table(
     metadata,
     Column("message_id", String(36), primary_key=True),
     Column("saga_id", String(36), nullable=False),
-    Column("key", String(255), nullable=False),
+    #: The reply's envelope, encoded (its trace context is inside).
     Column("body", LargeBinary, nullable=False),
-    Column("headers", JSON, nullable=False),
     Column("held_at", UTCDateTime, nullable=False),
     Index("ix_saga_held_replies_saga", "saga_id", "held_at"),
 )

@@ -29,9 +29,7 @@ def upgrade() -> None:
         "saga_held_replies",
         sa.Column("message_id", sa.String(36), primary_key=True),
         sa.Column("saga_id", sa.String(36), nullable=False),
-        sa.Column("key", sa.String(255), nullable=False),
         sa.Column("body", sa.LargeBinary, nullable=False),
-        sa.Column("headers", sa.JSON, nullable=False),
         sa.Column("held_at", UTCDateTime, nullable=False),
     )
     op.create_index("ix_saga_held_replies_saga", "saga_held_replies", ["saga_id", "held_at"])
