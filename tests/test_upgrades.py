@@ -1,0 +1,259 @@
+"""Upgrades that never strand a saga: held sagas, kept replies, paused timers, and a
+client that starts only what the running engines serve (engine/held.py,
+engine/served.py)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from engine.advance import Advancer
+from engine.client import SagaClient
+from engine.clock import utc_now
+from engine.definition import Saga
+from engine.errors import UnknownSagaError
+from engine.held import HeldSagaScan
+from engine.messages import Envelope, Outcome, decode
+from engine.model import SagaState
+from engine.registry import SagaRegistry
+from engine.replies import ReplyOutcome
+from engine.served import Registration, Serving
+from engine.statemachine import new_saga
+from engine.states import SagaStatus, StepStatus
+from engine.store.sql import SqlSagaStore
+from sagas.order import place_order
+from tests.helpers import fast_order_saga, order_input
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+TIMEOUT = 30.0
+
+#: The order saga as first deployed...
+original = fast_order_saga(timeout=TIMEOUT)
+#: ...edited without a version bump: its last step is gone.
+edited = replace(original, steps=original.steps[:-1])
+#: ...and the same edit done right: a new version.
+bumped = replace(edited, version=2)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = NOW
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+async def _commands(store: SqlSagaStore, at: datetime) -> list[Envelope]:
+    """The unsent commands, marked sent at ``at``."""
+    async with store.transaction() as tx:
+        rows = await tx.claim_outbox(1000)
+        await tx.mark_sent([r.id for r in rows], at)
+    return [decode(r.body) for r in rows]
+
+
+async def _start(store: SqlSagaStore, definition: Saga, saga_id: str, clock: Clock) -> None:
+    data = definition.parse_input(order_input()).model_dump(mode="json")
+    await Advancer(SagaRegistry([definition]), clock=clock).start(store, definition, saga_id, data)
+
+
+# -- the fingerprint a saga records -------------------------------------------------------
+
+
+def test_an_edit_without_a_bump_changes_the_fingerprint_a_bump_keeps_it() -> None:
+    assert original.fingerprint != edited.fingerprint == bumped.fingerprint
+    assert original.key == edited.key != bumped.key
+
+
+def test_why_an_engine_does_not_serve_a_saga() -> None:
+    saga = _state(original)
+    only_v2 = Serving(SagaRegistry([bumped]))
+    assert only_v2.definition(saga) is None
+    assert only_v2.why_not(saga) == "no running engine loads place_order v1 (this one loads v2)"
+    mismatch = Serving(SagaRegistry([edited]))
+    assert mismatch.definition(saga) is None
+    assert mismatch.why_not(saga) == (
+        f"this engine's place_order v1 has fingerprint {edited.fingerprint}, the saga "
+        f"started with {original.fingerprint}: its definition changed without a version bump"
+    )
+    assert Serving(SagaRegistry([original])).definition(saga) is original
+    # A saga from before fingerprints were recorded trusts its name and version.
+    assert mismatch.definition(replace(saga, fingerprint=None)) is edited
+    # Another live engine that serves it: left to that one.
+    mismatch.others = frozenset({("place_order", 1, original.fingerprint)})
+    assert mismatch.elsewhere(saga)
+    mismatch.others = frozenset({("place_order", 1, edited.fingerprint)})
+    assert not mismatch.elsewhere(saga)
+
+
+def _state(definition: Saga) -> SagaState:
+    return new_saga(definition, "s-1", definition.parse_input(order_input()).model_dump(), NOW)
+
+
+# -- held and resumed, on SQLite and PostgreSQL ---------------------------------------------
+
+
+async def test_a_saga_is_held_with_its_reply_kept_and_timers_paused_then_resumes(
+    any_store: SqlSagaStore,
+) -> None:
+    store = any_store
+    clock = Clock()
+    for saga_id in ("replied", "stale", "silent"):
+        await _start(store, original, saga_id, clock)
+    commands = {c.saga_id: c for c in await _commands(store, clock.now)}
+    reply = commands["replied"].reply(Outcome.SUCCESS, payload={"reservation": "r-1"})
+    # A late copy of an attempt the saga no longer waits for.
+    stale = commands["stale"].reply(Outcome.SUCCESS).model_copy(update={"attempt": 7})
+
+    # An engine with the edited v1 meets the replies: held, kept, no inbox claim.
+    wrong = Advancer(SagaRegistry([edited]), clock=clock)
+    async with store.transaction() as tx:
+        results, changed = await wrong.replies(tx, [reply, stale])
+    assert [r.outcome for r in results] == [ReplyOutcome.HELD] * 2 and changed == []
+    assert results[0].reason is not None
+    assert "changed without a version bump" in results[0].reason
+    # Their timeouts fall due while they are held: paused, for any engine; "silent"'s
+    # falls due unheld, and the engine that cannot serve it holds it.
+    clock.now = NOW + timedelta(seconds=TIMEOUT + 5)
+    async with store.transaction() as tx:
+        assert await wrong.timers(tx, clock.now, 100) == (0, [])
+    right = Advancer(SagaRegistry([original]), clock=clock)
+    async with store.transaction() as tx:
+        assert (await right.timers(tx, clock.now, 100))[0] == 0
+    for saga_id in ("replied", "stale", "silent"):
+        detail = await store.get_saga(saga_id)
+        assert detail is not None and detail.held is not None
+        assert (detail.status, detail.fingerprint) == (SagaStatus.RUNNING, original.fingerprint)
+        assert [h.event for h in detail.history] == ["started", "held"]
+    # Another reply to a held saga is kept too, with no second "held" entry.
+    async with store.transaction() as tx:
+        (again,), _ = await wrong.replies(tx, [reply])
+    assert again.outcome is ReplyOutcome.HELD
+    assert sorted(s.id for s in await store.list_sagas(held=True)) == ["replied", "silent", "stale"]
+    assert [(h.name, h.version, h.count) for h in (await store.stats()).held] == [
+        ("place_order", 1, 3)
+    ]
+    assert (await store.get_saga("silent")).held == (  # type: ignore[union-attr]
+        f"this engine's place_order v1 has fingerprint {edited.fingerprint}, the saga "
+        f"started with {original.fingerprint}: its definition changed without a version bump"
+    )
+
+    # An engine serving the edited definition finds nothing to resume...
+    scan = HeldSagaScan(store, wrong, clock=clock, interval=1, batch=10, error_backoff=1)
+    assert await scan.scan() == 0
+    # ...one with the original resumes all three, each kept reply applied once.
+    clock.now = NOW + timedelta(seconds=TIMEOUT + 65)
+    scan = HeldSagaScan(store, right, clock=clock, interval=1, batch=10, error_backoff=1)
+    assert await scan.scan() == 3
+    assert (scan.resumed, scan.reapplied) == (3, 2)
+    assert await scan.scan() == 0  # nothing kept, nothing held any more
+    replied = await store.get_saga("replied")
+    assert replied is not None and replied.held is None
+    assert [h.event for h in replied.history] == ["started", "held", "resumed", "step_succeeded"]
+    assert [s.status for s in replied.steps[:2]] == [StepStatus.SUCCEEDED, StepStatus.DISPATCHED]
+    async with store.transaction() as tx:
+        states = await tx.lock_sagas(["stale", "silent"])
+    # Held from NOW to NOW + 95s: the deadline moved on by as much.
+    timer = states["stale"].timer
+    assert timer is not None and timer.due_at == NOW + timedelta(seconds=TIMEOUT + 95)
+    # Held from NOW + 35s, 5s after its deadline: still 5s overdue, it fires now.
+    timer = states["silent"].timer
+    assert timer is not None and timer.due_at == NOW + timedelta(seconds=TIMEOUT + 60)
+    async with store.transaction() as tx:
+        assert (await right.timers(tx, clock.now, 100))[0] == 1
+    silent = await store.get_saga("silent")
+    assert silent is not None and silent.status is SagaStatus.COMPENSATING
+
+
+async def test_a_reply_another_live_engine_serves_is_left_to_it_unheld(
+    store: SqlSagaStore,
+) -> None:
+    clock = Clock()
+    await _start(store, original, "s", clock)
+    (command,) = await _commands(store, clock.now)
+    v2_only = Advancer(SagaRegistry([bumped]), clock=clock)
+    v2_only.serving.others = frozenset({("place_order", 1, original.fingerprint)})
+    async with store.transaction() as tx:
+        (result,), _ = await v2_only.replies(tx, [command.reply(Outcome.SUCCESS)])
+    assert result.outcome is ReplyOutcome.HELD
+    detail = await store.get_saga("s")
+    assert detail is not None and detail.held is None  # not held: another engine serves it
+    assert [h.event for h in detail.history] == ["started"]
+    v1 = Advancer(SagaRegistry([original]), clock=clock)
+    scan = HeldSagaScan(store, v1, clock=clock, interval=1, batch=10, error_backoff=1)
+    assert await scan.scan() == 1
+    detail = await store.get_saga("s")
+    assert detail is not None and [h.event for h in detail.history] == ["started", "step_succeeded"]
+
+
+# -- what the engines serve, and what a client starts -------------------------------------------
+
+
+async def test_engines_register_what_they_serve_until_they_leave_or_expire(
+    store: SqlSagaStore,
+) -> None:
+    now = utc_now()
+    first = Registration(store, Serving(SagaRegistry([original])), "engine-1", interval=5)
+    second = Registration(store, Serving(SagaRegistry([original, bumped])), "engine-2", interval=5)
+    await first.beat(now)
+    await second.beat(now)
+    live = await store.live_definitions(now)
+    assert [(d.engine_id, d.name, d.version) for d in live] == [
+        ("engine-1", "place_order", 1),
+        ("engine-2", "place_order", 1),
+        ("engine-2", "place_order", 2),
+    ]
+    assert {d.fingerprint for d in live if d.version == 2} == {bumped.fingerprint}
+    await first.beat(now + timedelta(seconds=1))  # not due: nothing happens
+    assert first.serving.others == set()
+    await first.beat(now + timedelta(seconds=5))  # what the others serve is re-read
+    assert first.serving.others == {
+        ("place_order", 1, original.fingerprint),
+        ("place_order", 2, bumped.fingerprint),
+    }
+    later = now + timedelta(seconds=16)  # engine-2 missed three beats
+    assert [d.engine_id for d in await store.live_definitions(later)] == ["engine-1"]
+    await second.leave()
+    assert [d.engine_id for d in await store.live_definitions(now)] == ["engine-1"]
+
+
+async def test_a_client_starts_the_newest_version_a_running_engine_serves(
+    store: SqlSagaStore,
+) -> None:
+    client = SagaClient(store, SagaRegistry([original, bumped]))
+    # No engine registered (embedded, tests): the newest this process loads.
+    assert await client.definition("place_order") is bumped
+    await store.register(
+        "engine-1",
+        [("place_order", 1, original.fingerprint)],
+        started_at=utc_now(),
+        now=utc_now(),
+        expires_at=utc_now() + timedelta(minutes=1),
+    )
+    client._served = None  # forget the cached read
+    assert await client.definition("place_order") is original
+    saga_id = await client.start("place_order", order_input())
+    detail = await store.get_saga(saga_id)
+    assert detail is not None and (detail.version, detail.fingerprint) == (1, original.fingerprint)
+    with pytest.raises(UnknownSagaError) as refused:
+        await client.start("place_order", order_input(), version=2)
+    assert str(refused.value) == (
+        f"cannot start saga 'place_order' v2 (fingerprint {bumped.fingerprint}): running "
+        f"engines serve place_order v1 (fingerprint {original.fingerprint})"
+    )
+    pinned = SagaClient(store, SagaRegistry([original, bumped]), start_versions={"place_order": 2})
+    with pytest.raises(UnknownSagaError, match="cannot start saga 'place_order' v2"):
+        await pinned.start("place_order", order_input())
+    # A client whose v1 is not the engines' v1 starts nothing.
+    stale = SagaClient(store, SagaRegistry([edited]))
+    with pytest.raises(UnknownSagaError) as refused:
+        await stale.start("place_order", order_input())
+    assert str(refused.value) == (
+        f"cannot start saga 'place_order': running engines serve place_order v1 (fingerprint "
+        f"{original.fingerprint}), and this process loads v1 (v1 fingerprint "
+        f"{edited.fingerprint})"
+    )
+    with pytest.raises(UnknownSagaError, match=r"unknown saga 'place_order' v3 \(known: "):
+        await client.start("place_order", order_input(), version=3)
+    assert place_order.fingerprint == original.fingerprint  # timeouts are not structure
