@@ -49,6 +49,8 @@ from engine.store.base import OutboxSignal, SagaStore, ServedDefinition, StoreTr
 from engine.store.queries import SagaQueries
 from engine.topology import Topology
 from engine.views import (
+    CheckedDefinition,
+    CheckView,
     DeadLetterStats,
     DeadLetterView,
     DispatchView,
@@ -603,6 +605,40 @@ class SagaClient:
             cutoff=cutoff,
             batches=batches,
             rows=total,
+        )
+
+    # -- upgrades -----------------------------------------------------------------------
+
+    async def check(self, definitions: SagaRegistry, *, sample: int = 20) -> CheckView:
+        """Which unfinished sagas an engine loading only ``definitions`` would hold:
+        those of a version it lacks, or of a version whose fingerprint is not the
+        one they started with (a definition changed without a version bump)."""
+        checked: builtins.list[CheckedDefinition] = []
+        for running in await self.queries.running_definitions(sample):
+            problem = reason = None
+            try:
+                definition = definitions.get(running.name, running.version)
+            except UnknownSagaError:
+                problem = "version missing"
+                reason = (
+                    f"{running.name} v{running.version} is not loaded (loaded: "
+                    f"{loaded_versions(definitions, running.name)})"
+                )
+            else:
+                if running.fingerprint not in (None, definition.fingerprint):
+                    problem = "fingerprint mismatch"
+                    reason = (
+                        f"{running.name} v{running.version} has fingerprint "
+                        f"{definition.fingerprint} here, these sagas started with "
+                        f"{running.fingerprint}: bump the version of the changed definition"
+                    )
+            checked.append(
+                CheckedDefinition(**running.model_dump(), problem=problem, reason=reason)
+            )
+        return CheckView(
+            loads=[f"{s.name} v{s.version} (fingerprint {s.fingerprint})" for s in definitions],
+            definitions=checked,
+            would_hold=sum(c.count for c in checked if c.problem is not None),
         )
 
     async def counts(self) -> dict[SagaStatus, int]:

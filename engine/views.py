@@ -206,6 +206,37 @@ class StatsView(BaseModel):
     held: list[HeldCount] = []
 
 
+class RunningDefinition(BaseModel):
+    """Sagas not finished (running, compensating, parked) of one definition: its
+    name, version and the fingerprint they started with, and how many."""
+
+    name: str
+    version: int
+    fingerprint: str | None
+    count: int
+    #: Some of their ids, oldest first.
+    saga_ids: list[str]
+
+
+class CheckedDefinition(RunningDefinition):
+    """What a set of definitions would do with the unfinished sagas of one definition."""
+
+    #: "version missing" or "fingerprint mismatch" (they would be held), or None.
+    problem: str | None = None
+    #: In words, for a problem.
+    reason: str | None = None
+
+
+class CheckView(BaseModel):
+    """``sagactl check``: which unfinished sagas a set of definitions would hold."""
+
+    #: The definitions checked, as "name vN (fingerprint ...)".
+    loads: list[str]
+    definitions: list[CheckedDefinition]
+    #: Sagas they would hold (0: safe to deploy them alone).
+    would_hold: int
+
+
 class PruneResult(BaseModel):
     """``sagactl prune``: what went (or would go), and the cut-off it was judged by."""
 
@@ -235,6 +266,8 @@ def dead_letter_view(letter: DeadLetterRecord) -> DeadLetterView:
 
 
 __all__ = [
+    "CheckView",
+    "CheckedDefinition",
     "DeadLetterStats",
     "DeadLetterView",
     "DispatchView",
@@ -246,6 +279,7 @@ __all__ = [
     "PruneCounts",
     "PruneResult",
     "ReplayResult",
+    "RunningDefinition",
     "SagaCount",
     "SagaDetail",
     "SagaSummary",

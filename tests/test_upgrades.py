@@ -4,14 +4,21 @@ engine/served.py)."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
+from click.testing import CliRunner, Result
+from sqlalchemy import update
 
 from engine.advance import Advancer
+from engine.cli.app import cli
 from engine.client import SagaClient
 from engine.clock import utc_now
+from engine.database import create_engine, upgrade
 from engine.definition import Saga
 from engine.errors import UnknownSagaError
 from engine.held import HeldSagaScan
@@ -22,19 +29,20 @@ from engine.replies import ReplyOutcome
 from engine.served import Registration, Serving
 from engine.statemachine import new_saga
 from engine.states import SagaStatus, StepStatus
+from engine.store.schema import sagas
 from engine.store.sql import SqlSagaStore
 from sagas.order import place_order
 from tests.helpers import fast_order_saga, order_input
+from tests.upgrade_bumped import bumped_order
+from tests.upgrade_edited import edited_order
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 TIMEOUT = 30.0
 
-#: The order saga as first deployed...
+#: The order saga as first deployed (as sagas.order, with other timeouts)...
 original = fast_order_saga(timeout=TIMEOUT)
-#: ...edited without a version bump: its last step is gone.
-edited = replace(original, steps=original.steps[:-1])
-#: ...and the same edit done right: a new version.
-bumped = replace(edited, version=2)
+#: ...edited without a version bump (its last step is gone), and done right.
+edited, bumped = edited_order, bumped_order
 
 
 class Clock:
@@ -257,3 +265,65 @@ async def test_a_client_starts_the_newest_version_a_running_engine_serves(
     with pytest.raises(UnknownSagaError, match=r"unknown saga 'place_order' v3 \(known: "):
         await client.start("place_order", order_input(), version=3)
     assert place_order.fingerprint == original.fingerprint  # timeouts are not structure
+
+
+# -- sagactl check ------------------------------------------------------------------------
+
+
+def test_check_lists_the_unfinished_sagas_a_deployment_would_hold(tmp_path: Path) -> None:
+    db = tmp_path / "check.db"
+
+    async def prepare() -> None:
+        database = create_engine(f"sqlite:///{db}")
+        await upgrade(database)
+        store = SqlSagaStore(database)
+        clock = Clock()
+        for n in range(3):
+            await _start(store, original, f"v1-{n}", clock)
+        await _start(store, bumped, "v2-0", clock)
+        async with database.begin() as conn:  # one from before fingerprints, one finished
+            await conn.execute(update(sagas).where(sagas.c.id == "v1-2").values(fingerprint=None))
+            await conn.execute(
+                update(sagas).where(sagas.c.id == "v1-1").values(status=SagaStatus.COMPLETED)
+            )
+        await database.dispose()
+
+    asyncio.run(prepare())
+    # What runs now (v1 and v2): nothing held.
+    both = sagactl(db, "--json", "check", "sagas.order", "tests.upgrade_bumped")
+    assert both.exit_code == 0, both.output
+    assert json.loads(both.stdout)["would_hold"] == 0
+    # v2 alone: the unfinished v1 sagas (one without a fingerprint) would be held.
+    alone = sagactl(db, "--json", "check", "tests.upgrade_bumped")
+    assert alone.exit_code == 1, alone.output
+    view = json.loads(alone.stdout)
+    assert view["would_hold"] == 2
+    assert [
+        (d["name"], d["version"], d["fingerprint"], d["count"], d["saga_ids"], d["problem"])
+        for d in view["definitions"]
+    ] == [
+        ("place_order", 1, None, 1, ["v1-2"], "version missing"),
+        ("place_order", 1, original.fingerprint, 1, ["v1-0"], "version missing"),
+        ("place_order", 2, bumped.fingerprint, 1, ["v2-0"], None),
+    ]
+    assert view["definitions"][0]["reason"] == "place_order v1 is not loaded (loaded: v2)"
+    # v1 edited without a bump: its sagas that recorded a fingerprint would be held.
+    edit = sagactl(db, "--json", "check", "tests.upgrade_edited,tests.upgrade_bumped")
+    assert edit.exit_code == 1, edit.output
+    view = json.loads(edit.stdout)
+    assert view["would_hold"] == 1
+    assert [d["problem"] for d in view["definitions"]] == [None, "fingerprint mismatch", None]
+    assert view["definitions"][1]["reason"] == (
+        f"place_order v1 has fingerprint {edited.fingerprint} here, these sagas started with "
+        f"{original.fingerprint}: bump the version of the changed definition"
+    )
+    table = sagactl(db, "check", "tests.upgrade_edited", "tests.upgrade_bumped")
+    assert table.exit_code == 1 and table.stdout.endswith("1 saga(s) would be held\n")
+    missing = sagactl(db, "check", "no.such.module")
+    assert missing.exit_code == 1 and "cannot import saga module 'no.such.module'" in missing.stderr
+
+
+def sagactl(db: Path, *args: str) -> Result:
+    return CliRunner().invoke(
+        cli, ["--database-url", f"sqlite:///{db}", *args], prog_name="sagactl"
+    )

@@ -415,6 +415,43 @@ def stats(options: Options) -> None:
     _output(options, result, render.stats)
 
 
+@cli.command()
+@click.argument("modules", nargs=-1, metavar="MODULES...")
+@click.option(
+    "--limit",
+    type=click.IntRange(0, 100_000),
+    default=20,
+    show_default=True,
+    help="saga ids shown per definition",
+)
+@_json_option
+@pass_options
+def check(options: Options, modules: tuple[str, ...], limit: int) -> None:
+    """Before a deployment: which unfinished sagas engines loading only the saga
+    modules MODULES (default: --sagas / SAGA_SAGAS) would hold, because their version
+    is missing or was changed without a version bump. Exit status 1 if any."""
+    from engine.cli import render
+    from engine.registry import SagaRegistry
+
+    names = [m for part in modules for m in part.split(",") if m.strip()]
+    wanted = names or options.settings.saga_modules
+    if not wanted:
+        fail("no saga modules to check: name them, or set --sagas / SAGA_SAGAS")
+    try:
+        definitions = SagaRegistry.from_modules(wanted)
+    except SagaError as exc:
+        fail(str(exc))
+
+    async def go() -> Any:
+        async with await _client(options) as client:
+            return await client.check(definitions, sample=limit)
+
+    result = run(go())
+    _output(options, result, render.check)
+    if result.would_hold:
+        sys.exit(1)
+
+
 def _age_option(ctx: click.Context, param: click.Parameter, value: str) -> timedelta:
     """``--older-than``: an age with its unit (``30d``, ``12h``, ``90m``, ``3600s``)."""
     try:

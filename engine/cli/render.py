@@ -18,6 +18,7 @@ from engine.redact import escape_controls, redact
 from engine.retention import format_age
 from engine.states import SagaStatus, StepStatus
 from engine.views import (
+    CheckView,
     DeadLetterView,
     OperatorResult,
     PruneResult,
@@ -261,6 +262,30 @@ def stats(console: Console, view: StatsView) -> None:
         console.print(
             f"  {shown(h.name)} v{h.version}: {h.count}, e.g. {shown(h.reason)}", soft_wrap=True
         )
+
+
+def check(console: Console, view: CheckView) -> None:
+    console.print(f"definitions checked: {', '.join(shown(d) for d in view.loads)}", soft_wrap=True)
+    table = Table(title="unfinished sagas by definition", title_justify="left")
+    for column in ("saga", "fingerprint", "sagas", "verdict"):
+        table.add_column(column, no_wrap=column != "verdict", overflow="fold")
+    table.add_column("ids", overflow="fold")
+    for d in view.definitions:
+        verdict = f"[red]held: {shown(d.problem)}[/] {shown(d.reason)}" if d.problem else "served"
+        shown_ids = ", ".join(shown(i) for i in d.saga_ids)
+        more = d.count - len(d.saga_ids)
+        table.add_row(
+            f"{shown(d.name)} v{d.version}",
+            shown(d.fingerprint or "(none recorded)"),
+            str(d.count),
+            verdict,
+            shown_ids + (f" and {more} more" if more > 0 else ""),
+        )
+    console.print(table)
+    if view.would_hold:
+        console.print(f"[red]{view.would_hold} saga(s) would be held[/]")
+    else:
+        console.print("no saga would be held")
 
 
 #: Rows of ``sagactl prune``, in the order they are shown.

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 from engine.states import SagaStatus
-from engine.views import DeadLetterView, SagaDetail, SagaSummary, StoreStats
+from engine.views import DeadLetterView, RunningDefinition, SagaDetail, SagaSummary, StoreStats
 
 
 @runtime_checkable
@@ -41,3 +41,8 @@ class SagaQueries(Protocol):
     ) -> list[DeadLetterView]: ...
 
     async def stats(self) -> StoreStats: ...
+
+    async def running_definitions(self, sample: int = 20) -> list[RunningDefinition]:
+        """The unfinished sagas (not completed or compensated) by name, version and
+        fingerprint, with up to ``sample`` ids of each, oldest first."""
+        ...

@@ -72,6 +72,7 @@ from engine.views import (
     DeadLetterView,
     HeldCount,
     HistoryView,
+    RunningDefinition,
     SagaCount,
     SagaDetail,
     SagaSummary,
@@ -871,6 +872,39 @@ class SqlSagaStore:
             replies_deferred=deferred or 0,
             held=held_counts,
         )
+
+    async def running_definitions(self, sample: int = 20) -> list[RunningDefinition]:
+        unfinished = sagas.c.status.not_in(_FINISHED)
+        key = (sagas.c.name, sagas.c.version, sagas.c.fingerprint)
+        async with self.engine.connect() as conn:
+            groups = list(
+                await conn.execute(
+                    select(*key, func.count()).where(unfinished).group_by(*key).order_by(*key)
+                )
+            )
+            found: list[RunningDefinition] = []
+            for name, version, fingerprint, count in groups:
+                same = (
+                    sagas.c.fingerprint.is_(None)
+                    if fingerprint is None
+                    else sagas.c.fingerprint == fingerprint
+                )
+                ids = await conn.execute(
+                    select(sagas.c.id)
+                    .where(unfinished, sagas.c.name == name, sagas.c.version == version, same)
+                    .order_by(sagas.c.created_at, sagas.c.id)
+                    .limit(sample)
+                )
+                found.append(
+                    RunningDefinition(
+                        name=name,
+                        version=version,
+                        fingerprint=fingerprint,
+                        count=count,
+                        saga_ids=[r.id for r in ids],
+                    )
+                )
+            return found
 
     # -- what the running engines serve -----------------------------------------------
 
