@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
-from sqlalchemy import update
+from sqlalchemy import func, select, update
 
 from engine.advance import Advancer
 from engine.cli.app import cli
@@ -29,10 +30,10 @@ from engine.replies import ReplyOutcome
 from engine.served import Registration, Serving
 from engine.statemachine import new_saga
 from engine.states import SagaStatus, StepStatus
-from engine.store.schema import sagas
+from engine.store.schema import held_replies, sagas
 from engine.store.sql import SqlSagaStore
 from sagas.order import place_order
-from tests.helpers import fast_order_saga, order_input
+from tests.helpers import QUANTITY, EmbeddedSystem, fast_order_saga, order_input
 from tests.upgrade_bumped import bumped_order
 from tests.upgrade_edited import edited_order
 
@@ -327,3 +328,61 @@ def sagactl(db: Path, *args: str) -> Result:
     return CliRunner().invoke(
         cli, ["--database-url", f"sqlite:///{db}", *args], prog_name="sagactl"
     )
+
+
+# -- the scenario: an engine replaced by one with an edited v1, then the original back ---------
+
+
+async def test_an_edit_without_a_bump_holds_in_flight_sagas_until_the_original_returns(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="saga.engine")
+    async with EmbeddedSystem(
+        tmp_path / "upgrade.db", sagas=[original], run_workers=["payment", "shipment"]
+    ) as system:
+        saga_id = await system.start_order()
+        await system.wait_status(
+            saga_id,
+            lambda d: d.steps[0].status is StepStatus.DISPATCHED,
+            10,
+            "the first command to go out",
+        )
+        # The engine is replaced by one whose place_order v1 lost a step, unbumped;
+        # the inventory worker answers only now.
+        await system.stop_engine()
+        system.registry = SagaRegistry([edited])
+        await system.start_engine()
+        await system.start_worker("inventory")
+        held = await system.wait_status(
+            saga_id, lambda d: d.held is not None, 10, "the saga to be held"
+        )
+        assert held.held == (
+            f"this engine's place_order v1 has fingerprint {edited.fingerprint}, the saga "
+            f"started with {original.fingerprint}: its definition changed without a version bump"
+        )
+        assert [h.event for h in held.history] == ["started", "held"]
+        assert held.steps[0].status is StepStatus.DISPATCHED
+
+        async def kept() -> bool:
+            async with system.db.connect() as conn:
+                return await conn.scalar(select(func.count()).select_from(held_replies)) == 1
+
+        await system.wait_for(kept, 10, "the reply to be kept")
+        assert await system.client.dead_letters() == []
+
+        # The original definition comes back: the saga resumes by itself and completes.
+        await system.stop_engine()
+        system.registry = SagaRegistry([original])
+        await system.start_engine()
+        final = await system.wait_status(
+            saga_id, lambda d: d.status is SagaStatus.COMPLETED, 15, "the saga to complete"
+        )
+        events = [h.event for h in final.history]
+        assert events[:4] == ["started", "held", "resumed", "step_succeeded"], events
+        assert final.held is None
+        assert await system.client.dead_letters() == []
+        effect = (await system.effects())[saga_id]
+        assert (effect.reserved, effect.charges, effect.shipped) == (QUANTITY, 1, True)
+    holding = [r for r in caplog.records if r.getMessage().startswith("holding saga")]
+    assert len(holding) == 1  # one line, no traceback loop
+    assert not [r for r in caplog.records if r.exc_info]
