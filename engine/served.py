@@ -26,10 +26,18 @@ log = logging.getLogger("saga.engine")
 
 def serves(definition: Saga, state: SagaState) -> bool:
     """Whether ``definition`` may advance ``state``: same name and version, and the
-    fingerprint it started with (a saga that recorded none trusts any)."""
-    return definition.key == (state.name, state.version) and (
-        state.fingerprint is None or state.fingerprint == definition.fingerprint
-    )
+    fingerprint it started with. A saga that recorded none (started before
+    fingerprints were) trusts its name and version, as long as the definition has the
+    very steps it has."""
+    if definition.key != (state.name, state.version):
+        return False
+    if state.fingerprint is None:
+        return _step_names(definition) == sorted(state.steps)
+    return state.fingerprint == definition.fingerprint
+
+
+def _step_names(definition: Saga) -> list[str]:
+    return sorted(step.name for step in definition.steps)
 
 
 def loaded_versions(registry: SagaRegistry, name: str) -> str:
@@ -64,6 +72,13 @@ class Serving:
                 f"no running engine loads {state.name} v{state.version} (this one loads "
                 f"{loaded_versions(self.registry, state.name)})"
             )
+        if state.fingerprint is None:
+            return (
+                f"this engine's {state.name} v{state.version} has the steps "
+                f"{', '.join(_step_names(definition))}, the saga has "
+                f"{', '.join(sorted(state.steps))}: its definition changed without a "
+                "version bump"
+            )
         return (
             f"this engine's {state.name} v{state.version} has fingerprint "
             f"{definition.fingerprint}, the saga started with {state.fingerprint}: its "
@@ -71,7 +86,8 @@ class Serving:
         )
 
     def elsewhere(self, state: SagaState) -> bool:
-        """Whether another live engine serves ``state``."""
+        """Whether another live engine serves ``state`` (for a saga that recorded no
+        fingerprint: loads its name and version)."""
         return any(
             (name, version) == (state.name, state.version)
             and (state.fingerprint is None or fingerprint == state.fingerprint)

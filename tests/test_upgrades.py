@@ -87,8 +87,17 @@ def test_why_an_engine_does_not_serve_a_saga() -> None:
         f"started with {original.fingerprint}: its definition changed without a version bump"
     )
     assert Serving(SagaRegistry([original])).definition(saga) is original
-    # A saga from before fingerprints were recorded trusts its name and version.
-    assert mismatch.definition(replace(saga, fingerprint=None)) is edited
+    # A saga from before fingerprints were recorded trusts its name and version, if
+    # the definition has its steps.
+    legacy = replace(saga, fingerprint=None)
+    reordered = replace(original, steps=list(reversed(original.steps)))
+    assert Serving(SagaRegistry([reordered])).definition(legacy) is reordered
+    assert mismatch.definition(legacy) is None
+    assert mismatch.why_not(legacy) == (
+        "this engine's place_order v1 has the steps charge_payment, reserve_inventory, "
+        "the saga has charge_payment, create_shipment, reserve_inventory: its definition "
+        "changed without a version bump"
+    )
     # Another live engine that serves it: left to that one.
     mismatch.others = frozenset({("place_order", 1, original.fingerprint)})
     assert mismatch.elsewhere(saga)
