@@ -395,3 +395,16 @@ async def test_an_edit_without_a_bump_holds_in_flight_sagas_until_the_original_r
     holding = [r for r in caplog.records if r.getMessage().startswith("holding saga")]
     assert len(holding) == 1  # one line, no traceback loop
     assert not [r for r in caplog.records if r.exc_info]
+
+
+def test_the_held_gauge_reports_a_definition_no_longer_held_at_zero() -> None:
+    from engine.telemetry import metrics
+
+    before = dict(metrics.snapshot.held)
+    try:
+        metrics.snapshot.held = {}
+        metrics.update_held({("trip", "1"): 3})
+        metrics.update_held({("trip", "2"): 1})
+        assert metrics.snapshot.held == {("trip", "1"): 0, ("trip", "2"): 1}
+    finally:
+        metrics.snapshot.held = before
