@@ -25,15 +25,24 @@ from engine.errors import UnknownSagaError
 from engine.held import HeldSagaScan
 from engine.messages import Envelope, Outcome, decode
 from engine.model import SagaState
+from engine.orchestrator import Engine, EngineSettings
 from engine.registry import SagaRegistry
+from engine.relay import OutboxRelay
 from engine.replies import ReplyOutcome
 from engine.served import Registration, Serving
 from engine.statemachine import new_saga
 from engine.states import SagaStatus, StepStatus
 from engine.store.schema import held_replies, sagas
 from engine.store.sql import SqlSagaStore
+from engine.transport.memory import MemoryTransport
 from sagas.order import place_order
-from tests.helpers import QUANTITY, EmbeddedSystem, fast_order_saga, order_input
+from tests.helpers import (
+    QUANTITY,
+    EmbeddedSystem,
+    fast_order_saga,
+    history_events,
+    order_input,
+)
 from tests.upgrade_bumped import bumped_order
 from tests.upgrade_edited import edited_order
 
@@ -408,3 +417,59 @@ def test_the_held_gauge_reports_a_definition_no_longer_held_at_zero() -> None:
         assert metrics.snapshot.held == {("trip", "1"): 0, ("trip", "2"): 1}
     finally:
         metrics.snapshot.held = before
+
+
+async def test_engines_of_two_deployments_side_by_side_serve_both_versions(
+    tmp_path: Path,
+) -> None:
+    """The rolling upgrade: an engine loading v1 only runs beside one loading v1 and
+    v2, both consuming the replies. A v2 reply the old engine takes is left to the
+    new one (it is registered as serving v2), not held; the old client still starts
+    v1, the new client v2, and every saga completes under its own version."""
+    tunables = EngineSettings(
+        timer_interval=0.02,
+        unknown_saga_patience=0.5,
+        reply_settle=timedelta(seconds=0.1),
+        watermark_interval=0.02,
+        heartbeat_interval=0.1,
+        held_interval=0.05,
+    )
+    async with EmbeddedSystem(
+        tmp_path / "rolling.db", sagas=[original], settings=tunables
+    ) as system:
+        old = system.engine
+        assert old is not None
+        second_db = create_engine(f"sqlite:///{system.db_path}")
+        transport = MemoryTransport(system.broker)
+        await transport.connect()
+        second_store = SqlSagaStore(second_db)
+        both = SagaRegistry([original, bumped])
+        new = Engine(
+            second_store,
+            transport,
+            both,
+            settings=tunables,
+            relay=OutboxRelay(second_store, transport, poll_interval=0.01),
+            instance_id="engine-v1-v2",
+        )
+        task = asyncio.create_task(new.run())
+        try:
+
+            async def registered() -> bool:
+                return ("place_order", 2, bumped.fingerprint) in old.advancer.serving.others
+
+            await system.wait_for(registered, 10, "the old engine to know the new one")
+            new_client = SagaClient(system.store, both, on_commit=system._wake)
+            v2_ids = [await new_client.start("place_order", order_input()) for _ in range(4)]
+            v1_ids = [await system.client.start("place_order", order_input()) for _ in range(4)]
+            sagas = await system.wait_all_terminal(20, v1_ids + v2_ids)
+            assert {sagas[i].version for i in v1_ids} == {1}
+            assert {sagas[i].version for i in v2_ids} == {2}
+            assert {d.status for d in sagas.values()} == {SagaStatus.COMPLETED}
+            assert not [d.id for d in sagas.values() if history_events(d, "held")]
+            assert all(len(sagas[i].steps) == 2 for i in v2_ids)
+        finally:
+            new.stop()
+            await asyncio.wait_for(task, 10)
+            await transport.close()
+            await second_db.dispose()
