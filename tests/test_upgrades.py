@@ -136,8 +136,8 @@ async def test_a_saga_is_held_with_its_reply_kept_and_timers_paused_then_resumes
     # An engine with the edited v1 meets the replies: held, kept, no inbox claim.
     wrong = Advancer(SagaRegistry([edited]), clock=clock)
     async with store.transaction() as tx:
-        results, changed = await wrong.replies(tx, [reply, stale])
-    assert [r.outcome for r in results] == [ReplyOutcome.HELD] * 2 and changed == []
+        results, changed = await wrong.replies(tx, [reply, stale, reply])  # a copy too
+    assert [r.outcome for r in results] == [ReplyOutcome.HELD] * 3 and changed == []
     assert results[0].reason is not None
     assert "changed without a version bump" in results[0].reason
     # Their timeouts fall due while they are held: paused, for any engine; "silent"'s

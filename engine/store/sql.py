@@ -631,7 +631,8 @@ class SqlStoreTransaction:
                     "body": r.body,
                     "held_at": r.held_at,
                 }
-                for r in sorted(replies, key=attrgetter("message_id"))
+                # One row per message id: a batch may hold two copies of a reply.
+                for r in sorted({r.message_id: r for r in replies}.values(), key=_by_id)
             ],
         )
 
@@ -1040,6 +1041,9 @@ def _prunable(before: datetime) -> ColumnElement[bool]:
     """A finished saga, last changed before ``before``, with nothing left to publish."""
     unsent = exists().where(outbox.c.key == sagas.c.id, outbox.c.sent_at.is_(None))
     return sagas.c.status.in_(_FINISHED) & (sagas.c.updated_at < before) & ~unsent
+
+
+_by_id = attrgetter("message_id")
 
 
 def _deferred_row(reply: DeferredReply) -> dict[str, Any]:
