@@ -387,13 +387,13 @@ def _seconds(value: timedelta | float) -> float:
 
 
 def parse_start_versions(text: str) -> dict[str, int]:
-    """``book_trip=1,other=2`` as a mapping; a ValueError naming the bad pair."""
+    """``book_trip=1,other=2`` as a mapping; a ValueError if it is not that."""
     versions: dict[str, int] = {}
     for pair in text.split(","):
         if not pair.strip():
             continue
         name, sep, version = pair.partition("=")
         if not sep or not name.strip() or not version.strip().isdigit() or int(version) < 1:
-            raise ValueError(f"{pair.strip()!r} is not name=version (a version is 1 or more)")
+            raise ValueError("expected name=version pairs, comma-separated (versions from 1)")
         versions[name.strip()] = int(version)
     return versions

@@ -21,7 +21,7 @@ from engine.client import SagaClient
 from engine.clock import utc_now
 from engine.database import create_engine, upgrade
 from engine.definition import Saga
-from engine.errors import UnknownSagaError
+from engine.errors import ConfigError, UnknownSagaError
 from engine.held import HeldSagaScan
 from engine.messages import Envelope, Outcome, decode
 from engine.model import SagaState
@@ -30,6 +30,7 @@ from engine.registry import SagaRegistry
 from engine.relay import OutboxRelay
 from engine.replies import ReplyOutcome
 from engine.served import Registration, Serving
+from engine.settings import load_settings
 from engine.statemachine import new_saga
 from engine.states import SagaStatus, StepStatus
 from engine.store.schema import held_replies, sagas
@@ -473,3 +474,10 @@ async def test_engines_of_two_deployments_side_by_side_serve_both_versions(
             await asyncio.wait_for(task, 10)
             await transport.close()
             await second_db.dispose()
+
+
+def test_start_versions_are_read_from_the_settings() -> None:
+    settings = load_settings(start_versions="place_order=1, book_trip=3")
+    assert settings.start_version_map == {"place_order": 1, "book_trip": 3}
+    with pytest.raises(ConfigError, match="bad setting SAGA_START_VERSIONS: expected name="):
+        load_settings(start_versions="place_order=1,book_trip")
