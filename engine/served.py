@@ -1,7 +1,8 @@
 """What each engine serves, and whether one serves a given saga.
 
 A saga is served by a definition of its name and version whose fingerprint is the one
-it started with (or any, for a saga started before fingerprints were recorded). Every
+it started with (for a saga started before fingerprints were recorded: one with its
+very steps). Every
 running engine registers the definitions it loads (``saga_served_definitions``, one row
 per definition, refreshed by a heartbeat and past ``expires_at`` once the engine
 stopped or died): an engine that cannot serve a saga tells from it whether another one
@@ -11,7 +12,6 @@ can (then it leaves the saga to it) or none can (then it holds the saga, see
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 from datetime import datetime, timedelta
 
@@ -20,8 +20,6 @@ from engine.errors import UnknownSagaError
 from engine.model import SagaState
 from engine.registry import SagaRegistry
 from engine.store.base import SagaStore, ServedDefinition
-
-log = logging.getLogger("saga.engine")
 
 
 def serves(definition: Saga, state: SagaState) -> bool:
