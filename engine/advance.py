@@ -15,6 +15,7 @@ locked together and written together, in a few statements whatever their number.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 from abc import ABC, abstractmethod
@@ -31,14 +32,16 @@ from engine.deferred import internal
 from engine.definition import Saga, Step
 from engine.errors import DecodeError, LimitError, SagaNotFoundError, UnknownSagaError
 from engine.limits import ANY_SIZE, DEFAULT_LIMITS, Limits, MessageTooLarge
-from engine.messages import Envelope, MessageKind, decode
-from engine.model import TIMEOUTS, OutboxMessage, SagaState, Timer, TimerKind
+from engine.messages import Envelope, MessageKind, decode, encode
+from engine.model import TIMEOUTS, HistoryEntry, OutboxMessage, SagaState, Timer, TimerKind
 from engine.registry import SagaRegistry
 from engine.relay import Undeliverable
 from engine.replies import Change, ReplyOutcome, ReplyResult
+from engine.served import Serving
 from engine.statemachine import Transition, new_saga
 from engine.states import SagaStatus
 from engine.store.base import (
+    KeptReply,
     OutboxSignal,
     SagaStore,
     StoreTransaction,
@@ -305,7 +308,13 @@ class Advancer:
         #: parent sagas (set by the engine); without it the scan finds them by polling.
         self.wake_deferred: Callable[[], None] | None = None
         self._noticed = False
-        #: Sagas whose due timers were left alone for want of their definition.
+        #: What this engine serves, and the other live engines (engine/served.py).
+        self.serving = Serving(registry)
+        #: Set once replies were kept for sagas this engine serves (they are held):
+        #: the held-saga scan resumes them at once (engine/held.py).
+        self.kept = asyncio.Event()
+        self._kept_for_us = False
+        #: Sagas left to another engine that serves them (said once each).
         self._foreign: set[str] = set()
 
     # -- the unit: decide, trace, write, then count and wake ---------------------
@@ -365,6 +374,9 @@ class Advancer:
     def committed(self, changed: Iterable[Change]) -> None:
         """After the commit of changes: the metrics, and the relay for their messages."""
         changed = list(changed)
+        if self._kept_for_us:
+            self._kept_for_us = False
+            self.kept.set()
         for state, _, entries in changed:
             metrics.record_transition(state, entries)
         if self.wake is not None and _emitted(changed):
@@ -416,6 +428,11 @@ class Advancer:
                     f"cannot {event.action} saga {saga_id}: {exc}; load its module with "
                     "--sagas or SAGA_SAGAS"
                 ) from None
+            if self.serving.definition(state) is None:
+                raise UnknownSagaError(
+                    f"cannot {event.action} saga {saga_id}: {self.serving.why_not(state)}; "
+                    "load the definition it started with"
+                )
             previous = state.status
             transition, summary = self._decide(definition, state, event, self.clock())
             with event.span(state):
@@ -437,16 +454,21 @@ class Advancer:
         states = await tx.lock_sagas(r.saga_id for r in replies)
         definitions: dict[str, Saga] = {}
         candidates: list[int] = []
+        holds: dict[str, str] = {}
+        kept: list[Envelope] = []
         for i, reply in enumerate(replies):
             state = states.get(reply.saga_id)
             if state is None:
                 continue
-            try:
-                definitions[state.id] = self.registry.get(state.name, state.version)
-            except UnknownSagaError as exc:
-                outcomes[i] = ReplyResult(ReplyOutcome.UNKNOWN, str(exc))
+            definition = self._definition(state, holds)
+            if definition is None:
+                kept.append(reply)
+                why = holds.get(state.id) or state.held or "left to an engine that serves it"
+                outcomes[i] = ReplyResult(ReplyOutcome.HELD, why)
                 continue
+            definitions[state.id] = definition
             candidates.append(i)
+        await self._hold(tx, holds, kept, states)
         claimed = await tx.claim_inboxes(
             {replies[i].message_id: replies[i].saga_id for i in candidates}, self.group
         )
@@ -484,12 +506,13 @@ class Advancer:
         # Their rows are locked with the timers already: this only reads them, at once.
         states = await tx.lock_sagas(due.saga_id for due in due_timers)
         changes = _Changes()
+        holds: dict[str, str] = {}
         fired = 0
         for due in due_timers:
             state = states.get(due.saga_id)
             if state is None:
                 continue
-            definition = self._timer_definition(state)
+            definition = self._definition(state, holds)
             if definition is None:
                 continue
             at = self.clock()
@@ -501,6 +524,7 @@ class Advancer:
                 late = await self._published_late(tx, state.id, node.timeout)
             event = TimerDue(due.timer, late, self._unserved(definition, due.timer))
             fired += self._advance(changes, definition, state, event, at)
+        await self._hold(tx, holds, [], states)
         await self._write(tx, changes)
         return fired, list(changes.values())
 
@@ -514,17 +538,56 @@ class Advancer:
             return None
         return self.unserved(self.topology.commands(node.participant))
 
-    def _timer_definition(self, state: SagaState) -> Saga | None:
-        """The definition a timer of ``state`` needs; None (said once) if this process
-        has none: another replica or deployment may, and failing the whole batch would
-        stall every timer."""
-        try:
-            return self.registry.get(state.name, state.version)
-        except UnknownSagaError as exc:
-            if state.id not in self._foreign:
-                self._foreign.add(state.id)
-                log.warning("leaving timer of saga %s alone: %s", state.id, exc)
+    # -- sagas this engine does not serve (engine/served.py, engine/held.py) ---------
+
+    def _definition(self, state: SagaState, holds: dict[str, str]) -> Saga | None:
+        """The definition to advance ``state`` with; None if this engine must not
+        touch it: it is held (it resumes only through the held-saga scan, its kept
+        replies first), another live engine serves it (left to that one, said once),
+        or none does (its reason goes in ``holds``: the caller holds it). Never a
+        definition of the same version with another fingerprint: the saga would run
+        steps it never had."""
+        if state.held is not None:
             return None
+        definition = self.serving.definition(state)
+        if definition is not None or state.id in holds:
+            return definition
+        if not self.serving.elsewhere(state):
+            holds[state.id] = self.serving.why_not(state)
+        elif state.id not in self._foreign:
+            self._foreign.add(state.id)
+            with saga_context(state.id, None):
+                log.info(
+                    "leaving saga %s to an engine that serves it: %s",
+                    state.id,
+                    self.serving.why_not(state),
+                )
+        return None
+
+    async def _hold(
+        self,
+        tx: StoreTransaction,
+        holds: Mapping[str, str],
+        kept: Sequence[Envelope],
+        states: Mapping[str, SagaState],
+    ) -> None:
+        """Inside ``tx``: hold the sagas of ``holds`` (their timers pause; history and
+        one log line say why) and keep the ``kept`` replies for an engine that serves
+        their saga."""
+        if not holds and not kept:
+            return
+        now = self.clock()
+        await tx.keep_replies([KeptReply(r.message_id, r.saga_id, encode(r), now) for r in kept])
+        if holds:
+            await tx.hold_sagas(holds, now)
+            await tx.add_histories(
+                [(saga_id, HistoryEntry(now, "held", None, why)) for saga_id, why in holds.items()]
+            )
+            for saga_id, why in holds.items():
+                with saga_context(saga_id, None):
+                    log.warning("holding saga %s: %s", saga_id, why)
+        if any(self.serving.definition(states[r.saga_id]) is not None for r in kept):
+            self._kept_for_us = True
 
     async def _published_late(
         self, tx: StoreTransaction, saga_id: str, timeout: timedelta
@@ -558,17 +621,19 @@ class Advancer:
                 continue  # not one of ours (a replayed dead letter): archived only
         states = await tx.lock_sagas(event.message.saga_id for event in found)
         changes = _Changes()
+        holds: dict[str, str] = {}
         now = self.clock()
         for event in found:
             state = states.get(event.message.saga_id)
             if state is None:
                 continue
-            try:
-                definition = self.registry.get(state.name, state.version)
-            except UnknownSagaError as exc:
-                log.warning("refused message of saga %s not applied: %s", state.id, exc)
+            definition = self._definition(state, holds)
+            if definition is None:
+                # Archived as a dead letter by the relay; the step's timeout, once an
+                # engine serves the saga, decides what became of it.
                 continue
             self._advance(changes, definition, state, event, now)
+        await self._hold(tx, holds, [], states)
         await self._write(tx, changes)
         return lambda: self.committed(changes.values())
 

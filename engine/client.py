@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import json
+import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
@@ -28,6 +29,7 @@ from engine.errors import (
     OperationRefused,
     SagaError,
     SagaNotFoundError,
+    UnknownSagaError,
 )
 from engine.limits import (
     ANY_SIZE,
@@ -43,14 +45,17 @@ from engine.messages import Envelope, MessageKind, decode
 from engine.model import Awaiting, HistoryEntry
 from engine.registry import SagaRegistry
 from engine.retention import PRUNE_BATCH
+from engine.served import describe_served, loaded_versions, served_versions
 from engine.settings import Settings, load_settings
 from engine.signing import as_replayed
 from engine.states import SagaStatus
-from engine.store.base import OutboxSignal, SagaStore, StoreTransaction
+from engine.store.base import OutboxSignal, SagaStore, ServedDefinition, StoreTransaction
 from engine.store.queries import SagaQueries
 from engine.topology import Topology
 from engine.views import (
     BulkReplayResult,
+    CheckedDefinition,
+    CheckView,
     DeadLetterRef,
     DeadLetterStats,
     DeadLetterView,
@@ -80,6 +85,8 @@ REPLAY_BATCH = 200
 
 #: How often an operator action is re-applied when the engine advanced the saga first.
 OPERATOR_CONFLICT_RETRIES = 10
+#: How long a client trusts what it read of the engines' registrations (seconds).
+SERVED_TTL = 1.0
 
 
 class SagaClient:
@@ -109,6 +116,7 @@ class SagaClient:
         outbox_signal: OutboxSignal | None = None,
         limits: Limits = DEFAULT_LIMITS,
         queries: SagaQueries | None = None,
+        start_versions: Mapping[str, int] | None = None,
     ) -> None:
         """A client over ``store``, serving the sagas of ``registry``.
 
@@ -118,7 +126,9 @@ class SagaClient:
         ``topology`` names the destinations commands go to (its prefix must be the
         workers'); ``on_commit`` is called after each commit that wrote outbox rows
         (an in-process engine wakes its relay); ``outbox_signal`` wakes relays in other
-        processes (by default the store's own: PostgreSQL ``NOTIFY``).
+        processes (by default the store's own: PostgreSQL ``NOTIFY``);
+        ``start_versions`` the version :meth:`start` picks per saga name
+        (``SAGA_START_VERSIONS``).
         """
         self.store = store
         if queries is None:
@@ -140,6 +150,10 @@ class SagaClient:
         #: Sizes a start refuses beyond (the first command), and the operator's
         #: retries build commands within.
         self.limits = limits
+        #: Saga name -> the version :meth:`start` starts (else the newest served).
+        self.start_versions = dict(start_versions or {})
+        #: What the running engines serve, as last read, and until when to trust it.
+        self._served: tuple[float, list[ServedDefinition]] | None = None
 
     @classmethod
     async def connect(
@@ -199,6 +213,7 @@ class SagaClient:
             messaging_system=connections.messaging_system,
             outbox_signal=connections.signal,
             limits=connections.limits,
+            start_versions=connections.settings.start_version_map,
         )
 
     async def __aenter__(self) -> SagaClient:
@@ -217,14 +232,30 @@ class SagaClient:
         """Close the store (its database connections)."""
         await self.store.close()
 
-    async def start(self, saga: str | Saga, input: Any, *, saga_id: str | None = None) -> str:
+    async def start(
+        self,
+        saga: str | Saga,
+        input: Any,
+        *,
+        saga_id: str | None = None,
+        version: int | None = None,
+    ) -> str:
         """Validate the input, then persist the saga and its first command in one
         transaction. Returns the saga id.
 
-        Refused before anything is stored: an id the columns cannot take, an input
-        holding a NUL, an input whose first command is over the limits.
+        Saga ``saga`` starts at ``version``, else at the one :attr:`start_versions`
+        names, else at the newest version a running engine serves (see
+        :meth:`definition`).
+
+        Refused before anything is stored: a version no running engine serves (when
+        engines registered), an id the columns cannot take, an input holding a NUL,
+        an input whose first command is over the limits.
         """
-        definition = saga if isinstance(saga, Saga) else self.registry.get(saga)
+        if isinstance(saga, Saga):
+            definition = saga
+            self._check_served(definition, await self._live())
+        else:
+            definition = await self.definition(saga, version)
         if saga_id is not None:
             check_saga_id(saga_id)
         parsed = definition.parse_input(input)
@@ -243,6 +274,56 @@ class SagaClient:
         saga_id = saga_id or str(uuid.uuid4())
         await self._advancer().start(self.store, definition, saga_id, data)
         return saga_id
+
+    async def definition(self, name: str, version: int | None = None) -> Saga:
+        """The definition :meth:`start` starts saga ``name`` with: at ``version`` (or
+        the one :attr:`start_versions` names), else the newest version some running
+        engine serves as this process defines it; with no engine registered (embedded,
+        tests), the newest this process loads. An UnknownSagaError naming what the
+        engines serve otherwise."""
+        if version is None:
+            version = self.start_versions.get(name)
+        live = await self._live()
+        if version is not None:
+            definition = self.registry.get(name, version)
+            self._check_served(definition, live)
+            return definition
+        if not live:
+            return self.registry.get(name)
+        choices = served_versions(live, self.registry, name)
+        if not choices:
+            self.registry.get(name)  # a name this process does not load: its error
+            raise UnknownSagaError(
+                f"cannot start saga {name!r}: {describe_served(live, name)}, and this "
+                f"process loads {loaded_versions(self.registry, name)} "
+                f"({self._fingerprints(name)})"
+            )
+        return choices[-1]
+
+    def _fingerprints(self, name: str) -> str:
+        return ", ".join(
+            f"v{s.version} fingerprint {s.fingerprint}" for s in self.registry.versions(name)
+        )
+
+    def _check_served(self, definition: Saga, live: builtins.list[ServedDefinition]) -> None:
+        """Refuse a definition no running engine serves, if any engine registered."""
+        wanted = (definition.name, definition.version, definition.fingerprint)
+        if not live or wanted in {(d.name, d.version, d.fingerprint) for d in live}:
+            return
+        raise UnknownSagaError(
+            f"cannot start saga {definition.name!r} v{definition.version} (fingerprint "
+            f"{definition.fingerprint}): {describe_served(live, definition.name)}"
+        )
+
+    async def _live(self) -> builtins.list[ServedDefinition]:
+        """What the running engines serve, read at most every :data:`SERVED_TTL`."""
+        cached = self._served
+        now = time.monotonic()
+        if cached is not None and now < cached[0]:
+            return cached[1]
+        live = await self.store.live_definitions(utc_now())
+        self._served = (now + SERVED_TTL, live)
+        return live
 
     def _advancer(self) -> Advancer:
         """What advances sagas for this client, as it is configured now."""
@@ -295,9 +376,14 @@ class SagaClient:
         status: SagaStatus | None = None,
         name: str | None = None,
         limit: int = 50,
+        version: int | None = None,
+        held: bool = False,
     ) -> list[SagaSummary]:
-        """Sagas, newest first, optionally of one status and one definition name."""
-        return await self.queries.list_sagas(status=status, name=name, limit=limit)
+        """Sagas, newest first, optionally of one status, one definition name and
+        version; with ``held``, only sagas held for want of an engine that serves them."""
+        return await self.queries.list_sagas(
+            status=status, name=name, limit=limit, version=version, held=held
+        )
 
     # -- operator repair ----------------------------------------------------------
 
@@ -624,6 +710,7 @@ class SagaClient:
                 not_replayed=raw.dead_letters_pending, total=raw.dead_letters_total
             ),
             replies_deferred=raw.replies_deferred,
+            held=raw.held,
         )
 
     # -- retention --------------------------------------------------------------------
@@ -675,6 +762,40 @@ class SagaClient:
             cutoff=cutoff,
             batches=batches,
             rows=total,
+        )
+
+    # -- upgrades -----------------------------------------------------------------------
+
+    async def check(self, definitions: SagaRegistry, *, sample: int = 20) -> CheckView:
+        """Which unfinished sagas an engine loading only ``definitions`` would hold:
+        those of a version it lacks, or of a version whose fingerprint is not the
+        one they started with (a definition changed without a version bump)."""
+        checked: builtins.list[CheckedDefinition] = []
+        for running in await self.queries.running_definitions(sample):
+            problem = reason = None
+            try:
+                definition = definitions.get(running.name, running.version)
+            except UnknownSagaError:
+                problem = "version missing"
+                reason = (
+                    f"{running.name} v{running.version} is not loaded (loaded: "
+                    f"{loaded_versions(definitions, running.name)})"
+                )
+            else:
+                if running.fingerprint not in (None, definition.fingerprint):
+                    problem = "fingerprint mismatch"
+                    reason = (
+                        f"{running.name} v{running.version} has fingerprint "
+                        f"{definition.fingerprint} here, these sagas started with "
+                        f"{running.fingerprint}: bump the version of the changed definition"
+                    )
+            checked.append(
+                CheckedDefinition(**running.model_dump(), problem=problem, reason=reason)
+            )
+        return CheckView(
+            loads=[f"{s.name} v{s.version} (fingerprint {s.fingerprint})" for s in definitions],
+            definitions=checked,
+            would_hold=sum(c.count for c in checked if c.problem is not None),
         )
 
     async def counts(self) -> dict[SagaStatus, int]:

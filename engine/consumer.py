@@ -20,7 +20,7 @@ from engine._aio import batched, wait_either
 from engine.advance import Advancer
 from engine.clock import Clock
 from engine.deferred import DeferredReplyScan, deferral
-from engine.errors import ConcurrencyConflict, DecodeError, SagaError, UnknownSagaError
+from engine.errors import ConcurrencyConflict, DecodeError, SagaError
 from engine.faults import crashpoint
 from engine.limits import Limits
 from engine.messages import Envelope, MessageKind, decode
@@ -198,10 +198,7 @@ class ReplyConsumer:
 
     def _settlement(self, envelope: Envelope, result: ReplyResult) -> Settlement:
         """How to settle a delivery whose reply's transaction committed, by its outcome."""
-        outcome, reason = result
-        if outcome is ReplyOutcome.UNKNOWN:
-            log.error("dead-lettering reply for saga %s: %s", envelope.saga_id, reason)
-            return DeadLetter(reason or f"no definition of saga {envelope.saga_name}")
+        outcome, _ = result
         if outcome is ReplyOutcome.DUPLICATE:
             _log_duplicate(envelope)
         elif outcome is ReplyOutcome.DEFERRED:
@@ -253,12 +250,11 @@ class ReplyConsumer:
             await wait_either(self.stop, None, self.failure_backoff)
 
     async def handle_reply(self, reply: Envelope) -> bool:
-        """Apply one reply in one transaction; False if it was a duplicate."""
-        ((outcome, reason),) = await self.apply_replies([reply])
+        """Apply one reply in one transaction; False if it was not applied now: a
+        duplicate, or kept for an engine that serves its saga (see engine/held.py)."""
+        ((outcome, _),) = await self.apply_replies([reply])
         if outcome is ReplyOutcome.NOT_VISIBLE:
             raise NotVisible(reply.saga_id)
-        if outcome is ReplyOutcome.UNKNOWN:
-            raise UnknownSagaError(reason or f"no definition of saga {reply.saga_name}")
         return outcome is ReplyOutcome.APPLIED
 
     async def apply_replies(

@@ -148,7 +148,7 @@ async def run_engine(settings: Settings, *, migrate: bool, grace: float) -> None
         await _connect(transport, settings.broker_url)
         engine = wiring.engine(registry, transport)
         log.info("%s", wiring.signing.describe())
-        names = ", ".join(f"{s.name} v{s.version}" for s in registry)
+        names = ", ".join(f"{s.name} v{s.version} ({s.fingerprint})" for s in registry)
         replies = wiring.topology.replies
         ready = f"engine {engine.instance_id} consuming {replies}, serving {names}"
         async with wiring.observed(

@@ -163,10 +163,9 @@ class DeferredReplyScan:
             outcomes, changed = await self._apply(tx, replies)
             done = [row.message_id for row, _ in letters]
             later: list[DeferredReply] = []
-            for row, (outcome, reason) in zip(pending, outcomes, strict=True):
-                if outcome is ReplyOutcome.UNKNOWN:
-                    letters.append((row, reason or "no definition of its saga"))
-                elif outcome is ReplyOutcome.NOT_VISIBLE:
+            for row, (outcome, _) in zip(pending, outcomes, strict=True):
+                # Applied, a duplicate, or kept for an engine that serves its saga: done.
+                if outcome is ReplyOutcome.NOT_VISIBLE:
                     if now >= row.first_seen_at + timedelta(seconds=patience):
                         letters.append((row, f"no saga {row.saga_id} after {patience:g}s"))
                     else:

@@ -6,11 +6,14 @@ that a mistake surfaces at import time with a precise message, never mid-saga.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import cached_property
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -267,6 +270,21 @@ class Saga:
                 "give each its own"
             )
 
+    def shape(self) -> list[dict[str, Any]]:
+        """The structure of the definition as JSON-able data, one dict per element of
+        ``steps``: what an instance in flight depends on (step names, where each goes,
+        what undoes it, where the pivot is). Timeouts, retry policies and builders are
+        left out: changing them does not strand a saga started before."""
+        return [_shape(node) for node in self.steps]
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """A short hash of :meth:`shape`: a saga stores the one it started with, and an
+        engine whose definition of the same name and version has another holds it
+        instead of advancing it with steps it never had."""
+        canonical = json.dumps(self.shape(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
     @property
     def key(self) -> tuple[str, int]:
         """(name, version): how the registry and every saga row name this definition."""
@@ -515,6 +533,37 @@ class _Validator:
             self.saga._claim(
                 self.commands, step.compensation.name, f"compensation of step {step.name!r}"
             )
+
+
+def _shape(node: Element) -> dict[str, Any]:
+    """One node's part of :meth:`Saga.shape` (each node kind adds its own fields). A
+    group's limit, a wait's timeout and a delay's length are left out: like a step's
+    timeout, they change nothing a saga in flight has recorded."""
+    if isinstance(node, Step):
+        return {
+            "kind": "step",
+            "name": node.name,
+            "participant": node.participant,
+            "command": node.action_name,
+            "compensation": node.compensation.name if node.compensation is not None else None,
+            "pivot": node.is_pivot,
+        }
+    if isinstance(node, Parallel):
+        branches = [[_shape(n) for n in branch] for branch in node.branches]
+        return {"kind": "parallel", "name": node.name, "branches": branches}
+    if isinstance(node, WaitFor):
+        return {"kind": "wait", "name": node.name, "event": node.event_name}
+    if isinstance(node, Delay):
+        return {"kind": "delay", "name": node.name}
+    if isinstance(node, Local):
+        return {"kind": "local", "name": node.name, "undoes": node.compensation is not None}
+    return {
+        "kind": "child",
+        "name": node.name,
+        "saga": node.saga.name,
+        "version": node.saga.version,
+        "fingerprint": node.saga.fingerprint,
+    }
 
 
 def build_payload(builder: Builder, context: StepContext) -> dict[str, Any]:

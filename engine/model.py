@@ -154,6 +154,14 @@ class SagaState:
     #: Set on a child saga: where its outcome goes.
     parent: ParentLink | None = None
 
+    #: :attr:`Saga.fingerprint <engine.definition.Saga.fingerprint>` of the definition
+    #: it started with; None (sagas started before it was recorded): trusted by any
+    #: definition of the same name and version.
+    fingerprint: str | None = None
+    #: Why no engine advances it now (see :mod:`engine.held`); None: it is not held.
+    #: Read with the image, written only by the store's hold and release.
+    held: str | None = None
+
     def ordered_steps(self) -> list[StepState]:
         return sorted(self.steps.values(), key=lambda s: s.position)
 

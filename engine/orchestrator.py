@@ -2,7 +2,8 @@
 
 Its parts, each with its own module: the reply consumer (:mod:`engine.consumer`),
 the timer scanner (:mod:`engine.timers`), the deferred-reply scan
-(:mod:`engine.deferred`), the outbox relay (:mod:`engine.relay`) and the dead-letter
+(:mod:`engine.deferred`), the held-saga scan and registration (:mod:`engine.held`,
+:mod:`engine.served`), the outbox relay (:mod:`engine.relay`) and the dead-letter
 archive (:mod:`engine.deadletters`); all of them advance sagas through one
 :class:`~engine.advance.Advancer`. Every change to a saga happens in one store
 transaction that also records the reply's message id (inbox) and the messages the
@@ -26,11 +27,13 @@ from engine.clock import Clock, utc_now
 from engine.consumer import ACK, Ack, DeadLetter, Failed, Nack, ReplyConsumer, Settlement
 from engine.deadletters import DeadLetterArchive
 from engine.deferred import DeferredReplyScan
+from engine.held import HeldSagaScan
 from engine.limits import DEFAULT_LIMITS, Limits
 from engine.messages import Envelope
 from engine.registry import SagaRegistry
 from engine.relay import OutboxRelay
 from engine.replies import ReplyOutcome, ReplyResult
+from engine.served import Registration
 from engine.signing import NO_SIGNING, Signing
 from engine.store.base import SagaStore
 from engine.timers import StoreTimerScanner, TimerScanner, scan_timers
@@ -97,6 +100,13 @@ class EngineSettings:
     reply_settle: timedelta = timedelta(seconds=6)
     #: How often the watermark takes a mark of the reply subscription (seconds).
     watermark_interval: float = 0.5
+    #: Pause of the held-saga scan when nothing was resumable (it is woken at once
+    #: when this engine keeps a reply for a saga it serves), and most sagas per scan.
+    held_interval: float = 1.0
+    held_batch: int = 100
+    #: How often the engine refreshes its registration of what it serves (a
+    #: registration lives three of these); 0: it does not register.
+    heartbeat_interval: float = 5.0
 
 
 class Engine:
@@ -203,6 +213,27 @@ class Engine:
             failure_backoff=settings.failure_backoff,
             error_backoff=settings.error_backoff,
         )
+        #: What this engine serves, in ``saga_served_definitions`` (engine/served.py).
+        self.registration: Registration | None = (
+            Registration(
+                store,
+                self.advancer.serving,
+                self.instance_id,
+                interval=settings.heartbeat_interval,
+            )
+            if settings.heartbeat_interval > 0
+            else None
+        )
+        #: Resumes the held sagas this engine serves, and beats the registration.
+        self.held = HeldSagaScan(
+            store,
+            self.advancer,
+            clock=clock,
+            interval=settings.held_interval,
+            batch=settings.held_batch,
+            error_backoff=settings.error_backoff,
+            registration=self.registration,
+        )
         #: Fires due step timeouts and retry backoffs.
         self.timers: TimerScanner = timers or StoreTimerScanner(
             store, self.advancer, batch=settings.timer_batch
@@ -261,6 +292,7 @@ class Engine:
             asyncio.create_task(self.relay.run(self._stop), name="saga-engine-relay"),
             asyncio.create_task(self._timer_loop(), name="saga-engine-timers"),
             asyncio.create_task(self.deferred.run(self._stop), name="saga-engine-deferred"),
+            asyncio.create_task(self.held.run(self._stop), name="saga-engine-held"),
         ]
         if letters is not None:
             archive = self.archive.consume(letters, self._stop, self.settings.error_backoff)

@@ -44,6 +44,12 @@ class SagaRegistry:
             raise UnknownSagaError(f"unknown saga {name!r}{self._known()}")
         return max(versions, key=lambda s: s.version)
 
+    def versions(self, name: str) -> list[Saga]:
+        """Every definition of ``name`` loaded, oldest version first."""
+        return sorted(
+            (s for (n, _), s in self._sagas.items() if n == name), key=lambda s: s.version
+        )
+
     def __iter__(self) -> Iterator[Saga]:
         return iter(sorted(self._sagas.values(), key=lambda s: s.key))
 
@@ -51,9 +57,8 @@ class SagaRegistry:
         return len(self._sagas)
 
     def _known(self) -> str:
-        names = sorted({n for n, _ in self._sagas})
-        if names:
-            return f" (known: {', '.join(names)})"
+        if self._sagas:
+            return f" (known: {', '.join(f'{n} v{v}' for n, v in sorted(self._sagas))})"
         return " (no sagas are loaded): name their modules in SAGA_SAGAS or sagactl --sagas"
 
     @classmethod

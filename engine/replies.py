@@ -14,15 +14,17 @@ class ReplyOutcome(enum.Enum):
     DUPLICATE = "duplicate"
     #: No saga row (yet): another engine's start may not have committed.
     NOT_VISIBLE = "not visible"
-    #: The saga exists but this engine has no definition of its name and version.
-    UNKNOWN = "unknown definition"
+    #: The saga exists but this engine does not serve it (no definition of its
+    #: version, or one of another fingerprint), or it is held: the reply is kept in
+    #: the store for an engine that serves it (engine/held.py), never dead-lettered.
+    HELD = "held"
     #: Not visible, and set aside in the store for the deferred-reply scan.
     DEFERRED = "deferred"
 
 
 class ReplyResult(NamedTuple):
     outcome: ReplyOutcome
-    #: Why, for UNKNOWN: the registry's error, which names what is missing.
+    #: Why, for HELD: why this engine does not apply it.
     reason: str | None = None
 
 

@@ -105,6 +105,10 @@ class Settings(BaseSettings):
     broker_url: str = "memory://"
     #: Comma-separated module paths holding saga definitions (none by default).
     sagas: str = ""
+    #: Which version a client starts, per saga, as ``name=version`` pairs separated by
+    #: commas (``book_trip=1``); a saga not named starts at the newest version some
+    #: running engine serves.
+    start_versions: str = ""
     #: Comma-separated ``module:object`` paths of workers, which ``sagactl worker NAME``
     #: then finds by their participant name (none by default).
     workers: str = ""
@@ -310,6 +314,17 @@ class Settings(BaseSettings):
     def _strip(cls, value: str) -> str:
         return ",".join(p.strip() for p in value.split(",") if p.strip())
 
+    @field_validator("start_versions")
+    @classmethod
+    def _versions(cls, value: str) -> str:
+        parse_start_versions(value)
+        return value
+
+    @property
+    def start_version_map(self) -> dict[str, int]:
+        """``SAGA_START_VERSIONS`` as saga name -> version."""
+        return parse_start_versions(self.start_versions)
+
     @property
     def saga_modules(self) -> list[str]:
         """``SAGA_SAGAS`` as a list of module names."""
@@ -376,3 +391,16 @@ def bad_settings(exc: ValidationError) -> str:
 
 def _seconds(value: timedelta | float) -> float:
     return value.total_seconds() if isinstance(value, timedelta) else float(value)
+
+
+def parse_start_versions(text: str) -> dict[str, int]:
+    """``book_trip=1,other=2`` as a mapping; a ValueError if it is not that."""
+    versions: dict[str, int] = {}
+    for pair in text.split(","):
+        if not pair.strip():
+            continue
+        name, sep, version = pair.partition("=")
+        if not sep or not name.strip() or not version.strip().isdigit() or int(version) < 1:
+            raise ValueError("expected name=version pairs, comma-separated (versions from 1)")
+        versions[name.strip()] = int(version)
+    return versions

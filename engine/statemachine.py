@@ -65,6 +65,7 @@ def new_saga(
         input=dict(input_data),
         created_at=now,
         updated_at=now,
+        fingerprint=definition.fingerprint,
     )
     for position, node in enumerate(definition.nodes):
         state.steps[node.name] = StepState(

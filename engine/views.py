@@ -24,6 +24,11 @@ class SagaSummary(BaseModel):
     created_at: datetime
     updated_at: datetime
     error: str | None = None
+    #: Why no engine advances it now, if it is held (engine/held.py): it resumes by
+    #: itself once an engine that serves its definition runs.
+    held: str | None = None
+    #: The fingerprint of the definition it started with (None before it was recorded).
+    fingerprint: str | None = None
 
 
 class StepView(BaseModel):
@@ -183,6 +188,15 @@ class BulkReplayResult(BaseModel):
         return sum(1 for letter in self.letters if letter.outcome == "refused")
 
 
+class HeldCount(BaseModel):
+    """How many sagas of one definition are held, and why the last one was."""
+
+    name: str
+    version: int
+    count: int
+    reason: str
+
+
 class SagaCount(BaseModel):
     name: str
     status: SagaStatus
@@ -201,6 +215,8 @@ class StoreStats(BaseModel):
     dead_letters_total: int
     #: Replies set aside because their saga was not visible (yet).
     replies_deferred: int = 0
+    #: Sagas held (no running engine serves them), by name and version.
+    held: list[HeldCount] = []
 
 
 class OldestRunning(BaseModel):
@@ -235,6 +251,40 @@ class StatsView(BaseModel):
     #: Replies set aside because their saga was not visible (yet); each is applied or
     #: dead-lettered within the engine's patience.
     replies_deferred: int = 0
+    #: Sagas held because no running engine serves them (each resumes by itself
+    #: once one does), by name and version.
+    held: list[HeldCount] = []
+
+
+class RunningDefinition(BaseModel):
+    """Sagas not finished (running, compensating, parked) of one definition: its
+    name, version and the fingerprint they started with, and how many."""
+
+    name: str
+    version: int
+    fingerprint: str | None
+    count: int
+    #: Some of their ids, oldest first.
+    saga_ids: list[str]
+
+
+class CheckedDefinition(RunningDefinition):
+    """What a set of definitions would do with the unfinished sagas of one definition."""
+
+    #: "version missing" or "fingerprint mismatch" (they would be held), or None.
+    problem: str | None = None
+    #: In words, for a problem.
+    reason: str | None = None
+
+
+class CheckView(BaseModel):
+    """``sagactl check``: which unfinished sagas a set of definitions would hold."""
+
+    #: The definitions checked, as "name vN (fingerprint ...)".
+    loads: list[str]
+    definitions: list[CheckedDefinition]
+    #: Sagas they would hold (0: safe to deploy them alone).
+    would_hold: int
 
 
 class PruneResult(BaseModel):
@@ -267,10 +317,13 @@ def dead_letter_view(letter: DeadLetterRecord) -> DeadLetterView:
 
 __all__ = [
     "BulkReplayResult",
+    "CheckView",
+    "CheckedDefinition",
     "DeadLetterRef",
     "DeadLetterStats",
     "DeadLetterView",
     "DispatchView",
+    "HeldCount",
     "HistoryView",
     "LetterReplay",
     "OldestRunning",
@@ -279,6 +332,7 @@ __all__ = [
     "PruneCounts",
     "PruneResult",
     "ReplayResult",
+    "RunningDefinition",
     "SagaCount",
     "SagaDetail",
     "SagaSummary",

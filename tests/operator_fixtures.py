@@ -5,8 +5,8 @@ Loaded by the daemons of ``tests/test_e2e_operator.py`` by module path:
 * ``brittle_order``: the order saga whose compensations get three quick attempts, so
   a failing compensation parks the saga within a second;
 * ``legacy_order``: the order saga under another name, with long step timeouts; the
-  first engine of a test does not load it (its replies are dead-lettered), a second
-  one does (the deployment that fixes it);
+  first engine of a test does not load it (it holds the saga, keeping its replies),
+  a second one does (the deployment that resumes it);
 * ``inventory_brittle``: the example inventory participant whose
   ``release_inventory`` raises while the file ``release_fails`` exists in
   ``$SAGA_TEST_SWITCHES``.

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
@@ -285,3 +286,51 @@ def test_build_payload_accepts_models_and_mappings() -> None:
     ctx = StepContext(saga_id="s1", input=Inp(n=1, who="x"), replies={})
     assert build_payload(cmd, ctx) == {"id": "s1"}
     assert build_payload(lambda c: Inp(n=2, who=c.saga_id), ctx) == {"n": 2, "who": "s1"}
+
+
+# -- shape and fingerprint ---------------------------------------------------------------
+
+
+def test_shape_describes_each_step_structurally() -> None:
+    s = saga(step("a"), step("b", compensated=False, command_name="do_b"))
+    assert s.shape() == [
+        {
+            "kind": "step",
+            "name": "a",
+            "participant": "p",
+            "command": "a",
+            "compensation": "undo_a",
+            "pivot": False,
+        },
+        {
+            "kind": "step",
+            "name": "b",
+            "participant": "p",
+            "command": "do_b",
+            "compensation": None,
+            "pivot": True,
+        },
+    ]
+
+
+def test_the_fingerprint_changes_with_the_structure_only() -> None:
+    base = saga(step("a"), step("b"))
+    assert len(base.fingerprint) == 16 and int(base.fingerprint, 16) >= 0
+    # Timeouts, retries, builders and the version do not change it...
+    same = saga(
+        step("a", timeout=timedelta(seconds=3), retry=RetryPolicy(max_attempts=9)),
+        step("b"),
+        version=2,
+    )
+    assert same.fingerprint == base.fingerprint
+    # ...a step added, removed, renamed, moved or re-routed does.
+    changed = [
+        saga(step("a"), step("b"), step("c")),
+        saga(step("a")),
+        saga(step("a"), step("b2")),
+        saga(step("b"), step("a")),
+        saga(step("a"), replace(step("b"), participant="q")),
+        saga(step("a"), step("b", compensated=False)),
+    ]
+    prints = {base.fingerprint, *(c.fingerprint for c in changed)}
+    assert len(prints) == len(changed) + 1

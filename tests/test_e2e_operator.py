@@ -3,10 +3,11 @@ over Kafka and over RabbitMQ, repaired with ``sagactl`` run as a subprocess.
 
 * A compensation that keeps failing parks its saga; once the participant works again,
   ``sagactl retry`` completes the compensation and the books balance.
-* A poisoned message (a reply for a saga definition the engine does not load, and an
-  undecodable command) is archived by the engine with its reason, shown by
-  ``sagactl dlq list --json``, and ``sagactl dlq replay`` republishes it: after the
-  deployment that loads the definition, the replayed reply completes the saga.
+* A reply for a saga definition the engine does not load is kept and its saga held,
+  visibly (``sagactl show``, ``list --held``, ``stats``; ``sagactl check`` says so
+  before a deployment); the deployment that loads the definition resumes it by itself.
+  An undecodable command is archived with its reason, shown by ``sagactl dlq list
+  --json``, and ``sagactl dlq replay`` republishes it once.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from engine.advance import Advancer
 from engine.client import SagaClient
 from engine.database import create_engine
 from engine.registry import SagaRegistry
@@ -147,7 +149,7 @@ async def test_retry_completes_a_saga_parked_by_a_failing_compensation(
             await database.dispose()
 
 
-async def test_poisoned_messages_are_archived_listed_and_replayed(
+async def test_a_held_saga_resumes_on_deployment_and_poison_is_archived_and_replayed(
     broker_url: str, postgres_url: str, tmp_path: Path
 ) -> None:
     async with fresh_database(postgres_url) as db_url:
@@ -157,69 +159,81 @@ async def test_poisoned_messages_are_archived_listed_and_replayed(
         topology = Topology(cluster.prefix)
         cluster.start_all()
         client = await SagaClient.connect(db_url)
-        client.registry = SagaRegistry([legacy_order])
-        client.topology = topology
         transport = transport_from_url(broker_url, topology)
         await transport.connect()
         try:
-            # This engine does not load legacy_order: the first reply is poison to it.
-            saga_id = await client.start("legacy_order", ORDER)
+            # A saga of a definition this engine does not load, started by the older
+            # deployment's client (today's refuses a version no engine serves).
+            saga_id = "legacy-order-1"
+            starter = Advancer(SagaRegistry([legacy_order]), topology=topology)
+            data = legacy_order.parse_input(ORDER).model_dump(mode="json")
+            await starter.start(client.store, legacy_order, saga_id, data)
             commands = topology.commands("payment")
             await transport.publish([Message(commands, "junk", b"{not an envelope")])
 
-            async def archived(count: int) -> bool:
+            async def settled() -> bool:
                 cluster.assert_running()
-                return len(await client.dead_letters()) >= count
+                held = (await client.get(saga_id)).held is not None
+                return held and len(await client.dead_letters()) >= 1
 
-            assert await wait_until(lambda: archived(2), timeout=60), cluster.logs()
-            letters = cluster.ctl_json("dlq", "list")
-            by_source = {d["source"]: d for d in letters}
-            reply = by_source[topology.replies]
-            assert reply["reason"] == "unknown saga 'legacy_order' v1 (known: place_order)"
-            assert (reply["saga_id"], reply["kind"], reply["step"]) == (
-                saga_id,
-                "reply",
-                "reserve_inventory",
-            )
-            junk = by_source[commands]
-            assert junk["reason"].startswith("not a saga envelope")
-            assert (junk["saga_id"], junk["body"]) == (None, "{not an envelope")
+            assert await wait_until(settled, timeout=60), cluster.logs()
+            # Its reply is kept and the saga held, visibly; only the junk is a dead letter.
+            why = "no running engine loads legacy_order v1 (this one loads no version of it)"
+            shown = cluster.ctl_json("show", saga_id)
+            assert (shown["status"], shown["held"]) == ("running", why)
+            assert [h["event"] for h in shown["history"]] == ["started", "held"]
+            assert [s["id"] for s in cluster.ctl_json("list", "--held")] == [saga_id]
             stats = cluster.ctl_json("stats")
-            assert stats["dead_letters"] == {"not_replayed": 2, "total": 2}
-            history = cluster.ctl_json("show", saga_id)["history"]
-            assert [h["event"] for h in history] == ["started", "dead_lettered"]
+            assert stats["held"] == [
+                {"name": "legacy_order", "version": 1, "count": 1, "reason": why}
+            ]
+            assert stats["dead_letters"] == {"not_replayed": 1, "total": 1}
+            (junk,) = cluster.ctl_json("dlq", "list")
+            assert (junk["source"], junk["saga_id"]) == (commands, None)
+            assert junk["reason"].startswith("not a saga envelope")
+            # Before deploying: this set of definitions would keep it held, that one not.
+            check = cluster.ctl("--json", "check", "sagas.order")
+            assert check.returncode == 1, check.stderr
+            (legacy,) = [
+                d for d in json.loads(check.stdout)["definitions"] if d["name"] == "legacy_order"
+            ]
+            assert (legacy["problem"], legacy["saga_ids"]) == ("version missing", [saga_id])
+            assert (
+                cluster.ctl_json("check", "sagas.order,tests.operator_fixtures")["would_hold"] == 0
+            )
 
-            # The deployment that knows legacy_order replaces the engine...
+            # The deployment that loads legacy_order replaces the engine: the saga
+            # resumes by itself, its kept reply first.
             engine = cluster.daemons[-1]
             assert cluster.stop(engine) == 0
             cluster.daemons.remove(engine)
             cluster.sagas = "sagas.order,tests.operator_fixtures"
             cluster.start_engine()
-            # ... and the operator sends the reply back where it came from.
-            replayed = cluster.ctl_json(
-                "dlq", "replay", str(reply["id"]), "--actor", "ops", "--reason", "deployed"
-            )
-            assert (replayed["destination"], replayed["saga_id"]) == (topology.replies, saga_id)
 
             async def completed() -> bool:
                 cluster.assert_running()
                 return (await client.statuses([saga_id]))[saga_id] is SagaStatus.COMPLETED
 
             assert await wait_until(completed, timeout=90), cluster.logs()
-            twice = cluster.ctl("dlq", "replay", str(reply["id"]))
-            assert twice.returncode == 1
-            assert f"dead letter {reply['id']} was already replayed" in twice.stderr
+            events = [h["event"] for h in cluster.ctl_json("show", saga_id)["history"]]
+            assert events[:4] == ["started", "held", "resumed", "step_succeeded"], events
+            assert events[-1] == "completed"
 
             # The undecodable command goes round once more: the worker dead-letters it
             # again, and the archive keeps the second time as a letter of its own.
             cluster.ctl_json("dlq", "replay", str(junk["id"]))
-            assert await wait_until(lambda: archived(3), timeout=60), cluster.logs()
+
+            async def archived(count: int) -> bool:
+                cluster.assert_running()
+                return len(await client.dead_letters()) >= count
+
+            assert await wait_until(lambda: archived(2), timeout=60), cluster.logs()
             newest = cluster.ctl_json("dlq", "list", "--pending")
             assert [(d["source"], d["body"]) for d in newest] == [(commands, "{not an envelope")]
+            twice = cluster.ctl("dlq", "replay", str(junk["id"]))
+            assert twice.returncode == 1
+            assert f"dead letter {junk['id']} was already replayed" in twice.stderr
 
-            events = [h["event"] for h in cluster.ctl_json("show", saga_id)["history"]]
-            assert events[:3] == ["started", "dead_lettered", "dead_letter_replayed"]
-            assert events[-1] == "completed"
             assert set(cluster.stop_all().values()) == {0}
             effect = (await ledger.effects(database))[saga_id]
             assert (effect.reserved, effect.net_charged_cents, effect.charges) == (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from engine.client import SagaClient
+from engine.advance import Advancer
 from engine.clock import utc_now
 from engine.database import create_engine
 from engine.definition import Saga
@@ -102,7 +103,7 @@ async def test_invalid_input_and_unknown_saga_are_refused_before_anything_is_sto
 ) -> None:
     with pytest.raises(InvalidInputError, match="quantity: Input should be greater than 0"):
         await system.client.start("place_order", {**_order(), "quantity": 0})
-    with pytest.raises(UnknownSagaError, match=r"unknown saga 'nope' \(known: place_order\)"):
+    with pytest.raises(UnknownSagaError, match=r"unknown saga 'nope' \(known: place_order v1\)"):
         await system.client.start("nope", _order())
     saga_id = await system.client.start("place_order", _order(), saga_id="fixed-id")
     with pytest.raises(SagaError, match="a saga with id 'fixed-id' already exists"):
@@ -538,7 +539,8 @@ async def test_a_timer_of_a_saga_this_engine_cannot_load_does_not_block_the_othe
     tmp_path: Path,
 ) -> None:
     """Another replica (or an older deployment) may run sagas this engine has no
-    definition for; their due timers must not stall every other saga's timers."""
+    definition for; their due timers must not stall every other saga's timers. With no
+    running engine that serves them, they are held (visibly, their timers paused)."""
     legacy = Saga(
         name="legacy",
         version=1,
@@ -552,8 +554,13 @@ async def test_a_timer_of_a_saga_this_engine_cannot_load_does_not_block_the_othe
         sagas=[_with_shipment_timeout(0.2)],
         run_workers=["inventory", "payment"],
     ) as system:
-        foreign = SagaClient(system.store, SagaRegistry([legacy]))
-        legacy_ids = [await foreign.start("legacy", order_input()) for _ in range(3)]
+        # Started by an older deployment's client (today's refuses a version no
+        # running engine serves): the one write path, under that definition.
+        foreign = Advancer(SagaRegistry([legacy]))
+        data = legacy.parse_input(order_input()).model_dump(mode="json")
+        legacy_ids = [str(uuid.uuid4()) for _ in range(3)]
+        for legacy_id in legacy_ids:
+            await foreign.start(system.store, legacy, legacy_id, data)
         saga_id = await system.start_order()
         await system.wait_status(
             saga_id,
@@ -562,9 +569,15 @@ async def test_a_timer_of_a_saga_this_engine_cannot_load_does_not_block_the_othe
             "the order's own step timeout to fire",
         )
         for legacy_id in legacy_ids:
-            untouched = await system.client.get(legacy_id)
-            assert untouched.status is SagaStatus.RUNNING
-            assert [h.event for h in untouched.history] == ["started"]
+            held = await system.wait_status(
+                legacy_id, lambda d: d.held is not None, 10, "the legacy saga to be held"
+            )
+            assert held.status is SagaStatus.RUNNING
+            assert held.held == (
+                "no running engine loads legacy v1 (this one loads no version of it)"
+            )
+            assert [h.event for h in held.history] == ["started", "held"]
+            assert held.steps[0].status is StepStatus.DISPATCHED  # its timeout paused
 
 
 async def test_two_engine_replicas_share_the_work_without_double_advancing(

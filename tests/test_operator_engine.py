@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from engine.client import SagaClient
+from engine.advance import Advancer
 from engine.definition import RetryPolicy, Saga
 from engine.errors import DeadLetterNotFoundError, OperationRefused
-from engine.messages import MessageKind, Outcome, decode, encode
+from engine.messages import decode, encode
 from engine.registry import SagaRegistry
 from engine.states import SagaStatus, StepStatus
 from engine.store.schema import outbox
@@ -152,53 +152,43 @@ legacy = Saga(
 )
 
 
-async def test_a_poisoned_reply_is_archived_recorded_and_replayed_once_deployed(
+async def test_a_reply_of_a_saga_no_engine_serves_is_kept_until_one_is_deployed(
     tmp_path: Path,
 ) -> None:
-    async with EmbeddedSystem(tmp_path / "dlq.db") as system:
-        starter = SagaClient(system.store, SagaRegistry([legacy]), on_commit=system._wake)
-        saga_id = await starter.start("legacy", order_input())
-        (letter,) = await system.dead_letters(1)
-        assert letter.reason == "unknown saga 'legacy' v1 (known: place_order)"
-        assert (letter.source, letter.key, letter.saga_id) == ("saga.replies", saga_id, saga_id)
-        assert (letter.kind, letter.name, letter.step, letter.attempt) == (
-            MessageKind.REPLY,
-            "reserve_inventory",
-            "reserve_inventory",
-            1,
+    """Before definition fingerprints such a reply was a dead letter an operator had
+    to replay; now its saga is held, visibly, and resumes by itself once deployed."""
+    async with EmbeddedSystem(tmp_path / "held.db") as system:
+        # Started by a deployment that loads it (the one write path, as its client).
+        starter = Advancer(SagaRegistry([legacy]), wake=system._wake)
+        saga_id = "legacy-1"
+        data = legacy.parse_input(order_input()).model_dump(mode="json")
+        await starter.start(system.store, legacy, saga_id, data)
+        held = await system.wait_status(
+            saga_id, lambda d: d.held is not None, 10, "the saga to be held"
         )
-        assert letter.replayed_at is None
-        assert letter.body_encoding == "utf-8"
-        assert decode(letter.body.encode()).outcome is Outcome.SUCCESS
-        detail = await system.client.get(saga_id)
-        assert detail.status is SagaStatus.RUNNING
-        (entry,) = [h for h in detail.history if h.event == "dead_lettered"]
-        assert entry.step == "reserve_inventory"
-        assert entry.detail == (
-            "reply reserve_inventory (attempt 1) dead-lettered from saga.replies: "
-            f"unknown saga 'legacy' v1 (known: place_order) (dead letter #{letter.id})"
-        )
+        why = "no running engine loads legacy v1 (this one loads no version of it)"
+        assert (held.status, held.held) == (SagaStatus.RUNNING, why)
+        assert [(h.event, h.detail) for h in held.history][1:] == [("held", why)]
+        assert await system.client.dead_letters() == []
+        assert [h.model_dump() for h in (await system.client.stats()).held] == [
+            {"name": "legacy", "version": 1, "count": 1, "reason": why}
+        ]
+        assert [s.id for s in await system.client.list(held=True)] == [saga_id]
 
         system.registry.register(legacy)  # the definition is deployed
-        replayed = await system.client.replay_dead_letter(
-            letter.id, actor="alice", reason="legacy deployed"
-        )
-        assert (replayed.destination, replayed.saga_id) == ("saga.replies", saga_id)
-        assert replayed.dead_letter.replayed_by == "alice"
         final = await system.wait_status(
-            saga_id, lambda d: d.status is SagaStatus.COMPLETED, 10, "the replayed reply"
+            saga_id, lambda d: d.status is SagaStatus.COMPLETED, 10, "the held saga to resume"
         )
-        (entry,) = [h for h in final.history if h.event == "dead_letter_replayed"]
-        assert (entry.actor, entry.step) == ("alice", "reserve_inventory")
-        assert entry.detail == (
-            f"reason: legacy deployed; dead letter #{letter.id} (reply reserve_inventory "
-            "(attempt 1)) sent back to saga.replies"
-        )
-        with pytest.raises(OperationRefused, match=f"dead letter {letter.id} was already replayed"):
-            await system.client.replay_dead_letter(letter.id, actor="bob")
-        (listed,) = await system.dead_letters()
-        assert listed.replayed_by == "alice" and listed.replayed_at is not None
-        assert await system.client.dead_letters(pending_only=True) == []
+        assert final.held is None
+        assert [h.event for h in final.history] == [
+            "started",
+            "held",
+            "resumed",
+            "step_succeeded",
+            "completed",
+        ]
+        assert "1 kept reply applied" in (final.history[2].detail or "")
+        assert await system.client.dead_letters() == []
         assert (await system.effects())[saga_id].reserved == QUANTITY
 
 

@@ -57,12 +57,12 @@ def test_unknown_name_lists_the_known_names() -> None:
     registry = SagaRegistry([make("beta"), make("alpha"), make("alpha", 2)])
     with pytest.raises(UnknownSagaError) as info:
         registry.get("gamma")
-    assert str(info.value) == "unknown saga 'gamma' (known: alpha, beta)"
+    assert str(info.value) == "unknown saga 'gamma' (known: alpha v1, alpha v2, beta v1)"
 
 
 def test_unknown_version_names_the_version() -> None:
     registry = SagaRegistry([make("alpha")])
-    with pytest.raises(UnknownSagaError, match=r"unknown saga 'alpha' v7 \(known: alpha\)"):
+    with pytest.raises(UnknownSagaError, match=r"unknown saga 'alpha' v7 \(known: alpha v1\)"):
         registry.get("alpha", 7)
 
 

@@ -442,6 +442,8 @@ async def test_migrations_and_schema_metadata_do_not_drift(db: AsyncEngine) -> N
         "participant_barrier",
         "saga_dead_letters",
         "saga_deferred_replies",
+        "saga_held_replies",
+        "saga_served_definitions",
     } == ENGINE_TABLES
     assert diffs == []
 

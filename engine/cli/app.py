@@ -163,9 +163,16 @@ def _json_option(func: Any) -> Any:
     help="saga input as JSON, or @path to a JSON file",
 )
 @click.option("--id", "saga_id", metavar="ID", help="use this saga id instead of a new UUID")
+@click.option(
+    "--version",
+    type=click.IntRange(1),
+    help="start this version [default: SAGA_START_VERSIONS, else the newest an engine serves]",
+)
 @_json_option
 @pass_options
-def start(options: Options, saga: str, input_text: str, saga_id: str | None) -> None:
+def start(
+    options: Options, saga: str, input_text: str, saga_id: str | None, version: int | None
+) -> None:
     """Start saga SAGA with the given input (an engine daemon advances it)."""
     from engine.cli import render
 
@@ -176,7 +183,7 @@ def start(options: Options, saga: str, input_text: str, saga_id: str | None) -> 
     async def go() -> str:
         client = await _client(options, with_sagas=True)
         async with client:
-            return await client.start(saga, data, saga_id=saga_id)
+            return await client.start(saga, data, saga_id=saga_id, version=version)
 
     new_id = run(go())
     if options.as_json:
@@ -206,10 +213,19 @@ def _json_argument(text: str, flag: str) -> Any:
     help="only sagas in this state",
 )
 @click.option("--saga", "name", metavar="NAME", help="only sagas of this definition")
+@click.option("--version", type=click.IntRange(1), help="only sagas of this version")
+@click.option("--held", is_flag=True, help="only sagas held for want of an engine serving them")
 @click.option("--limit", type=click.IntRange(1, 100_000), default=20, show_default=True)
 @_json_option
 @pass_options
-def list_(options: Options, status: str | None, name: str | None, limit: int) -> None:
+def list_(
+    options: Options,
+    status: str | None,
+    name: str | None,
+    version: int | None,
+    held: bool,
+    limit: int,
+) -> None:
     """List sagas, newest first."""
     from engine.cli import render
 
@@ -219,7 +235,11 @@ def list_(options: Options, status: str | None, name: str | None, limit: int) ->
     async def go() -> list[Any]:
         async with await _client(options) as client:
             return await client.list(
-                status=SagaStatus(status) if status else None, name=name, limit=limit
+                status=SagaStatus(status) if status else None,
+                name=name,
+                limit=limit,
+                version=version,
+                held=held,
             )
 
     sagas = run(go())
@@ -526,6 +546,43 @@ def stats(options: Options) -> None:
 
     result = run(go())
     _output(options, result, render.stats)
+
+
+@cli.command()
+@click.argument("modules", nargs=-1, metavar="MODULES...")
+@click.option(
+    "--limit",
+    type=click.IntRange(0, 100_000),
+    default=20,
+    show_default=True,
+    help="saga ids shown per definition",
+)
+@_json_option
+@pass_options
+def check(options: Options, modules: tuple[str, ...], limit: int) -> None:
+    """Before a deployment: which unfinished sagas engines loading only the saga
+    modules MODULES (default: --sagas / SAGA_SAGAS) would hold, because their version
+    is missing or was changed without a version bump. Exit status 1 if any."""
+    from engine.cli import render
+    from engine.registry import SagaRegistry
+
+    names = [m for part in modules for m in part.split(",") if m.strip()]
+    wanted = names or options.settings.saga_modules
+    if not wanted:
+        fail("no saga modules to check: name them, or set --sagas / SAGA_SAGAS")
+    try:
+        definitions = SagaRegistry.from_modules(wanted)
+    except SagaError as exc:
+        fail(str(exc))
+
+    async def go() -> Any:
+        async with await _client(options) as client:
+            return await client.check(definitions, sample=limit)
+
+    result = run(go())
+    _output(options, result, render.check)
+    if result.would_hold:
+        sys.exit(1)
 
 
 def _age_option(ctx: click.Context, param: click.Parameter, value: str) -> timedelta:

@@ -19,6 +19,7 @@ from engine.retention import format_age
 from engine.states import SagaStatus, StepStatus
 from engine.views import (
     BulkReplayResult,
+    CheckView,
     DeadLetterView,
     OperatorResult,
     PruneResult,
@@ -92,10 +93,10 @@ def saga_list(console: Console, sagas: Sequence[SagaSummary]) -> None:
         table.add_row(
             shown(s.id),
             f"{shown(s.name)} v{s.version}",
-            styled(s.status),
+            styled(s.status) + (" [magenta]held[/]" if s.held else ""),
             when(s.created_at),
             when(s.updated_at),
-            shown(s.error or ""),
+            shown(f"held: {s.held}" if s.held else s.error or ""),
         )
     console.print(table)
 
@@ -107,8 +108,12 @@ def saga_detail(console: Console, saga: SagaDetail) -> None:
     console.print(f"created {when(saga.created_at)}  updated {when(saga.updated_at)}")
     if saga.trace_id:
         console.print(f"trace {shown(saga.trace_id)}")
+    if saga.held:
+        console.print(f"[magenta]held[/] {shown(saga.held)}")
     if saga.error:
         console.print(f"[red]error[/] {shown(saga.error)}")
+    if saga.fingerprint:
+        console.print(f"definition fingerprint {shown(saga.fingerprint)}")
     console.print(f"input {shown(json.dumps(saga.input, sort_keys=True))}")
     steps = Table(title="steps", title_justify="left")
     for column in ("#", "step", "state"):
@@ -299,6 +304,36 @@ def stats(console: Console, view: StatsView) -> None:
         soft_wrap=True,
     )
     console.print(f"replies set aside (saga not visible yet): {view.replies_deferred}")
+    held = sum(h.count for h in view.held)
+    console.print(f"held (no running engine serves them): {held}")
+    for h in view.held:
+        console.print(
+            f"  {shown(h.name)} v{h.version}: {h.count}, e.g. {shown(h.reason)}", soft_wrap=True
+        )
+
+
+def check(console: Console, view: CheckView) -> None:
+    console.print(f"definitions checked: {', '.join(shown(d) for d in view.loads)}", soft_wrap=True)
+    table = Table(title="unfinished sagas by definition", title_justify="left")
+    for column in ("saga", "fingerprint", "sagas", "verdict"):
+        table.add_column(column, no_wrap=column != "verdict", overflow="fold")
+    table.add_column("ids", overflow="fold")
+    for d in view.definitions:
+        verdict = f"[red]held: {shown(d.problem)}[/] {shown(d.reason)}" if d.problem else "served"
+        shown_ids = ", ".join(shown(i) for i in d.saga_ids)
+        more = d.count - len(d.saga_ids)
+        table.add_row(
+            f"{shown(d.name)} v{d.version}",
+            shown(d.fingerprint or "(none recorded)"),
+            str(d.count),
+            verdict,
+            shown_ids + (f" and {more} more" if more > 0 else ""),
+        )
+    console.print(table)
+    if view.would_hold:
+        console.print(f"[red]{view.would_hold} saga(s) would be held[/]")
+    else:
+        console.print("no saga would be held")
 
 
 #: Rows of ``sagactl prune``, in the order they are shown.

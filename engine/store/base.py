@@ -99,6 +99,29 @@ class DeferredReply:
     last_error: str | None = None
 
 
+@dataclass(frozen=True)
+class KeptReply:
+    """A reply kept for a saga this engine could not serve (see :mod:`engine.held`)."""
+
+    message_id: str
+    saga_id: str
+    #: The encoded envelope.
+    body: bytes
+    held_at: datetime
+
+
+@dataclass(frozen=True)
+class ServedDefinition:
+    """One definition a running engine loads, as it registered it (engine/served.py)."""
+
+    engine_id: str
+    name: str
+    version: int
+    fingerprint: str
+    last_seen: datetime
+    expires_at: datetime
+
+
 class StoreTransaction(Protocol):
     async def insert_saga(self, state: SagaState) -> None:
         """Write a new saga; raises :class:`SagaIdTaken` if its id is taken."""
@@ -198,6 +221,36 @@ class StoreTransaction(Protocol):
         """Mark an archived dead letter replayed; False if it already was."""
         ...
 
+    # -- held sagas (engine/held.py) ------------------------------------------------
+
+    async def hold_sagas(self, reasons: Mapping[str, str], at: datetime) -> None:
+        """Hold sagas (id -> why): their timers pause from ``at`` (or from when they
+        were first held, if they still are) and no engine advances them."""
+        ...
+
+    async def keep_replies(self, replies: Sequence[KeptReply]) -> None:
+        """Keep replies for later; one kept already is kept as it was."""
+        ...
+
+    async def resumable_sagas(
+        self, served: Sequence[tuple[str, int, str]], limit: int
+    ) -> list[str]:
+        """Ids of sagas held or with kept replies that these (name, version,
+        fingerprint) definitions serve, locked for this transaction; other replicas
+        skip them."""
+        ...
+
+    async def release_sagas(self, saga_ids: Sequence[str], at: datetime) -> dict[str, datetime]:
+        """End the hold of these sagas: their timers move on by the time they were held.
+        Returns when each one that was held had been held."""
+        ...
+
+    async def kept_replies(self, saga_ids: Sequence[str]) -> list[KeptReply]:
+        """The replies kept for these sagas, oldest first."""
+        ...
+
+    async def delete_kept_replies(self, message_ids: Sequence[str]) -> None: ...
+
 
 class SagaStore(Protocol):
     """Transactions, retention and the connections behind them (the write side)."""
@@ -229,6 +282,29 @@ class SagaStore(Protocol):
         before ``before``, with their steps, history, timers, sent outbox rows and inbox
         rows. A saga with an unsent outbox row, or locked by another writer, is left
         for later."""
+        ...
+
+    # -- what the running engines serve (engine/served.py) ---------------------------
+
+    async def register(
+        self,
+        engine_id: str,
+        definitions: Sequence[tuple[str, int, str]],
+        *,
+        started_at: datetime,
+        now: datetime,
+        expires_at: datetime,
+    ) -> None:
+        """Write (or refresh) the definitions an engine serves, until ``expires_at``;
+        forget registrations expired long ago."""
+        ...
+
+    async def deregister(self, engine_id: str) -> None:
+        """Delete an engine's registration."""
+        ...
+
+    async def live_definitions(self, now: datetime) -> list[ServedDefinition]:
+        """The definitions the engines serve whose registration has not expired."""
         ...
 
     async def close(self) -> None: ...

@@ -11,7 +11,14 @@ from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 from engine.states import SagaStatus
-from engine.views import DeadLetterRef, DeadLetterView, SagaDetail, SagaSummary, StoreStats
+from engine.views import (
+    DeadLetterRef,
+    DeadLetterView,
+    RunningDefinition,
+    SagaDetail,
+    SagaSummary,
+    StoreStats,
+)
 
 
 @runtime_checkable
@@ -26,7 +33,11 @@ class SagaQueries(Protocol):
         status: SagaStatus | None = None,
         name: str | None = None,
         limit: int = 50,
-    ) -> list[SagaSummary]: ...
+        version: int | None = None,
+        held: bool = False,
+    ) -> list[SagaSummary]:
+        """Sagas newest first, of one status, name, version; only held ones."""
+        ...
 
     async def count_by_status(self) -> dict[SagaStatus, int]: ...
 
@@ -57,3 +68,8 @@ class SagaQueries(Protocol):
         ...
 
     async def stats(self) -> StoreStats: ...
+
+    async def running_definitions(self, sample: int = 20) -> list[RunningDefinition]:
+        """The unfinished sagas (not completed or compensated) by name, version and
+        fingerprint, with up to ``sample`` ids of each, oldest first."""
+        ...

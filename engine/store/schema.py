@@ -71,10 +71,16 @@ sagas = Table(
     Column("parent", JSON),
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
+    #: The definition's fingerprint at start (NULL before 0008: trusted).
+    Column("fingerprint", String(64)),
+    #: Why no engine advances it now (engine/held.py), and since when; NULL: not held.
+    Column("held", Text),
+    Column("held_at", UTCDateTime),
     Index("ix_saga_instances_status_created", "status", "created_at"),
     Index("ix_saga_instances_name_created", "name", "created_at"),
     Index("ix_saga_instances_created", "created_at"),
     Index("ix_saga_instances_status_updated", "status", "updated_at"),
+    Index("ix_saga_instances_held_at", "held_at"),
 )
 
 steps = Table(
@@ -212,6 +218,35 @@ deferred_replies = Table(
     Column("last_error", Text),
     Column("next_attempt_at", UTCDateTime, nullable=False),
     Index("ix_saga_deferred_replies_next_attempt", "next_attempt_at"),
+)
+
+#: Replies of sagas this engine could not advance (no definition of their version, or
+#: one of another fingerprint): kept, acknowledged, and applied by an engine that
+#: serves the saga when one runs (engine/held.py). Never dead-lettered.
+held_replies = Table(
+    "saga_held_replies",
+    metadata,
+    Column("message_id", String(36), primary_key=True),
+    Column("saga_id", String(36), nullable=False),
+    #: The reply's envelope, encoded (its trace context is inside).
+    Column("body", LargeBinary, nullable=False),
+    Column("held_at", UTCDateTime, nullable=False),
+    Index("ix_saga_held_replies_saga", "saga_id", "held_at"),
+)
+
+#: What each running engine serves: one row per definition it loads, refreshed by
+#: its heartbeat; a row past ``expires_at`` is an engine that stopped or died.
+served = Table(
+    "saga_served_definitions",
+    metadata,
+    Column("engine_id", String(255), primary_key=True),
+    Column("name", String(NAME_LENGTH), primary_key=True),
+    Column("version", Integer, primary_key=True),
+    Column("fingerprint", String(64), nullable=False),
+    Column("started_at", UTCDateTime, nullable=False),
+    Column("last_seen", UTCDateTime, nullable=False),
+    Column("expires_at", UTCDateTime, nullable=False),
+    Index("ix_saga_served_definitions_name", "name", "version"),
 )
 
 barrier = Table(

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import fields
-from datetime import datetime
+from datetime import datetime, timedelta
 from operator import attrgetter
 from typing import Any
 
@@ -22,6 +22,7 @@ from sqlalchemy import (
     exists,
     func,
     insert,
+    literal,
     or_,
     select,
     tuple_,
@@ -48,25 +49,32 @@ from engine.store.base import (
     DeadLetterRecord,
     DeferredReply,
     DueTimer,
+    KeptReply,
     OutboxRecord,
     OutboxSignal,
     PruneCounts,
     SagaIdTaken,
+    ServedDefinition,
 )
 from engine.store.schema import (
+    UTCDateTime,
     dead_letters,
     deferred_replies,
+    held_replies,
     history,
     inbox,
     outbox,
     sagas,
+    served,
     steps,
     timers,
 )
 from engine.views import (
     DeadLetterRef,
     DeadLetterView,
+    HeldCount,
     HistoryView,
+    RunningDefinition,
     SagaCount,
     SagaDetail,
     SagaSummary,
@@ -79,6 +87,8 @@ from engine.views import (
 _IN_PROGRESS = (SagaStatus.RUNNING.value, SagaStatus.COMPENSATING.value)
 #: Sagas ``sagactl prune`` may remove. Never running, compensating or parked ones.
 _FINISHED = (SagaStatus.COMPLETED.value, SagaStatus.COMPENSATED.value)
+#: Registrations expired longer ago than this are deleted by the next engine to register.
+_FORGET = timedelta(days=1)
 #: Longest saga id there can be (the saga_instances key).
 _SAGA_ID_LENGTH = 36
 
@@ -171,6 +181,7 @@ class SqlStoreTransaction:
                     input=state.input,
                     row_version=state.row_version,
                     created_at=state.created_at,
+                    fingerprint=state.fingerprint,
                     **_saga_values(state),
                 )
             )
@@ -222,6 +233,8 @@ class SqlStoreTransaction:
                 trace_context=dict(row.trace_context or {}),
                 row_version=row.row_version,
                 parent=ParentLink.from_json(row.parent) if row.parent else None,
+                fingerprint=row.fingerprint,
+                held=row.held,
             )
         if not states:
             return states
@@ -451,7 +464,7 @@ class SqlStoreTransaction:
         rows = await self.conn.execute(
             select(timers)
             .join(sagas, sagas.c.id == timers.c.saga_id)
-            .where(due)
+            .where(due, sagas.c.held_at.is_(None))  # a held saga's timers are paused
             .order_by(timers.c.due_at)
             .limit(limit)
             .with_for_update(skip_locked=True, key_share=True, of=[timers, sagas])
@@ -608,6 +621,127 @@ class SqlStoreTransaction:
         )
         return bool(result.rowcount == 1)
 
+    # -- held sagas ------------------------------------------------------------------
+
+    async def hold_sagas(self, reasons: Mapping[str, str], at: datetime) -> None:
+        if not reasons:
+            return
+        await self.conn.execute(
+            update(sagas)
+            .where(sagas.c.id == bindparam("b_id"))
+            .values(
+                held=bindparam("b_held"),
+                held_at=func.coalesce(sagas.c.held_at, literal(at, UTCDateTime)),
+            ),
+            [{"b_id": saga_id, "b_held": why} for saga_id, why in sorted(reasons.items())],
+        )
+
+    async def keep_replies(self, replies: Sequence[KeptReply]) -> None:
+        if not replies:
+            return
+        await self.conn.execute(
+            _upsert(self.conn.dialect.name)(held_replies).on_conflict_do_nothing(),
+            [
+                {
+                    "message_id": r.message_id,
+                    "saga_id": r.saga_id,
+                    "body": r.body,
+                    "held_at": r.held_at,
+                }
+                # One row per message id: a batch may hold two copies of a reply.
+                for r in sorted({r.message_id: r for r in replies}.values(), key=_by_id)
+            ],
+        )
+
+    async def resumable_sagas(
+        self, served: Sequence[tuple[str, int, str]], limit: int
+    ) -> list[str]:
+        if not served:
+            return []
+        by_definition = or_(
+            *(
+                and_(
+                    sagas.c.name == name,
+                    sagas.c.version == version,
+                    or_(sagas.c.fingerprint.is_(None), sagas.c.fingerprint == fingerprint),
+                )
+                for name, version, fingerprint in served
+            )
+        )
+        # Two cheap probes (each by an index), then the chosen rows locked together.
+        held = await self.conn.execute(
+            select(sagas.c.id).where(sagas.c.held_at.is_not(None), by_definition).limit(limit)
+        )
+        kept = await self.conn.execute(
+            select(held_replies.c.saga_id)
+            .join(sagas, sagas.c.id == held_replies.c.saga_id)
+            .where(by_definition)
+            .order_by(held_replies.c.held_at)
+            .limit(limit)
+        )
+        ids = sorted({r.id for r in held} | {r.saga_id for r in kept})[:limit]
+        if not ids:
+            return []
+        locked = await self.conn.execute(
+            select(sagas.c.id)
+            .where(sagas.c.id.in_(ids))
+            .order_by(sagas.c.id)
+            .with_for_update(skip_locked=True, key_share=True)
+        )
+        return [r.id for r in locked]
+
+    async def release_sagas(self, saga_ids: Sequence[str], at: datetime) -> dict[str, datetime]:
+        if not saga_ids:
+            return {}
+        rows = await self.conn.execute(
+            select(sagas.c.id, sagas.c.held_at).where(
+                sagas.c.id.in_(list(saga_ids)), sagas.c.held_at.is_not(None)
+            )
+        )
+        since: dict[str, datetime] = {r.id: r.held_at for r in rows}
+        if not since:
+            return {}
+        moved = [
+            {
+                "b_saga_id": t.saga_id,
+                "b_step": t.step,
+                "b_kind": t.kind,
+                "due_at": t.due_at + (at - since[t.saga_id]),
+            }
+            for t in await self.conn.execute(
+                select(timers).where(timers.c.saga_id.in_(list(since)))
+            )
+        ]
+        if moved:
+            await self.conn.execute(
+                update(timers).where(
+                    timers.c.saga_id == bindparam("b_saga_id"),
+                    timers.c.step == bindparam("b_step"),
+                    timers.c.kind == bindparam("b_kind"),
+                ),
+                moved,
+            )
+        await self.conn.execute(
+            update(sagas).where(sagas.c.id.in_(list(since))).values(held=None, held_at=None)
+        )
+        return since
+
+    async def kept_replies(self, saga_ids: Sequence[str]) -> list[KeptReply]:
+        if not saga_ids:
+            return []
+        rows = await self.conn.execute(
+            select(held_replies)
+            .where(held_replies.c.saga_id.in_(list(saga_ids)))
+            .order_by(held_replies.c.held_at, held_replies.c.message_id)
+        )
+        return [KeptReply(r.message_id, r.saga_id, bytes(r.body), r.held_at) for r in rows]
+
+    async def delete_kept_replies(self, message_ids: Sequence[str]) -> None:
+        if message_ids:
+            await self.conn.execute(
+                delete(held_replies).where(held_replies.c.message_id.in_(list(message_ids)))
+            )
+
 
 class SqlSagaStore:
     """Both sides over one database: the write protocol the engine advances sagas
@@ -672,12 +806,18 @@ class SqlSagaStore:
         status: SagaStatus | None = None,
         name: str | None = None,
         limit: int = 50,
+        version: int | None = None,
+        held: bool = False,
     ) -> list[SagaSummary]:
         query = select(sagas).order_by(sagas.c.created_at.desc(), sagas.c.id).limit(limit)
         if status is not None:
             query = query.where(sagas.c.status == status.value)
         if name is not None:
             query = query.where(sagas.c.name == name)
+        if version is not None:
+            query = query.where(sagas.c.version == version)
+        if held:
+            query = query.where(sagas.c.held_at.is_not(None))
         async with self.engine.connect() as conn:
             return [SagaSummary(**_summary_fields(r)) for r in await conn.execute(query)]
 
@@ -763,6 +903,15 @@ class SqlSagaStore:
                 .where(dead_letters.c.replayed_at.is_(None))
             )
             deferred = await conn.scalar(select(func.count()).select_from(deferred_replies))
+            held = await conn.execute(
+                select(sagas.c.name, sagas.c.version, func.count(), func.max(sagas.c.held))
+                .where(sagas.c.held_at.is_not(None))
+                .group_by(sagas.c.name, sagas.c.version)
+                .order_by(sagas.c.name, sagas.c.version)
+            )
+            held_counts = [
+                HeldCount(name=n, version=v, count=c, reason=why) for n, v, c, why in held
+            ]
         return StoreStats(
             counts=[SagaCount(name=n, status=SagaStatus(s), count=c) for n, s, c in counts],
             oldest_running=SagaSummary(**_summary_fields(oldest)) if oldest is not None else None,
@@ -771,7 +920,99 @@ class SqlSagaStore:
             dead_letters_pending=pending or 0,
             dead_letters_total=letters or 0,
             replies_deferred=deferred or 0,
+            held=held_counts,
         )
+
+    async def running_definitions(self, sample: int = 20) -> list[RunningDefinition]:
+        unfinished = sagas.c.status.not_in(_FINISHED)
+        key = (sagas.c.name, sagas.c.version, sagas.c.fingerprint)
+        async with self.engine.connect() as conn:
+            groups = list(
+                await conn.execute(
+                    select(*key, func.count()).where(unfinished).group_by(*key).order_by(*key)
+                )
+            )
+            found: list[RunningDefinition] = []
+            for name, version, fingerprint, count in groups:
+                same = (
+                    sagas.c.fingerprint.is_(None)
+                    if fingerprint is None
+                    else sagas.c.fingerprint == fingerprint
+                )
+                ids = await conn.execute(
+                    select(sagas.c.id)
+                    .where(unfinished, sagas.c.name == name, sagas.c.version == version, same)
+                    .order_by(sagas.c.created_at, sagas.c.id)
+                    .limit(sample)
+                )
+                found.append(
+                    RunningDefinition(
+                        name=name,
+                        version=version,
+                        fingerprint=fingerprint,
+                        count=count,
+                        saga_ids=[r.id for r in ids],
+                    )
+                )
+            return found
+
+    # -- what the running engines serve -----------------------------------------------
+
+    async def register(
+        self,
+        engine_id: str,
+        definitions: Sequence[tuple[str, int, str]],
+        *,
+        started_at: datetime,
+        now: datetime,
+        expires_at: datetime,
+    ) -> None:
+        async with self.engine.begin() as conn:
+            # Rows of engines gone for a day are nobody's: forget them on the way.
+            await conn.execute(
+                delete(served).where(
+                    or_(served.c.engine_id == engine_id, served.c.expires_at < now - _FORGET)
+                )
+            )
+            if definitions:
+                await conn.execute(
+                    insert(served),
+                    [
+                        {
+                            "engine_id": engine_id,
+                            "name": name,
+                            "version": version,
+                            "fingerprint": fingerprint,
+                            "started_at": started_at,
+                            "last_seen": now,
+                            "expires_at": expires_at,
+                        }
+                        for name, version, fingerprint in definitions
+                    ],
+                )
+
+    async def deregister(self, engine_id: str) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(delete(served).where(served.c.engine_id == engine_id))
+
+    async def live_definitions(self, now: datetime) -> list[ServedDefinition]:
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                select(served)
+                .where(served.c.expires_at > now)
+                .order_by(served.c.name, served.c.version, served.c.engine_id)
+            )
+            return [
+                ServedDefinition(
+                    engine_id=r.engine_id,
+                    name=r.name,
+                    version=r.version,
+                    fingerprint=r.fingerprint,
+                    last_seen=r.last_seen,
+                    expires_at=r.expires_at,
+                )
+                for r in rows
+            ]
 
     # -- retention -----------------------------------------------------------------
 
@@ -851,6 +1092,9 @@ def _prunable(before: datetime) -> ColumnElement[bool]:
     return sagas.c.status.in_(_FINISHED) & (sagas.c.updated_at < before) & ~unsent
 
 
+_by_id = attrgetter("message_id")
+
+
 def _deferred_row(reply: DeferredReply) -> dict[str, Any]:
     return {
         "message_id": reply.message_id,
@@ -902,6 +1146,8 @@ def _summary_fields(row: Any) -> dict[str, Any]:
         "created_at": row.created_at,
         "updated_at": row.updated_at,
         "error": row.error,
+        "held": row.held,
+        "fingerprint": row.fingerprint,
     }
 
 

@@ -24,6 +24,8 @@ class _Snapshot:
     def __init__(self) -> None:
         self.sagas: dict[tuple[str, str], int] = {}
         self.outbox_backlog: int = 0
+        #: Held sagas by (name, version); a definition seen once stays, at 0.
+        self.held: dict[tuple[str, str], int] = {}
         self.consumer_lag: dict[str, int] = {}
 
 
@@ -69,6 +71,11 @@ def _backlog(_options: CallbackOptions) -> Iterable[Observation]:
     yield Observation(snapshot.outbox_backlog)
 
 
+def _held(_options: CallbackOptions) -> Iterable[Observation]:
+    for (name, version), count in snapshot.held.items():
+        yield Observation(count, {"saga.name": name, "saga.version": version})
+
+
 def _lag(_options: CallbackOptions) -> Iterable[Observation]:
     for destination, lag in snapshot.consumer_lag.items():
         yield Observation(lag, {"messaging.destination.name": destination})
@@ -79,6 +86,12 @@ _meter.create_observable_gauge(
 )
 _meter.create_observable_gauge(
     "saga.outbox.backlog", [_backlog], unit="{message}", description="unsent outbox rows"
+)
+_meter.create_observable_gauge(
+    "saga.held",
+    [_held],
+    unit="{saga}",
+    description="sagas held because no running engine serves their definition",
 )
 _meter.create_observable_gauge(
     "saga.consumer.lag", [_lag], unit="{message}", description="messages behind, per destination"
@@ -112,6 +125,11 @@ def record_transition(state: SagaState, history: Iterable[HistoryEntry]) -> None
 
 def update_sagas(counts: Mapping[tuple[str, str], int]) -> None:
     snapshot.sagas = dict(counts)
+
+
+def update_held(counts: Mapping[tuple[str, str], int]) -> None:
+    """The held sagas by (name, version); one no longer held reports 0."""
+    snapshot.held = {**dict.fromkeys(snapshot.held, 0), **counts}
 
 
 def _seconds(start: datetime, end: datetime) -> float:

@@ -36,6 +36,7 @@ async def watch(
                 stats = await store.stats()
                 metrics.update_sagas({(c.name, c.status.value): c.count for c in stats.counts})
                 metrics.snapshot.outbox_backlog = stats.outbox_unsent
+                metrics.update_held({(h.name, str(h.version)): h.count for h in stats.held})
             readiness.set("database", True)
         except Exception as exc:
             readiness.set("database", False, f"{type(exc).__name__}: {exc}")

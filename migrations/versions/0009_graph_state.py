@@ -1,7 +1,7 @@
 """graph state: a reply token and a timer per step, completion order, lanes, parents
 
 Revision ID: 0009
-Revises: 0007
+Revises: 0008
 
 A saga waits on as many replies and timers as it has branches in flight, so the one
 awaited token of saga_instances moves to its step's row, and saga_timers is keyed by
@@ -17,7 +17,7 @@ from engine.limits import ID_LENGTH, LANE_LENGTH, NAME_LENGTH
 from engine.store.schema import UTCDateTime
 
 revision = "0009"
-down_revision = "0007"
+down_revision = "0008"
 branch_labels = None
 depends_on = None
 
