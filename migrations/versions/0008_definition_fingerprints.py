@@ -54,7 +54,7 @@ def downgrade() -> None:
     op.drop_index("ix_saga_held_replies_saga", table_name="saga_held_replies")
     op.drop_table("saga_held_replies")
     op.drop_index("ix_saga_instances_held_at", table_name="saga_instances")
-    with op.batch_alter_table("saga_instances") as batch:
-        batch.drop_column("held_at")
-        batch.drop_column("held")
-        batch.drop_column("fingerprint")
+    # In place: on SQLite a batch copies the table and drops the old one, which the
+    # ON DELETE CASCADE of saga_steps would follow, deleting every saga's steps.
+    for column in ("held_at", "held", "fingerprint"):
+        op.execute(f"ALTER TABLE saga_instances DROP COLUMN {column}")
