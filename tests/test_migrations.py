@@ -12,6 +12,7 @@ import sys
 import types
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -232,3 +233,54 @@ async def test_running_sagas_keep_their_reply_token_and_timer_through_the_graph_
     assert state.tokens() == [Awaiting("pay", MessageKind.COMPENSATION, 2)]
     assert state.timers() == [Timer(TimerKind.COMPENSATION_TIMEOUT, "pay", 2, at)]
     assert state.steps["reserve"].awaiting is None
+
+
+async def test_downgrading_below_the_graph_state_keeps_every_saga_and_its_token(
+    empty: AsyncEngine,
+) -> None:
+    """Down to 0007 and back: no saga loses its steps (a SQLite batch that copies
+    saga_instances would cascade to them), and the awaited token returns to the row."""
+    from datetime import UTC, datetime
+
+    from alembic import command
+
+    from engine.database import _alembic_config
+    from engine.messages import MessageKind
+    from engine.model import Awaiting
+
+    await upgrade(empty)
+    async with empty.begin() as conn:
+        await conn.execute(
+            text(
+                "INSERT INTO saga_instances (id, name, version, status, input, row_version, "
+                "created_at, updated_at) VALUES ('s1', 'order', 1, 'running', '{}', 1, :at, :at)"
+            ),
+            {"at": datetime(2026, 1, 1, tzinfo=UTC)},
+        )
+        await conn.execute(
+            text(
+                "INSERT INTO saga_steps (saga_id, name, position, status, attempt, "
+                "compensation_attempt, awaiting_kind) "
+                "VALUES ('s1', 'pay', 0, 'dispatched', 3, 0, 'command')"
+            )
+        )
+
+    def down(connection: Any) -> None:
+        command.downgrade(_alembic_config(migrations_dir(), connection), "0007")
+
+    async with empty.begin() as conn:
+        await conn.run_sync(down)
+    async with empty.connect() as conn:
+        row = (
+            await conn.execute(
+                text("SELECT awaiting_step, awaiting_kind, awaiting_attempt FROM saga_instances")
+            )
+        ).one()
+        assert tuple(row) == ("pay", "command", 3)
+        assert (await conn.execute(text("SELECT count(*) FROM saga_steps"))).scalar() == 1
+    await upgrade(empty)
+    from engine.store.sql import SqlSagaStore
+
+    async with SqlSagaStore(empty).transaction() as tx:
+        state = await tx.load_saga("s1")
+    assert state is not None and state.tokens() == [Awaiting("pay", MessageKind.COMMAND, 3)]
