@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from engine.client import SagaClient
     from engine.definition import (
+        Child,
         Compensation,
         Delay,
         Local,
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
 #: Where each public name lives.
 _EXPORTS = {
     "BusinessFailure": "engine.errors",
+    "Child": "engine.definition",
     "Compensation": "engine.definition",
     "ConfigError": "engine.errors",
     "DatabaseError": "engine.errors",
@@ -92,6 +94,7 @@ _EXPORTS = {
 
 __all__ = [
     "BusinessFailure",
+    "Child",
     "Compensation",
     "ConfigError",
     "DatabaseError",
