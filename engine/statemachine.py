@@ -240,11 +240,7 @@ class Transition:
             st.error = f"compensation could not be delivered: {reason}"
             self._park(f"compensation of step {st.name!r} could not be delivered: {reason}")
             return True
-        st.status = StepStatus.FAILED
-        st.finished_at = self.now
-        st.error = f"command could not be delivered: {reason}"
-        self._record("step_failed", st.name, st.error)
-        self._fail(f"step {st.name!r} failed: {st.error}")
+        self._step_failed(st, f"command could not be delivered: {reason}")
         return True
 
     def postpone(self, timer: Timer, sent_at: datetime | None = None) -> bool:
@@ -298,11 +294,7 @@ class Transition:
     def _timed_out(self, node: Node, st: StepState, cause: str | None = None) -> None:
         seconds = timer_length(node).total_seconds()
         if isinstance(node, WaitFor):
-            st.status = StepStatus.FAILED
-            st.finished_at = self.now
-            st.error = f"no signal {node.event_name!r} within {seconds:g}s"
-            self._record("step_failed", st.name, st.error)
-            self._fail(f"step {st.name!r} failed: {st.error}")
+            self._step_failed(st, f"no signal {node.event_name!r} within {seconds:g}s")
             return
         assert isinstance(node, Step)  # the other nodes' timers are not timeouts
         error = f"no reply within {seconds:g}s (attempt {st.attempt})"
@@ -572,12 +564,14 @@ class Transition:
             "child_started", node.name, f"saga {node.saga.name!r} v{node.saga.version} {child.id}"
         )
 
-    def _step_failed(self, st: StepState, error: str) -> None:
+    def _step_failed(self, st: StepState, error: str, reason: str | None = None) -> None:
+        """The step failed for good with ``error``; the saga fails with ``reason``
+        (by default: the step failed with that error)."""
         st.status = StepStatus.FAILED
         st.finished_at = self.now
         st.error = error
         self._record("step_failed", st.name, st.error)
-        self._fail(f"step {st.name!r} failed: {st.error}")
+        self._fail(reason or f"step {st.name!r} failed: {st.error}")
 
     def _notify_parent(self) -> None:
         """A child saga that finished tells its parent, answering the parent's last
@@ -615,19 +609,19 @@ class Transition:
         try:
             payload = build_payload(step.command, self._context())
         except Exception as exc:  # a bug in the user's builder: fail the step visibly
-            st.status = StepStatus.FAILED
-            st.finished_at = self.now
-            st.error = f"command builder raised {_shown(exc)}"
-            self._record("step_failed", st.name, st.error)
-            self._fail(f"step {st.name!r} could not build its command: {_shown(exc)}")
+            self._step_failed(
+                st,
+                f"command builder raised {_shown(exc)}",
+                f"step {st.name!r} could not build its command: {_shown(exc)}",
+            )
             return
         refused = self._emit(step, MessageKind.COMMAND, step.action_name, st.attempt, payload)
         if refused is not None:  # like a builder that raised: the step fails visibly
-            st.status = StepStatus.FAILED
-            st.finished_at = self.now
-            st.error = f"command not sent: {refused}"
-            self._record("step_failed", st.name, st.error)
-            self._fail(f"step {st.name!r} could not send its command: {refused}")
+            self._step_failed(
+                st,
+                f"command not sent: {refused}",
+                f"step {st.name!r} could not send its command: {refused}",
+            )
             return
         st.timer = Timer(TimerKind.STEP_TIMEOUT, step.name, st.attempt, self.now + step.timeout)
 
@@ -636,11 +630,7 @@ class Transition:
             result = node.run(self._context())
             reply = build_payload(lambda _: result, self._context()) if result is not None else {}
         except BusinessFailure as exc:
-            st.status = StepStatus.FAILED
-            st.finished_at = self.now
-            st.error = clip(str(exc) or "business failure", ERROR_LENGTH // 2)
-            self._record("step_failed", st.name, st.error)
-            self._fail(f"step {st.name!r} failed: {st.error}")
+            self._step_failed(st, clip(str(exc) or "business failure", ERROR_LENGTH // 2))
             return
         except Exception as exc:  # retried like a participant's transient error
             self._transient(node, st, f"raised {_shown(exc)}")
@@ -661,11 +651,7 @@ class Transition:
             st.reply = dict(reply.payload)
             self._succeed(st, f"attempt {st.attempt}")
         elif reply.outcome is Outcome.FAILURE:
-            st.status = StepStatus.FAILED
-            st.finished_at = self.now
-            st.error = reply.error or "business failure"
-            self._record("step_failed", st.name, st.error)
-            self._fail(f"step {st.name!r} failed: {st.error}")
+            self._step_failed(st, reply.error or "business failure")
         elif isinstance(step, Child):  # a child saga answers success or failure only
             self._step_failed(st, reply.error or str(reply.outcome))
         else:

@@ -19,26 +19,14 @@ from pydantic import BaseModel, ValidationError
 
 from engine import (
     BusinessFailure,
-    Compensation,
     Delay,
     Local,
     Parallel,
     Saga,
-    Step,
     StepContext,
     WaitFor,
 )
-from sagas.order import (
-    RETRY,
-    TIMEOUT,
-    CancelShipment,
-    ChargePayment,
-    CreateShipment,
-    OrderInput,
-    RefundPayment,
-    ReleaseInventory,
-    ReserveInventory,
-)
+from sagas.order import OrderInput, place_order
 
 
 class Approval(BaseModel):
@@ -61,11 +49,6 @@ APPROVAL_TIMEOUT = timedelta(days=1)
 COOLING_OFF = timedelta(seconds=1)
 
 
-def _order(ctx: StepContext) -> OrderInput:
-    assert isinstance(ctx.input, OrderInput)
-    return ctx.input
-
-
 def check_approval(ctx: StepContext) -> Approved:
     """Run by the engine in the transaction that advances the saga: a rejection (or a
     payload that is no decision) is a business failure, so the saga compensates."""
@@ -80,45 +63,8 @@ def check_approval(ctx: StepContext) -> Approved:
     return Approved(approved_by=decision.by)
 
 
-reserve_inventory = Step(
-    name="reserve_inventory",
-    participant="inventory",
-    command=lambda ctx: ReserveInventory(
-        order_id=ctx.saga_id, sku=_order(ctx).sku, quantity=_order(ctx).quantity
-    ),
-    compensation=Compensation(
-        "release_inventory", lambda ctx: ReleaseInventory(order_id=ctx.saga_id)
-    ),
-    retry=RETRY,
-    timeout=TIMEOUT,
-)
-
-charge_payment = Step(
-    name="charge_payment",
-    participant="payment",
-    command=lambda ctx: ChargePayment(
-        order_id=ctx.saga_id,
-        customer_id=_order(ctx).customer_id,
-        amount_cents=_order(ctx).amount_cents,
-    ),
-    compensation=Compensation("refund_payment", lambda ctx: RefundPayment(order_id=ctx.saga_id)),
-    retry=RETRY,
-    timeout=TIMEOUT,
-)
-
-create_shipment = Step(
-    name="create_shipment",
-    participant="shipment",
-    command=lambda ctx: CreateShipment(
-        order_id=ctx.saga_id,
-        address=_order(ctx).address,
-        sku=_order(ctx).sku,
-        quantity=_order(ctx).quantity,
-    ),
-    compensation=Compensation("cancel_shipment", lambda ctx: CancelShipment(order_id=ctx.saga_id)),
-    retry=RETRY,
-    timeout=TIMEOUT,
-)
+#: The order saga's own steps: the same commands to the same workers.
+reserve_inventory, charge_payment, create_shipment = place_order.steps
 
 large_order = Saga(
     name="large_order",
