@@ -18,6 +18,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from engine import embedded
+from engine.database import create_engine, upgrade
 from engine.definition import Delay, Local, Parallel, RetryPolicy, Saga, Step, WaitFor
 from engine.embedded import TransportFactory
 from engine.errors import TransportError
@@ -517,3 +518,18 @@ def charge_command(
         payload={"order_id": saga_id, "customer_id": customer, "amount_cents": amount},
         headers=headers or {},
     )
+
+
+def migrated_sqlite(path: Path) -> Path:
+    """A SQLite file at ``path`` with the engine's tables: for the CLI tests, which
+    run ``sagactl`` (its own event loop) on it."""
+
+    async def migrate() -> None:
+        database = create_engine(f"sqlite:///{path}")
+        try:
+            await upgrade(database)
+        finally:
+            await database.dispose()
+
+    asyncio.run(migrate())
+    return path

@@ -21,7 +21,7 @@ from sqlalchemy import select
 
 from engine.client import SagaClient
 from engine.clock import utc_now
-from engine.database import create_engine, upgrade
+from engine.database import create_engine
 from engine.deadletters import DeadLetterArchive
 from engine.definition import Saga, Step
 from engine.messages import Envelope, Outcome, decode, encode
@@ -34,6 +34,7 @@ from engine.store.sql import SqlSagaStore
 from engine.transport.base import DEAD_LETTER_REASON, DEAD_LETTER_SOURCE, Message
 from engine.transport.memory import MemoryTransport
 from sagas import order as order_sagas
+from tests.helpers import migrated_sqlite
 from tests.test_cli import ORDER, assert_one_line_error, sagactl
 
 
@@ -123,15 +124,7 @@ class Driver:
 
 @pytest.fixture
 def db(tmp_path: Path) -> Path:
-    path = tmp_path / "ops.db"
-
-    async def migrate() -> None:
-        engine = create_engine(f"sqlite:///{path}")
-        await upgrade(engine)
-        await engine.dispose()
-
-    asyncio.run(migrate())
-    return path
+    return migrated_sqlite(tmp_path / "ops.db")
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from sqlalchemy import select
 from engine.cli import app
 from engine.client import SagaClient
 from engine.clock import utc_now
-from engine.database import create_engine, upgrade
+from engine.database import create_engine
 from engine.messages import Envelope, MessageKind, Outcome, decode
 from engine.orchestrator import Engine
 from engine.registry import SagaRegistry
@@ -27,6 +27,7 @@ from engine.store.sql import SqlSagaStore
 from engine.transport.memory import MemoryTransport
 from sagas.large_order import large_order
 from sagas.order import place_order
+from tests.helpers import migrated_sqlite
 from tests.test_cli import ORDER, assert_one_line_error, sagactl
 
 
@@ -105,15 +106,7 @@ class Driver:
 
 @pytest.fixture
 def db(tmp_path: Path) -> Path:
-    path = tmp_path / "signal.db"
-
-    async def migrate() -> None:
-        engine = create_engine(f"sqlite:///{path}")
-        await upgrade(engine)
-        await engine.dispose()
-
-    asyncio.run(migrate())
-    return path
+    return migrated_sqlite(tmp_path / "signal.db")
 
 
 @pytest.fixture
