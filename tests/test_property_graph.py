@@ -16,17 +16,16 @@ import random
 import tempfile
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 from sqlalchemy import Column, Integer, MetaData, String, Table, select, update
 
-from engine.advance import OperatorAction
 from engine.definition import (
     Compensation,
     Delay,
@@ -43,7 +42,6 @@ from engine.definition import (
 )
 from engine.errors import BusinessFailure, OperationRefused
 from engine.model import SagaState
-from engine.statemachine import Transition
 from engine.states import SagaStatus
 from engine.transport.base import Transport
 from engine.transport.memory import MemoryBroker, MemoryTransport
@@ -135,30 +133,10 @@ async def ledger(system: EmbeddedSystem) -> dict[tuple[str, str], Effect]:
 # -- signals ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Signalled(OperatorAction):
-    """The application's event for a saga, applied like an operator's action (until
-    SagaClient.signal lands)."""
-
-    action: ClassVar[str] = "signal"
-    event: str = ""
-    payload: Mapping[str, Any] = field(default_factory=dict)
-
-    def apply(self, transition: Transition) -> str:
-        return transition.on_signal(self.event, self.payload, self.actor)
-
-
 async def signal(system: EmbeddedSystem, saga_id: str, event_name: str) -> None:
     """Send the event; a saga that stopped running (it failed elsewhere) refuses it."""
-    payload = {"approved_by": "prop"}
-    send = getattr(system.client, "signal", None)
     try:
-        if send is not None:
-            await send(saga_id, event_name, payload, actor="prop")
-        else:
-            await system.client._operate(
-                saga_id, Signalled("prop", event=event_name, payload=payload)
-            )
+        await system.client.signal(saga_id, event_name, {"approved_by": "prop"}, actor="prop")
     except OperationRefused as exc:
         if "takes no signal now" not in str(exc):
             raise
