@@ -21,12 +21,13 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from hypothesis import HealthCheck, event, example, given, settings
+from hypothesis import HealthCheck, Phase, event, example, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 from sqlalchemy import Column, Integer, MetaData, String, Table, select, update
 
 from engine.definition import (
+    Child,
     Compensation,
     Delay,
     Element,
@@ -152,9 +153,11 @@ class GraphInput(BaseModel):
 
 @dataclass(frozen=True)
 class NodePlan:
-    kind: str  # step | local | wait | delay
+    kind: str  # step | local | wait | delay | child
     undo: bool  # a local step's compensation (a step before the pivot always has one)
     participant: str
+    #: A child saga's nodes (steps, local steps, delays).
+    inner: tuple[NodePlan, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -187,6 +190,9 @@ class Builder:
         self.timeout = timedelta(seconds=timeout)
         self.count = 0
         self.groups = 0
+        self.children: list[Saga] = []
+        #: The child step each node of a child saga belongs to.
+        self.child_of: dict[str, str] = {}
 
     def local(self, name: str, *, compensated: bool, forward: bool) -> Local:
         def run(ctx: StepContext) -> dict[str, Any]:
@@ -228,7 +234,21 @@ class Builder:
             return self.local(name, compensated=plan.undo and not forward, forward=forward)
         if plan.kind == "wait":
             return WaitFor(name, event=f"ok_{name}", timeout=WAIT_TIMEOUT)
+        if plan.kind == "child":
+            return self.child(name, plan.inner, forward=forward)
         return Delay(name, timedelta(seconds=self.rng.uniform(0.02, 0.15)))
+
+    def child(self, name: str, plans: Sequence[NodePlan], *, forward: bool) -> Child:
+        """A child saga of ``plans``; at or past the pivot it has a pivot of its own
+        (a child that can be undone may not run where nothing can be)."""
+        if forward and not any(p.kind == "step" for p in plans):
+            plans = [replace(plans[0], kind="step"), *plans[1:]]
+        inner = [self.node(p, forward=forward) for p in plans]
+        for node in inner:
+            self.child_of[node.name] = name
+        saga = Saga(name=f"graph-c{len(self.children)}", version=1, input=GraphInput, steps=inner)
+        self.children.append(saga)
+        return Child(name, saga=saga, input=lambda ctx: ctx.input)
 
     def saga(self, plans: Sequence[Plan], pivot: int | None) -> Saga:
         steps: list[Element] = []
@@ -249,11 +269,26 @@ class Builder:
         return Saga(name="graph", version=1, input=GraphInput, steps=steps)
 
 
-nodes = st.builds(
+leaves = st.builds(
     NodePlan,
-    kind=st.sampled_from(["step", "step", "local", "wait", "delay"]),
+    kind=st.sampled_from(["step", "step", "local", "delay"]),
     undo=st.booleans(),
     participant=st.sampled_from(PARTICIPANTS),
+)
+nodes = st.one_of(
+    st.builds(
+        NodePlan,
+        kind=st.sampled_from(["step", "step", "local", "wait", "delay"]),
+        undo=st.booleans(),
+        participant=st.sampled_from(PARTICIPANTS),
+    ),
+    st.builds(
+        NodePlan,
+        kind=st.just("child"),
+        undo=st.just(False),
+        participant=st.just("alpha"),
+        inner=st.lists(leaves, min_size=1, max_size=2).map(tuple),
+    ),
 )
 groups = st.builds(
     GroupPlan,
@@ -332,17 +367,24 @@ async def signaller(
 
 @dataclass
 class Outcome:
+    """How one saga (started by the test, or a child of one) ended."""
+
+    definition: Saga
     detail: SagaDetail
     state: SagaState
+    #: The node planned to fail (in this saga, a child of it, or elsewhere).
     fail_at: str | None
+    parent: str | None
 
 
 async def run(scenario: GraphScenario, db_path: Path) -> tuple[Saga, list[Outcome]]:
     rng = random.Random(scenario.seed)
-    definition = Builder(random.Random(rng.random()), scenario.error_rate, scenario.timeout).saga(
-        scenario.plans, scenario.pivot
-    )
-    failable = [n.name for n in definition.nodes if not isinstance(n, Delay)]
+    builder = Builder(random.Random(rng.random()), scenario.error_rate, scenario.timeout)
+    definition = builder.saga(scenario.plans, scenario.pivot)
+    definitions = {d.name: d for d in [definition, *builder.children]}
+    failable = [
+        n.name for d in definitions.values() for n in d.nodes if not isinstance(n, (Delay, Child))
+    ]
     waits = [n for n in definition.nodes if isinstance(n, WaitFor)]
 
     def chaotic(broker: MemoryBroker, role: str) -> Transport:
@@ -388,22 +430,26 @@ async def run(scenario: GraphScenario, db_path: Path) -> tuple[Saga, list[Outcom
             if scenario.restart_worker is not None:
                 await system.stop_worker(scenario.restart_worker)
                 await system.start_worker(scenario.restart_worker)
-            await system.wait_all_terminal(40, list(plan))
+            await system.wait_all_terminal(40)  # children too
             await asyncio.gather(*signallers)
         finally:
             for task in signallers:
                 task.cancel()
         await system.quiesce(20)
-        sagas = await system.wait_all_terminal(5, list(plan))
+        sagas = await system.wait_all_terminal(5)
         books = await ledger(system)
         outcomes = []
         async with system.store.transaction() as tx:
-            for saga_id, fail_at in plan.items():
+            for saga_id, detail in sagas.items():
                 state = await tx.load_saga(saga_id)
                 assert state is not None
-                outcomes.append(Outcome(sagas[saga_id], state, fail_at))
+                mine = definitions[state.name]
+                fail_at = GraphInput.model_validate(state.input).fail_at
+                parent = state.parent.id if state.parent is not None else None
+                outcomes.append(Outcome(mine, detail, state, fail_at, parent))
+    assert {o.detail.id for o in outcomes if o.parent is None} == set(plan)
 
-    check(definition, outcomes, books, scenario)
+    check(outcomes, books, scenario, builder.child_of)
     return definition, outcomes
 
 
@@ -421,7 +467,8 @@ def may_have_run(definition: Saga, detail: SagaDetail) -> set[str]:
         unknown = h.event in ("step_timed_out", "step_cancelled") or (
             h.event == "step_failed" and (h.detail or "").startswith("gave up")
         )
-        if h.event == "step_succeeded" or (unknown and isinstance(definition.step(h.step), Step)):
+        participant = isinstance(definition.step(h.step), (Step, Child))
+        if h.event == "step_succeeded" or (unknown and participant):
             found.add(h.step)
     return found
 
@@ -513,15 +560,16 @@ def check_books(
 
 
 def check(
-    definition: Saga,
     outcomes: Sequence[Outcome],
     books: Mapping[tuple[str, str], Effect],
     scenario: GraphScenario,
+    child_of: Mapping[str, str],
 ) -> None:
     chaos_free = scenario.error_rate == 0 and scenario.timeout > 10
+    by_id = {o.detail.id: o for o in outcomes}
     statuses: Counter[SagaStatus] = Counter()
     for outcome in outcomes:
-        detail = outcome.detail
+        detail, definition = outcome.detail, outcome.definition
         statuses[detail.status] += 1
         assert detail.status in (
             SagaStatus.COMPLETED,
@@ -533,29 +581,43 @@ def check(
             # kept failing; and visibly.
             error = detail.error or ""
             assert "pivot" in error or "compensation of step" in error, error
-        if outcome.fail_at is not None:
+        names = {n.name for n in definition.nodes}
+        fail_at = outcome.fail_at
+        planned = fail_at if fail_at in names or child_of.get(str(fail_at)) in names else None
+        if planned is not None:
             assert detail.status is not SagaStatus.COMPLETED
-            planned = {
+            failed = {
                 str(h.step)
                 for h in detail.history
                 if h.event == "step_failed" and not (h.detail or "").startswith("gave up")
             }
-            assert planned <= {outcome.fail_at}, planned
-        elif chaos_free:
+            assert failed <= {planned, child_of.get(planned)}, failed
+        elif chaos_free and outcome.parent is None:
             assert detail.status is SagaStatus.COMPLETED, detail.error
+        if outcome.parent is not None:
+            # A child ends as its parent does: it completed with it, or was undone.
+            parent = by_id[outcome.parent].detail.status
+            if parent is not SagaStatus.PARKED:
+                assert detail.status is parent, (detail.id, detail.status, parent)
         check_compensations(definition, outcome)
         check_limits(definition, detail)
         check_books(definition, detail, books)
-    assert {saga_id for saga_id, _ in books} <= {o.detail.id for o in outcomes}
+    assert {saga_id for saga_id, _ in books} <= set(by_id)
 
     for status in statuses:
         event(f"saga {status}")
-    kinds = {type(n).__name__ for n in definition.nodes}
+    kinds = {type(n).__name__ for o in outcomes for n in o.definition.nodes}
     event(f"nodes {'+'.join(sorted(kinds))}")
-    if any(s.limit for s in definition.stages):
+    if any(s.limit for o in outcomes for s in o.definition.stages):
         event("limited group")
     history = [h for o in outcomes for h in o.detail.history]
-    for name in ("step_cancelled", "signal_received", "step_timed_out", "compensation_error"):
+    for name in (
+        "step_cancelled",
+        "signal_received",
+        "step_timed_out",
+        "compensation_error",
+        "compensation_requested",
+    ):
         if any(h.event == name for h in history):
             event(name)
 
@@ -564,6 +626,9 @@ def check(
     max_examples=20,
     deadline=None,
     derandomize=True,
+    # No shrinking: each example takes seconds, and CI is near its time limit; a
+    # failing example is reported as generated.
+    phases=[Phase.explicit, Phase.generate],
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 @given(scenario=scenarios())
