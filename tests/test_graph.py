@@ -686,3 +686,49 @@ def test_compensation_timeout_of_a_branch_step_uses_its_own_timeout() -> None:
     run.answer("b")
     run.answer("c", Outcome.FAILURE, error="no")
     assert run.timer_of("b") == Timer(TimerKind.COMPENSATION_TIMEOUT, "b", 1, run.now + TIMEOUT * 2)
+
+
+# -- operators on graph sagas ----------------------------------------------------------------
+
+
+def test_cancel_stops_the_branches_in_flight_and_undoes_everything_in_reverse() -> None:
+    run = GraphRun(FORK)
+    run.start()
+    run.answer("a")
+    run.answer("c1")  # c2 dispatched; b still in flight
+    tr = run.transition()
+    what = tr.cancel("ann", "changed my mind")
+    run._keep(tr)
+    assert what == "compensating 'c2', 'b', 'c1', 'a'"
+    assert {run.state.steps[n].status for n in ("b", "c2")} <= {
+        StepStatus.CANCELLED,
+        StepStatus.COMPENSATING,
+    }
+    for name in ("c2", "b", "c1", "a"):
+        assert run.sent()[-1] == comp(name)
+        run.undo(name)
+    assert run.state.status is SagaStatus.COMPENSATED
+    assert run.compensated() == ["c2", "b", "c1", "a"]
+
+
+def test_retrying_a_saga_parked_beside_its_pivot_resumes_both_branches() -> None:
+    definition = saga(
+        step("a"),
+        group("g", [step("pay", compensated=False)], [WaitFor("approve", timeout=WAIT)]),
+    )
+    run = GraphRun(definition)
+    run.start()
+    run.answer("a")
+    run.fire(run.timer_of("approve"))
+    assert run.state.status is SagaStatus.PARKED
+    tr = run.transition()
+    tr.operator_retry("ann")
+    run._keep(tr)
+    assert run.state.status is SagaStatus.RUNNING
+    assert run.sent()[-1] == cmd("pay", 2)
+    assert run.timer_of("approve").kind is TimerKind.STEP_TIMEOUT
+    assert run.signal("approve") == "step 'approve' completed"
+    assert not run.reply(Outcome.SUCCESS, to=run.outbox[1].envelope)  # pay's attempt 1
+    assert run.answer("pay")
+    assert run.state.status is SagaStatus.COMPLETED
+    assert comp("a") not in run.sent()
