@@ -432,7 +432,7 @@ async def run(scenario: GraphScenario, db_path: Path) -> tuple[Saga, list[Outcom
         plan: dict[str, str | None] = {}
         signallers = []
         for fail, early in scenario.sagas:
-            fail_at = failable[fail % len(failable)] if fail is not None else None
+            fail_at = failable[fail % len(failable)] if fail is not None and failable else None
             saga_id = await system.client.start(definition, {"fail_at": fail_at})
             plan[saga_id] = fail_at
             signalled = [w for w in waits if w.name != fail_at]
