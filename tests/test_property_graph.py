@@ -634,6 +634,10 @@ def check(
     event(f"nodes {'+'.join(sorted(kinds))}")
     if any(s.limit for o in outcomes for s in o.definition.stages):
         event("limited group")
+    if any(is_pivot(n) for o in outcomes for n in o.definition.nodes):
+        event("pivot")
+    if scenario.restarts:
+        event("engine restarted")
     history = [h for o in outcomes for h in o.detail.history]
     for name in (
         "step_cancelled",
