@@ -450,31 +450,6 @@ def test_a_local_compensation_that_raises_is_retried() -> None:
     assert run.compensated() == ["note"]
 
 
-def test_a_local_step_backing_off_in_a_stopped_branch_is_not_compensated() -> None:
-    """Its attempts raised inside their transitions: its outcome is known (nothing
-    happened), so stopping its branch leaves nothing to undo."""
-    undone: list[str] = []
-    definition = saga(
-        group(
-            "g",
-            [
-                Local(
-                    "calc",
-                    run=flaky([], "calc", 99, RuntimeError),
-                    compensation=tally(undone, "calc"),
-                )
-            ],
-            [step("b")],
-        )
-    )
-    run = GraphRun(definition)
-    run.start()
-    assert run.in_flight() == {"calc", "b"}
-    run.answer("b", Outcome.FAILURE, error="no")
-    assert run.state.status is SagaStatus.COMPENSATED
-    assert undone == []
-
-
 # -- after the pivot -----------------------------------------------------------------------
 
 FORWARD = saga(
