@@ -716,6 +716,32 @@ def check(
         seed=21,
     )
 )
+# A child saga past the pivot (a pivot itself): its own pivot fails (n3), or its
+# step past that does (n4), which parks the child and must park its parent too.
+@example(
+    GraphScenario(
+        plans=(
+            NodePlan("step", True, "alpha"),
+            NodePlan("step", True, "beta"),
+            NodePlan(
+                "child",
+                False,
+                "alpha",
+                (NodePlan("step", True, "beta"), NodePlan("local", False, "alpha")),
+            ),
+        ),
+        pivot=1,
+        sagas=((None, False), (2, False), (3, False)),
+        error_rate=0.15,
+        duplicate=0.3,
+        delay=0.3,
+        refuse=0.0,
+        timeout=30.0,
+        restarts=(),
+        restart_worker=None,
+        seed=22,
+    )
+)
 def test_graph_sagas_settle_and_books_balance_under_chaos(scenario: GraphScenario) -> None:
     with tempfile.TemporaryDirectory(prefix="saga-graph-prop-") as tmp:
         asyncio.run(run(scenario, Path(tmp) / "saga.db"))
