@@ -521,7 +521,7 @@ class Advancer:
             if due.timer.kind in TIMEOUTS and isinstance(node, Step):
                 # Only a participant's message can still wait in the outbox (a wait
                 # step's timeout times the application, not the broker).
-                late = await self._published_late(tx, state.id, node.timeout)
+                late = await self._published_late(tx, state.id, node.name, node.timeout)
             event = TimerDue(due.timer, late, self._unserved(definition, due.timer))
             fired += self._advance(changes, definition, state, event, at)
         await self._hold(tx, holds, [], states)
@@ -590,15 +590,16 @@ class Advancer:
             self._kept_for_us = True
 
     async def _published_late(
-        self, tx: StoreTransaction, saga_id: str, timeout: timedelta
+        self, tx: StoreTransaction, saga_id: str, step: str, timeout: timedelta
     ) -> datetime | bool:
         """True if the message a timeout times is still unsent; when it went out, if
         that was less than its timeout ago (the deadline was set when the step was
         written, and an engine or broker that was down relayed it only then); else
         False."""
-        if await tx.has_unsent(saga_id):
+        # The step's own messages: another branch's say nothing of this one's.
+        if await tx.has_unsent(saga_id, step):
             return True
-        sent = await tx.last_sent(saga_id)
+        sent = await tx.last_sent(saga_id, step)
         if sent is not None and sent + timeout > self.clock():
             return sent
         return False

@@ -177,13 +177,14 @@ class StoreTransaction(Protocol):
 
     async def mark_sent(self, ids: Sequence[int], at: datetime) -> None: ...
 
-    async def has_unsent(self, saga_id: str) -> bool:
-        """Whether a message of this saga still waits in the outbox for the broker."""
+    async def has_unsent(self, saga_id: str, step: str | None = None) -> bool:
+        """Whether a message of this saga (of its step ``step``, if given) still waits
+        in the outbox for the broker."""
         ...
 
-    async def last_sent(self, saga_id: str) -> datetime | None:
-        """When the broker took this saga's latest message (None: none sent, or
-        pruned)."""
+    async def last_sent(self, saga_id: str, step: str | None = None) -> datetime | None:
+        """When the broker took this saga's latest message (of its step ``step``, if
+        given); None: none sent, or pruned."""
         ...
 
     async def saga_exists(self, saga_id: str) -> bool: ...

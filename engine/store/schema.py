@@ -158,6 +158,9 @@ outbox = Table(
     Column("headers", JSON, nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
     Column("sent_at", UTCDateTime),
+    #: The step whose message it is (a step timeout judges its own message's delay);
+    #: NULL for a replayed dead letter and rows from before migration 0009.
+    Column("step", String(NAME_LENGTH)),
     Index("ix_saga_outbox_unsent", "sent_at", "id"),
     Index("ix_saga_outbox_key", "key"),
 )

@@ -135,6 +135,16 @@ def _saga_values(state: SagaState) -> dict[str, Any]:
     }
 
 
+def _of_saga(saga_id: str, step: str | None) -> list[ColumnElement[bool]]:
+    """Outbox rows of a saga, or of one of its steps. Rows written before the step
+    was recorded (NULL) count for every step: a timeout is postponed rather than
+    fired early."""
+    where: list[ColumnElement[bool]] = [outbox.c.key == saga_id]
+    if step is not None:
+        where.append(or_(outbox.c.step == step, outbox.c.step.is_(None)))
+    return where
+
+
 def _timer_row(saga_id: str, timer: Timer) -> dict[str, Any]:
     return {
         "saga_id": saga_id,
@@ -375,6 +385,7 @@ class SqlStoreTransaction:
                     "headers": dict(m.envelope.headers),
                     "created_at": m.envelope.created_at,
                     "sent_at": None,
+                    "step": m.envelope.step,
                 }
                 for m in messages
             ],
@@ -487,15 +498,15 @@ class SqlStoreTransaction:
             for r in rows
         ]
 
-    async def has_unsent(self, saga_id: str) -> bool:
+    async def has_unsent(self, saga_id: str, step: str | None = None) -> bool:
         unsent = await self.conn.execute(
-            select(outbox.c.id).where(outbox.c.sent_at.is_(None), outbox.c.key == saga_id).limit(1)
+            select(outbox.c.id).where(outbox.c.sent_at.is_(None), *_of_saga(saga_id, step)).limit(1)
         )
         return unsent.first() is not None
 
-    async def last_sent(self, saga_id: str) -> datetime | None:
+    async def last_sent(self, saga_id: str, step: str | None = None) -> datetime | None:
         sent = await self.conn.execute(
-            select(func.max(outbox.c.sent_at)).where(outbox.c.key == saga_id)
+            select(func.max(outbox.c.sent_at)).where(*_of_saga(saga_id, step))
         )
         at: datetime | None = sent.scalar()
         return at

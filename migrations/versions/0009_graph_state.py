@@ -1,4 +1,5 @@
-"""graph state: a reply token and a timer per step, completion order, lanes, parents
+"""graph state: a reply token and a timer per step, completion order, lanes, parents,
+the step of each outbox row
 
 Revision ID: 0009
 Revises: 0008
@@ -39,6 +40,8 @@ def upgrade() -> None:
         op.execute(f"ALTER TABLE saga_instances DROP COLUMN {column}")
     with op.batch_alter_table("saga_instances") as batch:  # adding alters in place
         batch.add_column(sa.Column("parent", sa.JSON))
+    with op.batch_alter_table("saga_outbox") as batch:
+        batch.add_column(sa.Column("step", sa.String(NAME_LENGTH)))
     _timers("saga_timers_graph", ("saga_id", "step"))
     op.execute(
         "INSERT INTO saga_timers_graph (saga_id, kind, step, attempt, due_at) "
@@ -67,6 +70,7 @@ def _timers(name: str, key: tuple[str, ...]) -> None:
 
 
 def downgrade() -> None:
+    op.execute("ALTER TABLE saga_outbox DROP COLUMN step")
     op.execute("ALTER TABLE saga_instances DROP COLUMN parent")
     with op.batch_alter_table("saga_instances") as batch:
         batch.add_column(sa.Column("awaiting_step", sa.String(NAME_LENGTH)))
