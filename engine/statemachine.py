@@ -134,10 +134,16 @@ class Transition:
                 f"{reply.in_reply_to} attempt {reply.attempt} ({reply.outcome}) is not awaited",
             )
             return False
-        st.awaiting = None
-        st.timer = None
         node = self.definition.step(reply.step)
         assert isinstance(node, (Step, Child))  # the nodes that hold reply tokens
+        if isinstance(node, Child):
+            if reply.outcome is Outcome.ERROR:  # the child parked: not its last word
+                self._child_parked(st, reply.error or "parked")
+                return True
+            if self.state.status is SagaStatus.RUNNING:
+                self.state.error = None  # it had named the parked child
+        st.awaiting = None
+        st.timer = None
         if token.kind is MessageKind.COMMAND:
             self._on_action_reply(node, st, reply)
         else:
@@ -401,6 +407,12 @@ class Transition:
         if compensation:
             return [compensation[0].step], MessageKind.COMPENSATION
         token = state.awaiting
+        if token is not None and isinstance(self.definition.step(token.step), Child):
+            child = child_id(state.id, token.step, state.steps[token.step].attempt)
+            raise OperationRefused(
+                f"saga {state.id} is {state.status}: step {token.step!r} waits for its child "
+                f"saga {child}; retry or cancel that one"
+            )
         if token is not None:
             raise OperationRefused(
                 f"saga {state.id} is {state.status}: the {token.kind} of step {token.step!r} "
@@ -577,19 +589,9 @@ class Transition:
         """A child saga that finished tells its parent, answering the parent's last
         message to it: completed, the step succeeded; compensated, the step failed
         (or, asked to compensate, the compensation succeeded)."""
-        state, link = self.state, self.state.parent
-        if link is None:
+        state, request = self.state, self._parent_message()
+        if request is None:
             return
-        request = Envelope(
-            saga_id=link.id,
-            saga_name=link.name,
-            saga_version=link.version,
-            step=link.step,
-            kind=link.kind,
-            name=link.step,
-            attempt=link.attempt,
-            created_at=self.now,
-        )
         if state.status is SagaStatus.COMPLETED:
             replies = {st.name: st.reply for st in state.ordered_steps() if st.reply is not None}
             reply = request.reply(Outcome.SUCCESS, {"saga_id": state.id, "replies": replies})
@@ -597,7 +599,7 @@ class Transition:
                 sized(reply, self.limits)
             except LimitError:  # the child's replies are in its own row anyway
                 reply = request.reply(Outcome.SUCCESS, {"saga_id": state.id})
-        elif link.kind is MessageKind.COMMAND:
+        elif request.kind is MessageKind.COMMAND:
             reply = request.reply(
                 Outcome.FAILURE, {"saga_id": state.id}, f"child saga {state.id}: {state.error}"
             )
@@ -844,6 +846,45 @@ class Transition:
             st.awaiting = None
             st.timer = None
         self._record("parked", detail=reason)
+        self._tell_parent_parked(reason)
+
+    def _parent_message(self) -> Envelope | None:
+        """The parent's last message to this child (its start, or a request to
+        compensate), which the child's notices answer; None for a saga of its own."""
+        link = self.state.parent
+        if link is None:
+            return None
+        return Envelope(
+            saga_id=link.id,
+            saga_name=link.name,
+            saga_version=link.version,
+            step=link.step,
+            kind=link.kind,
+            name=link.step,
+            attempt=link.attempt,
+            created_at=self.now,
+        )
+
+    def _tell_parent_parked(self, reason: str) -> None:
+        """A parked child tells its parent, which keeps waiting for its outcome
+        (an operator's retry or cancel of the child brings it) but shows why."""
+        request = self._parent_message()
+        if request is None:
+            return
+        self.notices.append(
+            request.reply(
+                Outcome.ERROR,
+                {"saga_id": self.state.id, "parked": True},
+                f"child saga {self.state.id} is parked: {reason}",
+            )
+        )
+
+    def _child_parked(self, st: StepState, error: str) -> None:
+        """The child saga of step ``st`` parked: the step still waits for it (its
+        token stays), the saga's history and, while it runs, its error say why."""
+        self._record("child_parked", st.name, error)
+        if self.state.status is SagaStatus.RUNNING:
+            self.state.error = f"waiting for step {st.name!r}: {error}"
 
     # -- helpers -----------------------------------------------------------------
 

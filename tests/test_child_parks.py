@@ -1,17 +1,31 @@
-"""A child saga that parks must not strand its parent (found by the graph property
-test): the parent's step waits for the child's answer with no timeout, so a child
-that parks without answering leaves its parent running forever, invisibly."""
+"""A child saga that parks does not strand its parent (found by the graph property
+test): the parent's step has no timeout and waits for the child's outcome, so the
+parked child tells it why; the parent shows it (its error and history name the child
+and the cause) and goes on once an operator's retry lets the child finish."""
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from engine.definition import Child, Saga, Step
+from engine.errors import OperationRefused
+from engine.messages import MessageKind
 from engine.statemachine import child_id
 from engine.states import SagaStatus
+from engine.worker.worker import Registration, Worker
 from sagas.order import OrderInput
-from tests.helpers import EmbeddedSystem, fast_order_saga, order_input
+from tests.helpers import (
+    EXAMPLE_WORKERS,
+    FAST_RETRY,
+    EmbeddedSystem,
+    fast_order_saga,
+    order_input,
+)
 
 ORDER = fast_order_saga()
 
@@ -42,13 +56,49 @@ PARENT = Saga(
 )
 
 
-async def test_a_child_that_parks_parks_its_parent_with_the_cause(tmp_path: Path) -> None:
-    async with EmbeddedSystem(tmp_path / "c.db", sagas=[PARENT]) as system:
-        parent = await system.client.start("order_parent", order_input("create_shipment"))
+def failing_first(times: int) -> Worker:
+    """The shipment worker, raising on each saga's first ``times`` shipments (a
+    transient error, rolled back: a later attempt runs afresh)."""
+    original = EXAMPLE_WORKERS["shipment"]
+    worker = Worker(original.name)
+    worker.handlers.update(original.handlers)
+    key = (MessageKind.COMMAND, "create_shipment")
+    ship = worker.handlers[key]
+    calls: Counter[str] = Counter()
+
+    async def handler(command: Any, context: Any) -> Any:
+        calls[context.saga_id] += 1
+        if calls[context.saga_id] <= times:
+            raise RuntimeError("the depot is closed")
+        return await ship.handler(command, context)
+
+    worker.handlers[key] = Registration(ship.name, ship.kind, ship.model, handler)
+    return worker
+
+
+async def test_a_parked_child_keeps_its_parent_waiting_visibly_until_it_finishes(
+    tmp_path: Path,
+) -> None:
+    # Out of attempts past its pivot, the child parks.
+    workers = {**EXAMPLE_WORKERS, "shipment": failing_first(FAST_RETRY.max_attempts or 0)}
+    async with EmbeddedSystem(tmp_path / "c.db", sagas=[PARENT], workers=workers) as system:
+        parent = await system.client.start("order_parent", order_input())
         child = child_id(parent, "order", 1)
         parked = (await system.wait_all_terminal(10, [child]))[child]
         assert parked.status is SagaStatus.PARKED, parked.error
-        detail = (await system.wait_all_terminal(5, [parent]))[parent]
-        assert detail.status is SagaStatus.PARKED
-        assert child in (detail.error or "")
-        assert "create_shipment" in (detail.error or "")
+
+        def told(detail: Any) -> bool:
+            return any(h.event == "child_parked" for h in detail.history)
+
+        detail = await system.wait_status(parent, told, 10, "the parent to hear of it")
+        assert detail.status is SagaStatus.RUNNING
+        assert child in (detail.error or "") and "the depot is closed" in (detail.error or "")
+        with pytest.raises(OperationRefused, match=f"waits for its child saga {child}"):
+            await system.client.retry(parent, actor="ops")
+
+        await system.client.retry(child, actor="ops")  # the depot opened again
+        done = (await system.wait_all_terminal(10, [parent]))[parent]
+        assert done.status is SagaStatus.COMPLETED, done.error
+        assert done.error is None
+        assert (await system.client.get(child)).status is SagaStatus.COMPLETED
+        assert (await system.effects())[child].shipped
