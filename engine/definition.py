@@ -367,8 +367,8 @@ def timer_length(node: Node) -> timedelta:
 
 def undoes(node: Node) -> bool:
     """Whether compensating ``node`` sends or runs anything."""
-    if isinstance(node, Child):
-        return node.saga.undoable
+    if isinstance(node, Child):  # a child of waits and delays has nothing to undo
+        return node.saga.undoable and any(undoes(n) for n in node.saga.nodes)
     return isinstance(node, (Step, Local)) and node.compensation is not None
 
 

@@ -4,9 +4,11 @@ through the engine's own deferred-reply rows, written with each change, no broke
 
 from __future__ import annotations
 
+from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 
-from engine.definition import Child, Local, Saga
+from engine.definition import Child, Delay, Local, Saga, Step, is_pivot, undoes
 from engine.errors import BusinessFailure
 from engine.statemachine import child_id
 from engine.states import SagaStatus, StepStatus
@@ -78,3 +80,21 @@ async def test_a_child_that_fails_fails_its_step_naming_it(tmp_path: Path) -> No
         assert (await system.client.get(child)).status is SagaStatus.COMPENSATED
         effect = (await system.effects()).get(child)
         assert effect is None or (effect.reserved, effect.net_charged_cents) == (0, 0)
+
+
+def test_a_child_with_nothing_to_undo_may_follow_the_pivot() -> None:
+    pause = Saga(name="pause", version=1, input=OrderInput, steps=[Delay("d", timedelta(0))])
+    pay = ORDER.step("charge_payment")
+    assert isinstance(pay, Step)
+    saga = Saga(
+        name="pay_then_pause",
+        version=1,
+        input=OrderInput,
+        steps=[
+            replace(pay, compensation=None),
+            Child("later", saga=pause, input=lambda ctx: ctx.input),
+        ],
+    )
+    later = saga.step("later")
+    assert not undoes(later) and not is_pivot(later)
+    assert undoes(BUNDLE.step("part"))
