@@ -36,6 +36,7 @@ from engine.limits import (
     DEFAULT_LIMITS,
     Limits,
     check_actor,
+    check_key,
     check_name,
     check_reason,
     check_saga_id,
@@ -67,9 +68,12 @@ from engine.views import (
     PruneCounts,
     PruneResult,
     ReplayResult,
+    SagaCursor,
     SagaDetail,
+    SagaPage,
     SagaSummary,
     StatsView,
+    TimeRange,
     dead_letter_view,
 )
 
@@ -378,12 +382,65 @@ class SagaClient:
         limit: int = 50,
         version: int | None = None,
         held: bool = False,
+        keys: Mapping[str, str] | None = None,
+        created: TimeRange | None = None,
+        updated: TimeRange | None = None,
+        after: SagaCursor | str | None = None,
     ) -> list[SagaSummary]:
-        """Sagas, newest first, optionally of one status, one definition name and
-        version; with ``held``, only sagas held for want of an engine that serves them."""
+        """Sagas, newest first, the filters given combined: one status, one definition
+        name and version; with ``held``, only sagas held for want of an engine that
+        serves them; with every business key of ``keys`` (name -> value); created or
+        last updated within a :class:`~engine.views.TimeRange`; after a cursor (a
+        saga's :attr:`~engine.views.SagaSummary.cursor`, the last of the page before).
+        :meth:`page` also says whether more follow."""
         return await self.queries.list_sagas(
-            status=status, name=name, limit=limit, version=version, held=held
+            status=status,
+            name=name,
+            limit=limit,
+            version=version,
+            held=held,
+            keys=_checked_keys(keys),
+            created=created,
+            updated=updated,
+            after=SagaCursor.decode(after) if isinstance(after, str) else after,
         )
+
+    async def page(
+        self,
+        *,
+        limit: int = 50,
+        after: SagaCursor | str | None = None,
+        status: SagaStatus | None = None,
+        name: str | None = None,
+        version: int | None = None,
+        held: bool = False,
+        keys: Mapping[str, str] | None = None,
+        created: TimeRange | None = None,
+        updated: TimeRange | None = None,
+    ) -> SagaPage:
+        """A page of :meth:`list` and the cursor of the next one (None: no more)."""
+        found = await self.list(
+            status=status,
+            name=name,
+            limit=limit + 1,
+            version=version,
+            held=held,
+            keys=keys,
+            created=created,
+            updated=updated,
+            after=after,
+        )
+        more = len(found) > limit
+        sagas = found[:limit]
+        return SagaPage(sagas=sagas, next=sagas[-1].cursor if more else None)
+
+    async def find(self, limit: int = 50, **keys: str) -> builtins.list[SagaSummary]:
+        """The sagas with every one of these business keys, newest first:
+        ``await client.find(order_id="4711")``. (A key named ``limit`` is searched
+        with ``list(keys=...)``.)"""
+        if not keys:
+            raise ValueError("find needs at least one business key, e.g. find(order_id='4711')")
+        return await self.list(keys=keys, limit=limit)
 
     # -- operator repair ----------------------------------------------------------
 
@@ -827,3 +884,14 @@ def _check_awaited(
         f"{envelope.saga_id} no longer waits for ({now_waits}); replaying it could run an "
         "effect nothing undoes. Use --force to replay it anyway"
     )
+
+
+def _checked_keys(keys: Mapping[str, str] | None) -> dict[str, str] | None:
+    """Business keys to search for, refused like those stored (LimitError): a value
+    over the limit or not one printable line can match no saga."""
+    if not keys:
+        return None
+    for name, value in keys.items():
+        check_name(name, "a business key's name")
+        check_key(name, value)
+    return dict(keys)

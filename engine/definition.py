@@ -18,8 +18,8 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from engine.errors import DefinitionError, InvalidInputError
-from engine.limits import NAME_LENGTH
+from engine.errors import DefinitionError, InvalidInputError, LimitError
+from engine.limits import MAX_KEYS, NAME_LENGTH, check_key
 
 #: Bounded by the name columns (engine/limits.py).
 _NAME = re.compile(rf"^[a-z][a-z0-9_.-]{{0,{NAME_LENGTH - 1}}}$")
@@ -228,16 +228,26 @@ def _shown_kind(node: object) -> str:
     return type(node).__name__
 
 
+#: A function of a saga's parsed input giving its business keys, name -> value.
+KeyFunction = Callable[[Any], Mapping[str, str]]
+
+
 @dataclass(frozen=True)
 class Saga:
     """A saga definition: its name and version, the pydantic model of its input, and
     its steps in order (nodes, or :class:`Parallel` groups of them). Validated when
-    built, so a mistake fails at import time."""
+    built, so a mistake fails at import time.
+
+    ``keys`` names what a saga is about, so an operator finds it by that
+    (``sagactl list --key customer_id=c-42``): input field names, or a function of the
+    parsed input returning name -> value. They are stored when the saga starts and are
+    not part of its :attr:`fingerprint` (they change nothing a saga in flight does)."""
 
     name: str
     version: int
     input: type[BaseModel]
     steps: Sequence[Element]
+    keys: Sequence[str] | KeyFunction = ()
     _nodes: Mapping[str, Node] = field(init=False, repr=False, compare=False)
     _index: Mapping[str, int] = field(init=False, repr=False, compare=False)
     _stages: tuple[Stage, ...] = field(init=False, repr=False, compare=False)
@@ -256,7 +266,93 @@ class Saga:
         if not self.steps:
             raise DefinitionError(f"saga {self.name!r}: needs at least one step")
         object.__setattr__(self, "steps", tuple(self.steps))
+        if not callable(self.keys):
+            object.__setattr__(self, "keys", self._key_fields(self.keys))
         _Validator(self).run()
+
+    def _key_fields(self, keys: object) -> tuple[str, ...]:
+        """``keys`` given as input field names, checked: names, unique, fields of the
+        input model, at most :data:`~engine.limits.MAX_KEYS`."""
+        where = f"saga {self.name!r}: keys"
+        if isinstance(keys, str) or not isinstance(keys, Sequence):
+            raise DefinitionError(
+                f"{where} must be a sequence of input field names (e.g. ('order_id',)) or "
+                f"a function of the input, not {keys!r}"
+            )
+        fields = tuple(keys)
+        if len(fields) > MAX_KEYS:
+            raise DefinitionError(f"{where}: at most {MAX_KEYS} keys, not {len(fields)}")
+        for key in fields:
+            if not isinstance(key, str) or not _NAME.match(key):
+                raise DefinitionError(
+                    f"{where}: {key!r} is not a name (lowercase letters, digits, '_', '.', '-')"
+                )
+            if key not in self.input.model_fields:
+                raise DefinitionError(
+                    f"{where}: {key!r} is not a field of the input model {self.input.__name__}"
+                )
+        if len(set(fields)) != len(fields):
+            raise DefinitionError(f"{where}: a field is named twice in {fields!r}")
+        return fields
+
+    def business_keys(self, data: BaseModel | Mapping[str, Any]) -> dict[str, str]:
+        """The saga's business keys for input ``data``, name -> value: stored when it
+        starts. A field that is None or empty gives no key. Refused with a clear error: an input
+        the model refuses (InvalidInputError), a value that is not one printable line
+        of at most :data:`~engine.limits.KEY_VALUE_LENGTH` characters (LimitError), a
+        key function that raises or returns something else than names to text."""
+        if not self.keys:
+            return {}
+        parsed = self.parse_input(data)
+        if callable(self.keys):
+            return self._computed_keys(parsed)
+        assert isinstance(self.keys, tuple)
+        dumped = parsed.model_dump(mode="json", include=set(self.keys))
+        found: dict[str, str] = {}
+        for key in self.keys:
+            value = dumped.get(key)
+            if value is None or value == "":
+                continue
+            if isinstance(value, dict | list):
+                raise InvalidInputError(
+                    f"saga {self.name!r}: business key {key!r} must be text or a number, "
+                    f"not {type(value).__name__}"
+                )
+            found[key] = value if isinstance(value, str) else json.dumps(value)
+        return self._checked_keys(found)
+
+    def _computed_keys(self, parsed: BaseModel) -> dict[str, str]:
+        assert callable(self.keys)
+        try:
+            found = self.keys(parsed)
+        except Exception as exc:  # the user's function: said where it went wrong
+            raise InvalidInputError(
+                f"saga {self.name!r}: its keys function raised {type(exc).__name__}: {exc}"
+            ) from exc
+        if not isinstance(found, Mapping):
+            raise DefinitionError(
+                f"saga {self.name!r}: its keys function must return a mapping of names "
+                f"to text, not {type(found).__name__}"
+            )
+        for key, value in found.items():
+            if not isinstance(key, str) or not _NAME.match(key):
+                raise DefinitionError(f"saga {self.name!r}: business key {key!r} is not a name")
+            if not isinstance(value, str):
+                raise DefinitionError(
+                    f"saga {self.name!r}: business key {key!r} must be text, not "
+                    f"{type(value).__name__}"
+                )
+        return self._checked_keys(dict(found))
+
+    def _checked_keys(self, found: dict[str, str]) -> dict[str, str]:
+        if len(found) > MAX_KEYS:
+            raise LimitError(f"saga {self.name!r}: at most {MAX_KEYS} business keys")
+        for key, value in found.items():
+            try:
+                check_key(key, value)
+            except LimitError as exc:
+                raise LimitError(f"saga {self.name!r}: {exc}") from None
+        return found
 
     def _claim(self, names: dict[str, str], name: str, user: str) -> None:
         """Record that ``user`` sends command ``name``. Two uses of one name in a saga

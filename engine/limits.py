@@ -29,6 +29,10 @@ LANE_LENGTH = NAME_LENGTH + 16
 REASON_LENGTH = 2_000
 #: Error text in a reply (kept in ``saga_steps.error``; longer text is cut where born).
 ERROR_LENGTH = 8_000
+#: Business keys of a saga (``saga_keys``): how many a saga may have, and the length
+#: of a value (a name is a name: :data:`NAME_LENGTH`).
+MAX_KEYS = 16
+KEY_VALUE_LENGTH = 200
 #: Broker / envelope headers: how many, and the length of a name and of a value (W3C
 #: trace context needs 55 and at most 512; ``baggage`` at most 8192).
 MAX_HEADERS = 32
@@ -175,6 +179,13 @@ def check_name(name: str, what: str = "the name") -> None:
     """Refuse a saga, step or command name that is not one printable line of at most
     :data:`NAME_LENGTH` characters."""
     _check_text(name, what, NAME_LENGTH)
+
+
+def check_key(name: str, value: str) -> None:
+    """Refuse a business key value that is not one printable line of at most
+    :data:`KEY_VALUE_LENGTH` characters (a key is searched for, never cut: a cut
+    value would find the wrong saga)."""
+    _check_text(value, f"business key {name!r}", KEY_VALUE_LENGTH)
 
 
 def check_reason(reason: str | None, what: str = "the reason") -> None:

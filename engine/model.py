@@ -161,6 +161,9 @@ class SagaState:
     #: Why no engine advances it now (see :mod:`engine.held`); None: it is not held.
     #: Read with the image, written only by the store's hold and release.
     held: str | None = None
+    #: Its business keys (:meth:`Saga.business_keys <engine.definition.Saga.business_keys>`),
+    #: written with the saga row when it is created; not read back with the image.
+    keys: dict[str, str] = field(default_factory=dict)
 
     def ordered_steps(self) -> list[StepState]:
         return sorted(self.steps.values(), key=lambda s: s.position)

@@ -29,7 +29,13 @@ from engine.definition import (
     timer_length,
     undoes,
 )
-from engine.errors import BusinessFailure, InvalidInputError, LimitError, OperationRefused
+from engine.errors import (
+    BusinessFailure,
+    DefinitionError,
+    InvalidInputError,
+    LimitError,
+    OperationRefused,
+)
 from engine.limits import DEFAULT_LIMITS, ERROR_LENGTH, Limits, clip
 from engine.messages import LAST_ATTEMPT_HEADER, Envelope, MessageKind, Outcome, sized
 from engine.model import (
@@ -58,6 +64,8 @@ def new_saga(
     input_data: Mapping[str, Any],
     now: datetime,
 ) -> SagaState:
+    """A saga about to start, with its steps and its business keys (refused like
+    :meth:`Saga.business_keys <engine.definition.Saga.business_keys>` refuses them)."""
     state = SagaState(
         id=saga_id,
         name=definition.name,
@@ -66,6 +74,7 @@ def new_saga(
         created_at=now,
         updated_at=now,
         fingerprint=definition.fingerprint,
+        keys=definition.business_keys(input_data),
     )
     for position, node in enumerate(definition.nodes):
         state.steps[node.name] = StepState(
@@ -553,6 +562,7 @@ class Transition:
 
     def _start_child(self, node: Child, st: StepState) -> None:
         """Start the child saga in this change; its outcome comes back as a reply."""
+        state = self.state
         try:
             data = build_payload(node.input, self._context())
             node.saga.parse_input(data)
@@ -562,8 +572,11 @@ class Transition:
         except Exception as exc:  # a bug in the user's builder
             self._step_failed(st, f"child saga input builder raised {_shown(exc)}")
             return
-        state = self.state
-        child = new_saga(node.saga, child_id(state.id, node.name, st.attempt), data, self.now)
+        try:  # its own business keys, from its own definition
+            child = new_saga(node.saga, child_id(state.id, node.name, st.attempt), data, self.now)
+        except (InvalidInputError, LimitError, DefinitionError) as exc:
+            self._step_failed(st, f"child saga keys refused: {exc}")
+            return
         child.parent = ParentLink(
             state.id, state.name, state.version, node.name, MessageKind.COMMAND, st.attempt
         )

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import base64
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from pydantic import BaseModel, computed_field
@@ -12,6 +13,60 @@ from engine.errors import DecodeError
 from engine.messages import MessageKind, decode
 from engine.states import SagaStatus, StepStatus
 from engine.store.base import DeadLetterRecord, PruneCounts
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class SagaCursor:
+    """Where a page of sagas ended: the last saga's (created_at, id). Lists are in
+    that order, descending, so the next page is every saga strictly after it: sagas
+    that arrive meanwhile are newer and never shift a page.
+
+    As text (``--after``): the creation time in microseconds since 1970, base 36, a
+    dot, and the saga id; short enough for an 80-column terminal."""
+
+    created_at: datetime
+    saga_id: str
+
+    def encode(self) -> str:
+        """The cursor as text, for ``--after`` and the JSON of a list."""
+        micros = (self.created_at - _EPOCH) // timedelta(microseconds=1)
+        return f"{_base36(micros)}.{self.saga_id}"
+
+    @classmethod
+    def decode(cls, text: str) -> SagaCursor:
+        """A cursor from its text; ValueError naming what is wrong."""
+        stamp, dot, saga_id = text.partition(".")
+        try:
+            micros = int(stamp, 36)
+        except ValueError:
+            micros = -1
+        if not dot or not saga_id or micros < 0 or len(saga_id) > 36:
+            raise ValueError(f"{text!r} is not a cursor (take one a list printed: --after CURSOR)")
+        try:
+            created = _EPOCH + timedelta(microseconds=micros)
+        except OverflowError:
+            raise ValueError(f"{text!r} is not a cursor (its time is out of range)") from None
+        return cls(created, saga_id)
+
+
+def _base36(number: int) -> str:
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    out = ""
+    while True:
+        number, rest = divmod(number, 36)
+        out = digits[rest] + out
+        if number == 0:
+            return out
+
+
+@dataclass(frozen=True)
+class TimeRange:
+    """A span of time: from ``start`` (included) to ``end`` (excluded); None: open."""
+
+    start: datetime | None = None
+    end: datetime | None = None
 
 
 class SagaSummary(BaseModel):
@@ -29,6 +84,12 @@ class SagaSummary(BaseModel):
     held: str | None = None
     #: The fingerprint of the definition it started with (None before it was recorded).
     fingerprint: str | None = None
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def cursor(self) -> str:
+        """The cursor continuing a list after this saga (``sagactl list --after``)."""
+        return SagaCursor(self.created_at, self.id).encode()
 
 
 class StepView(BaseModel):
@@ -61,6 +122,8 @@ class SagaDetail(SagaSummary):
     """One saga in full: its input, trace, steps and history (``SagaClient.get``)."""
 
     input: dict[str, Any]
+    #: Its business keys, name -> value (``Saga(keys=...)``).
+    keys: dict[str, str] = {}
     trace_id: str | None = None
     steps: list[StepView]
     history: list[HistoryView]
@@ -297,6 +360,14 @@ class PruneResult(BaseModel):
     #: Transactions it took (0 for a dry run).
     batches: int
     rows: PruneCounts
+
+
+class SagaPage(BaseModel):
+    """A page of sagas, newest first, and the cursor of the next page (None: this is
+    the last)."""
+
+    sagas: list[SagaSummary]
+    next: str | None = None
 
 
 def dead_letter_view(letter: DeadLetterRecord) -> DeadLetterView:

@@ -70,6 +70,7 @@ large_order = Saga(
     name="large_order",
     version=1,
     input=OrderInput,
+    keys=place_order.keys,
     steps=[
         Parallel("prepare", [[reserve_inventory], [charge_payment]]),
         WaitFor("manager_approval", timeout=APPROVAL_TIMEOUT),

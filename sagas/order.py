@@ -67,6 +67,8 @@ place_order = Saga(
     name="place_order",
     version=1,
     input=OrderInput,
+    # The order's id is the saga's own id; the customer finds every order of theirs.
+    keys=("customer_id",),
     steps=[
         Step(
             name="reserve_inventory",

@@ -444,6 +444,7 @@ async def test_migrations_and_schema_metadata_do_not_drift(db: AsyncEngine) -> N
         "saga_deferred_replies",
         "saga_held_replies",
         "saga_served_definitions",
+        "saga_keys",
     } == ENGINE_TABLES
     assert diffs == []
 

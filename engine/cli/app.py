@@ -206,6 +206,55 @@ def _json_argument(text: str, flag: str) -> Any:
         fail(f"invalid JSON for {flag}: {exc.msg} at line {exc.lineno} column {exc.colno}")
 
 
+def _key_option(
+    ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
+) -> dict[str, str]:
+    """``--key NAME=VALUE``, repeatable: the business keys a saga must all have."""
+    keys: dict[str, str] = {}
+    for text in values:
+        name, eq, value = text.partition("=")
+        if not eq or not name:
+            raise click.BadParameter(f"{text!r} is not NAME=VALUE (e.g. order_id=4711)", ctx, param)
+        if name in keys and keys[name] != value:
+            raise click.BadParameter(f"{name!r} is given two values", ctx, param)
+        keys[name] = value
+    return keys
+
+
+def _time_option(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    """``--since``/``--until``: an age before now (``2h``, ``7d``) or an ISO 8601 time
+    (``2026-11-30T11:00:00Z``; without a zone: UTC)."""
+    from datetime import UTC, datetime
+
+    if value is None:
+        return None
+    try:
+        return datetime.now(UTC) - parse_age(value)
+    except ValueError:
+        pass
+    try:
+        when = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r} is neither an age (2h, 7d) nor an ISO 8601 time (2026-11-30T11:00Z)",
+            ctx,
+            param,
+        ) from None
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+
+
+def _cursor_option(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    """``--after``: the cursor a list printed, checked before anything is read."""
+    if value is None:
+        return None
+    from engine.views import SagaCursor
+
+    try:
+        return SagaCursor.decode(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+
+
 @cli.command(name="list")
 @click.option(
     "--status",
@@ -215,6 +264,32 @@ def _json_argument(text: str, flag: str) -> Any:
 @click.option("--saga", "name", metavar="NAME", help="only sagas of this definition")
 @click.option("--version", type=click.IntRange(1), help="only sagas of this version")
 @click.option("--held", is_flag=True, help="only sagas held for want of an engine serving them")
+@click.option(
+    "--key",
+    "keys",
+    multiple=True,
+    metavar="NAME=VALUE",
+    callback=_key_option,
+    help="only sagas with this business key (repeat: all of them)",
+)
+@click.option(
+    "--since",
+    callback=_time_option,
+    metavar="TIME",
+    help="only sagas created since TIME: an age (2h, 7d) or ISO 8601",
+)
+@click.option(
+    "--until",
+    callback=_time_option,
+    metavar="TIME",
+    help="only sagas created before TIME: an age (2h, 7d) or ISO 8601",
+)
+@click.option(
+    "--after",
+    callback=_cursor_option,
+    metavar="CURSOR",
+    help="the next page: sagas after the cursor the previous page printed",
+)
 @click.option("--limit", type=click.IntRange(1, 100_000), default=20, show_default=True)
 @_json_option
 @pass_options
@@ -224,26 +299,46 @@ def list_(
     name: str | None,
     version: int | None,
     held: bool,
+    keys: dict[str, str],
+    since: Any,
+    until: Any,
+    after: Any,
     limit: int,
 ) -> None:
-    """List sagas, newest first."""
+    """List sagas, newest first. When more follow, the cursor of the next page is
+    printed on stderr (each saga's "cursor" in --json): pass it to --after."""
     from engine.cli import render
+    from engine.limits import check_key
+    from engine.views import SagaPage, TimeRange
 
     if name is not None:
         checked(name, check_name, "--saga")
+    for key, value in keys.items():
+        checked(key, check_name, "--key's name")
+        try:
+            check_key(key, value)
+        except LimitError as exc:
+            fail(f"--key: {exc}")
 
-    async def go() -> list[Any]:
+    async def go() -> SagaPage:
         async with await _client(options) as client:
-            return await client.list(
+            return await client.page(
                 status=SagaStatus(status) if status else None,
                 name=name,
                 limit=limit,
                 version=version,
                 held=held,
+                keys=keys,
+                created=TimeRange(since, until) if since or until else None,
+                after=after,
             )
 
-    sagas = run(go())
-    _output(options, sagas, render.saga_list)
+    page = run(go())
+    _output(options, page.sagas, render.saga_list)
+    if page.next is not None:
+        import shlex
+
+        click.echo(f"more: --after {shlex.quote(page.next)}", err=True)
 
 
 @cli.command()

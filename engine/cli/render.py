@@ -106,6 +106,8 @@ def saga_detail(console: Console, saga: SagaDetail) -> None:
         f"[bold]saga[/] {shown(saga.id)}  {shown(saga.name)} v{saga.version}  {styled(saga.status)}"
     )
     console.print(f"created {when(saga.created_at)}  updated {when(saga.updated_at)}")
+    if saga.keys:
+        console.print("keys " + "  ".join(f"{shown(k)}={shown(v)}" for k, v in saga.keys.items()))
     if saga.trace_id:
         console.print(f"trace {shown(saga.trace_id)}")
     if saga.held:

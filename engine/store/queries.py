@@ -7,7 +7,7 @@ One database may serve both; the SQL store does.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
 from engine.states import SagaStatus
@@ -15,9 +15,11 @@ from engine.views import (
     DeadLetterRef,
     DeadLetterView,
     RunningDefinition,
+    SagaCursor,
     SagaDetail,
     SagaSummary,
     StoreStats,
+    TimeRange,
 )
 
 
@@ -35,8 +37,15 @@ class SagaQueries(Protocol):
         limit: int = 50,
         version: int | None = None,
         held: bool = False,
+        keys: Mapping[str, str] | None = None,
+        created: TimeRange | None = None,
+        updated: TimeRange | None = None,
+        after: SagaCursor | None = None,
     ) -> list[SagaSummary]:
-        """Sagas newest first, of one status, name, version; only held ones."""
+        """Sagas newest first by (created_at, id), the filters given combined (AND):
+        of one status, name, version; only held ones; with every business key of
+        ``keys``; created and last updated within a time range; strictly after
+        ``after`` (the last saga of the page before)."""
         ...
 
     async def count_by_status(self) -> dict[SagaStatus, int]: ...

@@ -26,7 +26,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Dialect
 
-from engine.limits import ID_LENGTH, LANE_LENGTH, NAME_LENGTH
+from engine.limits import ID_LENGTH, KEY_VALUE_LENGTH, LANE_LENGTH, NAME_LENGTH
 
 metadata = MetaData()
 
@@ -78,7 +78,8 @@ sagas = Table(
     Column("held_at", UTCDateTime),
     Index("ix_saga_instances_status_created", "status", "created_at"),
     Index("ix_saga_instances_name_created", "name", "created_at"),
-    Index("ix_saga_instances_created", "created_at"),
+    #: With the id: the order of every list, and its cursor's range (0010).
+    Index("ix_saga_instances_created", "created_at", "id"),
     Index("ix_saga_instances_status_updated", "status", "updated_at"),
     Index("ix_saga_instances_held_at", "held_at"),
 )
@@ -110,6 +111,22 @@ steps = Table(
     Column("completed", Integer),
     #: ``group[branch]`` of a step in a parallel group.
     Column("lane", String(LANE_LENGTH)),
+)
+
+#: Each saga's business keys (``Saga(keys=...)``), written with its row at start:
+#: ``sagactl list --key order_id=4711`` is one index range scan on (name, value).
+saga_keys = Table(
+    "saga_keys",
+    metadata,
+    Column(
+        "saga_id",
+        String(ID_LENGTH),
+        ForeignKey("saga_instances.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("name", String(NAME_LENGTH), primary_key=True),
+    Column("value", String(KEY_VALUE_LENGTH), nullable=False),
+    Index("ix_saga_keys_name_value", "name", "value", "saga_id"),
 )
 
 timers = Table(

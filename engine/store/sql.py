@@ -64,6 +64,7 @@ from engine.store.schema import (
     history,
     inbox,
     outbox,
+    saga_keys,
     sagas,
     served,
     steps,
@@ -76,10 +77,12 @@ from engine.views import (
     HistoryView,
     RunningDefinition,
     SagaCount,
+    SagaCursor,
     SagaDetail,
     SagaSummary,
     StepView,
     StoreStats,
+    TimeRange,
     dead_letter_view,
 )
 
@@ -200,6 +203,11 @@ class SqlStoreTransaction:
         await self.conn.execute(
             insert(steps), [_step_row(state.id, st) for st in state.ordered_steps()]
         )
+        if state.keys:
+            await self.conn.execute(
+                insert(saga_keys),
+                [{"saga_id": state.id, "name": k, "value": v} for k, v in state.keys.items()],
+            )
         if new_timers := [_timer_row(state.id, t) for t in state.timers()]:
             await self.conn.execute(insert(timers), new_timers)
 
@@ -785,9 +793,15 @@ class SqlSagaStore:
             hist_rows = await conn.execute(
                 select(history).where(history.c.saga_id == saga_id).order_by(history.c.id)
             )
+            key_rows = await conn.execute(
+                select(saga_keys.c.name, saga_keys.c.value)
+                .where(saga_keys.c.saga_id == saga_id)
+                .order_by(saga_keys.c.name)
+            )
             return SagaDetail(
                 **_summary_fields(row),
                 input=row.input,
+                keys={k.name: k.value for k in key_rows},
                 trace_id=row.trace_id,
                 steps=[
                     StepView(
@@ -819,8 +833,13 @@ class SqlSagaStore:
         limit: int = 50,
         version: int | None = None,
         held: bool = False,
+        keys: Mapping[str, str] | None = None,
+        created: TimeRange | None = None,
+        updated: TimeRange | None = None,
+        after: SagaCursor | None = None,
     ) -> list[SagaSummary]:
-        query = select(sagas).order_by(sagas.c.created_at.desc(), sagas.c.id).limit(limit)
+        order = (sagas.c.created_at.desc(), sagas.c.id.desc())
+        query = select(sagas).order_by(*order).limit(limit)
         if status is not None:
             query = query.where(sagas.c.status == status.value)
         if name is not None:
@@ -829,6 +848,25 @@ class SqlSagaStore:
             query = query.where(sagas.c.version == version)
         if held:
             query = query.where(sagas.c.held_at.is_not(None))
+        for key, value in sorted((keys or {}).items()):
+            # One probe of ix_saga_keys_name_value per key: the keys AND together.
+            query = query.where(
+                sagas.c.id.in_(
+                    select(saga_keys.c.saga_id).where(
+                        saga_keys.c.name == key, saga_keys.c.value == value
+                    )
+                )
+            )
+        query = query.where(*_in_range(sagas.c.created_at, created))
+        query = query.where(*_in_range(sagas.c.updated_at, updated))
+        if after is not None:
+            # Strictly after the cursor in (created_at, id) descending: a stable order,
+            # so pages neither repeat nor skip a saga when new ones arrive.
+            # A row comparison: one range of ix_saga_instances_created (created_at, id).
+            query = query.where(
+                tuple_(sagas.c.created_at, sagas.c.id)
+                < tuple_(literal(after.created_at, UTCDateTime), literal(after.saga_id))
+            )
         async with self.engine.connect() as conn:
             return [SagaSummary(**_summary_fields(r)) for r in await conn.execute(query)]
 
@@ -1081,7 +1119,9 @@ class SqlSagaStore:
             async def gone(statement: Any) -> int:
                 return int((await conn.execute(statement)).rowcount)
 
-            # Children first: correct without ON DELETE CASCADE, and counted.
+            # Children first: correct without ON DELETE CASCADE, and counted (the
+            # keys are part of the saga row, found by an index: not counted apart).
+            await conn.execute(delete(saga_keys).where(saga_keys.c.saga_id.in_(ids)))
             return PruneCounts(
                 history=await gone(delete(history).where(history.c.saga_id.in_(ids))),
                 steps=await gone(delete(steps).where(steps.c.saga_id.in_(ids))),
@@ -1095,6 +1135,18 @@ class SqlSagaStore:
 
     async def close(self) -> None:
         await self.engine.dispose()
+
+
+def _in_range(column: Column[Any], span: TimeRange | None) -> list[ColumnElement[bool]]:
+    """``column`` within ``span`` (its start included, its end not), where given."""
+    if span is None:
+        return []
+    where: list[ColumnElement[bool]] = []
+    if span.start is not None:
+        where.append(column >= literal(span.start, UTCDateTime))
+    if span.end is not None:
+        where.append(column < literal(span.end, UTCDateTime))
+    return where
 
 
 def _prunable(before: datetime) -> ColumnElement[bool]:
