@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from engine.settings import Settings
     from engine.states import SagaStatus, StepStatus
     from engine.topology import Topology
-    from engine.views import SagaDetail, SagaSummary, StepView
+    from engine.views import SagaCursor, SagaDetail, SagaPage, SagaSummary, StepView, TimeRange
     from engine.wiring import Wiring
     from engine.worker import HandlerContext, Worker, WorkerRunner
 
@@ -73,9 +73,11 @@ _EXPORTS = {
     "RetryPolicy": "engine.definition",
     "Saga": "engine.definition",
     "SagaClient": "engine.client",
+    "SagaCursor": "engine.views",
     "SagaDetail": "engine.views",
     "SagaError": "engine.errors",
     "SagaNotFoundError": "engine.errors",
+    "SagaPage": "engine.views",
     "SagaRegistry": "engine.registry",
     "SagaStatus": "engine.states",
     "SagaSummary": "engine.views",
@@ -84,6 +86,7 @@ _EXPORTS = {
     "StepContext": "engine.definition",
     "StepStatus": "engine.states",
     "StepView": "engine.views",
+    "TimeRange": "engine.views",
     "Topology": "engine.topology",
     "UnknownSagaError": "engine.errors",
     "WaitFor": "engine.definition",
@@ -116,9 +119,11 @@ __all__ = [
     "RetryPolicy",
     "Saga",
     "SagaClient",
+    "SagaCursor",
     "SagaDetail",
     "SagaError",
     "SagaNotFoundError",
+    "SagaPage",
     "SagaRegistry",
     "SagaStatus",
     "SagaSummary",
@@ -127,6 +132,7 @@ __all__ = [
     "StepContext",
     "StepStatus",
     "StepView",
+    "TimeRange",
     "Topology",
     "UnknownSagaError",
     "WaitFor",
