@@ -861,8 +861,8 @@ class SqlSagaStore:
         query = query.where(*_in_range(sagas.c.updated_at, updated))
         if after is not None:
             # Strictly after the cursor in (created_at, id) descending: a stable order,
-            # so pages neither repeat nor skip a saga when new ones arrive.
-            # A row comparison: one range of ix_saga_instances_created (created_at, id).
+            # so pages neither repeat nor skip a saga when new ones arrive. A row
+            # comparison: one range of ix_saga_instances_created (created_at, id).
             query = query.where(
                 tuple_(sagas.c.created_at, sagas.c.id)
                 < tuple_(literal(after.created_at, UTCDateTime), literal(after.saga_id))
