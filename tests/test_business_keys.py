@@ -79,7 +79,14 @@ PARENT = Saga(
     steps=[Child("send", saga=PARCEL, input=lambda ctx: {"parcel": f"p-{ctx.saga_id}"})],
     keys=("order_id",),
 )
-REGISTRY = SagaRegistry([ORDER, ORDER_V2, PARCEL, PARENT])
+#: Its child's key would be over the limit: the step starting it fails instead.
+OVERSIZED = Saga(
+    name="oversized_parent",
+    version=1,
+    input=Order,
+    steps=[Child("send", saga=PARCEL, input=lambda ctx: {"parcel": "p" * KEY_VALUE_LENGTH * 2})],
+)
+REGISTRY = SagaRegistry([ORDER, ORDER_V2, PARCEL, PARENT, OVERSIZED])
 
 
 class Clock:
@@ -172,6 +179,11 @@ async def test_a_child_saga_gets_the_keys_of_its_own_definition(any_store: SqlSa
     assert (await client.get(parent)).keys == {"order_id": "o-7"}
     assert (await client.get(child)).keys == {"parcel_no": f"P-{parent}".upper()}
     assert [s.id for s in await client.find(parcel_no=f"P-{parent}".upper())] == [child]
+
+    refused = await client.get(await client.start("oversized_parent", order(8)))
+    assert refused.status is SagaStatus.COMPENSATED
+    assert refused.steps[0].error is not None
+    assert refused.steps[0].error.startswith("child saga keys refused: saga 'parcel': ")
 
 
 async def test_filters_combine(any_store: SqlSagaStore) -> None:
@@ -285,6 +297,7 @@ def test_sagactl_list_by_key_pages_with_after(keyed_db: tuple[str, list[str]]) -
     assert listed(sagactl(url, "--json", "list", "--key", "order_id=o-3")) == [ids[3]]
     both = ("--key", "order_id=o-3", "--key", "customer_id=c2")
     assert listed(sagactl(url, "--json", "list", *both)) == []
+    assert "keys customer_id=c1  order_id=o-3\n" in sagactl(url, "show", ids[3]).stdout
 
     first = sagactl(url, "--json", "list", "--key", "customer_id=c1", "--limit", "2")
     rows = json.loads(first.stdout)
