@@ -392,7 +392,8 @@ class SagaClient:
         serves them; with every business key of ``keys`` (name -> value); created or
         last updated within a :class:`~engine.views.TimeRange`; after a cursor (a
         saga's :attr:`~engine.views.SagaSummary.cursor`, the last of the page before).
-        :meth:`page` also says whether more follow."""
+        :meth:`page` also says whether more follow. A cursor text that is not one
+        raises ValueError; a key value no saga can have, LimitError."""
         return await self.queries.list_sagas(
             status=status,
             name=name,
