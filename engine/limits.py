@@ -182,10 +182,11 @@ def check_name(name: str, what: str = "the name") -> None:
 
 
 def check_key(name: str, value: str) -> None:
-    """Refuse a business key value that is not one printable line of at most
-    :data:`KEY_VALUE_LENGTH` characters (a key is searched for, never cut: a cut
-    value would find the wrong saga)."""
-    _check_text(value, f"business key {name!r}", KEY_VALUE_LENGTH)
+    """Refuse a business key value over :data:`KEY_VALUE_LENGTH` characters or holding
+    a NUL (a key is searched for, never cut: a cut value would find the wrong saga).
+    Line breaks and other control characters come from the user's input and are kept
+    as written, so the key finds its saga; every reader shows them escaped."""
+    _check_text(value, f"business key {name!r}", KEY_VALUE_LENGTH, controls=True)
 
 
 def check_reason(reason: str | None, what: str = "the reason") -> None:
