@@ -533,3 +533,32 @@ def migrated_sqlite(path: Path) -> Path:
 
     asyncio.run(migrate())
     return path
+
+
+def chaotic_transports(
+    rng: random.Random, *, duplicate: float, delay: float, refuse: float
+) -> TransportFactory:
+    """A transport factory for the property tests: in-process transports that
+    duplicate, delay (so reorder) and refuse publishes, each with its own seed."""
+
+    def chaotic(broker: MemoryBroker, role: str) -> Transport:
+        return ChaosTransport(
+            MemoryTransport(broker),
+            random.Random(rng.random()),
+            duplicate=duplicate,
+            delay=delay,
+            max_delay=0.25,
+            refuse=refuse,
+        )
+
+    return chaotic
+
+
+def flaky_workers(
+    workers: Mapping[str, Worker], rng: random.Random, error_rate: float
+) -> dict[str, Worker]:
+    """Each worker made flaky (:func:`flaky_worker`) with its own seed."""
+    return {
+        name: flaky_worker(worker, random.Random(rng.random()), error_rate)
+        for name, worker in workers.items()
+    }

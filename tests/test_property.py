@@ -21,20 +21,18 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from engine.states import SagaStatus, StepStatus
-from engine.transport.base import Transport
-from engine.transport.memory import MemoryBroker, MemoryTransport
 from tests.helpers import (
     DEFAULT_STOCK,
     EXAMPLE_WORKERS,
     ORDER_STEPS,
     PRICE,
     QUANTITY,
-    ChaosTransport,
     EmbeddedSystem,
     assert_books_balance,
     assert_compensated_in_reverse,
+    chaotic_transports,
     fast_order_saga,
-    flaky_worker,
+    flaky_workers,
     may_have_run,
 )
 
@@ -71,20 +69,10 @@ scenarios = st.builds(
 async def run(scenario: Scenario, db_path: Path) -> None:
     rng = random.Random(scenario.seed)
 
-    def chaotic(broker: MemoryBroker, role: str) -> Transport:
-        return ChaosTransport(
-            MemoryTransport(broker),
-            random.Random(rng.random()),
-            duplicate=scenario.duplicate,
-            delay=scenario.delay,
-            max_delay=0.25,
-            refuse=scenario.refuse,
-        )
-
-    workers = {
-        name: flaky_worker(worker, random.Random(rng.random()), scenario.error_rate)
-        for name, worker in EXAMPLE_WORKERS.items()
-    }
+    chaotic = chaotic_transports(
+        rng, duplicate=scenario.duplicate, delay=scenario.delay, refuse=scenario.refuse
+    )
+    workers = flaky_workers(EXAMPLE_WORKERS, rng, scenario.error_rate)
     async with EmbeddedSystem(
         db_path,
         sagas=[fast_order_saga(scenario.timeout)],

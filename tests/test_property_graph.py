@@ -44,16 +44,14 @@ from engine.definition import (
 from engine.errors import BusinessFailure, OperationRefused
 from engine.model import SagaState
 from engine.states import SagaStatus
-from engine.transport.base import Transport
-from engine.transport.memory import MemoryBroker, MemoryTransport
 from engine.views import HistoryView, SagaDetail
 from engine.worker.worker import HandlerContext, Worker
 from tests.helpers import (
     FAST_COMPENSATION_RETRY,
     FAST_RETRY,
-    ChaosTransport,
     EmbeddedSystem,
-    flaky_worker,
+    chaotic_transports,
+    flaky_workers,
 )
 
 # -- the test participants and their ledger ---------------------------------------------
@@ -431,20 +429,10 @@ async def run(scenario: GraphScenario, db_path: Path) -> tuple[Saga, list[Outcom
     ]
     waits = [n for n in definition.nodes if isinstance(n, WaitFor)]
 
-    def chaotic(broker: MemoryBroker, role: str) -> Transport:
-        return ChaosTransport(
-            MemoryTransport(broker),
-            random.Random(rng.random()),
-            duplicate=scenario.duplicate,
-            delay=scenario.delay,
-            max_delay=0.25,
-            refuse=scenario.refuse,
-        )
-
-    workers = {
-        name: flaky_worker(worker, random.Random(rng.random()), scenario.error_rate)
-        for name, worker in WORKERS.items()
-    }
+    chaotic = chaotic_transports(
+        rng, duplicate=scenario.duplicate, delay=scenario.delay, refuse=scenario.refuse
+    )
+    workers = flaky_workers(WORKERS, rng, scenario.error_rate)
     async with EmbeddedSystem(
         db_path,
         sagas=[definition],
