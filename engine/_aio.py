@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterable, AsyncIterator
-from typing import TypeVar
+from types import TracebackType
+from typing import Self, TypeVar
 
 T = TypeVar("T")
 
@@ -59,3 +60,21 @@ async def batched(source: AsyncIterable[T], max_size: int) -> AsyncIterator[list
             raise pumping.exception()  # type: ignore[misc]
     finally:
         pumping.cancel()
+
+
+class Closing:
+    """``async with`` for a class whose :meth:`close` releases what it holds."""
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()

@@ -13,11 +13,11 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from datetime import timedelta
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
+from engine._aio import Closing
 from engine.clock import Clock, utc_now
 from engine.deadletters import describe, replay_headers
 from engine.definition import Saga
@@ -93,7 +93,7 @@ OPERATOR_CONFLICT_RETRIES = 10
 SERVED_TTL = 1.0
 
 
-class SagaClient:
+class SagaClient(Closing):
     """Starts sagas, reads their state, and repairs them as an operator would.
 
     What it writes goes into the database only (a saga, its first command in the
@@ -219,18 +219,6 @@ class SagaClient:
             limits=connections.limits,
             start_versions=connections.settings.start_version_map,
         )
-
-    async def __aenter__(self) -> SagaClient:
-        """``async with``: the client closes (its database pool) on the way out."""
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def close(self) -> None:
         """Close the store (its database connections)."""

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from engine._aio import Closing
 from engine.database import check_schema, create_engine, upgrade
 from engine.definition import Saga
 from engine.limits import Limits
@@ -29,7 +28,7 @@ from engine.transport.factory import messaging_system, transport_from_url
 from engine.transport.memory import MemoryBroker, MemoryTransport
 
 
-class Connections:
+class Connections(Closing):
     """The database, store, transports and names of one process, from one Settings.
 
     Everything left out comes from ``settings`` (by default :func:`load_settings`: the
@@ -161,14 +160,3 @@ class Connections:
             if self._owns_database and self._database is not None:
                 await self._database.dispose()
             self._database = self._store = self._signal = None
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
