@@ -67,8 +67,9 @@ async def login(request: Request) -> Response:
         error = "no credentials are configured: the console only reads"
         return console.page(request, "login.html", {"error": error, "next": next_path}, 403)
     if not _same_origin(request):
-        return console.page(request, "login.html", {"error": "cross-site login refused",
-                                                    "next": next_path}, 403)
+        return console.page(
+            request, "login.html", {"error": "cross-site login refused", "next": next_path}, 403
+        )
     user = console.settings.authenticate(form.get("user") or None, form.get("password", ""))
     if user is None:
         error = "wrong user name, password or token"
@@ -104,7 +105,11 @@ async def _allowed(request: Request) -> tuple[Identity | None, dict[str, str], R
         return None, {}, _refused(request, 401, "log in to act")
     form = await read_form(request)
     if not _same_origin(request) or not csrf_ok(identity, form.get("csrf")):
-        return None, {}, _refused(request, 403, "refused: the form's CSRF token is missing or wrong")
+        return (
+            None,
+            {},
+            _refused(request, 403, "refused: the form's CSRF token is missing or wrong"),
+        )
     reason = form.get("reason", "").strip() or None
     form["reason"] = reason or ""
     return identity, form, None

@@ -72,10 +72,10 @@ def create_app(
             request.state.identity = identity
             if settings.has_credentials and identity is None:
                 if page and request.method == "GET":
-                    target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-                    return RedirectResponse(
-                        "/login?" + _query(next=target), status_code=303
+                    target = request.url.path + (
+                        f"?{request.url.query}" if request.url.query else ""
                     )
+                    return RedirectResponse("/login?" + _query(next=target), status_code=303)
                 response = Response("authentication required", status_code=401)
                 if settings.console_users is not None:
                     response.headers["WWW-Authenticate"] = 'Basic realm="saga-engine console"'

@@ -102,7 +102,9 @@ class Sessions:
             del self._by_id[key]
 
 
-def identify(conn: HTTPConnection, settings: ConsoleSettings, sessions: Sessions) -> Identity | None:
+def identify(
+    conn: HTTPConnection, settings: ConsoleSettings, sessions: Sessions
+) -> Identity | None:
     """Who sent this request, if anyone authenticated; None otherwise (also when no
     credentials are configured: then nobody can act)."""
     if not settings.has_credentials:

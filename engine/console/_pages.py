@@ -151,16 +151,19 @@ async def saga_list(request: Request) -> Response:
         "query": query,
         "page": page,
         "next_url": _next_url(request, page.next) if page.next else None,
+        "first_url": _next_url(request, None),
         "statuses": list(SagaStatus),
         "saga_names": sorted({s.name for s in console.client.registry}),
     }
     return console.page(request, "sagas.html", context, 400 if query.errors else 200)
 
 
-def _next_url(request: Request, cursor: str) -> str:
-    """The same list, after ``cursor``."""
+def _next_url(request: Request, cursor: str | None) -> str:
+    """The same list, after ``cursor`` (None: its first page)."""
     params = [(k, v) for k, v in request.query_params.multi_items() if k != "after" and v]
-    return "/sagas?" + urlencode([*params, ("after", cursor)])
+    if cursor is not None:
+        params.append(("after", cursor))
+    return "/sagas" + (f"?{urlencode(params)}" if params else "")
 
 
 def saga_context(console: Console, detail: SagaDetail) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import socket
 from collections.abc import Callable
 
 import uvicorn
@@ -26,20 +26,28 @@ async def serve(
     import is an error here, before anything listens.
     """
     client = await SagaClient.connect(settings=settings)
+    mode = "actions on" if settings.console_actions else "read-only"
     try:
         app = create_app(settings, client=client)
         config = uvicorn.Config(
             app, host=host, port=port, log_level="warning", access_log=False, lifespan="on"
         )
-        server = uvicorn.Server(config)
-        task = asyncio.create_task(server.serve())
-        while not server.started and not task.done():
-            await asyncio.sleep(0.05)
-        if server.started:
-            bound = server.servers[0].sockets[0].getsockname()
-            shown_host = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
-            mode = "actions on" if settings.console_actions else "read-only"
-            announce(f"saga-engine console on http://{shown_host}:{bound[1]}/ ({mode})")
-        await task
+        await _Announcing(config, lambda url: announce(f"{url} ({mode})")).serve()
     finally:
         await client.close()
+
+
+class _Announcing(uvicorn.Server):
+    """A uvicorn server that tells the URL it listens on once it does."""
+
+    def __init__(self, config: uvicorn.Config, announce: Callable[[str], None]) -> None:
+        super().__init__(config)
+        self._announce = announce
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        """Start listening, then announce where."""
+        await super().startup(sockets)
+        if self.started and self.servers and self.servers[0].sockets:
+            host, port = self.servers[0].sockets[0].getsockname()[:2]
+            shown = f"[{host}]" if ":" in host else host
+            self._announce(f"saga-engine console on http://{shown}:{port}/")

@@ -115,9 +115,7 @@ class _Step:
     last: Bar | None = None
 
 
-def timeline(
-    detail: SagaDetail, now: datetime, *, pivot: str | None = None
-) -> Timeline:
+def timeline(detail: SagaDetail, now: datetime, *, pivot: str | None = None) -> Timeline:
     """The bars of saga ``detail`` as of ``now``; ``pivot`` names its pivot step."""
     steps = {s.name: _Step(s.started_at) for s in detail.steps}
     bars: list[Bar] = []
@@ -183,11 +181,16 @@ def _end_forward(
     """A forward attempt ended; one ending told twice at one instant (a timeout past
     the pivot is also a failed attempt) stays one bar."""
     last = st.last
-    if last is not None and last.end == entry.at and st.next_start is None:
-        if outcome in ("error", "failed") and last.outcome == "timed_out":
-            last.detail = f"{last.detail}; {entry.detail}" if last.detail else entry.detail
-            st.next_start = _retry_at(entry) if outcome == "error" else None
-            return
+    if (
+        last is not None
+        and last.end == entry.at
+        and st.next_start is None
+        and outcome in ("error", "failed")
+        and last.outcome == "timed_out"
+    ):
+        last.detail = f"{last.detail}; {entry.detail}" if last.detail else entry.detail
+        st.next_start = _retry_at(entry) if outcome == "error" else None
+        return
     start = st.next_start or (st.started_at if st.attempts == 0 else None) or entry.at
     if start > entry.at:
         # Ended (cancelled) during its backoff: that attempt was never dispatched.
@@ -284,5 +287,3 @@ def _laid_out(detail: SagaDetail, bars: list[Bar], now: datetime) -> Timeline:
         bar.left = round(min(left, 100 - MIN_WIDTH), 3)
         bar.width = round(max(right - left, MIN_WIDTH), 3)
     return Timeline(start=start, end=end, bars=bars)
-
-
