@@ -912,7 +912,8 @@ def console_cmd(options: Options, host: str, port: int) -> None:
     try:
         from engine.console import load_console_settings, serve
     except ImportError as exc:
-        fail(f"the web console needs {exc.name}: pip install 'saga-engine[console]'")
+        missing = (exc.name or "its packages").split(".")[0]
+        fail(f"the web console needs {missing}: pip install 'saga-engine[console]'")
     try:
         settings = load_console_settings(**options.settings.model_dump())
     except ConfigError as exc:
