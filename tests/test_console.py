@@ -384,6 +384,23 @@ async def test_actions_need_authentication_and_record_the_user(tmp_path: Path) -
             assert secret not in str(response.headers)
 
 
+async def test_guessing_credentials_is_throttled() -> None:
+    app = create_app(settings(console_token=TOKEN, console_users=f"alice:{PASSWORD}"))
+    app.state.console.sessions.max_failures = 3
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://console") as http:
+        for guess in ("a" * 16, "b" * 16):
+            wrong = await http.get("/sagas", headers={"Authorization": f"Bearer {guess}"})
+            assert wrong.status_code == 303
+        failed = await http.post("/login", data={"user": "alice", "password": "guess-guess"})
+        assert failed.status_code == 401
+        for headers in ({"Authorization": f"Bearer {TOKEN}"}, _basic("alice", PASSWORD)):
+            throttled = await http.get("/sagas", headers=headers)  # even the right ones
+            assert (throttled.status_code, throttled.headers["retry-after"]) == (429, "60")
+        login = await http.post("/login", data={"user": "alice", "password": PASSWORD})
+        assert login.status_code == 429
+
+
 def _basic(user: str, password: str) -> dict[str, str]:
     encoded = base64.b64encode(f"{user}:{password}".encode()).decode()
     return {"Authorization": f"Basic {encoded}"}

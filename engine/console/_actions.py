@@ -7,20 +7,14 @@ authenticated; it records the authenticated user as the actor, through the same
 
 from __future__ import annotations
 
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, quote, urlsplit
 
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from engine.console._auth import COOKIE, Identity, csrf_ok
 from engine.console._pages import console_of
-from engine.errors import (
-    ConcurrencyConflict,
-    DeadLetterNotFoundError,
-    LimitError,
-    OperationRefused,
-    SagaNotFoundError,
-)
+from engine.errors import DeadLetterNotFoundError, SagaError, SagaNotFoundError
 
 #: The largest form body read (a reason is at most a few KiB).
 MAX_FORM_BYTES = 16 * 1024
@@ -70,8 +64,12 @@ async def login(request: Request) -> Response:
         return console.page(
             request, "login.html", {"error": "cross-site login refused", "next": next_path}, 403
         )
+    if console.sessions.throttled():
+        error = "too many failed logins: try again in a minute"
+        return console.page(request, "login.html", {"error": error, "next": next_path}, 429)
     user = console.settings.authenticate(form.get("user") or None, form.get("password", ""))
     if user is None:
+        console.sessions.failed()
         error = "wrong user name, password or token"
         return console.page(request, "login.html", {"error": error, "next": next_path}, 401)
     response = RedirectResponse(next_path, status_code=303)
@@ -140,9 +138,9 @@ async def saga_action(request: Request) -> Response:
             await console.client.cancel(saga_id, actor=identity.user, reason=reason)
     except SagaNotFoundError as exc:
         return _refused(request, 404, str(exc))
-    except (OperationRefused, ConcurrencyConflict, LimitError) as exc:
+    except SagaError as exc:  # refused, kept changing, over a limit, not loaded here
         return _refused(request, 409, str(exc))
-    return RedirectResponse(f"/sagas/{saga_id}", status_code=303)
+    return RedirectResponse(f"/sagas/{quote(saga_id, safe='')}", status_code=303)
 
 
 async def replay(request: Request) -> Response:
@@ -159,6 +157,6 @@ async def replay(request: Request) -> Response:
         )
     except DeadLetterNotFoundError as exc:
         return _refused(request, 404, str(exc))
-    except (OperationRefused, LimitError) as exc:
+    except SagaError as exc:
         return _refused(request, 409, str(exc))
     return RedirectResponse(f"/dlq/{letter}", status_code=303)

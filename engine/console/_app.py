@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine.client import SagaClient
 from engine.console import _actions, _live, _pages
-from engine.console._auth import identify
+from engine.console._auth import Throttled, identify
 from engine.console._settings import ConsoleSettings, load_console_settings
 from engine.console._state import HERE, Console
 
@@ -68,7 +68,10 @@ def create_app(
         """Who the request is from; with credentials configured, nobody else passes."""
 
         async def guarded(request: Request) -> Response:
-            identity = identify(request, settings, console.sessions)
+            try:
+                identity = identify(request, settings, console.sessions)
+            except Throttled:
+                return _too_many()
             request.state.identity = identity
             if settings.has_credentials and identity is None:
                 if page and request.method == "GET":
@@ -85,7 +88,10 @@ def create_app(
         return guarded
 
     async def login_page(request: Request) -> Response:
-        request.state.identity = identify(request, settings, console.sessions)
+        try:
+            request.state.identity = identify(request, settings, console.sessions)
+        except Throttled:
+            return _too_many()
         return await _actions.login_form(request)
 
     routes = [
@@ -111,6 +117,14 @@ def create_app(
     app.state.console = console
     app.add_middleware(SecurityHeaders)
     return app
+
+
+def _too_many() -> Response:
+    return Response(
+        "too many failed logins: try again in a minute",
+        status_code=429,
+        headers={"Retry-After": "60"},
+    )
 
 
 def _action_route(handler: Handler) -> Handler:

@@ -22,6 +22,7 @@ import hashlib
 import hmac
 import secrets
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Literal
 
@@ -35,6 +36,11 @@ COOKIE = "saga_console_session"
 SESSION_IDLE = 8 * 3600
 #: Most sessions kept; the least recently used go first.
 MAX_SESSIONS = 1000
+#: Failed logins (form, bearer or basic) allowed per :data:`FAILURE_WINDOW` seconds,
+#: all clients together; past that, credentials are not even checked until the
+#: window has moved on (sessions already open go on working).
+MAX_FAILURES = 30
+FAILURE_WINDOW = 60.0
 
 Via = Literal["bearer", "basic", "session"]
 
@@ -64,6 +70,21 @@ class Sessions:
         self._by_id: dict[str, _Session] = {}
         #: Signs the CSRF tokens of basic-auth users; new with each process.
         self._key = secrets.token_bytes(32)
+        #: When the recent failed logins were (monotonic seconds).
+        self._failures: deque[float] = deque()
+        self.max_failures = MAX_FAILURES
+
+    def failed(self) -> None:
+        """Count a failed login."""
+        self._failures.append(time.monotonic())
+
+    def throttled(self) -> bool:
+        """Whether too many logins failed lately to check another one: guessing a
+        password or the token through the console is bounded."""
+        horizon = time.monotonic() - FAILURE_WINDOW
+        while self._failures and self._failures[0] < horizon:
+            self._failures.popleft()
+        return len(self._failures) >= self.max_failures
 
     def open(self, user: str) -> str:
         """A new session for ``user``; returns its id (the cookie's value)."""
@@ -102,30 +123,46 @@ class Sessions:
             del self._by_id[key]
 
 
+class Throttled(Exception):
+    """Too many logins failed lately: this one is not checked (HTTP 429)."""
+
+
 def identify(
     conn: HTTPConnection, settings: ConsoleSettings, sessions: Sessions
 ) -> Identity | None:
     """Who sent this request, if anyone authenticated; None otherwise (also when no
-    credentials are configured: then nobody can act)."""
+    credentials are configured: then nobody can act). Raises :class:`Throttled`
+    for credentials in a header while too many logins fail."""
     if not settings.has_credentials:
         return None
     header = conn.headers.get("authorization", "")
     scheme, _, value = header.partition(" ")
-    if scheme.lower() == "bearer" and value:
-        user = settings.authenticate(None, value.strip()) if settings.console_token else None
+    if scheme.lower() in ("bearer", "basic") and value:
+        if sessions.throttled():
+            raise Throttled()
+        identity = _from_header(scheme.lower(), value.strip(), settings, sessions)
+        if identity is None:
+            sessions.failed()
+        return identity
+    session = sessions.find(conn.cookies.get(COOKIE))
+    if session is not None:
+        return Identity(session.user, "session", session.csrf)
+    return None
+
+
+def _from_header(
+    scheme: str, value: str, settings: ConsoleSettings, sessions: Sessions
+) -> Identity | None:
+    if scheme == "bearer":
+        user = settings.authenticate(None, value) if settings.console_token else None
         # A bearer token authenticates the token's holder only, never a user.
         if user is not None and user == settings.console_token_user:
             return Identity(user, "bearer", None)
         return None
-    if scheme.lower() == "basic" and value:
-        name, password = _basic(value.strip())
-        user = settings.authenticate(name, password) if name is not None else None
-        if user is not None and settings.users.get(user) is not None and user == name:
-            return Identity(user, "basic", sessions.basic_csrf(user))
-        return None
-    session = sessions.find(conn.cookies.get(COOKIE))
-    if session is not None:
-        return Identity(session.user, "session", session.csrf)
+    name, password = _basic(value)
+    user = settings.authenticate(name, password) if name is not None else None
+    if user is not None and settings.users.get(user) is not None and user == name:
+        return Identity(user, "basic", sessions.basic_csrf(user))
     return None
 
 
