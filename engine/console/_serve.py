@@ -30,7 +30,14 @@ async def serve(
     try:
         app = create_app(settings, client=client)
         config = uvicorn.Config(
-            app, host=host, port=port, log_level="warning", access_log=False, lifespan="on"
+            app,
+            host=host,
+            port=port,
+            log_level="warning",
+            access_log=False,
+            lifespan="on",
+            # Live pages hold a stream open: stop without waiting for them.
+            timeout_graceful_shutdown=2,
         )
         await _Announcing(config, lambda url: announce(f"{url} ({mode})")).serve()
     finally:
