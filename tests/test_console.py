@@ -24,14 +24,14 @@ from typing import Any
 import httpx
 import pytest
 from click.testing import CliRunner
-from pydantic import SecretStr
+from pydantic import BaseModel, SecretStr
 from sqlalchemy import update
 
 from engine.cli.app import cli
 from engine.console import ConsoleSettings, create_app, load_console_settings
 from engine.console._timeline import timeline
 from engine.database import create_engine, upgrade
-from engine.definition import Saga
+from engine.definition import Child, Local, Saga
 from engine.errors import ConfigError
 from engine.redact import redact
 from engine.states import SagaStatus, StepStatus
@@ -192,6 +192,32 @@ async def test_a_compensated_sagas_timeline_history_and_trace_link(tmp_path: Pat
             assert 'id="trace"' not in page.text and TRACE_ID in page.text
             missing = await http.get("/sagas/no-such-saga")
             assert missing.status_code == 404
+
+
+class Note(BaseModel):
+    text: str
+
+
+#: A parent that starts a child saga: the page links one to the other.
+NOTE = Saga(name="note", version=1, input=Note, steps=[Local("write", lambda ctx: {"ok": 1})])
+NOTED = Saga(
+    name="noted",
+    version=1,
+    input=Note,
+    steps=[Child("child", saga=NOTE, input=lambda ctx: {"text": "hi"})],
+)
+
+
+async def test_a_parents_page_links_its_child_saga(tmp_path: Path) -> None:
+    async with EmbeddedSystem(tmp_path / "c.db", sagas=[NOTED, NOTE], run_workers=[]) as system:
+        parent = await system.client.start(NOTED, {"text": "x"})
+        await settle(system, parent)
+        (child,) = [s.id for s in await system.client.list(name="note")]
+        async with browse(system) as http:
+            page = await http.get(f"/sagas/{parent}")
+            assert f'<a class="child" href="/sagas/{child}">' in page.text
+            assert bars(page) == [("child", "forward")]
+            assert bars(await http.get(f"/sagas/{child}")) == [("write", "forward")]
 
 
 async def test_stats_and_dead_letters_pages(tmp_path: Path) -> None:

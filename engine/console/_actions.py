@@ -31,11 +31,13 @@ async def read_form(request: Request) -> dict[str, str]:
 
 
 def _same_origin(request: Request) -> bool:
-    """A browser's POST names the page it came from: it must be this console."""
+    """A browser's POST names the page it came from: it must be this console, as the
+    browser reached it (``Host``, or a reverse proxy's ``X-Forwarded-Host``)."""
     origin = request.headers.get("origin")
     if origin is None:  # not a browser (browsers send it with every POST)
         return True
-    return urlsplit(origin).netloc == request.headers.get("host", "")
+    hosts = {request.headers.get("host"), request.headers.get("x-forwarded-host")}
+    return urlsplit(origin).netloc in hosts - {None}
 
 
 async def login_form(request: Request) -> Response:

@@ -174,7 +174,17 @@ def saga_context(console: Console, detail: SagaDetail) -> dict[str, Any]:
         "now": now,
         "timeline": timeline(detail, now, pivot=console.pivot(detail.name, detail.version)),
         "finished": detail.status.is_terminal,
+        "children": children(detail),
     }
+
+
+def children(detail: SagaDetail) -> dict[str, str]:
+    """Step name -> the child saga it started last (its history says which)."""
+    found: dict[str, str] = {}
+    for entry in detail.history:
+        if entry.event == "child_started" and entry.step and entry.detail:
+            found[entry.step] = entry.detail.rsplit(" ", 1)[-1]
+    return found
 
 
 async def saga_page(request: Request) -> Response:
