@@ -369,7 +369,8 @@ async def test_actions_need_authentication_and_record_the_user(tmp_path: Path) -
                 f"/sagas/{second}/cancel", headers=other_site, data={"csrf": csrf}
             )
             assert forged.status_code == 403
-            done = await http.post(f"/sagas/{second}/cancel", headers=basic, data={"csrf": csrf})
+            proxied = {**basic, "Origin": "https://ops.example", "X-Forwarded-Host": "ops.example"}
+            done = await http.post(f"/sagas/{second}/cancel", headers=proxied, data={"csrf": csrf})
             assert done.status_code == 303, done.text
 
             # The login form: a session cookie, its own CSRF token.
