@@ -10,6 +10,7 @@ import uvicorn
 from engine.client import SagaClient
 from engine.console._app import create_app
 from engine.console._settings import ConsoleSettings
+from engine.errors import ConfigError
 
 
 async def serve(
@@ -39,9 +40,20 @@ async def serve(
             # Live pages hold a stream open: stop without waiting for them.
             timeout_graceful_shutdown=2,
         )
-        await _Announcing(config, lambda url: announce(f"{url} ({mode})")).serve()
+        listening = _listen(host, port)
+        await _Announcing(config, lambda url: announce(f"{url} ({mode})")).serve([listening])
     finally:
         await client.close()
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound here so that a port in use is one clear error."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=128)
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__
+        raise ConfigError(f"cannot listen on {host}:{port}: {why}") from None
 
 
 class _Announcing(uvicorn.Server):
