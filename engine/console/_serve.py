@@ -11,6 +11,7 @@ from engine.client import SagaClient
 from engine.console._app import create_app
 from engine.console._settings import ConsoleSettings
 from engine.errors import ConfigError
+from engine.telemetry.logs import configure_logging
 
 
 async def serve(
@@ -26,6 +27,9 @@ async def serve(
     The client connects first, so a missing database or a saga module that does not
     import is an error here, before anything listens.
     """
+    # The server's own records (a request that failed, with its traceback) go
+    # through the engine's log handler: redacted, in SAGA_LOG_FORMAT.
+    configure_logging("warning", settings.log_format)
     client = await SagaClient.connect(settings=settings)
     mode = "actions on" if settings.console_actions else "read-only"
     try:
@@ -35,6 +39,7 @@ async def serve(
             host=host,
             port=port,
             log_level="warning",
+            log_config=None,
             access_log=False,
             lifespan="on",
             # Live pages hold a stream open: stop without waiting for them.
