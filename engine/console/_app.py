@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
+from urllib.parse import urlencode
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -78,7 +79,8 @@ def create_app(
                     target = request.url.path + (
                         f"?{request.url.query}" if request.url.query else ""
                     )
-                    return RedirectResponse("/login?" + _query(next=target), status_code=303)
+                    login = "/login?" + urlencode({"next": target})
+                    return RedirectResponse(login, status_code=303)
                 response = Response("authentication required", status_code=401)
                 if settings.console_users is not None:
                     response.headers["WWW-Authenticate"] = 'Basic realm="saga-engine console"'
@@ -136,12 +138,6 @@ def _action_route(handler: Handler) -> Handler:
         return await handler(request)
 
     return route
-
-
-def _query(**params: str) -> str:
-    from urllib.parse import urlencode
-
-    return urlencode(params)
 
 
 class SecurityHeaders:
