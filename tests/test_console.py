@@ -592,6 +592,39 @@ def test_the_timeline_shows_compensation_retries_and_what_is_in_flight() -> None
     assert shown.end == at(4) and shown.bars[1].width == 75.0
 
 
+def test_the_timeline_of_a_compensation_parked_then_retried_by_an_operator() -> None:
+    saga = detail(
+        SagaStatus.COMPENSATED,
+        [
+            step("hotel", 0, StepStatus.COMPENSATED, 1, undo=3),
+            step("pay", 1, StepStatus.FAILED, 1, started=1),
+        ],
+        (0, "started", None, None),
+        (1, "step_succeeded", "hotel", "attempt 1"),
+        (2, "step_failed", "pay", "declined"),
+        (2, "compensating", None, "step 'pay' failed: declined"),
+        (3, "compensation_error", "hotel", "attempt 1/2: down; retry in 1.000s"),
+        (5, "parked", None, "compensation of step 'hotel' failed 2 times: down"),
+        (
+            8,
+            "retried",
+            "hotel",
+            "reason: back up; compensation of step 'hotel' dispatched as attempt 3, with a "
+            "fresh budget of 2 attempts",
+        ),
+        (9, "step_compensated", "hotel", "attempt 3"),
+        (9, "compensated", None, None),
+    )
+    shown = timeline(saga, at(20))
+    assert [(b.step, b.kind, b.attempt, b.outcome, b.start, b.end) for b in shown.bars] == [
+        ("hotel", "forward", 1, "succeeded", at(0), at(1)),
+        ("pay", "forward", 1, "failed", at(1), at(2)),
+        ("hotel", "compensation", 1, "error", at(2), at(3)),
+        ("hotel", "compensation", 2, "parked", at(4), at(5)),
+        ("hotel", "compensation", 3, "compensated", at(8), at(9)),
+    ]
+
+
 # -- PostgreSQL ---------------------------------------------------------------------------
 
 

@@ -113,6 +113,8 @@ class _Step:
     next_start: datetime | None = None
     next_compensation: datetime | None = None
     last: Bar | None = None
+    #: Whether its compensation succeeded.
+    undone: bool = False
 
 
 def timeline(detail: SagaDetail, now: datetime, *, pivot: str | None = None) -> Timeline:
@@ -134,7 +136,7 @@ def timeline(detail: SagaDetail, now: datetime, *, pivot: str | None = None) -> 
             compensation_next = entry.at
         elif event == "retried":
             _retried(entry, steps)
-        elif event == "parked" and compensation_next is not None:
+        elif event == "parked":
             _close_parked_compensation(detail, steps, bars, entry, compensation_next, order)
             compensation_next = None
         elif st is not None and name is not None and event in _FORWARD_ENDS:
@@ -149,7 +151,7 @@ def timeline(detail: SagaDetail, now: datetime, *, pivot: str | None = None) -> 
             bars.append(bar)
             st.next_compensation = _retry_at(entry) if event == "compensation_error" else None
             if event == "step_compensated":
-                compensation_next = entry.at
+                compensation_next, st.undone = entry.at, True
     _open_bars(detail, steps, bars, now, compensation_next)
     for bar in bars:
         bar.pivot = bar.step == pivot and bar.kind == "forward"
@@ -215,21 +217,31 @@ def _close_parked_compensation(
     steps: dict[str, _Step],
     bars: list[Bar],
     entry: HistoryView,
-    compensation_next: datetime,
+    compensation_next: datetime | None,
     order: int,
 ) -> None:
-    """The saga parked while compensating: the compensation in flight (the step it
-    parked at, still compensating) ended there, failed for good."""
-    for view in detail.steps:
-        st = steps[view.name]
-        if view.status is StepStatus.COMPENSATING and st.compensations < view.compensation_attempts:
-            st.compensations += 1
-            start = st.next_compensation or compensation_next
-            bar = Bar(view.name, "compensation", st.compensations, start, entry.at, "parked")
-            bar.detail, bar.order = entry.detail, order
-            bars.append(bar)
-            st.next_compensation = None
-            return
+    """The saga parked while compensating: the compensation in flight ended there,
+    failed for good. It is the one whose retry was pending, else the next the saga
+    would undo (the latest completed step with a compensation attempt not seen yet)."""
+    candidates = [
+        view
+        for view in detail.steps
+        if steps[view.name].compensations < view.compensation_attempts
+        and not steps[view.name].undone
+    ]
+    pending = [v for v in candidates if steps[v.name].next_compensation is not None]
+    if compensation_next is None and not pending:
+        return  # parked going forward (past the pivot): no compensation was in flight
+    if not candidates:
+        return  # parked before any compensation went (at a pivot)
+    view = (pending or sorted(candidates, key=lambda v: (v.completed or -1, v.position)))[-1]
+    st = steps[view.name]
+    st.compensations += 1
+    start = st.next_compensation or compensation_next or entry.at
+    bar = Bar(view.name, "compensation", st.compensations, start, entry.at, "parked")
+    bar.detail, bar.order = entry.detail, order
+    bars.append(bar)
+    st.next_compensation = None
 
 
 def _open_bars(
