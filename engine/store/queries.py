@@ -14,6 +14,7 @@ from engine.states import SagaStatus
 from engine.views import (
     DeadLetterRef,
     DeadLetterView,
+    PendingWork,
     RunningDefinition,
     SagaCursor,
     SagaDetail,
@@ -28,6 +29,17 @@ class SagaQueries(Protocol):
     """Reads of committed state, each in a short read-only transaction of its own."""
 
     async def get_saga(self, saga_id: str) -> SagaDetail | None: ...
+
+    async def pending_work(self, saga_id: str) -> PendingWork:
+        """What saga ``saga_id`` has in flight, as stored: the reply each step awaits,
+        its timers, and when each step's oldest unsent outbox message was written
+        (rows of no recorded step count for every step, as for timeouts)."""
+        ...
+
+    async def saga_ids_starting(self, prefix: str, limit: int = 2) -> list[str]:
+        """Ids of sagas that begin with ``prefix`` (case counts), in id order, at most
+        ``limit``: what a short id stands for."""
+        ...
 
     async def list_sagas(
         self,
@@ -55,6 +67,10 @@ class SagaQueries(Protocol):
     async def list_dead_letters(
         self, *, limit: int = 50, pending_only: bool = False
     ) -> list[DeadLetterView]: ...
+
+    async def get_dead_letter(self, letter: int) -> DeadLetterView | None:
+        """One archived dead letter, body and headers included; None if there is none."""
+        ...
 
     async def pending_dead_letters(
         self,

@@ -75,6 +75,7 @@ from engine.views import (
     DeadLetterView,
     HeldCount,
     HistoryView,
+    PendingWork,
     RunningDefinition,
     SagaCount,
     SagaCursor,
@@ -83,6 +84,7 @@ from engine.views import (
     StepView,
     StoreStats,
     TimeRange,
+    TimerRow,
     dead_letter_view,
 )
 
@@ -825,6 +827,42 @@ class SqlSagaStore:
                 ],
             )
 
+    async def pending_work(self, saga_id: str) -> PendingWork:
+        async with self.engine.connect() as conn:
+            awaiting = await conn.execute(
+                select(steps.c.name, steps.c.awaiting_kind).where(
+                    steps.c.saga_id == saga_id, steps.c.awaiting_kind.is_not(None)
+                )
+            )
+            timer_rows = await conn.execute(
+                select(timers).where(timers.c.saga_id == saga_id).order_by(timers.c.due_at)
+            )
+            unsent = await conn.execute(
+                select(outbox.c.step, func.min(outbox.c.created_at))
+                .where(outbox.c.sent_at.is_(None), *_of_saga(saga_id, None))
+                .group_by(outbox.c.step)
+            )
+            return PendingWork(
+                awaiting={r.name: MessageKind(r.awaiting_kind) for r in awaiting},
+                timers=[
+                    TimerRow(step=t.step, kind=t.kind, attempt=t.attempt, due_at=t.due_at)
+                    for t in timer_rows
+                ],
+                unsent={step: at for step, at in unsent},
+            )
+
+    async def saga_ids_starting(self, prefix: str, limit: int = 2) -> list[str]:
+        # substr, not LIKE: exact (SQLite's LIKE ignores case) and nothing to escape.
+        # A scan of the ids: only run when no saga has the exact id given.
+        query = (
+            select(sagas.c.id)
+            .where(func.substr(sagas.c.id, 1, len(prefix)) == prefix)
+            .order_by(sagas.c.id)
+            .limit(limit)
+        )
+        async with self.engine.connect() as conn:
+            return list((await conn.execute(query)).scalars())
+
     async def list_sagas(
         self,
         *,
@@ -894,6 +932,12 @@ class SqlSagaStore:
             query = query.where(dead_letters.c.replayed_at.is_(None))
         async with self.engine.connect() as conn:
             return [dead_letter_view(_dead_letter_of(r)) for r in await conn.execute(query)]
+
+    async def get_dead_letter(self, letter: int) -> DeadLetterView | None:
+        query = select(dead_letters).where(dead_letters.c.id == letter)
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(query)).first()
+            return dead_letter_view(_dead_letter_of(row)) if row is not None else None
 
     async def pending_dead_letters(
         self,
