@@ -18,6 +18,7 @@ from rich.cells import cell_len
 from rich.console import Console
 from rich.highlighter import JSONHighlighter
 from rich.markup import escape
+from rich.segment import Segments
 from rich.table import Table
 from rich.text import Text
 
@@ -203,20 +204,38 @@ def saga_list(
         plain_columns(console, header, rows)
         return
     table = Table(
-        title=f"{len(sagas)} saga(s), newest first", title_justify="left", box=box.SIMPLE_HEAD
+        title=f"{len(sagas)} saga(s), newest first",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
     )
+    narrowest = 0
     for i, column in enumerate(header):
-        # Only the free-text columns give way to a narrow terminal, cut with "…".
+        # Only the free-text columns give way to a narrow terminal (rich narrows only
+        # columns that may wrap), down to a few characters; their cells are cut with
+        # "…", never wrapped.
         widest = max([len(column)] + [cell_len(Text.from_markup(r[i]).plain) for r in rows])
-        table.add_column(
-            column,
-            no_wrap=True,
-            overflow="ellipsis",
-            min_width=None if column in ("saga", "error") else widest,
-        )
+        free = column in ("saga", "error")
+        least = min(widest, 12) if free else widest
+        table.add_column(column, no_wrap=not free, min_width=least)
+        narrowest += least + 3  # its padding and the space between columns
     for row in rows:
-        table.add_row(*row)
-    console.print(table)
+        table.add_row(*(_one_line(cell) for cell in row))
+    if narrowest <= console.width:
+        console.print(table)
+        return
+    # --wide may not fit a narrow terminal even so: then its lines are longer than the
+    # terminal (which folds them) rather than a column lost to cropping.
+    options = console.options.update(width=narrowest)
+    for line in console.render_lines(table, options, new_lines=True):
+        console.print(Segments(line), crop=False, end="")
+
+
+def _one_line(markup: str) -> Text:
+    """A cell that is cut with "…" where its column ends, never wrapped."""
+    text = Text.from_markup(markup)
+    text.no_wrap, text.overflow = True, "ellipsis"
+    return text
 
 
 def saga_detail(console: Console, saga: SagaDetail, *, times: Times | None = None) -> None:
@@ -242,25 +261,36 @@ def saga_detail(console: Console, saga: SagaDetail, *, times: Times | None = Non
         for waiting in saga.awaits:
             console.print(f"  {awaited(waiting, times)}", highlight=False, soft_wrap=True)
     unsent = {w.step for w in saga.awaits if w.unsent}
-    steps = Table(title="steps", title_justify="left")
-    for column in ("#", "step", "state"):
+    # The short columns whole; a long step name cut with "…" (its line below is whole).
+    steps = Table(title="steps", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False)
+    steps.add_column("#", no_wrap=True, justify="right")
+    steps.add_column("step", min_width=12)
+    for column in ("state", "attempts", "started", "took"):
         steps.add_column(column, no_wrap=True)
-    for column in ("attempts", "comp. attempts", "started", "finished"):
-        steps.add_column(column)
-    steps.add_column("error / reply", overflow="fold")
+    outcomes = []
     for st in saga.steps:
-        outcome = st.error or (json.dumps(st.reply, sort_keys=True) if st.reply else "")
+        name = shown(f"{st.lane} {st.name}" if st.lane else st.name)
+        attempts = str(st.attempts)
+        if st.compensation_attempts:
+            attempts += f", comp. {st.compensation_attempts}"
+        took = st.finished_at - st.started_at if st.started_at and st.finished_at else None
         steps.add_row(
             str(st.position + 1),
-            shown(f"{st.lane} {st.name}" if st.lane else st.name),
+            _one_line(name),
             styled(st.status) + (" [yellow]unsent[/]" if st.name in unsent else ""),
-            str(st.attempts),
-            str(st.compensation_attempts),
+            attempts,
             times.at(st.started_at),
-            times.at(st.finished_at),
-            shown(outcome),
+            times.took(took),
         )
+        if st.error:
+            outcomes.append(f"{st.position + 1} {name}: [red]error[/] {shown(st.error)}")
+        elif st.reply:
+            reply = shown(json.dumps(st.reply, sort_keys=True))
+            outcomes.append(f"{st.position + 1} {name}: reply {reply}")
     console.print(steps)
+    # Errors and replies whole, one line each (the terminal folds a long one).
+    for line in outcomes:
+        console.print(f"  {line}", highlight=False, soft_wrap=True)
     history = Table(title="history", title_justify="left")
     for column in ("at", "event", "step"):
         history.add_column(column, no_wrap=True)
