@@ -213,10 +213,10 @@ def saga_list(
     for i, column in enumerate(header):
         # Only the free-text columns give way to a narrow terminal (rich narrows only
         # columns that may wrap), down to a few characters; their cells are cut with
-        # "…", never wrapped.
+        # "…", never wrapped. A short id cut so is still the start of its id.
         widest = max([len(column)] + [cell_len(Text.from_markup(r[i]).plain) for r in rows])
-        free = column in ("saga", "error")
-        least = min(widest, 12) if free else widest
+        free = column in ("saga", "error") or (column == "id" and not wide)
+        least = min(widest, 12 if column != "id" else 9) if free else widest
         table.add_column(column, no_wrap=not free, min_width=least)
         narrowest += least + 3  # its padding and the space between columns
     for row in rows:
