@@ -358,20 +358,25 @@ class SagaClient:
         """One saga with its steps, its history and what it awaits now (each step's
         reply, signal or retry, until when, and whether its message is still unsent);
         SagaNotFoundError if there is none."""
-        detail = await self.queries.get_saga(saga_id)
-        if detail is None:
-            raise SagaNotFoundError(f"no saga with id {saga_id!r}")
+        detail = await self._detail(saga_id)
         if detail.status.is_terminal or detail.status is SagaStatus.PARKED:
             return detail  # nothing in flight: parking clears the waits and timers
         work = await self.queries.pending_work(saga_id)
         return detail.model_copy(update={"awaits": _awaits(detail, work)})
+
+    async def _detail(self, saga_id: str) -> SagaDetail:
+        """The saga as stored, without what it awaits (which only :meth:`get` reads)."""
+        detail = await self.queries.get_saga(saga_id)
+        if detail is None:
+            raise SagaNotFoundError(f"no saga with id {saga_id!r}")
+        return detail
 
     async def resolve(self, saga_id: str) -> str:
         """The saga id that ``saga_id`` stands for: itself if a saga has it, else the
         one id it begins (a short id, as ``sagactl list`` shows: at least
         :data:`SHORT_ID_MIN` characters). SagaNotFoundError if none or several do."""
         check_saga_id(saga_id)
-        if await self.queries.get_saga(saga_id) is not None:
+        if await self.queries.statuses([saga_id]):
             return saga_id
         if len(saga_id) >= SHORT_ID_MIN:
             found = await self.queries.saga_ids_starting(saga_id, limit=3)
@@ -394,7 +399,8 @@ class SagaClient:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
-            detail = await self.get(saga_id)
+            # What it awaits is not read while it moves: settled, it awaits nothing.
+            detail = await self._detail(saga_id)
             if detail.status.is_terminal or detail.status is SagaStatus.PARKED:
                 return detail
             left = deadline - loop.time()
