@@ -1045,12 +1045,15 @@ def _confirm_prune(expected: PruneResult) -> bool:
     from engine.timefmt import iso
 
     rows = expected.rows
-    return click.confirm(
+    click.echo(
         f"remove {rows.sagas:,} finished saga(s) last changed before {iso(expected.cutoff)}, "
-        f"with {rows.steps:,} steps and {rows.history:,} history entries?",
-        default=False,
+        f"with {rows.steps:,} steps and {rows.history:,} history entries? [y/N] ",
+        nl=False,
         err=True,
     )
+    # Read here, not with click.confirm, whose input() echoes to stdout: stdout is
+    # kept for the result (--json).
+    return sys.stdin.readline().strip().lower() in ("y", "yes")
 
 
 @cli.group()
