@@ -237,7 +237,10 @@ def test_show_follow_streams_the_history_until_the_saga_ends(
     assert events[0] == "started" and events[-1] == "compensated"
 
 
-def test_start_wait_exits_with_the_outcome(db: Path, driver: Driver) -> None:
+def test_start_wait_exits_with_the_outcome(
+    db: Path, driver: Driver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(app, "POLL_INTERVAL", 0.05)
     order = json.dumps(ORDER)
 
     def answer(saga_id: str, outcomes: list[Outcome]) -> Callable[[], None]:
