@@ -288,9 +288,10 @@ def saga_detail(console: Console, saga: SagaDetail, *, times: Times | None = Non
             reply = shown(json.dumps(st.reply, sort_keys=True))
             outcomes.append(f"{st.position + 1} {name}: reply {reply}")
     console.print(steps)
-    # Errors and replies whole, one line each (the terminal folds a long one).
+    # Errors and replies whole, one line each (the terminal folds a long one), at the
+    # table's edge: two spaces in lead mark the lines of operator actions.
     for line in outcomes:
-        console.print(f"  {line}", highlight=False, soft_wrap=True)
+        console.print(f" {line}", highlight=False, soft_wrap=True)
     history = Table(title="history", title_justify="left")
     for column in ("at", "event", "step"):
         history.add_column(column, no_wrap=True)
