@@ -209,7 +209,7 @@ def saga_list(
         box=box.SIMPLE_HEAD,
         show_edge=False,
     )
-    narrowest = 0
+    narrowest = natural = 0
     for i, column in enumerate(header):
         # Only the free-text columns give way to a narrow terminal (rich narrows only
         # columns that may wrap), down to a few characters; their cells are cut with
@@ -219,14 +219,15 @@ def saga_list(
         least = min(widest, 12 if column != "id" else 9) if free else widest
         table.add_column(column, no_wrap=not free, min_width=least)
         narrowest += least + 3  # its padding and the space between columns
+        natural += widest + 3
     for row in rows:
         table.add_row(*(_one_line(cell) for cell in row))
     if narrowest <= console.width:
         console.print(table)
         return
-    # --wide may not fit a narrow terminal even so: then its lines are longer than the
-    # terminal (which folds them) rather than a column lost to cropping.
-    options = console.options.update(width=narrowest)
+    # --wide may not fit a narrow terminal even so: then its lines are as long as they
+    # need, nothing cut (the terminal folds them) rather than a column lost to cropping.
+    options = console.options.update(width=natural)
     for line in console.render_lines(table, options, new_lines=True):
         console.print(Segments(line), crop=False, end="")
 
@@ -249,13 +250,14 @@ def saga_detail(console: Console, saga: SagaDetail, *, times: Times | None = Non
         console.print("keys " + "  ".join(f"{shown(k)}={shown(v)}" for k, v in saga.keys.items()))
     if saga.trace_id:
         console.print(f"trace {shown(saga.trace_id)}")
+    # Long values on one line each, whole: the terminal folds them, a pipe keeps them.
     if saga.held:
-        console.print(f"[magenta]held[/] {shown(saga.held)}")
+        console.print(f"[magenta]held[/] {shown(saga.held)}", soft_wrap=True)
     if saga.error:
-        console.print(f"[red]error[/] {shown(saga.error)}")
+        console.print(f"[red]error[/] {shown(saga.error)}", soft_wrap=True)
     if saga.fingerprint:
         console.print(f"definition fingerprint {shown(saga.fingerprint)}")
-    console.print(f"input {shown(json.dumps(saga.input, sort_keys=True))}")
+    console.print(f"input {shown(json.dumps(saga.input, sort_keys=True))}", soft_wrap=True)
     if saga.awaits:
         console.print("[bold]awaits[/]")
         for waiting in saga.awaits:
