@@ -10,7 +10,7 @@ import builtins
 import json
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -43,7 +43,7 @@ from engine.limits import (
     nul_path,
 )
 from engine.messages import Envelope, MessageKind, decode
-from engine.model import Awaiting, HistoryEntry
+from engine.model import Awaiting, HistoryEntry, TimerKind
 from engine.registry import SagaRegistry
 from engine.retention import PRUNE_BATCH
 from engine.served import describe_served, loaded_versions, served_versions
@@ -54,6 +54,8 @@ from engine.store.base import OutboxSignal, SagaStore, ServedDefinition, StoreTr
 from engine.store.queries import SagaQueries
 from engine.topology import Topology
 from engine.views import (
+    AwaitKind,
+    AwaitView,
     BulkReplayResult,
     CheckedDefinition,
     CheckView,
@@ -65,6 +67,7 @@ from engine.views import (
     OldestRunning,
     OperatorResult,
     OutboxStats,
+    PendingWork,
     PruneCounts,
     PruneResult,
     ReplayResult,
@@ -91,6 +94,9 @@ REPLAY_BATCH = 200
 OPERATOR_CONFLICT_RETRIES = 10
 #: How long a client trusts what it read of the engines' registrations (seconds).
 SERVED_TTL = 1.0
+#: The fewest characters of a saga id that :meth:`SagaClient.resolve` takes as a
+#: short id (as git takes abbreviated hashes): fewer would too easily be ambiguous.
+SHORT_ID_MIN = 4
 
 
 class SagaClient(Closing):
@@ -337,11 +343,40 @@ class SagaClient(Closing):
             await self.outbox_signal.announce(tx)
 
     async def get(self, saga_id: str) -> SagaDetail:
-        """One saga with its steps and history; SagaNotFoundError if there is none."""
+        """One saga with its steps, its history and what it awaits now (each step's
+        reply, signal or retry, until when, and whether its message is still unsent);
+        SagaNotFoundError if there is none."""
+        detail = await self._detail(saga_id)
+        if detail.status.is_terminal or detail.status is SagaStatus.PARKED:
+            return detail  # nothing in flight: parking clears the waits and timers
+        work = await self.queries.pending_work(saga_id)
+        return detail.model_copy(update={"awaits": _awaits(detail, work)})
+
+    async def _detail(self, saga_id: str) -> SagaDetail:
+        """The saga as stored, without what it awaits (which only :meth:`get` reads)."""
         detail = await self.queries.get_saga(saga_id)
         if detail is None:
             raise SagaNotFoundError(f"no saga with id {saga_id!r}")
         return detail
+
+    async def resolve(self, saga_id: str) -> str:
+        """The saga id that ``saga_id`` stands for: itself if a saga has it, else the
+        one id it begins (a short id, as ``sagactl list`` shows: at least
+        :data:`SHORT_ID_MIN` characters). SagaNotFoundError if none or several do."""
+        check_saga_id(saga_id)
+        if await self.queries.statuses([saga_id]):
+            return saga_id
+        if len(saga_id) >= SHORT_ID_MIN:
+            found = [s.id for s in await self.queries.list_sagas(id_prefix=saga_id, limit=3)]
+            if len(found) == 1:
+                return found[0]
+            if found:
+                more = ", ..." if len(found) > 2 else ""
+                raise SagaNotFoundError(
+                    f"{saga_id!r} is the start of several saga ids ({', '.join(found[:2])}"
+                    f"{more}): give more of it"
+                )
+        raise SagaNotFoundError(f"no saga with id {saga_id!r}")
 
     async def wait(
         self, saga_id: str, *, timeout: float = 30.0, interval: float = 0.05
@@ -352,7 +387,8 @@ class SagaClient(Closing):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
-            detail = await self.get(saga_id)
+            # What it awaits is not read while it moves: settled, it awaits nothing.
+            detail = await self._detail(saga_id)
             if detail.status.is_terminal or detail.status is SagaStatus.PARKED:
                 return detail
             left = deadline - loop.time()
@@ -361,6 +397,22 @@ class SagaClient(Closing):
                     f"saga {saga_id!r} is still {detail.status.value} after {timeout:g}s"
                 )
             await asyncio.sleep(min(interval, left))
+
+    async def follow(self, saga_id: str, *, interval: float = 0.5) -> AsyncIterator[SagaDetail]:
+        """The saga as it goes: read every ``interval`` seconds, yielded first as it
+        is, then each time its status or history changed; ends after yielding it
+        completed, compensated or parked (as :meth:`wait` does). SagaNotFoundError if
+        there is no such saga (or it was pruned meanwhile)."""
+        seen: tuple[SagaStatus, int] | None = None
+        while True:
+            detail = await self.get(saga_id)
+            now = (detail.status, len(detail.history))
+            if now != seen:
+                seen = now
+                yield detail
+            if detail.status.is_terminal or detail.status is SagaStatus.PARKED:
+                return
+            await asyncio.sleep(interval)
 
     async def list(
         self,
@@ -864,6 +916,59 @@ class SagaClient(Closing):
     async def statuses(self, saga_ids: Sequence[str]) -> dict[str, SagaStatus]:
         """Status of each given saga (absent ids are left out)."""
         return await self.queries.statuses(saga_ids)
+
+
+#: Retry backoffs, by their timer kind: what the saga waits for.
+_BACKOFFS: dict[str, AwaitKind] = {
+    TimerKind.RETRY: "retry",
+    TimerKind.COMPENSATION_RETRY: "compensation retry",
+}
+
+
+def _awaits(detail: SagaDetail, work: PendingWork) -> builtins.list[AwaitView]:
+    """What each step of a saga in progress waits for, in step order, from what is
+    stored: the reply it awaits (a command's or compensation's reply, or a child
+    saga's outcome when no timeout runs), a signal (a timeout but no reply awaited: a
+    WaitFor step), the end of a backoff or of a delay."""
+    timers = {t.step: t for t in work.timers}
+    found: builtins.list[AwaitView] = []
+    for st in detail.steps:
+        kind, timer = work.awaiting.get(st.name), timers.get(st.name)
+        if kind is None and timer is None:
+            continue
+        waits_for: AwaitKind
+        deadline = next_retry = None
+        if timer is not None and timer.kind in _BACKOFFS:
+            waits_for, attempt, next_retry = _BACKOFFS[timer.kind], timer.attempt + 1, timer.due_at
+        elif timer is not None and timer.kind == TimerKind.DELAY:
+            waits_for, attempt, deadline = "delay", timer.attempt, timer.due_at
+        else:
+            if kind is None:
+                waits_for = "signal"
+            elif timer is None:
+                waits_for = "child saga"
+            else:
+                waits_for = "reply" if kind is MessageKind.COMMAND else "compensation reply"
+            own = st.attempts if kind is not MessageKind.COMPENSATION else st.compensation_attempts
+            attempt = timer.attempt if timer is not None else own
+            deadline = timer.due_at if timer is not None else None
+        queued = None
+        if waits_for in ("reply", "compensation reply"):
+            times = [at for at in (work.unsent.get(st.name), work.unsent.get(None)) if at]
+            queued = min(times) if times else None
+        found.append(
+            AwaitView(
+                step=st.name,
+                lane=st.lane,
+                waits_for=waits_for,
+                attempt=attempt,
+                deadline=deadline,
+                next_retry=next_retry,
+                unsent=queued is not None,
+                queued_at=queued,
+            )
+        )
+    return found
 
 
 def _check_awaited(

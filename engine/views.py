@@ -118,8 +118,62 @@ class HistoryView(BaseModel):
     actor: str
 
 
+#: What ends an awaited step's wait (:class:`AwaitView`).
+AwaitKind = Literal[
+    "reply", "compensation reply", "signal", "child saga", "retry", "compensation retry", "delay"
+]
+
+
+class AwaitView(BaseModel):
+    """What a saga waits for at one step, and until when (``sagactl show``)."""
+
+    step: str
+    #: ``group[branch]`` of a step inside a parallel group, else None.
+    lane: str | None = None
+    #: ``reply``: the participant's answer to the command, ``compensation reply`` to
+    #: the compensation; ``signal``: the application's event (a WaitFor step);
+    #: ``child saga``: the child's outcome; ``retry`` / ``compensation retry``: the
+    #: end of a backoff; ``delay``: the end of a Delay step.
+    waits_for: AwaitKind
+    #: The attempt awaited; for a retry, the attempt that comes next.
+    attempt: int
+    #: When the wait ends by itself: the timeout (the step fails, or its compensation
+    #: errs), the end of a delay; None: no timer (a child saga's outcome).
+    deadline: datetime | None = None
+    #: When the next attempt goes, for a step between two attempts.
+    next_retry: datetime | None = None
+    #: Its message is still in the outbox, not published: no engine's relay has taken
+    #: it (none running, or the broker is down). Its timeout waits for it.
+    unsent: bool = False
+    #: Since when the oldest unsent message of the step waits, if one does.
+    queued_at: datetime | None = None
+
+
+class TimerRow(BaseModel):
+    """A pending timer of one step, as stored (:class:`PendingWork`)."""
+
+    step: str
+    kind: str
+    attempt: int
+    due_at: datetime
+
+
+class PendingWork(BaseModel):
+    """What a saga has in flight, as stored: the reply each step awaits, its timers,
+    and the steps with a message not yet published. The client makes
+    :class:`AwaitView` of it."""
+
+    #: Step name -> the kind of reply it awaits (``command``, ``compensation``).
+    awaiting: dict[str, MessageKind] = {}
+    timers: list[TimerRow] = []
+    #: Step name -> when its oldest unsent outbox message was written. Rows without a
+    #: step (replayed dead letters, rows from before it was recorded) under None.
+    unsent: dict[str | None, datetime] = {}
+
+
 class SagaDetail(SagaSummary):
-    """One saga in full: its input, trace, steps and history (``SagaClient.get``)."""
+    """One saga in full: its input, trace, steps and history (``SagaClient.get``),
+    and what it awaits now."""
 
     input: dict[str, Any]
     #: Its business keys, name -> value (``Saga(keys=...)``).
@@ -127,6 +181,9 @@ class SagaDetail(SagaSummary):
     trace_id: str | None = None
     steps: list[StepView]
     history: list[HistoryView]
+    #: What it waits for, step by step (empty once it is finished or parked); read
+    #: by :meth:`SagaClient.get <engine.client.SagaClient.get>` just after the rest.
+    awaits: list[AwaitView] = []
 
 
 class DispatchView(BaseModel):
@@ -387,6 +444,8 @@ def dead_letter_view(letter: DeadLetterRecord) -> DeadLetterView:
 
 
 __all__ = [
+    "AwaitKind",
+    "AwaitView",
     "BulkReplayResult",
     "CheckView",
     "CheckedDefinition",
@@ -400,6 +459,7 @@ __all__ = [
     "OldestRunning",
     "OperatorResult",
     "OutboxStats",
+    "PendingWork",
     "PruneCounts",
     "PruneResult",
     "ReplayResult",
@@ -410,5 +470,6 @@ __all__ = [
     "StatsView",
     "StepView",
     "StoreStats",
+    "TimerRow",
     "dead_letter_view",
 ]

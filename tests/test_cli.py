@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
+from rich.console import Console
 
 from engine.cli.app import cli
 
@@ -22,9 +23,9 @@ ORDER = {
 }
 
 
-def sagactl(db: Path, *args: str) -> Result:
+def sagactl(db: Path, *args: str, input: str | None = None) -> Result:
     return CliRunner().invoke(
-        cli, ["--database-url", f"sqlite:///{db}", *args], prog_name="sagactl"
+        cli, ["--database-url", f"sqlite:///{db}", *args], input=input, prog_name="sagactl"
     )
 
 
@@ -136,8 +137,12 @@ def test_show_json_and_table(demo_db: tuple[Path, dict[str, object]]) -> None:
     assert "history" in table.stdout
 
 
-def test_list_table(demo_db: tuple[Path, dict[str, object]]) -> None:
+def test_list_table(
+    demo_db: tuple[Path, dict[str, object]], monkeypatch: pytest.MonkeyPatch
+) -> None:
     db, _ = demo_db
+    # The table (with its title) is for a terminal; a pipe gets plain columns.
+    monkeypatch.setattr("engine.cli.app.stdout", Console(soft_wrap=False, force_terminal=True))
     result = sagactl(db, "list", "--limit", "3")
     assert result.exit_code == 0
     assert "3 saga(s), newest first" in result.stdout

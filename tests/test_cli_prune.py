@@ -110,3 +110,25 @@ def test_an_unmigrated_database_is_one_line_error(tmp_path: Path) -> None:
     assert_one_line_error(
         sagactl(tmp_path / "missing.db", "prune", "--older-than", "1d"), "does not exist"
     )
+
+
+def test_on_a_terminal_it_asks_first_unless_yes(
+    db: tuple[Path, dict[SagaStatus, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Someone at a terminal is told how many sagas would go and must say yes;
+    a script (stdin no terminal, as in the tests above) is not asked."""
+    path, _ = db
+    monkeypatch.setattr("engine.cli.app._interactive", lambda: True)
+    declined = sagactl(path, "prune", "--older-than", "30d", input="n\n")
+    assert declined.exit_code == 1, declined.output
+    assert "remove 2 finished saga(s) last changed before " in declined.stderr
+    assert declined.stderr.strip().endswith("sagactl: error: not confirmed: nothing removed")
+    assert len(statuses(path)) == 6
+    accepted = sagactl(path, "--json", "prune", "--older-than", "30d", input="y\n")
+    assert accepted.exit_code == 0, accepted.output
+    assert json.loads(accepted.stdout)["rows"]["sagas"] == 2
+    assert len(statuses(path)) == 4
+    unasked = sagactl(path, "prune", "--older-than", "1s", "--yes", input="")
+    assert unasked.exit_code == 0, unasked.output
+    assert "remove" not in unasked.stderr and "removed" in unasked.stdout
+    assert sorted(statuses(path).values()) == ["compensating", "parked", "running"]

@@ -1,7 +1,9 @@
 """Commands of ``sagactl``.
 
 Every error a user can cause ends as one line on stderr and a non-zero exit: 1 for a
-failed operation, 2 for bad usage (click's convention).
+failed operation, 2 for bad usage (click's convention). Commands that wait for a saga
+(``start --wait``, ``show --follow``) exit with its outcome: 0 completed,
+:data:`EXIT_COMPENSATED`, :data:`EXIT_PARKED`, or :data:`EXIT_TIMEOUT`.
 """
 
 from __future__ import annotations
@@ -22,15 +24,17 @@ from rich.console import Console
 from engine.errors import ConfigError, LimitError, SagaError
 from engine.limits import check_actor, check_name, check_reason, check_saga_id
 from engine.redact import escape_controls, redact
-from engine.retention import PRUNE_BATCH, parse_age
+from engine.retention import PRUNE_BATCH, format_age, parse_age
 from engine.states import SagaStatus
+from engine.timefmt import TimeFormat
 
 if TYPE_CHECKING:
     from pydantic import ValidationError
 
+    from engine.cli.render import Times
     from engine.client import SagaClient
     from engine.settings import Settings
-    from engine.views import BulkReplayResult, PruneResult
+    from engine.views import BulkReplayResult, PruneResult, SagaDetail
 
 # Only what ``sagactl --help`` needs is imported above: click, rich's console, and
 # small modules. The database, the brokers, telemetry, Alembic and the settings'
@@ -42,11 +46,23 @@ T = TypeVar("T")
 stdout = Console(soft_wrap=False)
 stderr = Console(stderr=True)
 
+#: Exit status of ``start --wait`` and ``show --follow`` for a compensated saga.
+EXIT_COMPENSATED = 3
+#: ... for a parked saga (an operator must look: ``sagactl retry``).
+EXIT_PARKED = 4
+#: ... when ``start --wait --timeout`` ran out first (the saga goes on).
+EXIT_TIMEOUT = 5
+#: How often ``show --follow`` and ``start --wait`` read the saga (seconds): modest,
+#: each read is a few small queries on the shared database.
+POLL_INTERVAL = 0.5
 
-def fail(message: str) -> None:
-    """One line on stderr (control characters shown escaped), exit status 1."""
+OUTPUTS = ("text", "json", "jsonl")
+
+
+def fail(message: str, code: int = 1) -> None:
+    """One line on stderr (control characters shown escaped), exit status ``code``."""
     click.echo(f"sagactl: error: {escape_controls(redact(message))}", err=True)
-    sys.exit(1)
+    sys.exit(code)
 
 
 def checked(value: str, check: Callable[[str, str], None], what: str) -> str:
@@ -78,20 +94,48 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     raise AssertionError("unreachable")
 
 
-def _output(options: Options, value: Any, human: Callable[[Console, Any], None]) -> None:
-    """JSON with ``--json``, else the human rendering."""
+def _output(options: Options, value: Any, human: Callable[..., None], **how: Any) -> None:
+    """``value`` as ``--output`` says: JSON (``--json``), JSON lines, or the human
+    rendering ``human(console, value, **how)``."""
+    if options.as_json:
+        _dump(options, value)
+    else:
+        human(stdout, value, **how)
+
+
+def _dump(options: Options, value: Any) -> None:
+    """``value`` as JSON, indented or (``--output jsonl``) one object per line."""
     from engine.cli import render
 
-    if options.as_json:
-        render.dump_json(stdout, value)
+    if options.output == "jsonl":
+        render.dump_json_lines(stdout, value)
     else:
-        human(stdout, value)
+        render.dump_json(stdout, value)
 
 
 class Options:
-    def __init__(self, settings: Settings, as_json: bool) -> None:
+    """What the group's options chose, shared with every command (``--json`` and
+    ``--output`` after a command land here too)."""
+
+    def __init__(
+        self, settings: Settings, output: str = "text", time_format: TimeFormat | None = None
+    ) -> None:
         self.settings = settings
-        self.as_json = as_json
+        #: ``text``, ``json`` or ``jsonl``.
+        self.output = output
+        #: How tables show times (None: each command's default).
+        self.time_format = time_format
+
+    @property
+    def as_json(self) -> bool:
+        """Machine output (JSON or JSON lines): no tables, no progress bars."""
+        return self.output != "text"
+
+    def times(self, default: TimeFormat = TimeFormat.RELATIVE) -> Times:
+        """How this command's tables show times, relative to one instant."""
+        from engine.cli.render import Times
+
+        return Times(self.time_format or default)
 
 
 pass_options = click.make_pass_decorator(Options)
@@ -110,9 +154,28 @@ pass_options = click.make_pass_decorator(Options)
     help="comma-separated modules with saga definitions [env SAGA_SAGAS; none by default]",
 )
 @click.option("--json", "as_json", is_flag=True, help="machine-readable JSON on stdout")
+@click.option(
+    "--output",
+    "-o",
+    type=click.Choice(OUTPUTS),
+    help="text (tables), json (as --json) or jsonl (one JSON object per line)",
+)
+@click.option(
+    "--time-format",
+    type=click.Choice([f.value for f in TimeFormat]),
+    help="times in tables: relative (3m ago; the default), iso (UTC) or raw; JSON is "
+    "always ISO 8601 UTC",
+)
 @click.version_option(package_name="saga-engine")
 @click.pass_context
-def cli(ctx: click.Context, database_url: str | None, sagas: str | None, as_json: bool) -> None:
+def cli(
+    ctx: click.Context,
+    database_url: str | None,
+    sagas: str | None,
+    as_json: bool,
+    output: str | None,
+    time_format: str | None,
+) -> None:
     """Inspect and drive saga-engine sagas."""
     overrides: dict[str, Any] = {}
     if database_url:
@@ -125,7 +188,11 @@ def cli(ctx: click.Context, database_url: str | None, sagas: str | None, as_json
         settings = load_settings(**overrides)
     except ConfigError as exc:
         fail(str(exc))
-    ctx.obj = Options(settings, as_json)
+    ctx.obj = Options(
+        settings,
+        output or ("json" if as_json else "text"),
+        TimeFormat(time_format) if time_format else None,
+    )
 
 
 def _bad_settings(exc: ValidationError) -> str:
@@ -137,12 +204,26 @@ def _bad_settings(exc: ValidationError) -> str:
 
 
 def _json_option(func: Any) -> Any:
-    """Accept ``--json`` after the subcommand too (``sagactl list --json``)."""
+    """Accept ``--json`` and ``--output`` after the subcommand too (``sagactl list
+    --json``, ``sagactl list -o jsonl``); the last one given wins."""
 
     def set_json(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
         if value:
-            ctx.find_object(Options).as_json = True  # type: ignore[union-attr]
+            ctx.find_object(Options).output = "json"  # type: ignore[union-attr]
 
+    def set_output(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+        if value:
+            ctx.find_object(Options).output = value  # type: ignore[union-attr]
+
+    func = click.option(
+        "--output",
+        "-o",
+        "output_local",
+        type=click.Choice(OUTPUTS),
+        expose_value=False,
+        callback=set_output,
+        help="text (tables), json (as --json) or jsonl (one JSON object per line)",
+    )(func)
     return click.option(
         "--json",
         "as_json_local",
@@ -153,6 +234,37 @@ def _json_option(func: Any) -> Any:
     )(func)
 
 
+def _time_format_option(func: Any) -> Any:
+    """``--time-format`` after the subcommand too: how its tables show times."""
+
+    def set_format(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+        if value:
+            ctx.find_object(Options).time_format = TimeFormat(value)  # type: ignore[union-attr]
+
+    return click.option(
+        "--time-format",
+        "time_format_local",
+        type=click.Choice([f.value for f in TimeFormat]),
+        expose_value=False,
+        callback=set_format,
+        help="relative (3m ago; the default), iso (UTC, to the second) or raw (full "
+        "precision, durations in seconds); JSON is always ISO 8601 UTC",
+    )(func)
+
+
+def _duration_option(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    """A positive duration: ``30s``, ``5m``, ``2h``, or seconds."""
+    if value is None:
+        return None
+    try:
+        duration = parse_age(value, bare_seconds=True)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+    if duration <= timedelta(0):
+        raise click.BadParameter("must be positive", ctx, param)
+    return duration
+
+
 @cli.command()
 @click.argument("saga")
 @click.option(
@@ -160,7 +272,7 @@ def _json_option(func: Any) -> Any:
     "input_text",
     required=True,
     metavar="JSON",
-    help="saga input as JSON, or @path to a JSON file",
+    help="saga input as JSON, @path to a JSON file, or - to read it from stdin",
 )
 @click.option("--id", "saga_id", metavar="ID", help="use this saga id instead of a new UUID")
 @click.option(
@@ -168,42 +280,116 @@ def _json_option(func: Any) -> Any:
     type=click.IntRange(1),
     help="start this version [default: SAGA_START_VERSIONS, else the newest an engine serves]",
 )
+@click.option(
+    "--wait",
+    is_flag=True,
+    help="wait until the saga finishes (an engine must run) and print how it ended",
+)
+@click.option(
+    "--timeout",
+    callback=_duration_option,
+    metavar="DURATION",
+    help="with --wait: give up waiting after this long (30s, 5m, 2h) [default: never]",
+)
 @_json_option
 @pass_options
 def start(
-    options: Options, saga: str, input_text: str, saga_id: str | None, version: int | None
+    options: Options,
+    saga: str,
+    input_text: str,
+    saga_id: str | None,
+    version: int | None,
+    wait: bool,
+    timeout: timedelta | None,
 ) -> None:
-    """Start saga SAGA with the given input (an engine daemon advances it)."""
+    """Start saga SAGA with the given input (an engine daemon advances it); print its id.
+
+    With --wait, then wait until it is completed (exit status 0), compensated (3) or
+    parked (4), or until --timeout (5: the saga goes on, unwatched)."""
     from engine.cli import render
 
+    if timeout is not None and not wait:
+        raise click.UsageError("--timeout is for --wait")
     if saga_id is not None:
         checked(saga_id, check_saga_id, "--id")
     data = _json_argument(input_text, "--input")
 
-    async def go() -> str:
+    async def go() -> tuple[str, SagaDetail | None]:
         client = await _client(options, with_sagas=True)
         async with client:
-            return await client.start(saga, data, saga_id=saga_id, version=version)
+            new_id = await client.start(saga, data, saga_id=saga_id, version=version)
+            if not wait:
+                return new_id, None
+            if not options.as_json:
+                stdout.print(render.shown(new_id))  # at once: the id is known now
+            seconds = timeout.total_seconds() if timeout is not None else float("inf")
+            try:
+                return new_id, await client.wait(new_id, timeout=seconds, interval=POLL_INTERVAL)
+            except TimeoutError:
+                return new_id, None
 
-    new_id = run(go())
+    new_id, outcome = run(go())
+    if not wait:
+        if options.as_json:
+            _dump(options, {"id": new_id, "saga": saga})
+        else:
+            stdout.print(render.shown(new_id))
+        return
+    if outcome is None:
+        assert timeout is not None
+        if options.as_json:
+            _dump(options, {"id": new_id, "saga": saga, "status": None, "error": None})
+        fail(
+            f"saga {new_id} did not finish within {format_age(timeout)}; it goes on "
+            f"(sagactl show --follow {new_id})",
+            EXIT_TIMEOUT,
+        )
+    assert outcome is not None
     if options.as_json:
-        render.dump_json(stdout, {"id": new_id, "saga": saga})
+        _dump(
+            options,
+            {"id": new_id, "saga": saga, "status": outcome.status.value, "error": outcome.error},
+        )
     else:
-        stdout.print(render.shown(new_id))
+        stdout.print(render.outcome(outcome, options.times()), soft_wrap=True, highlight=False)
+    sys.exit(_exit_status(outcome.status))
+
+
+def _exit_status(status: SagaStatus) -> int:
+    """The exit status of a command that waited for a saga to settle."""
+    if status is SagaStatus.COMPENSATED:
+        return EXIT_COMPENSATED
+    if status is SagaStatus.PARKED:
+        return EXIT_PARKED
+    return 0
 
 
 def _json_argument(text: str, flag: str) -> Any:
-    """JSON given on the command line, or ``@path`` to a file holding it."""
-    if text.startswith("@"):
+    """JSON given on the command line, ``@path`` to a file holding it, or ``-``: read
+    it from stdin."""
+    source = ""
+    if text == "-":
+        if _interactive():
+            click.echo(f"reading {flag} from stdin (end with Ctrl-D)", err=True)
+        try:
+            text, source = sys.stdin.read(), " (from stdin)"
+        except UnicodeDecodeError:
+            fail(f"{flag} -: stdin is not UTF-8 text")
+        if not text.strip():
+            fail(f"{flag} -: stdin is empty; pipe the JSON in (echo '{{...}}' | sagactl ...)")
+    elif text.startswith("@"):
         path = Path(text[1:])
         try:
             text = path.read_text()
         except OSError as exc:
             fail(f"cannot read {flag.lstrip('-')} file {str(path)!r}: {exc.strerror}")
+        except UnicodeDecodeError:
+            fail(f"{flag.lstrip('-')} file {str(path)!r} is not UTF-8 text")
+        source = f" (from {str(path)!r})"
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        fail(f"invalid JSON for {flag}: {exc.msg} at line {exc.lineno} column {exc.colno}")
+        fail(f"invalid JSON for {flag}{source}: {exc.msg} at line {exc.lineno} column {exc.colno}")
 
 
 def _key_option(
@@ -291,6 +477,8 @@ def _cursor_option(ctx: click.Context, param: click.Parameter, value: str | None
     help="the next page: sagas after the cursor the previous page printed",
 )
 @click.option("--limit", type=click.IntRange(1, 100_000), default=20, show_default=True)
+@click.option("--wide", "-w", is_flag=True, help="the full id, the last update and the error too")
+@_time_format_option
 @_json_option
 @pass_options
 def list_(
@@ -304,9 +492,15 @@ def list_(
     until: Any,
     after: Any,
     limit: int,
+    wide: bool,
 ) -> None:
-    """List sagas, newest first. When more follow, the cursor of the next page is
-    printed on stderr (each saga's "cursor" in --json): pass it to --after."""
+    """List sagas, newest first: the short id (show, retry and cancel take it), the
+    saga and its version, status, when created and how long it ran (so far).
+
+    On a terminal a table as wide as the terminal (long values cut with "…"); in a
+    pipe plain columns, a header and one line per saga. When more follow, the cursor
+    of the next page is printed on stderr (each saga's "cursor" in --json): pass it
+    to --after."""
     from engine.cli import render
     from engine.limits import check_key
     from engine.views import SagaPage, TimeRange
@@ -334,7 +528,7 @@ def list_(
             )
 
     page = run(go())
-    _output(options, page.sagas, render.saga_list)
+    _output(options, page.sagas, render.saga_list, wide=wide, times=options.times())
     if page.next is not None:
         import shlex
 
@@ -343,20 +537,75 @@ def list_(
 
 @cli.command()
 @click.argument("saga_id")
+@click.option(
+    "--follow",
+    "-f",
+    is_flag=True,
+    help="stream its history as it grows until it finishes; exit status 0 completed, "
+    "3 compensated, 4 parked",
+)
+@_time_format_option
 @_json_option
 @pass_options
-def show(options: Options, saga_id: str) -> None:
-    """Show one saga: its steps, their attempts and errors, and its history."""
+def show(options: Options, saga_id: str, follow: bool) -> None:
+    """Show one saga: what it awaits (each step's reply, signal or retry, until when,
+    and whether its message is still unsent), its steps, their attempts and errors,
+    and its history. SAGA_ID may be the start of an id (at least 4 characters), as
+    list shows it.
+
+    With --follow, print its history, then each new entry as it comes (read every
+    half second), until the saga is completed (exit status 0), compensated (3) or
+    parked (4); with --json or -o jsonl, each entry as one JSON object per line."""
     from engine.cli import render
 
     checked(saga_id, check_saga_id, "the saga id")
+    if follow:
+        _follow(options, saga_id)
+        return
 
     async def go() -> Any:
         async with await _client(options) as client:
-            return await client.get(saga_id)
+            return await client.get(await client.resolve(saga_id))
 
     detail = run(go())
-    _output(options, detail, render.saga_detail)
+    _output(options, detail, render.saga_detail, times=options.times())
+
+
+def _follow(options: Options, saga_id: str) -> None:
+    """``show --follow``: the history as it grows, then the outcome as exit status.
+    Its lines carry times as instants (ISO) unless --time-format says otherwise: a
+    relative time is stale as soon as the next line prints."""
+    from engine.cli import render
+
+    times = options.times(TimeFormat.ISO)
+
+    async def go() -> SagaDetail:
+        async with await _client(options) as client:
+            full_id = await client.resolve(saga_id)
+            printed = 0
+            detail = None
+            async for detail in client.follow(full_id, interval=POLL_INTERVAL):
+                if printed == 0 and not options.as_json:
+                    stdout.print(
+                        f"[bold]saga[/] {render.shown(detail.id)}  {render.shown(detail.name)} "
+                        f"v{detail.version}",
+                        soft_wrap=True,
+                    )
+                for entry in detail.history[printed:]:
+                    if options.as_json:
+                        render.dump_json_lines(stdout, entry)
+                    else:
+                        stdout.print(
+                            render.history_line(entry, times), highlight=False, soft_wrap=True
+                        )
+                printed = len(detail.history)
+            assert detail is not None
+            return detail
+
+    detail = run(go())
+    if not options.as_json:
+        stdout.print(render.outcome(detail, times), highlight=False, soft_wrap=True)
+    sys.exit(_exit_status(detail.status))
 
 
 # -- operator repair -------------------------------------------------------------------
@@ -405,9 +654,10 @@ def _operate(
     async def go() -> Any:
         client = await _client(options, with_sagas=True)
         async with client:
+            full_id = await client.resolve(saga_id)
             if action == "retry":
-                return await client.retry(saga_id, actor=who, reason=why)
-            return await client.cancel(saga_id, actor=who, reason=why)
+                return await client.retry(full_id, actor=who, reason=why)
+            return await client.cancel(full_id, actor=who, reason=why)
 
     result = run(go())
     _output(options, result, render.operator_result)
@@ -421,7 +671,8 @@ def _operate(
 @pass_options
 def retry(options: Options, saga_id: str, reason: str | None, actor: str | None) -> None:
     """Resume a parked saga: dispatch the compensation (or step) it stopped at again,
-    with a fresh attempt budget. Also ends a retry backoff early."""
+    with a fresh attempt budget. Also ends a retry backoff early. SAGA_ID may be the
+    start of an id (at least 4 characters) that no other saga's id starts with."""
     _operate(options, "retry", saga_id, actor, reason)
 
 
@@ -432,7 +683,9 @@ def retry(options: Options, saga_id: str, reason: str | None, actor: str | None)
 @_json_option
 @pass_options
 def cancel(options: Options, saga_id: str, reason: str | None, actor: str | None) -> None:
-    """Stop a running saga and compensate what ran, the step in flight included."""
+    """Stop a running saga and compensate what ran, the step in flight included.
+    SAGA_ID may be the start of an id (at least 4 characters) that no other saga's id
+    starts with."""
     _operate(options, "cancel", saga_id, actor, reason)
 
 
@@ -478,6 +731,7 @@ def dlq() -> None:
 @dlq.command(name="list")
 @click.option("--limit", type=click.IntRange(1, 100_000), default=20, show_default=True)
 @click.option("--pending", is_flag=True, help="only dead letters not replayed yet")
+@_time_format_option
 @_json_option
 @pass_options
 def dlq_list(options: Options, limit: int, pending: bool) -> None:
@@ -489,7 +743,24 @@ def dlq_list(options: Options, limit: int, pending: bool) -> None:
             return await client.dead_letters(limit=limit, pending_only=pending)
 
     letters = run(go())
-    _output(options, letters, render.dead_letter_list)
+    _output(options, letters, render.dead_letter_list, times=options.times())
+
+
+@dlq.command(name="show")
+@click.argument("letter", metavar="ID", type=int)
+@_time_format_option
+@_json_option
+@pass_options
+def dlq_show(options: Options, letter: int) -> None:
+    """Show dead letter ID in full: where it came from and why, whether it was
+    replayed, its headers and its body (text, or base64 if it is not UTF-8)."""
+    from engine.cli import render
+
+    async def go() -> Any:
+        async with await _client(options) as client:
+            return await client.dead_letter(letter)
+
+    _output(options, run(go()), render.dead_letter, times=options.times())
 
 
 @dlq.command(name="replay")
@@ -705,12 +976,21 @@ def _age_option(ctx: click.Context, param: click.Parameter, value: str) -> timed
     show_default=True,
     help="sagas removed per transaction",
 )
+@click.option(
+    "--yes",
+    "-y",
+    is_flag=True,
+    help="remove without asking (it asks only when stdin is a terminal)",
+)
 @_json_option
 @pass_options
-def prune(options: Options, older_than: timedelta, dry_run: bool, batch: int) -> None:
+def prune(options: Options, older_than: timedelta, dry_run: bool, batch: int, yes: bool) -> None:
     """Remove finished sagas (completed, compensated) older than AGE with their steps,
     history, timers, sent outbox rows and inbox rows. Running, compensating and parked
-    sagas are never removed."""
+    sagas are never removed.
+
+    On a terminal it first says how many sagas would go and asks; --yes does not ask.
+    Run from a script or a scheduler (stdin not a terminal) it does not ask."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -723,11 +1003,18 @@ def prune(options: Options, older_than: timedelta, dry_run: bool, batch: int) ->
 
     age = older_than
 
-    async def go() -> PruneResult:
+    ask = not (yes or dry_run) and _interactive()
+
+    async def go() -> PruneResult | None:
         async with await _client(options) as client:
+            expected = None
+            if ask:
+                expected = await client.prune(age, dry_run=True)
+                if expected.rows.sagas and not _confirm_prune(expected):
+                    return None
             if dry_run or options.as_json:
                 return await client.prune(age, dry_run=dry_run, batch=batch)
-            expected = await client.prune(age, dry_run=True)
+            expected = expected or await client.prune(age, dry_run=True)
             columns = (
                 TextColumn("pruning finished sagas"),
                 BarColumn(),
@@ -743,7 +1030,30 @@ def prune(options: Options, older_than: timedelta, dry_run: bool, batch: int) ->
                 )
 
     result = run(go())
+    if result is None:
+        fail("not confirmed: nothing removed")
     _output(options, result, render.prune_result)
+
+
+def _interactive() -> bool:
+    """Whether someone at a terminal can answer a question (stdin is one)."""
+    return sys.stdin.isatty()
+
+
+def _confirm_prune(expected: PruneResult) -> bool:
+    """Ask, on stderr, whether to remove what a dry run counted."""
+    from engine.timefmt import iso
+
+    rows = expected.rows
+    click.echo(
+        f"remove {rows.sagas:,} finished saga(s) last changed before {iso(expected.cutoff)}, "
+        f"with {rows.steps:,} steps and {rows.history:,} history entries? [y/N] ",
+        nl=False,
+        err=True,
+    )
+    # Read here, not with click.confirm, whose input() echoes to stdout: stdout is
+    # kept for the result (--json).
+    return sys.stdin.readline().strip().lower() in ("y", "yes")
 
 
 @cli.group()
@@ -866,7 +1176,6 @@ def demo(options: Options, orders: int, seed: int, timeout: float) -> None:
     as `sagactl signal` sends one. Ends with the outcomes and the participants' ledger
     totals; exits 1 if any saga did not finish or a ledger does not balance.
     """
-    from engine.cli import render
     from engine.cli.demo import run_demo
 
     result = run(
@@ -880,7 +1189,7 @@ def demo(options: Options, orders: int, seed: int, timeout: float) -> None:
         )
     )
     if options.as_json:
-        render.dump_json(stdout, result)
+        _dump(options, result)
     if not result.ok:
         sys.exit(1)
 
@@ -957,19 +1266,6 @@ _broker = click.option(
 )
 
 
-def _interval_option(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
-    """A positive duration, spelled as its setting is: ``0.1s``, ``2m``, or seconds."""
-    if value is None:
-        return None
-    try:
-        interval = parse_age(value, bare_seconds=True)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), ctx, param) from None
-    if interval <= timedelta(0):
-        raise click.BadParameter("must be positive", ctx, param)
-    return interval
-
-
 def _daemon_settings(
     options: Options,
     broker_url: str | None,
@@ -1002,7 +1298,7 @@ def _daemon_settings(
 @click.option(
     "--timer-interval",
     metavar="AGE",
-    callback=_interval_option,
+    callback=_duration_option,
     help="pause between timer scans when the last one fired less than a batch: "
     "0.1s, 2m, or seconds [env SAGA_TIMER_INTERVAL; 0.1s]",
 )

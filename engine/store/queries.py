@@ -14,6 +14,7 @@ from engine.states import SagaStatus
 from engine.views import (
     DeadLetterRef,
     DeadLetterView,
+    PendingWork,
     RunningDefinition,
     SagaCursor,
     SagaDetail,
@@ -28,6 +29,12 @@ class SagaQueries(Protocol):
     """Reads of committed state, each in a short read-only transaction of its own."""
 
     async def get_saga(self, saga_id: str) -> SagaDetail | None: ...
+
+    async def pending_work(self, saga_id: str) -> PendingWork:
+        """What saga ``saga_id`` has in flight, as stored: the reply each step awaits,
+        its timers, and when each step's oldest unsent outbox message was written
+        (rows of no recorded step count for every step, as for timeouts)."""
+        ...
 
     async def list_sagas(
         self,
@@ -47,7 +54,7 @@ class SagaQueries(Protocol):
         of one status, name, version; only held ones; with every business key of
         ``keys``; created and last updated within a time range; strictly after
         ``after`` (the last saga of the page before); whose id starts with
-        ``id_prefix``."""
+        ``id_prefix`` (case counts: what a short id stands for)."""
         ...
 
     async def count_by_status(self) -> dict[SagaStatus, int]: ...

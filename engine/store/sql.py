@@ -75,6 +75,7 @@ from engine.views import (
     DeadLetterView,
     HeldCount,
     HistoryView,
+    PendingWork,
     RunningDefinition,
     SagaCount,
     SagaCursor,
@@ -83,6 +84,7 @@ from engine.views import (
     StepView,
     StoreStats,
     TimeRange,
+    TimerRow,
     dead_letter_view,
 )
 
@@ -825,6 +827,30 @@ class SqlSagaStore:
                 ],
             )
 
+    async def pending_work(self, saga_id: str) -> PendingWork:
+        async with self.engine.connect() as conn:
+            awaiting = await conn.execute(
+                select(steps.c.name, steps.c.awaiting_kind).where(
+                    steps.c.saga_id == saga_id, steps.c.awaiting_kind.is_not(None)
+                )
+            )
+            timer_rows = await conn.execute(
+                select(timers).where(timers.c.saga_id == saga_id).order_by(timers.c.due_at)
+            )
+            unsent = await conn.execute(
+                select(outbox.c.step, func.min(outbox.c.created_at))
+                .where(outbox.c.sent_at.is_(None), *_of_saga(saga_id, None))
+                .group_by(outbox.c.step)
+            )
+            return PendingWork(
+                awaiting={r.name: MessageKind(r.awaiting_kind) for r in awaiting},
+                timers=[
+                    TimerRow(step=t.step, kind=t.kind, attempt=t.attempt, due_at=t.due_at)
+                    for t in timer_rows
+                ],
+                unsent={step: at for step, at in unsent},
+            )
+
     async def list_sagas(
         self,
         *,
@@ -861,8 +887,9 @@ class SqlSagaStore:
         query = query.where(*_in_range(sagas.c.created_at, created))
         query = query.where(*_in_range(sagas.c.updated_at, updated))
         if id_prefix:
-            # LIKE 'prefix%' with % and _ escaped: the console's search by id prefix.
-            query = query.where(sagas.c.id.startswith(id_prefix, autoescape=True))
+            # substr, not LIKE: exact (SQLite's LIKE ignores case), nothing to escape.
+            # A scan of the ids: a short id or the console's search, not a hot path.
+            query = query.where(func.substr(sagas.c.id, 1, len(id_prefix)) == id_prefix)
         if after is not None:
             # Strictly after the cursor in (created_at, id) descending: a stable order,
             # so pages neither repeat nor skip a saga when new ones arrive. A row
