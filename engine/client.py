@@ -367,7 +367,8 @@ class SagaClient(Closing):
         if await self.queries.statuses([saga_id]):
             return saga_id
         if len(saga_id) >= SHORT_ID_MIN:
-            found = [s.id for s in await self.queries.list_sagas(id_prefix=saga_id, limit=3)]
+            sagas = await self.queries.list_sagas(id_prefix=saga_id, limit=3)
+            found = sorted(s.id for s in sagas)
             if len(found) == 1:
                 return found[0]
             if found:
