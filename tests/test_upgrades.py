@@ -432,7 +432,9 @@ async def test_engines_of_two_deployments_side_by_side_serve_both_versions(
         unknown_saga_patience=0.5,
         reply_settle=timedelta(seconds=0.1),
         watermark_interval=0.02,
-        heartbeat_interval=0.1,
+        # A registration lives three heartbeats: 3 s, so a busy machine that delays a
+        # heartbeat does not make the v2 engine look gone to the new client.
+        heartbeat_interval=1.0,
         held_interval=0.05,
     )
     async with EmbeddedSystem(
