@@ -500,14 +500,14 @@ class Transition:
             self._forwarding = False
 
     def _current_stage(self) -> Stage | None:
+        """The first stage with a node not succeeded; None once all have (plain loops:
+        this runs on every event, and a generator per stage cost more than the walk)."""
         steps = self.state.steps
         for stage in self.definition.stages:
-            if any(
-                steps[name].status is not StepStatus.SUCCEEDED
-                for branch in stage.branches
-                for name in branch
-            ):
-                return stage
+            for branch in stage.branches:
+                for name in branch:
+                    if steps[name].status is not StepStatus.SUCCEEDED:
+                        return stage
         return None
 
     def _cursor(self, branch: tuple[str, ...]) -> str | None:
@@ -903,7 +903,11 @@ class Transition:
 
     def _completed(self, st: StepState) -> None:
         """Number ``st`` after every step completed before it (see StepState.completed)."""
-        st.completed = 1 + max((s.completed or 0 for s in self.state.steps.values()), default=0)
+        latest = 0
+        for other in self.state.steps.values():
+            if other.completed is not None and other.completed > latest:
+                latest = other.completed
+        st.completed = latest + 1
 
     def _context(self) -> StepContext:
         replies = {

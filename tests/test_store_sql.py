@@ -8,7 +8,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from pydantic import BaseModel
-from sqlalchemy import func, inspect, select
+from sqlalchemy import event, func, inspect, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -20,7 +20,7 @@ from engine.model import Awaiting, HistoryEntry, OutboxMessage, SagaState, Timer
 from engine.statemachine import Transition, new_saga
 from engine.states import SagaStatus, StepStatus
 from engine.store.base import write_transition
-from engine.store.schema import history, inbox, metadata, outbox
+from engine.store.schema import history, inbox, metadata, outbox, timers
 from engine.store.sql import SqlSagaStore
 from engine.topology import Topology
 from workers import inventory, payment, shipment
@@ -130,6 +130,58 @@ async def test_clearing_the_timer_deletes_its_row(store: SqlSagaStore) -> None:
     assert loaded is not None and loaded.timer is None
     async with store.transaction() as tx:
         assert await tx.due_timers(T0 + timedelta(days=1), 10) == []
+
+
+async def test_timer_rows_follow_the_steps_one_statement_per_move(
+    any_store: SqlSagaStore,
+) -> None:
+    """A timer that passes to the next step (a reply, in a line of steps) is one
+    UPDATE of its row, as when a saga had one timer row; the rows are every step's
+    timer whatever moves, appears and goes, in one save."""
+    store = any_store
+    await insert(store, "s1")
+    later = T0 + timedelta(seconds=60)
+    moves: list[dict[str, Timer]] = [
+        {"second": Timer(TimerKind.STEP_TIMEOUT, "second", 1, later)},  # the next step
+        {  # another appears beside it, which changed
+            "first": Timer(TimerKind.RETRY, "first", 2, later),
+            "second": Timer(TimerKind.RETRY, "second", 1, T0),
+        },
+        {"second": Timer(TimerKind.STEP_TIMEOUT, "second", 2, later)},  # one goes
+        {"first": Timer(TimerKind.DELAY, "first", 3, T0)},  # one goes, one comes
+        {},
+    ]
+    written: list[list[str]] = []
+
+    def on_timers(*args: Any) -> None:
+        verb = str(args[2]).split(None, 1)[0].upper()
+        if "saga_timers" in str(args[2]) and verb != "SELECT":
+            written[-1].append(verb)
+
+    event.listen(store.engine.sync_engine, "before_cursor_execute", on_timers)
+    try:
+        for expected in moves:
+            async with store.transaction() as tx:
+                state = await tx.load_saga("s1")
+                assert state is not None
+                for st in state.steps.values():
+                    st.timer = expected.get(st.name)
+                written.append([])
+                await tx.save_saga(state)
+            async with store.engine.connect() as conn:
+                rows = await conn.execute(select(timers).order_by(timers.c.step))
+                assert {
+                    r.step: Timer(TimerKind(r.kind), r.step, r.attempt, r.due_at) for r in rows
+                } == expected
+    finally:
+        event.remove(store.engine.sync_engine, "before_cursor_execute", on_timers)
+    assert written == [
+        ["UPDATE"],
+        ["INSERT", "UPDATE"],
+        ["DELETE", "UPDATE"],
+        ["UPDATE"],
+        ["DELETE"],
+    ]
 
 
 async def test_save_with_a_stale_row_version_conflicts(store: SqlSagaStore) -> None:

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from engine.errors import MessagesRefused, PublishError, TransportError
@@ -346,6 +347,45 @@ async def test_a_topic_that_never_shows_up_is_a_transport_error() -> None:
     transport._admin = _Admin(unknown_for=1_000_000)
     with pytest.raises(TransportError, match=r"topics \['ghost'\].*not in the broker's metadata"):
         await transport.ensure_topics(["ghost"])
+
+
+# -- who reads a topic -------------------------------------------------------------------
+
+
+class _Groups:
+    """Stands in for AIOKafkaAdminClient: consumer groups and the topics each committed
+    offsets on; counts the offset requests."""
+
+    def __init__(self, committed: dict[str, list[str]]) -> None:
+        self.committed = committed
+        self.asked: list[str] = []
+
+    async def list_consumer_groups(self) -> list[tuple[str, str]]:
+        return [(group, "consumer") for group in self.committed]
+
+    async def list_consumer_group_offsets(self, group: str) -> dict[Any, object]:
+        self.asked.append(group)
+        return {TopicPartition(t, 0): 1 for t in self.committed[group]}
+
+
+async def test_readers_of_a_topic_are_looked_for_among_its_deployments_groups_first() -> None:
+    # A shared cluster holds many groups: the deployment's own answer alone.
+    others = {f"other{i}.worker": [f"other{i}.commands.inventory"] for i in range(50)}
+    transport = KafkaTransport("127.0.0.1:9")
+    transport._admin = admin = _Groups(
+        {**others, "d1.worker-inventory": ["d1.commands.inventory"], "d1.engine": []}
+    )
+    assert await transport.has_readers("d1.commands.inventory")
+    assert sorted(admin.asked) == ["d1.engine", "d1.worker-inventory"]
+    # Read by a group named unlike it: found among the others.
+    admin.asked.clear()
+    admin.committed["reporting"] = ["d1.commands.payment"]
+    assert await transport.has_readers("d1.commands.payment")
+    assert len(admin.asked) == len(admin.committed)
+    # Read by nobody: every group was asked, once.
+    admin.asked.clear()
+    assert not await transport.has_readers("d1.commands.shipment")
+    assert sorted(admin.asked) == sorted(admin.committed)
 
 
 # -- a producer that can never send again is replaced ----------------------------------

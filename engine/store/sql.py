@@ -347,15 +347,21 @@ class SqlStoreTransaction:
                 saga_timer_deletes.append(state.id)
                 timer_inserts.extend(_timer_row(state.id, t) for t in new_timers.values())
             elif new_timers != old_timers:
+                gone = sorted(old_timers.keys() - new_timers.keys(), reverse=True)
                 for step, timer in new_timers.items():
                     old = old_timers.get(step)
-                    if old is None:
+                    if old == timer:
+                        continue
+                    # A new step's timer takes over the row of one whose timer went
+                    # (the next step of a line): one update, not a delete and an insert.
+                    slot = step if old is not None else gone.pop() if gone else None
+                    if slot is None:
                         timer_inserts.append(_timer_row(state.id, timer))
-                    elif old != timer:
+                    else:
                         timer_updates.append(
-                            {"b_saga_id": state.id, "b_step": step, **_timer_row(state.id, timer)}
+                            {"b_saga_id": state.id, "b_step": slot, **_timer_row(state.id, timer)}
                         )
-                timer_deletes.extend((state.id, step) for step in old_timers.keys() - new_timers)
+                timer_deletes.extend((state.id, step) for step in gone)
             self._loaded[state.id] = (new_steps, new_timers)
         if step_rows:
             await self.conn.execute(
