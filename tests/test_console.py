@@ -28,15 +28,18 @@ from pydantic import BaseModel, SecretStr
 from sqlalchemy import update
 
 from engine.cli.app import cli
+from engine.client import SagaClient
 from engine.console import ConsoleSettings, create_app, load_console_settings
 from engine.console._timeline import timeline
 from engine.database import create_engine, upgrade
 from engine.definition import Child, Local, Saga
 from engine.errors import ConfigError
 from engine.redact import redact
+from engine.registry import SagaRegistry
 from engine.states import SagaStatus, StepStatus
 from engine.store.base import DeadLetterRecord
 from engine.store.schema import sagas
+from engine.store.sql import SqlSagaStore
 from engine.views import HistoryView, SagaDetail, StepView
 from sagas.order import place_order
 from tests.e2e import fresh_database, service_url
@@ -292,6 +295,38 @@ async def test_a_running_sagas_page_updates_itself(tmp_path: Path) -> None:
         assert statuses[0] == "running" and statuses[-1] == "completed"
         assert '"finished":true' in events.text.splitlines()[-2]
         assert events.text.count('data-kind=\\"forward\\"') >= 3
+
+
+async def test_a_saga_page_shows_an_unsent_command_and_updates_what_it_awaits(
+    tmp_path: Path,
+) -> None:
+    """No engine runs: the saga's first command stays in the outbox, and ``#awaits``
+    says so, on the page and in its live updates; times as ``sagactl`` shows them."""
+    database = create_engine(f"sqlite:///{tmp_path / 'a.db'}")
+    try:
+        await upgrade(database)
+        client = SagaClient(SqlSagaStore(database), SagaRegistry([ORDER]))
+        saga_id = await client.start(ORDER, order_input())
+        app = create_app(settings(), client=client, live_interval=0.02, live_timeout=0.1)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://console") as http:
+            page = await http.get(f"/sagas/{saga_id}")
+            assert element(page, "status") == "running"
+            awaits = re.search(r'<div id="awaits">(.*?)</div>', page.text, re.S)
+            assert awaits is not None
+            (row,) = re.findall(r"<tr data-step=.*?</tr>", awaits.group(1), re.S)
+            assert 'data-step="reserve_inventory" data-waits-for="reply"' in row
+            assert 'data-unsent="true"' in row and "command unsent</span> since" in row
+            instant = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"
+            assert re.search(rf'<time datetime="{instant}" title="{instant}">in \d+s</time>', row)
+            events = await http.get(f"/sagas/{saga_id}/events")
+            assert 'data-unsent=\\"true\\"' in events.text.split('"awaits":', 1)[1]
+            listed = await http.get("/sagas")
+            assert re.search(
+                rf'<time datetime="{instant}" title="{instant}">just now</time>', listed.text
+            )
+    finally:
+        await database.dispose()
 
 
 # -- acting -----------------------------------------------------------------------------
