@@ -18,6 +18,8 @@ is also the project's name), and such a secret protects nothing anyway.
 :func:`escape_controls` is the other half: user text (saga input, handler errors,
 operator reasons) shown with its control characters escaped, so one log record or
 table cell is one line and a terminal never acts on an escape sequence.
+:func:`displayed` is both: the one rule for text shown to people (``sagactl``'s
+tables, the web console's pages), which add only their own markup's escaping.
 
 Every text that leaves the process goes through :func:`redact`: log records
 (``engine.telemetry.logs``), ``/readyz`` details, exported spans, ``sagactl``'s error
@@ -72,6 +74,12 @@ def escape_controls(text: str) -> str:
     """``text`` with control characters as Python escapes (``\\n``, ``\\x1b``): one line,
     inert on a terminal."""
     return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
+
+def displayed(text: str) -> str:
+    """``text`` as shown to a person: secrets hidden, control characters escaped (one
+    line). The CLI then escapes rich's markup, the console HTML; nothing else differs."""
+    return escape_controls(redact(text))
 
 
 def remember(secret: str) -> None:

@@ -28,15 +28,18 @@ from pydantic import BaseModel, SecretStr
 from sqlalchemy import update
 
 from engine.cli.app import cli
+from engine.client import SagaClient
 from engine.console import ConsoleSettings, create_app, load_console_settings
 from engine.console._timeline import timeline
 from engine.database import create_engine, upgrade
 from engine.definition import Child, Local, Saga
 from engine.errors import ConfigError
 from engine.redact import redact
+from engine.registry import SagaRegistry
 from engine.states import SagaStatus, StepStatus
 from engine.store.base import DeadLetterRecord
 from engine.store.schema import sagas
+from engine.store.sql import SqlSagaStore
 from engine.views import HistoryView, SagaDetail, StepView
 from sagas.order import place_order
 from tests.e2e import fresh_database, service_url
@@ -72,6 +75,22 @@ async def browse(
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://console") as http:
         yield http
+
+
+@asynccontextmanager
+async def offline(tmp_path: Path) -> AsyncIterator[tuple[SagaClient, httpx.AsyncClient]]:
+    """A client on a fresh SQLite database with no engine running (what a saga starts
+    with stays in the outbox), and the console over it."""
+    database = create_engine(f"sqlite:///{tmp_path / 'offline.db'}")
+    try:
+        await upgrade(database)
+        client = SagaClient(SqlSagaStore(database), SagaRegistry([ORDER]))
+        app = create_app(settings(), client=client, live_interval=0.02, live_timeout=0.1)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://console") as http:
+            yield client, http
+    finally:
+        await database.dispose()
 
 
 def rows(page: httpx.Response) -> list[str]:
@@ -143,8 +162,10 @@ async def test_list_filters_search_and_pages(tmp_path: Path) -> None:
                 other,
                 ok,
             ]
-            assert await found(f"q={ok[:6]}") == [ok]
-            assert await found(f"q={undone}") == [undone]
+            opened = await http.get(f"/sagas?q={ok[:6]}")  # one saga's short id: its page
+            assert (opened.status_code, opened.headers["location"]) == (303, f"/sagas/{ok}")
+            assert await found(f"q={ok[:6]}&status=completed") == [ok]
+            assert await found(f"q={undone}&saga=place_order") == [undone]
             assert await found("q=customer_id%3Dnobody") == []
             assert await found("saga=place_order&version=2") == []
             assert await found("created_from=1h&updated_to=2999-01-01T00:00") == [other, undone, ok]
@@ -292,6 +313,53 @@ async def test_a_running_sagas_page_updates_itself(tmp_path: Path) -> None:
         assert statuses[0] == "running" and statuses[-1] == "completed"
         assert '"finished":true' in events.text.splitlines()[-2]
         assert events.text.count('data-kind=\\"forward\\"') >= 3
+
+
+async def test_a_saga_page_shows_an_unsent_command_and_updates_what_it_awaits(
+    tmp_path: Path,
+) -> None:
+    """No engine runs: the saga's first command stays in the outbox, and ``#awaits``
+    says so, on the page and in its live updates; times as ``sagactl`` shows them."""
+    async with offline(tmp_path) as (client, http):
+        saga_id = await client.start(ORDER, order_input())
+        page = await http.get(f"/sagas/{saga_id}")
+        assert element(page, "status") == "running"
+        awaits = re.search(r'<div id="awaits">(.*?)</div>', page.text, re.S)
+        assert awaits is not None
+        (row,) = re.findall(r"<tr data-step=.*?</tr>", awaits.group(1), re.S)
+        assert 'data-step="reserve_inventory" data-waits-for="reply"' in row
+        assert 'data-unsent="true"' in row and "command unsent</span> since" in row
+        instant = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"
+        assert re.search(rf'<time datetime="{instant}" title="{instant}">in \d+s</time>', row)
+        events = await http.get(f"/sagas/{saga_id}/events")
+        assert 'data-unsent=\\"true\\"' in events.text.split('"awaits":', 1)[1]
+        listed = await http.get("/sagas")
+        assert re.search(
+            rf'<time datetime="{instant}" title="{instant}">just now</time>', listed.text
+        )
+
+
+async def test_an_id_search_goes_to_the_one_saga_it_names(tmp_path: Path) -> None:
+    """As ``sagactl show`` takes ids: an id, or the start of one that no other saga
+    has (4 characters at least), opens that saga; otherwise the list shows the sagas
+    whose id begins with it."""
+    async with offline(tmp_path) as (client, http):
+        for saga_id in ("dup-1", "dup-2", "other"):
+            await client.start(ORDER, order_input(), saga_id=saga_id)
+
+        async def search(query: str) -> str:
+            page = await http.get(f"/sagas?{query}")
+            assert page.status_code == 303, page.text
+            return page.headers["location"]
+
+        assert await search("q=dup-1") == "/sagas/dup-1"
+        assert await search("q=othe") == "/sagas/other"
+        assert await search("q=+other+&status=&saga=") == "/sagas/other"  # as the form sends
+        listed = await http.get("/sagas?q=dup-")  # several begin with it
+        assert listed.status_code == 200 and rows(listed) == ["dup-2", "dup-1"]
+        assert rows(await http.get("/sagas?q=oth")) == ["other"]  # too short to be one
+        assert rows(await http.get("/sagas?q=other&status=completed")) == []  # filtered
+        assert rows(await http.get("/sagas?q=nothing")) == []
 
 
 # -- acting -----------------------------------------------------------------------------
@@ -640,7 +708,10 @@ async def test_the_console_on_postgresql(tmp_path: Path) -> None:
         async with browse(system) as http:
             assert rows(await http.get("/sagas?q=customer_id%3Dpoor")) == [undone]
             # LIKE's wildcards are searched for as themselves.
-            assert rows(await http.get("/sagas?q=ord_1%25")) == [ok]
+            assert rows(await http.get("/sagas?q=ord_1%25&saga=place_order")) == [ok]
+            opened = await http.get("/sagas?q=ord_1%25")  # the one saga it begins: its page
+            assert opened.headers["location"] == "/sagas/ord_1%25x"
+            assert element(await http.get(opened.headers["location"]), "saga-id") == ok
             assert rows(await http.get("/sagas?q=ord%251")) == []
             assert rows(await http.get("/sagas?limit=1")) == [undone]
             page = await http.get(f"/sagas/{undone}")

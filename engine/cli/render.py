@@ -23,7 +23,7 @@ from rich.table import Table
 from rich.text import Text
 
 from engine.clock import utc_now
-from engine.redact import escape_controls, redact
+from engine.redact import displayed
 from engine.retention import format_age
 from engine.states import SagaStatus, StepStatus
 from engine.timefmt import TimeFormat, iso, utc
@@ -63,8 +63,8 @@ def shown(value: object) -> str:
     """Text from a saga, a handler, a message or an operator, as rich must print it:
     never read as markup (``[/]``, ``[link=...]``) and with control characters escaped.
     The one escaping rule of the CLI's tables and lines, the logs' rule
-    (:func:`escape_controls`) plus rich's; secrets are hidden as everywhere."""
-    return escape(escape_controls(redact(str(value))))
+    (:func:`~engine.redact.displayed`, the console's too) plus rich's."""
+    return escape(displayed(str(value)))
 
 
 def styled(status: SagaStatus | StepStatus) -> str:

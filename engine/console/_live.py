@@ -1,12 +1,13 @@
 """Live updates of a saga page: server-sent events at ``/sagas/{id}/events``.
 
 The page's script (static/console.js) opens an ``EventSource`` while the saga is
-unfinished and puts each ``update`` event's pieces in place: the status word, the
-timeline, the steps and the history, rendered here by the page's own templates (so
-escaped like the page). The stream reads the saga every ``live_interval`` seconds,
-sends an update when it changed (and every few seconds anyway, so the bar in flight
-grows), and ends when the saga finished or after ``live_timeout`` (the browser then
-reconnects by itself).
+unfinished and puts each ``update`` event's pieces in place: the status word, what
+it awaits, the timeline, the steps and the history, rendered here by the page's own
+templates (so escaped like the page). The stream reads the saga every
+``live_interval`` seconds, sends an update when it changed (what it awaits
+included: a command published leaves the outbox) and every few seconds anyway (so
+the bar in flight grows), and ends when the saga finished or after ``live_timeout``
+(the browser then reconnects by itself).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def update(console: Console, detail: SagaDetail) -> dict[str, Any]:
         "status": detail.status.value,
         "finished": context["finished"],
         "timeline": console.fragment("_timeline.html", context),
+        "awaits": console.fragment("_awaits.html", context),
         "steps": console.fragment("_steps.html", context),
         "history": console.fragment("_history.html", context),
     }
@@ -69,7 +71,7 @@ async def _stream(console: Console, saga_id: str, detail: SagaDetail) -> AsyncIt
     last: tuple[Any, ...] | None = None
     sent_at = 0.0
     while True:
-        marker = (detail.status, detail.updated_at, len(detail.history))
+        marker = (detail.status, detail.updated_at, len(detail.history), detail.awaits)
         if marker != last or loop.time() - sent_at >= REFRESH:
             yield event("update", update(console, detail))
             last, sent_at = marker, loop.time()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
@@ -128,9 +128,13 @@ def _instant(text: str, now: datetime, what: str, errors: list[str]) -> datetime
 
 
 async def saga_list(request: Request) -> Response:
-    """``/sagas``: filters, search, a page of sagas and the link to the next."""
+    """``/sagas``: filters, search, a page of sagas and the link to the next; a search
+    for one saga's id goes to its page."""
     console = console_of(request)
     query = read_list_query(request, console.clock())
+    one = await _one_saga(console, query)
+    if one is not None:
+        return RedirectResponse(f"/sagas/{quote(one, safe='')}", status_code=303)
     page = SagaPage(sagas=[])
     if not query.errors:
         try:
@@ -156,6 +160,20 @@ async def saga_list(request: Request) -> Response:
         "saga_names": sorted({s.name for s in console.client.registry}),
     }
     return console.page(request, "sagas.html", context, 400 if query.errors else 200)
+
+
+async def _one_saga(console: Console, query: ListQuery) -> str | None:
+    """The saga a search stands for, when it wants one: the search alone is an id or
+    the unambiguous start of one (:meth:`SagaClient.resolve
+    <engine.client.SagaClient.resolve>`, as ``sagactl show`` takes ids). None: the
+    list shows what begins with it (several sagas, or too short to be taken as one)."""
+    others = {name: text for name, text in query.form.items() if name not in ("q", "keys")}
+    if query.id_prefix is None or query.errors or query.keys or query.after or any(others.values()):
+        return None
+    try:
+        return await console.client.resolve(query.id_prefix)
+    except (SagaNotFoundError, LimitError):
+        return None
 
 
 def _next_url(request: Request, cursor: str | None) -> str:

@@ -9,6 +9,7 @@ from typing import Any
 from urllib.parse import quote
 
 import jinja2
+from markupsafe import Markup
 from starlette.requests import Request
 from starlette.responses import HTMLResponse
 
@@ -19,6 +20,7 @@ from engine.console._auth import Identity, Sessions
 from engine.console._settings import ConsoleSettings
 from engine.definition import is_pivot
 from engine.errors import UnknownSagaError
+from engine.timefmt import duration, iso, relative
 
 HERE = Path(__file__).parent
 
@@ -34,14 +36,30 @@ def templates() -> jinja2.Environment:
         lstrip_blocks=True,
     )
     env.globals.update(
-        utc=_format.utc,
-        iso=_format.iso,
-        duration=_format.duration,
-        ago=_format.ago,
+        when=when,
+        instant=instant,
+        relative=relative,
+        duration=duration,
         json_lines=_format.json_lines,
         text_lines=_format.text_lines,
     )
     return env
+
+
+def when(at: datetime | None, now: datetime) -> Markup | str:
+    """An instant in a table: relative to ``now`` (``3m ago``), the ISO instant in UTC
+    as the element's machine time and its tooltip (engine.timefmt, as ``sagactl``)."""
+    if at is None:
+        return ""
+    exact = iso(at)
+    return Markup('<time datetime="{0}" title="{0}">{1}</time>').format(exact, relative(at, now))
+
+
+def instant(at: datetime | None) -> Markup | str:
+    """An instant written out: ISO in UTC (``2026-11-30T12:03:04Z``)."""
+    if at is None:
+        return ""
+    return Markup('<time datetime="{0}">{0}</time>').format(iso(at))
 
 
 class Console:

@@ -18,6 +18,7 @@
     const status = document.getElementById("status");
     status.textContent = data.status;
     status.className = "status status-" + data.status;
+    put("awaits", data.awaits);
     put("timeline", data.timeline);
     put("steps", data.steps);
     put("history", data.history);
