@@ -199,8 +199,8 @@ def test_console_reads_the_database_and_links_traces_to_jaeger(
     assert f"http://127.0.0.1:{CONSOLE_PORT}/sagas" in " ".join(check["test"])
     # The image has the console's dependencies: the console extra is part of all.
     assert 'pip install --no-cache-dir ".[all]"' in console["build"]["dockerfile_inline"]
-    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    assert "console" in extras["optional-dependencies"]["all"][0]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert "console" in project["optional-dependencies"]["all"][0]
 
 
 def script_setting(name: str) -> str:
