@@ -386,12 +386,14 @@ class SagaClient:
         created: TimeRange | None = None,
         updated: TimeRange | None = None,
         after: SagaCursor | str | None = None,
+        id_prefix: str | None = None,
     ) -> list[SagaSummary]:
         """Sagas, newest first, the filters given combined: one status, one definition
         name and version; with ``held``, only sagas held for want of an engine that
         serves them; with every business key of ``keys`` (name -> value); created or
         last updated within a :class:`~engine.views.TimeRange`; after a cursor (a
-        saga's :attr:`~engine.views.SagaSummary.cursor`, the last of the page before).
+        saga's :attr:`~engine.views.SagaSummary.cursor`, the last of the page before);
+        whose id starts with ``id_prefix``.
         :meth:`page` also says whether more follow. A cursor text that is not one
         raises ValueError; a key value no saga can have, LimitError."""
         return await self.queries.list_sagas(
@@ -404,6 +406,7 @@ class SagaClient:
             created=created,
             updated=updated,
             after=SagaCursor.decode(after) if isinstance(after, str) else after,
+            id_prefix=_checked_prefix(id_prefix),
         )
 
     async def page(
@@ -418,9 +421,11 @@ class SagaClient:
         keys: Mapping[str, str] | None = None,
         created: TimeRange | None = None,
         updated: TimeRange | None = None,
+        id_prefix: str | None = None,
     ) -> SagaPage:
         """A page of :meth:`list` and the cursor of the next one (None: no more)."""
         found = await self.list(
+            id_prefix=id_prefix,
             status=status,
             name=name,
             limit=limit + 1,
@@ -535,6 +540,14 @@ class SagaClient:
     ) -> builtins.list[DeadLetterView]:
         """Archived dead letters, newest first."""
         return await self.queries.list_dead_letters(limit=limit, pending_only=pending_only)
+
+    async def dead_letter(self, letter: int) -> DeadLetterView:
+        """One archived dead letter with its body; DeadLetterNotFoundError if none."""
+        async with self.store.transaction() as tx:
+            record = await tx.load_dead_letter(letter)
+        if record is None:
+            raise DeadLetterNotFoundError(f"no dead letter with id {letter}")
+        return dead_letter_view(record)
 
     async def replay_dead_letter(
         self,
@@ -885,6 +898,14 @@ def _check_awaited(
         f"{envelope.saga_id} no longer waits for ({now_waits}); replaying it could run an "
         "effect nothing undoes. Use --force to replay it anyway"
     )
+
+
+def _checked_prefix(prefix: str | None) -> str | None:
+    """A saga id prefix to search for, refused like an id (LimitError)."""
+    if not prefix:
+        return None
+    check_saga_id(prefix)
+    return prefix
 
 
 def _checked_keys(keys: Mapping[str, str] | None) -> dict[str, str] | None:

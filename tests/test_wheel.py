@@ -196,6 +196,14 @@ def test_the_wheel_installs_only_the_engine_with_its_migrations(wheel: Path) -> 
     revisions = {Path(n).name for n in names if n.startswith("engine/_migrations/versions/")}
     assert {p.name for p in (ROOT / "migrations" / "versions").glob("*.py")} == revisions
     assert "engine/_migrations/env.py" in names
+    # The web console's templates and static files are package data.
+    console = {
+        str(p.relative_to(ROOT))
+        for p in (ROOT / "engine" / "console").rglob("*")
+        if p.suffix in (".html", ".css", ".js")
+    }
+    assert "engine/console/templates/saga.html" in console
+    assert console <= set(names)
 
 
 def test_a_users_own_saga_beside_its_own_migrations_and_sagas_packages(

@@ -900,6 +900,27 @@ async def _client(options: Options, *, with_sagas: bool = False) -> SagaClient:
     return await SagaClient.connect(settings=options.settings, sagas=None if with_sagas else ())
 
 
+@cli.command(name="console")
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
+@click.option(
+    "--port", type=click.IntRange(0, 65535), default=8089, show_default=True, help="0: any free"
+)
+@pass_options
+def console_cmd(options: Options, host: str, port: int) -> None:
+    """Serve the web console: sagas, timelines, dead letters, stats (read-only unless
+    SAGA_CONSOLE_ACTIONS; see README, Web console)."""
+    try:
+        from engine.console import load_console_settings, serve
+    except ImportError as exc:
+        missing = (exc.name or "its packages").split(".")[0]
+        fail(f"the web console needs {missing}: pip install 'saga-engine[console]'")
+    try:
+        settings = load_console_settings(**options.settings.model_dump())
+    except ConfigError as exc:
+        fail(str(exc))
+    run(serve(settings, host=host, port=port, announce=lambda url: click.echo(url)))
+
+
 _grace = click.option(
     "--grace",
     type=click.FloatRange(min=0),

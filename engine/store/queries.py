@@ -41,11 +41,13 @@ class SagaQueries(Protocol):
         created: TimeRange | None = None,
         updated: TimeRange | None = None,
         after: SagaCursor | None = None,
+        id_prefix: str | None = None,
     ) -> list[SagaSummary]:
         """Sagas newest first by (created_at, id), the filters given combined (AND):
         of one status, name, version; only held ones; with every business key of
         ``keys``; created and last updated within a time range; strictly after
-        ``after`` (the last saga of the page before)."""
+        ``after`` (the last saga of the page before); whose id starts with
+        ``id_prefix``."""
         ...
 
     async def count_by_status(self) -> dict[SagaStatus, int]: ...

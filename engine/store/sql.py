@@ -837,6 +837,7 @@ class SqlSagaStore:
         created: TimeRange | None = None,
         updated: TimeRange | None = None,
         after: SagaCursor | None = None,
+        id_prefix: str | None = None,
     ) -> list[SagaSummary]:
         order = (sagas.c.created_at.desc(), sagas.c.id.desc())
         query = select(sagas).order_by(*order).limit(limit)
@@ -859,6 +860,9 @@ class SqlSagaStore:
             )
         query = query.where(*_in_range(sagas.c.created_at, created))
         query = query.where(*_in_range(sagas.c.updated_at, updated))
+        if id_prefix:
+            # LIKE 'prefix%' with % and _ escaped: the console's search by id prefix.
+            query = query.where(sagas.c.id.startswith(id_prefix, autoescape=True))
         if after is not None:
             # Strictly after the cursor in (created_at, id) descending: a stable order,
             # so pages neither repeat nor skip a saga when new ones arrive. A row
