@@ -175,6 +175,7 @@ async def chromium_page(executable: str) -> AsyncIterator[tuple[Page, list[str]]
         try:
             page = await browser.new_page(viewport={"width": 1200, "height": 800})
             page.set_default_timeout(WAIT_MS)
+            expect.set_options(timeout=WAIT_MS)
             dialogs: list[str] = []
 
             async def refuse(dialog: Dialog) -> None:
