@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -187,12 +187,40 @@ class Wiring(Connections):
         exported only if ``OTEL_*`` says so); health and metrics endpoints when
         ``SAGA_METRICS_PORT`` is set, ready while ``consuming()`` and ``broker()`` and
         the database answers (and, given the engine's ``store``, saga gauges)."""
+        with self.traced(service):
+            async with self._health(service, consuming=consuming, broker=broker, store=store):
+                yield
+
+    @contextmanager
+    def traced(self, service: str) -> Iterator[None]:
+        """Tracing as ``service`` for as long as the block runs, as every daemon traces:
+        sagas started or advanced here record a real trace id even when no exporter is
+        configured; spans go where ``OTEL_*`` says (by default nowhere) and are flushed
+        on the way out."""
+        from engine.telemetry.setup import configure_tracing
+
+        provider = configure_tracing(service)
+        try:
+            yield
+        finally:
+            if provider is not None:
+                provider.shutdown()  # flush spans still in the batch
+
+    @asynccontextmanager
+    async def _health(
+        self,
+        service: str,
+        *,
+        consuming: Callable[[], bool],
+        broker: Callable[[], bool],
+        store: SagaQueries | None,
+    ) -> AsyncIterator[None]:
+        """The health and metrics endpoints of :meth:`observed`, if a port is set."""
         from engine.telemetry.http import Readiness, TelemetryServer
         from engine.telemetry.monitor import watch
-        from engine.telemetry.setup import configure_metrics, configure_tracing
+        from engine.telemetry.setup import configure_metrics
 
         settings = self.settings
-        provider = configure_tracing(service)
         stop = asyncio.Event()
         server: TelemetryServer | None = None
         watcher: asyncio.Task[None] | None = None
@@ -220,8 +248,6 @@ class Wiring(Connections):
                 await watcher
             if server is not None:
                 server.stop()
-            if provider is not None:
-                provider.shutdown()  # flush spans still in the batch
 
     async def _ping(self) -> None:
         async with self.database.connect() as conn:

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ CHECKER = ROOT / "tests" / "compose_check"
 
 INFRA = {"postgres", "kafka", "rabbitmq"}
 SAGA = {"engine", "inventory", "payment", "shipment"}
+CONSOLE_PORT = "8089"
 RABBITMQ_URL = "amqp://saga:saga@rabbitmq:5672/"
 BROKER_URL = {"kafka": "kafka://kafka:9092", "rabbitmq": RABBITMQ_URL}
 
@@ -79,7 +81,8 @@ def projects() -> dict[str, dict[str, Any]]:
 @pytest.mark.parametrize("profile", ["kafka", "rabbitmq"])
 def test_services_per_profile(projects: dict[str, dict[str, Any]], profile: str) -> None:
     services = set(projects[profile]["services"])
-    assert services == {"certs", "postgres", profile, "migrate", "otel-collector", "jaeger"} | SAGA
+    others = {"certs", "postgres", profile, "migrate", "otel-collector", "jaeger", "console"}
+    assert services == others | SAGA
 
 
 @pytest.mark.parametrize("profile", ["kafka", "rabbitmq"])
@@ -142,8 +145,9 @@ def test_ports_bind_loopback_only(projects: dict[str, dict[str, Any]], profile: 
             published[port["published"]] = name
     assert published["5432"] == "postgres"
     assert published["16686"] == "jaeger"
+    assert published[CONSOLE_PORT] == "console"
     brokers = {"9092", "9094", "9095"} if profile == "kafka" else {"5672", "5671", "15672"}
-    assert set(published) - {"5432", "16686"} == brokers
+    assert set(published) - {"5432", "16686", CONSOLE_PORT} == brokers
 
 
 @pytest.mark.parametrize("profile", ["kafka", "rabbitmq"])
@@ -163,6 +167,40 @@ def test_daemons_are_health_checked_and_export_traces(
     assert services["migrate"]["healthcheck"]["disable"] is True
     config = projects[profile]["configs"]["otel-collector"]["content"]
     assert "endpoint: jaeger:4317" in config
+
+
+@pytest.mark.parametrize("profile", ["kafka", "rabbitmq"])
+def test_console_reads_the_database_and_links_traces_to_jaeger(
+    projects: dict[str, dict[str, Any]], profile: str
+) -> None:
+    """`sagactl console` on every interface of its container, published on the host's
+    loopback, read-only, on the compose database once migrated; a trace id links to
+    Jaeger's UI as the browser on the host reaches it."""
+    services = projects[profile]["services"]
+    console = services["console"]
+    assert console["command"] == ["console", "--host", "0.0.0.0", "--port", CONSOLE_PORT]
+    assert [(p["host_ip"], p["published"], p["target"]) for p in console["ports"]] == [
+        ("127.0.0.1", CONSOLE_PORT, int(CONSOLE_PORT))
+    ]
+    env = console["environment"]
+    assert env["SAGA_DATABASE_URL"] == "postgresql://saga:saga@postgres:5432/saga"
+    assert env["SAGA_SAGAS"] == services["engine"]["environment"]["SAGA_SAGAS"]
+    jaeger_ui = next(p for p in services["jaeger"]["ports"] if p["target"] == 16686)
+    assert env["SAGA_CONSOLE_TRACE_URL"] == (
+        f"http://127.0.0.1:{jaeger_ui['published']}/trace/{{trace_id}}"
+    )
+    assert "SAGA_CONSOLE_ACTIONS" not in env
+    assert console["depends_on"] == {
+        "postgres": {"condition": "service_healthy", "required": True},
+        "migrate": {"condition": "service_completed_successfully", "required": True},
+    }
+    check = console["healthcheck"]
+    assert not check.get("disable")
+    assert f"http://127.0.0.1:{CONSOLE_PORT}/sagas" in " ".join(check["test"])
+    # The image has the console's dependencies: the console extra is part of all.
+    assert 'pip install --no-cache-dir ".[all]"' in console["build"]["dockerfile_inline"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert "console" in project["optional-dependencies"]["all"][0]
 
 
 def script_setting(name: str) -> str:

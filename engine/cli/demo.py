@@ -118,21 +118,26 @@ async def run_demo(
 ) -> DemoResult:
     """Migrate, prepare, place ``orders`` and wait for them; judge the run by the books.
 
-    On the embedded runner, with ``settings``' database, limits and signing."""
+    On the embedded runner, with ``settings``' database, limits and signing, traced as
+    the daemons are (service ``saga-demo``)."""
     scenario = scenario or load_scenario()
-    async with EmbeddedSystem(
+    system = EmbeddedSystem(
         sagas=scenario.sagas,
         workers=scenario.workers,
         settings=settings,
         migrations=[scenario.migrations],
         poll_interval=0.01,
-    ) as system:
-        await scenario.prepare(system.database)
-        placed = await _place_and_wait(
-            system, scenario.orders(orders, seed), timeout, console, quiet
-        )
-        details = [await system.client.get(i) for i in placed.ids]
-        audit = await scenario.audit(system.database, details)
+    )
+    # Traced as the daemons are: every saga records its trace id (for `sagactl show`
+    # and the console's trace link), exported only where OTEL_* says.
+    with system.wiring.traced("saga-demo"):
+        async with system:
+            await scenario.prepare(system.database)
+            placed = await _place_and_wait(
+                system, scenario.orders(orders, seed), timeout, console, quiet
+            )
+            details = [await system.client.get(i) for i in placed.ids]
+            audit = await scenario.audit(system.database, details)
 
     outcomes: Counter[str] = Counter()
     for d in details:
