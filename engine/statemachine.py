@@ -149,8 +149,10 @@ class Transition:
             if reply.outcome is Outcome.ERROR:  # the child parked: not its last word
                 self._child_parked(st, reply.error or "parked")
                 return True
+            st.error = None  # its child's outcome supersedes a park it told of
             if self.state.status is SagaStatus.RUNNING:
-                self.state.error = None  # it had named the parked child
+                # It may have named this child; another may still be parked.
+                self.state.error = self._parked_child_error()
         st.awaiting = None
         st.timer = None
         if token.kind is MessageKind.COMMAND:
@@ -896,8 +898,18 @@ class Transition:
         """The child saga of step ``st`` parked: the step still waits for it (its
         token stays), the saga's history and, while it runs, its error say why."""
         self._record("child_parked", st.name, error)
+        st.error = error
         if self.state.status is SagaStatus.RUNNING:
             self.state.error = f"waiting for step {st.name!r}: {error}"
+
+    def _parked_child_error(self) -> str | None:
+        """The saga's error while a step still waits for a child that told it parked
+        (the step keeps the child's word, see :meth:`_child_parked`); None if none."""
+        for st in self.state.steps.values():
+            node = self.definition.step(st.name)
+            if isinstance(node, Child) and st.token() is not None and st.error:
+                return f"waiting for step {st.name!r}: {st.error}"
+        return None
 
     # -- helpers -----------------------------------------------------------------
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from engine.definition import Child, Saga, Step
+from engine.definition import Child, Parallel, Saga, Step, WaitFor
 from engine.errors import OperationRefused
 from engine.messages import MessageKind
 from engine.statemachine import child_id
@@ -53,6 +53,23 @@ PARENT = Saga(
     version=1,
     input=OrderInput,
     steps=[Child("order", saga=FORWARD, input=lambda ctx: ctx.input)],
+)
+#: A child that finishes when told (signal "go"): nothing to undo.
+WAITER = Saga(name="waiter", version=1, input=OrderInput, steps=[WaitFor("go")])
+#: Both children side by side: one parks, the other finishes meanwhile.
+SIDE_BY_SIDE = Saga(
+    name="order_pair",
+    version=1,
+    input=OrderInput,
+    steps=[
+        Parallel(
+            "both",
+            branches=[
+                [Child("order", saga=FORWARD, input=lambda ctx: ctx.input)],
+                [Child("wait", saga=WAITER, input=lambda ctx: ctx.input)],
+            ],
+        )
+    ],
 )
 
 
@@ -102,3 +119,35 @@ async def test_a_parked_child_keeps_its_parent_waiting_visibly_until_it_finishes
         assert done.error is None
         assert (await system.client.get(child)).status is SagaStatus.COMPLETED
         assert (await system.effects())[child].shipped
+
+
+async def test_a_sibling_child_finishing_leaves_the_parked_one_named(tmp_path: Path) -> None:
+    """Found by the graph property test on a busy machine: the other child's outcome
+    cleared the parent's error, though the first child was still parked."""
+    workers = {**EXAMPLE_WORKERS, "shipment": failing_first(FAST_RETRY.max_attempts or 0)}
+    async with EmbeddedSystem(
+        tmp_path / "c.db", sagas=[SIDE_BY_SIDE], workers=workers
+    ) as system:
+        parent = await system.client.start("order_pair", order_input())
+        parked, waiter = child_id(parent, "order", 1), child_id(parent, "wait", 1)
+        await system.wait_status(
+            parent,
+            lambda d: any(h.event == "child_parked" for h in d.history),
+            10,
+            "the parent to hear its child parked",
+        )
+        await system.client.signal(waiter, "go")
+        detail = await system.wait_status(
+            parent,
+            lambda d: any(s.name == "wait" and s.status.value == "succeeded" for s in d.steps),
+            10,
+            "the other child to finish",
+        )
+        assert detail.status is SagaStatus.RUNNING
+        assert parked in (detail.error or ""), detail.error
+        assert "the depot is closed" in (detail.error or ""), detail.error
+
+        await system.client.retry(parked, actor="ops")
+        done = (await system.wait_all_terminal(10, [parent]))[parent]
+        assert done.status is SagaStatus.COMPLETED, done.error
+        assert done.error is None
