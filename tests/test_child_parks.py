@@ -125,9 +125,7 @@ async def test_a_sibling_child_finishing_leaves_the_parked_one_named(tmp_path: P
     """Found by the graph property test on a busy machine: the other child's outcome
     cleared the parent's error, though the first child was still parked."""
     workers = {**EXAMPLE_WORKERS, "shipment": failing_first(FAST_RETRY.max_attempts or 0)}
-    async with EmbeddedSystem(
-        tmp_path / "c.db", sagas=[SIDE_BY_SIDE], workers=workers
-    ) as system:
+    async with EmbeddedSystem(tmp_path / "c.db", sagas=[SIDE_BY_SIDE], workers=workers) as system:
         parent = await system.client.start("order_pair", order_input())
         parked, waiter = child_id(parent, "order", 1), child_id(parent, "wait", 1)
         await system.wait_status(
