@@ -435,6 +435,12 @@ class KafkaSubscription:
             ) from exc
         return Mark(0, dict(ends))
 
+    def _unbooked(self) -> bool:
+        """Whether a fetch returned records not yet booked as pending: aiokafka moves
+        the position when ``getmany`` returns, and ``_fill`` books the batch a loop
+        step later, so in between the position runs ahead of what is in hand."""
+        return self._fetch is not None and self._fetch.done() and not self._fetch.cancelled()
+
     async def settled_past(self, mark: Mark) -> bool:
         """Assigned partitions by this consumer's books (what is fetched and unsettled,
         else its position), the others by the group's committed offsets."""
@@ -447,11 +453,17 @@ class KafkaSubscription:
                     if tp not in assigned:
                         others.append(tp)
                         continue
+                    # The position first (it may wait for a reset), then the books,
+                    # with no await between: read the other way round, a fetch booked
+                    # meanwhile would be counted by the position and missed by pending.
+                    position = await self._consumer.position(tp)
+                    if self._unbooked():
+                        return False
                     partition = self._partitions.get(tp)
                     if partition is not None and partition.pending:
                         done = min(partition.pending)
                     else:
-                        done = await self._consumer.position(tp)
+                        done = position
                     if done < end:
                         return False
                 if not others:
