@@ -26,7 +26,7 @@ import pytest
 from playwright.async_api import Dialog, Page, async_playwright, expect
 from rich.console import Console
 
-from engine.cli.demo import load_scenario, run_demo
+from engine.cli.demo import example_system, load_scenario, run_demo
 from engine.embedded import EmbeddedSystem
 from engine.settings import load_settings
 from engine.states import SagaStatus
@@ -153,14 +153,7 @@ async def example(url: str) -> AsyncIterator[EmbeddedSystem]:
         settings, orders=20, seed=13, timeout=60, console=Console(quiet=True), quiet=True
     )
     assert demo.ok, demo
-    scenario = load_scenario()
-    system = EmbeddedSystem(
-        sagas=scenario.sagas,
-        workers=scenario.workers,
-        settings=settings,
-        migrations=[scenario.migrations],
-        poll_interval=0.01,
-    )
+    system = example_system(settings, load_scenario())
     with system.wiring.traced("test-console-browser"):
         async with system:
             yield system

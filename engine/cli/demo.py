@@ -106,6 +106,18 @@ class DemoResult(BaseModel):
         )
 
 
+def example_system(settings: Settings, scenario: Scenario) -> EmbeddedSystem:
+    """The example's sagas and workers on the embedded runner, on ``settings``'
+    database, its participants' tables migrated with the engine's: what the demo runs."""
+    return EmbeddedSystem(
+        sagas=scenario.sagas,
+        workers=scenario.workers,
+        settings=settings,
+        migrations=[scenario.migrations],
+        poll_interval=0.01,
+    )
+
+
 async def run_demo(
     settings: Settings,
     *,
@@ -121,13 +133,7 @@ async def run_demo(
     On the embedded runner, with ``settings``' database, limits and signing, traced as
     the daemons are (service ``saga-demo``)."""
     scenario = scenario or load_scenario()
-    system = EmbeddedSystem(
-        sagas=scenario.sagas,
-        workers=scenario.workers,
-        settings=settings,
-        migrations=[scenario.migrations],
-        poll_interval=0.01,
-    )
+    system = example_system(settings, scenario)
     # Traced as the daemons are: every saga records its trace id (for `sagactl show`
     # and the console's trace link), exported only where OTEL_* says.
     with system.wiring.traced("saga-demo"):
