@@ -136,8 +136,8 @@ def test_signal_completes_the_wait_and_the_saga_goes_on(
 ) -> None:
     saga_id = driver.waiting()
     decision = '{"approved": true, "by": "dana"}'
-    result = sagactl(
-        db, "signal", saga_id, "manager_approval", "--payload", decision, "--actor", "dana"
+    result = sagactl(  # by its short id, as `sagactl list` shows it
+        db, "signal", saga_id[:8], "manager_approval", "--payload", decision, "--actor", "dana"
     )
     assert result.exit_code == 0, result.output
     # Each on a line of its own, whole, within 80 columns.

@@ -705,7 +705,9 @@ def signal(
     options: Options, saga_id: str, event: str, payload_text: str | None, actor: str | None
 ) -> None:
     """Send the event EVENT to a saga: it completes the wait step waiting for it (or
-    is kept until the saga gets there); PAYLOAD becomes that step's reply."""
+    is kept until the saga gets there); PAYLOAD becomes that step's reply. SAGA_ID
+    may be the start of an id (at least 4 characters) that no other saga's id starts
+    with."""
     from engine.cli import render
 
     checked(saga_id, check_saga_id, "the saga id")
@@ -718,7 +720,7 @@ def signal(
     async def go() -> Any:
         client = await _client(options, with_sagas=True)
         async with client:
-            return await client.signal(saga_id, event, payload, actor=who)
+            return await client.signal(await client.resolve(saga_id), event, payload, actor=who)
 
     _output(options, run(go()), render.operator_result)
 
