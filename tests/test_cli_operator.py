@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -180,7 +181,10 @@ def test_retry_resumes_a_parked_saga_and_records_who_and_why(db: Path, driver: D
     assert entry["detail"].startswith("reason: db is back; compensation of step")
     table = sagactl(db, "show", saga_id)
     assert table.exit_code == 0
-    assert "│ alice " in next(line for line in table.stdout.splitlines() if "retried" in line)
+    # Piped, the history row is whole on one line: its actor and its full detail.
+    row = next(line for line in table.stdout.splitlines() if "retried" in line)
+    assert re.search(r"  retried +reserve_inventory +alice +reason: db is back; ", row), row
+    assert row.endswith(result["summary"]), row
     assert f"retried by alice: reason: db is back; {result['summary']}" in table.stdout
 
     driver.reply(saga_id, Outcome.SUCCESS)
@@ -365,12 +369,22 @@ def test_dlq_list_shows_reasons_newest_first(
     assert oldest["headers"]["traceparent"] == "00-x"
     assert [r["id"] for r in ok(sagactl(db, "--json", "dlq", "list", "--limit", "1"))] == [second]
 
-    monkeypatch.setattr("engine.cli.app.stdout", Console(soft_wrap=False, width=250))
+    terminal = Console(soft_wrap=False, width=250, force_terminal=True, color_system=None)
+    monkeypatch.setattr("engine.cli.app.stdout", terminal)
     table = sagactl(db, "dlq", "list")
     assert table.exit_code == 0
     assert "2 dead letter(s), newest first" in table.stdout
     assert "(not an envelope)" in table.stdout
     assert saga_id[:8] in table.stdout
+    # In a pipe: a header and one whole line per letter, newest first, no border.
+    monkeypatch.setattr("engine.cli.app.stdout", Console(soft_wrap=False, width=80))
+    piped = sagactl(db, "dlq", "list")
+    assert piped.exit_code == 0, piped.output
+    header, *rows = piped.stdout.splitlines()
+    assert header.split() == ["id", "received", "source", "saga", "message", "reason", "replayed"]
+    assert [row.split()[0] for row in rows] == [str(second), str(first)]
+    assert re.search(r"  unknown saga 'place_order' v1 +-$", rows[0]), rows[0]
+    assert "(not an envelope)" in rows[1] and not set("│┃─━") & set("".join(rows))
     # The saga itself recorded the dead letter.
     entries = [h for h in show(db, saga_id)["history"] if h["event"] == "dead_lettered"]
     assert len(entries) == 1 and "unknown saga 'place_order' v1" in entries[0]["detail"]

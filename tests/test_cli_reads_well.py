@@ -286,6 +286,28 @@ def test_input_from_stdin_and_its_errors(db: Path) -> None:
     )
 
 
+def test_every_table_in_a_pipe_is_plain_one_line_per_row(db: Path, driver: Driver) -> None:
+    saga_id = driver.start()
+    error = "card declined: " + "the issuer gave no reason at all " * 4
+    driver.reply(saga_id, Outcome.FAILURE, error=error)
+    archive(db, letter(b"x", "poison " + "y" * 120))
+    for args in (
+        ["show", saga_id],
+        ["stats"],
+        ["dlq", "list"],
+        ["prune", "--older-than", "0s", "--dry-run"],
+    ):
+        text = ok(ctl(db, *args))
+        assert not BORDERS & set(text) and "\x1b" not in text, (args, text)
+    history = ok(ctl(db, "show", saga_id)).splitlines()
+    failed = next(line for line in history if " step_failed " in line)
+    assert failed.endswith(error.rstrip()), failed  # the whole detail, on its row
+    steps = history[history.index("steps") + 1 :]
+    assert steps[0].split() == ["#", "step", "state", "attempts", "started", "took"]
+    (letter_row,) = ok(ctl(db, "dlq", "list")).splitlines()[1:]
+    assert letter_row.endswith("poison " + "y" * 120 + "  -")
+
+
 def test_dlq_show_prints_one_dead_letter_escaped(db: Path) -> None:
     body = b'{"order": "\x1b[2J[/]"}'
     (letter_id,) = archive(db, letter(body, "poison [b]pill[/b]\nsecond line"))

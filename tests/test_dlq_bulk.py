@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -187,7 +188,8 @@ def db(tmp_path: Path) -> Path:
 
 
 def test_sagactl_dlq_replay_many_at_80_columns(db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("engine.cli.app.stdout", Console(soft_wrap=False, width=80))
+    terminal = Console(soft_wrap=False, width=80, force_terminal=True, color_system=None)
+    monkeypatch.setattr("engine.cli.app.stdout", terminal)
     dry = sagactl(db, "dlq", "replay", "--reason-contains", "crashed", "--dry-run")
     assert dry.exit_code == 0, dry.output
     lines = dry.stdout.splitlines()
@@ -197,6 +199,16 @@ def test_sagactl_dlq_replay_many_at_80_columns(db: Path, monkeypatch: pytest.Mon
     assert "would refuse 2:" in lines
     assert "no longer waits for" in dry.stdout and "its body is not text" in dry.stdout
 
+    # In a pipe: no border, one line per letter and per refusal, however long.
+    monkeypatch.setattr("engine.cli.app.stdout", Console(soft_wrap=False, width=80))
+    piped = sagactl(db, "dlq", "replay", "--reason-contains", "crashed", "--dry-run")
+    lines = piped.stdout.splitlines()
+    letter_row = r"1 +saga-ann +command flight \(attempt 1\) +saga\.commands\.flights"
+    assert re.fullmatch(letter_row, lines[2]), piped.stdout
+    refusals = [line for line in lines if line.startswith(" -  dead letter ")]
+    assert len(refusals) == 2 and "Use --force to replay it anyway" in refusals[0], piped.stdout
+
+    monkeypatch.setattr("engine.cli.app.stdout", terminal)
     done = sagactl(db, "dlq", "replay", "--saga", "saga-ann", "--actor", "eve", "--reason", "ok")
     assert done.exit_code == 0, done.output
     lines = done.stdout.splitlines()

@@ -143,16 +143,39 @@ def dump_json_lines(
         console.out(_json_text(item, None), highlight=False)
 
 
-def plain_columns(console: Console, header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    """Stable plain columns, as for a pipe: the header, then one line per row, cells
-    padded to their column's width with two spaces between; no colour, no border, no
-    wrapping, nothing cut. Cells are markup as the tables take it (values through
-    :func:`shown`), printed as the terminal would show them."""
-    lines = [[Text.from_markup(cell).plain for cell in row] for row in [header, *rows]]
-    widths = [max(cell_len(line[i]) for line in lines) for i in range(len(header))]
+def plain_columns(
+    console: Console, header: Sequence[str] | None, rows: Sequence[Sequence[str | Text]]
+) -> None:
+    """Stable plain columns, as for a pipe: the header (if any), then one line per row,
+    cells padded to their column's width with two spaces between; no colour, no
+    border, no wrapping, nothing cut. Cells are markup as the tables take it (values
+    through :func:`shown`) or Text, printed as the terminal would show them."""
+    lines = [[_plain(cell) for cell in row] for row in ([header] if header else []) + [*rows]]
+    if not lines:
+        return
+    widths = [max(cell_len(line[i]) for line in lines) for i in range(len(lines[0]))]
     for line in lines:
         cells = [c + " " * (w - cell_len(c)) for c, w in zip(line, widths, strict=True)]
         console.out("  ".join(cells).rstrip(), highlight=False)
+
+
+def _plain(cell: object) -> str:
+    """What a cell (markup or Text) shows, without its styles."""
+    return cell.plain if isinstance(cell, Text) else Text.from_markup(str(cell)).plain
+
+
+def table_out(console: Console, table: Table, *, title: bool = True) -> None:
+    """``table`` as a rich table on a terminal; in a pipe its title (unless
+    ``title`` is false: a list whose rows say it all) and :func:`plain_columns`, so
+    that ``grep`` and ``awk`` see each row whole on one line."""
+    if console.is_terminal:
+        console.print(table, highlight=False)
+        return
+    if title and table.title:
+        console.out(_plain(table.title), highlight=False)
+    header = [_plain(c.header) for c in table.columns] if table.show_header else None
+    rows = [list(row) for row in zip(*(c.cells for c in table.columns), strict=True)]
+    plain_columns(console, header, rows)
 
 
 def short_id(saga_id: str) -> str:
@@ -289,7 +312,7 @@ def saga_detail(console: Console, saga: SagaDetail, *, times: Times | None = Non
         elif st.reply:
             reply = shown(json.dumps(st.reply, sort_keys=True))
             outcomes.append(f"{st.position + 1} {name}: reply {reply}")
-    console.print(steps)
+    table_out(console, steps)
     # Errors and replies whole, one line each (the terminal folds a long one), at the
     # table's edge: two spaces in lead mark the lines of operator actions.
     for line in outcomes:
@@ -307,7 +330,7 @@ def saga_detail(console: Console, saga: SagaDetail, *, times: Times | None = Non
             shown(h.actor),
             shown(h.detail or ""),
         )
-    console.print(history)
+    table_out(console, history)
     operator = [h for h in saga.history if h.actor != "engine"]
     if operator:
         # Who did what and why, unabridged however narrow the terminal.
@@ -418,7 +441,7 @@ def dead_letter_list(
             shown(d.reason),
             replayed,
         )
-    console.print(table)
+    table_out(console, table, title=False)
 
 
 def dead_letter(console: Console, letter: DeadLetterView, *, times: Times | None = None) -> None:
@@ -446,7 +469,7 @@ def dead_letter(console: Console, letter: DeadLetterView, *, times: Times | None
     grid.add_column(overflow="fold")
     for name, value in fields:
         grid.add_row(name, value)
-    console.print(grid, highlight=False)
+    table_out(console, grid)
     console.print(f"headers ({len(letter.headers)})", highlight=False)
     for name, value in sorted(letter.headers.items()):
         console.print(f"  {shown(name)}: {shown(value)}", highlight=False, soft_wrap=True)
@@ -494,7 +517,7 @@ def bulk_replay_result(console: Console, result: BulkReplayResult) -> None:
                     shown(d.source),
                 )
         if result.replayed:
-            console.print(table)
+            table_out(console, table)
     else:
         console.print(
             f"replayed {result.replayed} dead letter(s) {which}, as {shown(result.actor)}",
@@ -509,7 +532,7 @@ def bulk_replay_result(console: Console, result: BulkReplayResult) -> None:
         reasons.add_column(overflow="fold")
         for d in refused:
             reasons.add_row(" -", shown(d.refusal))
-        console.print(reasons, highlight=False)
+        table_out(console, reasons)
 
 
 def _age(seconds: float | None) -> str:
@@ -529,7 +552,7 @@ def stats(console: Console, view: StatsView) -> None:
             *(str(view.by_saga[n].get(status, 0)) for n in names),
             str(view.by_status.get(status, 0)),
         )
-    console.print(table)
+    table_out(console, table)
     oldest = view.oldest_running
     if oldest is None:
         console.print("oldest running: none")
@@ -575,7 +598,7 @@ def check(console: Console, view: CheckView) -> None:
             verdict,
             shown_ids + (f" and {more} more" if more > 0 else ""),
         )
-    console.print(table)
+    table_out(console, table)
     if view.would_hold:
         console.print(f"[red]{view.would_hold} saga(s) would be held[/]")
     else:
@@ -605,6 +628,6 @@ def prune_result(console: Console, result: PruneResult) -> None:
     table.add_column("count", justify="right")
     for field, label in PRUNED_TABLES.items():
         table.add_row(label, str(getattr(result.rows, field)))
-    console.print(table)
+    table_out(console, table)
     if not result.dry_run:
         console.print(f"{result.batches} batch(es)", soft_wrap=True)
