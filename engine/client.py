@@ -402,11 +402,13 @@ class SagaClient(Closing):
     async def follow(self, saga_id: str, *, interval: float = 0.5) -> AsyncIterator[SagaDetail]:
         """The saga as it goes: read every ``interval`` seconds, yielded first as it
         is, then each time its status or history changed; ends after yielding it
-        completed, compensated or parked (as :meth:`wait` does). SagaNotFoundError if
-        there is no such saga (or it was pruned meanwhile)."""
+        completed, compensated or parked (as :meth:`wait` does). Read as :meth:`wait`
+        reads it, without what it awaits (``awaits`` empty: :meth:`get` reads that),
+        so a poll is one saga's rows, not also its timers and outbox. SagaNotFoundError
+        if there is no such saga (or it was pruned meanwhile)."""
         seen: tuple[SagaStatus, int] | None = None
         while True:
-            detail = await self.get(saga_id)
+            detail = await self._detail(saga_id)
             now = (detail.status, len(detail.history))
             if now != seen:
                 seen = now

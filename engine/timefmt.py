@@ -1,5 +1,5 @@
 """How times are shown to people: ISO 8601 in UTC, relative (``3m ago``), durations
-(``1.2s``).
+(``1.2s``); and how an instant they type is read (:func:`parse_instant`).
 
 Pure functions of their arguments (no clock, no I/O), so ``sagactl``'s tables and the
 web console show the same instant the same way, and a test pins ``now``. Stored times
@@ -13,7 +13,9 @@ import math
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
-__all__ = ["TimeFormat", "duration", "iso", "relative", "utc"]
+from engine.retention import parse_age
+
+__all__ = ["TimeFormat", "duration", "iso", "parse_instant", "relative", "utc"]
 
 
 class TimeFormat(StrEnum):
@@ -98,3 +100,20 @@ def duration(delta: timedelta | float) -> str:
 
 def _two(big: int, big_unit: str, small: int, small_unit: str) -> str:
     return f"{big}{big_unit}{small}{small_unit}" if small else f"{big}{big_unit}"
+
+
+def parse_instant(text: str, now: datetime) -> datetime:
+    """An instant as a person types it (``sagactl list --since``, the console's
+    filters): an age before ``now`` (``2h``, ``7d``) or an ISO 8601 time
+    (``2026-11-30T11:00:00Z``; without a zone: UTC). In UTC; ValueError with a
+    message fit for the user."""
+    try:
+        return utc(now) - parse_age(text)
+    except ValueError:
+        pass
+    try:
+        return utc(datetime.fromisoformat(text.strip()))
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is neither an age (2h, 7d) nor an ISO 8601 time (2026-11-30T11:00Z)"
+        ) from None

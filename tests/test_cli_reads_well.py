@@ -205,14 +205,14 @@ def test_show_follow_streams_the_history_until_the_saga_ends(
     monkeypatch.setattr(app, "POLL_INTERVAL", 0.05)
     saga_id = driver.start()
     read = threading.Event()
-    get = SagaClient.get
+    read_saga = SagaClient._detail  # what follow reads on every poll
 
-    async def get_and_tell(self: SagaClient, saga: str) -> Any:
-        detail = await get(self, saga)
+    async def read_and_tell(self: SagaClient, saga: str) -> Any:
+        detail = await read_saga(self, saga)
         read.set()
         return detail
 
-    monkeypatch.setattr(SagaClient, "get", get_and_tell)
+    monkeypatch.setattr(SagaClient, "_detail", read_and_tell)
 
     def complete() -> None:
         assert read.wait(30)  # sagactl saw it running: it must follow it to its end

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from engine.timefmt import TimeFormat, duration, iso, relative, utc
+from engine.timefmt import TimeFormat, duration, iso, parse_instant, relative, utc
 
 NOW = datetime(2026, 11, 30, 12, 0, 0, 250_000, tzinfo=UTC)
 
@@ -69,3 +69,24 @@ def test_each_format_of_an_instant_and_a_span() -> None:
     assert TimeFormat.RAW.span(timedelta(seconds=1.25)) == "1.25"
     assert TimeFormat.RAW.span(90) == "90"
     assert TimeFormat.RAW.span(None) == "-"
+
+
+@pytest.mark.parametrize(
+    ("text", "instant"),
+    [
+        ("2h", NOW - timedelta(hours=2)),
+        (" 7d ", NOW - timedelta(days=7)),
+        ("2026-11-30T11:00:00Z", datetime(2026, 11, 30, 11, tzinfo=UTC)),
+        ("2026-11-30T11:00", datetime(2026, 11, 30, 11, tzinfo=UTC)),  # no zone: UTC
+        ("2026-11-30T12:00+01:00", datetime(2026, 11, 30, 11, tzinfo=UTC)),
+    ],
+)
+def test_an_instant_typed_is_an_age_before_now_or_an_iso_time(text: str, instant: datetime) -> None:
+    parsed = parse_instant(text, NOW)
+    assert parsed == instant and parsed.tzinfo is UTC
+
+
+@pytest.mark.parametrize("text", ["yesterday", "2h ago", "", "30-11-2026"])
+def test_an_instant_that_is_neither_says_so(text: str) -> None:
+    with pytest.raises(ValueError, match=r"is neither an age .* nor an ISO 8601 time"):
+        parse_instant(text, NOW)

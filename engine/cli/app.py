@@ -408,25 +408,17 @@ def _key_option(
 
 
 def _time_option(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
-    """``--since``/``--until``: an age before now (``2h``, ``7d``) or an ISO 8601 time
-    (``2026-11-30T11:00:00Z``; without a zone: UTC)."""
+    """``--since``/``--until``: :func:`engine.timefmt.parse_instant`."""
     from datetime import UTC, datetime
+
+    from engine.timefmt import parse_instant
 
     if value is None:
         return None
     try:
-        return datetime.now(UTC) - parse_age(value)
-    except ValueError:
-        pass
-    try:
-        when = datetime.fromisoformat(value.strip())
-    except ValueError:
-        raise click.BadParameter(
-            f"{value!r} is neither an age (2h, 7d) nor an ISO 8601 time (2026-11-30T11:00Z)",
-            ctx,
-            param,
-        ) from None
-    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+        return parse_instant(value, datetime.now(UTC))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
 
 
 def _cursor_option(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:

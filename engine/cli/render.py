@@ -223,9 +223,6 @@ def saga_list(
         if wide:
             row.append(shown(f"held: {s.held}" if s.held else s.error or ""))
         rows.append(row)
-    if not console.is_terminal:
-        plain_columns(console, header, rows)
-        return
     table = Table(
         title=f"{len(sagas)} saga(s), newest first",
         title_justify="left",
@@ -237,7 +234,7 @@ def saga_list(
         # Only the free-text columns give way to a narrow terminal (rich narrows only
         # columns that may wrap), down to a few characters; their cells are cut with
         # "…", never wrapped. A short id cut so is still the start of its id.
-        widest = max([len(column)] + [cell_len(Text.from_markup(r[i]).plain) for r in rows])
+        widest = max([len(column)] + [cell_len(_plain(r[i])) for r in rows])
         free = column in ("saga", "error") or (column == "id" and not wide)
         least = min(widest, 12 if column != "id" else 9) if free else widest
         table.add_column(column, no_wrap=not free, min_width=least)
@@ -245,8 +242,9 @@ def saga_list(
         natural += widest + 3
     for row in rows:
         table.add_row(*(_one_line(cell) for cell in row))
-    if narrowest <= console.width:
-        console.print(table)
+    if not console.is_terminal or narrowest <= console.width:
+        # A terminal wide enough draws it (titled); a pipe gets one plain line a saga.
+        table_out(console, table, title=False)
         return
     # --wide may not fit a narrow terminal even so: then its lines are as long as they
     # need, nothing cut (the terminal folds them) rather than a column lost to cropping.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -13,8 +13,8 @@ from starlette.responses import RedirectResponse, Response
 from engine.console._state import Console
 from engine.console._timeline import timeline
 from engine.errors import DeadLetterNotFoundError, LimitError, SagaNotFoundError
-from engine.retention import parse_age
 from engine.states import SagaStatus
+from engine.timefmt import parse_instant
 from engine.views import SagaDetail, SagaPage, TimeRange
 
 #: Sagas on a page unless ``limit`` says otherwise, and the most it may say.
@@ -113,18 +113,14 @@ def _range(form: dict[str, str], what: str, now: datetime, errors: list[str]) ->
 
 
 def _instant(text: str, now: datetime, what: str, errors: list[str]) -> datetime | None:
-    """An ISO time (UTC unless it says otherwise) or an age before now (``2h``)."""
+    """An age before now (``2h``) or an ISO time (UTC unless it says otherwise)."""
     if not text:
         return None
     try:
-        at = datetime.fromisoformat(text)
-    except ValueError:
-        try:
-            return now - parse_age(text)
-        except ValueError:
-            errors.append(f"{what}: {text!r} is neither a time (2026-03-01T12:00) nor an age (2h)")
-            return None
-    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
+        return parse_instant(text, now)
+    except ValueError as exc:
+        errors.append(f"{what}: {exc}")
+        return None
 
 
 async def saga_list(request: Request) -> Response:
